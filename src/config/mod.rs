@@ -1,0 +1,150 @@
+//! Configuration: typed structs, loaded from one TOML file by `load`,
+//! which reports every error with file, line and field path.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+mod load;
+
+// pub use load::{load_file, load_str, ConfigError, ConfigErrors};
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[node]`
+    pub node: NodeConfig,
+    /// `[smtp]`
+    pub smtp: SmtpConfig,
+    /// `[delivery]`
+    pub delivery: DeliveryConfig,
+    /// `[[route]]`, first match wins.
+    pub routes: Vec<Route>,
+    /// `[log]`
+    pub log: LogConfig,
+}
+
+/// `[node]`: identity and where state lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// Node name, unique in a cluster.
+    pub name: String,
+    /// Spool and cluster state live below this directory.
+    pub data_dir: PathBuf,
+}
+
+/// `[smtp]`: the inbound listener and its limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmtpConfig {
+    /// Addresses to listen on when no group owns a VIP.
+    pub listen: Vec<SocketAddr>,
+    /// Name announced in the greeting and EHLO reply.
+    pub hostname: String,
+    /// Listen backlog passed to listen(2).
+    pub backlog: u32,
+    /// Concurrent sessions; more are answered `421 4.3.2` and closed.
+    pub max_connections: usize,
+    /// Largest message accepted, in bytes (announced in SIZE).
+    pub max_message_size: u64,
+    /// Recipients per transaction; more get `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Commands allowed before MAIL without penalty (NOOP/RSET/VRFY/HELP…).
+    pub max_commands_before_mail: usize,
+    /// Longest silence from a client before the session is closed.
+    pub idle_timeout: Duration,
+    /// Clients allowed to relay to any domain.
+    pub relay_networks: Vec<IpNet>,
+    /// Domains anyone may send to.
+    pub accept_domains: Vec<String>,
+}
+
+/// `[delivery]`: associations, retries and expiry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryConfig {
+    /// Backlog per open association before another one is opened.
+    pub association_threshold: usize,
+    /// Most associations per destination.
+    pub max_associations: usize,
+    /// Messages an association carries before it is renegotiated.
+    pub max_messages_per_association: u64,
+    /// Age after which an association is renegotiated.
+    pub association_lifetime: Duration,
+    /// An association with nothing to do for this long is closed.
+    pub idle_timeout: Duration,
+    /// An association with work but no progress for this long is torn down.
+    pub stall_timeout: Duration,
+    /// Time to establish a TCP connection to a next hop.
+    pub connect_timeout: Duration,
+    /// Delays between attempts; the last one repeats.
+    pub retry: Vec<Duration>,
+    /// A message older than this is bounced as expired.
+    pub max_queue_lifetime: Duration,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Lower-case domains, or `*` for any.
+    pub domains: Vec<String>,
+    /// Where mail for these domains goes.
+    pub target: RouteTarget,
+    /// Local address outbound connections are made from.
+    pub source_address: Option<IpAddr>,
+    /// Outbound TLS policy.
+    pub tls: TlsPolicy,
+}
+
+/// Where a route delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteTarget {
+    /// SMTP next hops, tried in order.
+    Smtp(Vec<SocketAddr>),
+    /// A local directory: one `.eml` file per message.
+    DropDir(PathBuf),
+}
+
+/// Outbound TLS policy of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered.
+    Opportunistic,
+    /// Defer unless STARTTLS succeeds.
+    Required,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `mtad=debug`.
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl Route {
+    /// Whether this route serves `domain` (already lower-case).
+    pub fn matches(&self, domain: &str) -> bool {
+        self.domains.iter().any(|d| d == "*" || d == domain)
+    }
+}
+
+impl Config {
+    /// Index of the first route matching `domain`, if any.
+    pub fn route_for(&self, domain: &str) -> Option<usize> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.routes.iter().position(|r| r.matches(&domain))
+    }
+}

@@ -1,0 +1,142 @@
+//! Structured events: one per message state change and one per association
+//! change. They are ordinary `tracing` events under the target
+//! `mtad::event`, so the JSON formatter turns each into one line.
+
+use crate::spool::QueueId;
+
+/// The tracing target every structured event uses.
+pub const TARGET: &str = "mtad::event";
+
+/// A message state change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageEvent {
+    /// Accepted from a client and durable.
+    Received,
+    /// Placed on a destination's queue.
+    Queued,
+    /// Accepted by the next hop (or written to the drop directory).
+    Delivered,
+    /// Temporarily failed; will be retried.
+    Deferred,
+    /// Permanently failed; a DSN goes to the sender.
+    Bounced,
+    /// Too old to retry; a DSN goes to the sender.
+    Expired,
+}
+
+impl MessageEvent {
+    /// The name written in the `event` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Received => "received",
+            Self::Queued => "queued",
+            Self::Delivered => "delivered",
+            Self::Deferred => "deferred",
+            Self::Bounced => "bounced",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// Log one message state change for one recipient (or all, when `rcpt`
+/// lists several addresses joined by commas).
+pub fn message(
+    kind: MessageEvent,
+    id: QueueId,
+    sender: &str,
+    rcpt: &str,
+    next_hop: Option<&str>,
+    reply: Option<&str>,
+) {
+    tracing::info!(
+        target: TARGET,
+        event = kind.as_str(),
+        queue_id = %id,
+        sender = sender,
+        rcpt = rcpt,
+        next_hop = next_hop.unwrap_or(""),
+        reply = reply.unwrap_or(""),
+    );
+}
+
+/// What happened to an association.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssociationEvent {
+    /// A new session to the next hop is ready.
+    Opened,
+    /// An existing session took another transaction.
+    Reused,
+    /// Closed on purpose and replaced by a fresh one.
+    Renegotiated,
+    /// Closed.
+    Closed,
+}
+
+impl AssociationEvent {
+    /// The name written in the `event` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Opened => "association_opened",
+            Self::Reused => "association_reused",
+            Self::Renegotiated => "association_renegotiated",
+            Self::Closed => "association_closed",
+        }
+    }
+}
+
+/// Why an association was opened, renegotiated or closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssociationReason {
+    /// The first association for a destination with work.
+    Demand,
+    /// Backlog per association reached the threshold.
+    Threshold,
+    /// It reached its lifetime.
+    Lifetime,
+    /// It carried its maximum number of messages.
+    Count,
+    /// It had nothing to do for the idle timeout.
+    Idle,
+    /// It had work but made no progress for the stall timeout.
+    Stall,
+    /// A network or protocol error.
+    Error,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+impl AssociationReason {
+    /// The name written in the `reason` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Demand => "demand",
+            Self::Threshold => "threshold",
+            Self::Lifetime => "lifetime",
+            Self::Count => "count",
+            Self::Idle => "idle",
+            Self::Stall => "stall",
+            Self::Error => "error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Log one association change.
+pub fn association(
+    kind: AssociationEvent,
+    association: u64,
+    destination: &str,
+    next_hop: &str,
+    reason: AssociationReason,
+    detail: &str,
+) {
+    tracing::info!(
+        target: TARGET,
+        event = kind.as_str(),
+        association = association,
+        destination = destination,
+        next_hop = next_hop,
+        reason = reason.as_str(),
+        detail = detail,
+    );
+}

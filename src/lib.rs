@@ -1,0 +1,13 @@
+//! mtad: a clustered SMTP message-transfer daemon.
+//!
+//! The binary in `main.rs` is a thin shell; everything lives here so that
+//! integration tests can drive a whole node in-process.
+
+pub mod app;
+pub mod config;
+pub mod delivery;
+pub mod dsn;
+pub mod events;
+pub mod queue;
+pub mod smtp;
+pub mod spool;

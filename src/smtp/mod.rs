@@ -1,0 +1,35 @@
+//! Inbound SMTP: `session` is the pure protocol machine, `server` the
+//! socket driver (listeners, accept loop, one task per connection).
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::spool::{QueueId, SpoolError};
+
+/// A complete message received from a client, handed to the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// Reverse path, empty for `<>`.
+    pub sender: String,
+    /// Accepted forward paths.
+    pub recipients: Vec<String>,
+    /// The content, dot-unstuffed, CRLF line endings, without the final `.`.
+    pub body: Bytes,
+    /// The client's address.
+    pub client_ip: IpAddr,
+    /// What the client said in EHLO/HELO.
+    pub helo: String,
+}
+
+/// Where the server hands messages: the node stores them durably and
+/// returns the queue id only once the message is on disk.
+pub trait Accept: Send + Sync + 'static {
+    /// Store the message; Ok means durable and the client may get "250".
+    fn accept(
+        &self,
+        message: Incoming,
+    ) -> Pin<Box<dyn Future<Output = Result<QueueId, SpoolError>> + Send + '_>>;
+}

@@ -1,0 +1,107 @@
+//! The spool: durable storage of accepted messages.
+//!
+//! Nothing is acknowledged to a client before `Spool::store` returns Ok,
+//! and `store` returns only after the message is on disk (fsync).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+/// A future returned by a spool operation.
+pub type SpoolFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'a>>;
+
+/// Queue id: unique per node, shown as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub u64);
+
+impl std::fmt::Display for QueueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016X}", self.0)
+    }
+}
+
+/// Why a spool operation failed. Every variant means "not durable".
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The disk is full.
+    #[error("spool is full")]
+    Full,
+    /// An I/O error, fsync included.
+    #[error("spool I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// No message with that id.
+    #[error("no message {0} in the spool")]
+    NotFound(QueueId),
+    /// A record failed its checksum where it must be intact.
+    #[error("spool corrupt: {0}")]
+    Corrupt(String),
+    /// The spool's writer has stopped.
+    #[error("spool is closed")]
+    Closed,
+}
+
+/// Delivery state of one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptState {
+    /// Still to be delivered; `attempts` made so far.
+    Pending {
+        /// Attempts made so far.
+        attempts: u32,
+    },
+    /// Delivered, bounced or expired: nothing more to do.
+    Done,
+}
+
+/// One envelope recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    /// The address as given in RCPT TO, without angle brackets.
+    pub address: String,
+    /// Its delivery state.
+    pub state: RcptState,
+}
+
+/// Everything about a message except its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The queue id.
+    pub id: QueueId,
+    /// Reverse path; empty for the null sender `<>`.
+    pub sender: String,
+    /// Forward paths.
+    pub recipients: Vec<Recipient>,
+    /// When the message was accepted, in milliseconds since the Unix epoch.
+    pub arrived_ms: u64,
+}
+
+impl Envelope {
+    /// Whether every recipient is done.
+    pub fn is_finished(&self) -> bool {
+        self.recipients.iter().all(|r| r.state == RcptState::Done)
+    }
+}
+
+/// A message recovered from the spool at start-up.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// Its envelope with recipient states as last recorded.
+    pub envelope: Envelope,
+}
+
+/// Durable message storage.
+///
+/// `store`, `update` and `remove` return only when their record is durable;
+/// implementations batch concurrent calls into one fsync (group commit).
+pub trait Spool: Send + Sync + 'static {
+    /// Durably store a new message (envelope and content).
+    fn store(&self, envelope: Envelope, body: Bytes) -> SpoolFuture<'_, ()>;
+    /// Durably record new recipient states of a stored message.
+    fn update(&self, id: QueueId, recipients: Vec<RcptState>) -> SpoolFuture<'_, ()>;
+    /// Durably forget a message whose recipients are all done.
+    fn remove(&self, id: QueueId) -> SpoolFuture<'_, ()>;
+    /// Read a stored message's content.
+    fn body(&self, id: QueueId) -> SpoolFuture<'_, Bytes>;
+    /// Messages that were stored and not removed, as of opening.
+    fn recovered(&self) -> Vec<Recovered>;
+}
