@@ -8,6 +8,13 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
+pub mod disk;
+pub mod memory;
+mod record;
+
+pub use disk::DiskSpool;
+pub use memory::MemorySpool;
+
 /// A future returned by a spool operation.
 pub type SpoolFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'a>>;
 
@@ -96,8 +103,11 @@ pub struct Recovered {
 pub trait Spool: Send + Sync + 'static {
     /// Durably store a new message (envelope and content).
     fn store(&self, envelope: Envelope, body: Bytes) -> SpoolFuture<'_, ()>;
-    /// Durably record new recipient states of a stored message.
-    fn update(&self, id: QueueId, recipients: Vec<RcptState>) -> SpoolFuture<'_, ()>;
+    /// Durably record new states of some recipients of a stored message.
+    ///
+    /// Only the named recipients change, so concurrent updates from
+    /// different destinations (disjoint recipients) commute.
+    fn update(&self, id: QueueId, changes: Vec<(usize, RcptState)>) -> SpoolFuture<'_, ()>;
     /// Durably forget a message whose recipients are all done.
     fn remove(&self, id: QueueId) -> SpoolFuture<'_, ()>;
     /// Read a stored message's content.

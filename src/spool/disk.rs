@@ -1,0 +1,498 @@
+//! The durable spool: an append-only segment log with group commit.
+//!
+//! One writer thread takes every pending request off its channel, appends
+//! them all with one write and makes them durable with one `fdatasync`,
+//! then answers all of them. Concurrent sessions therefore share fsyncs,
+//! which is what makes durable acceptance fast.
+//!
+//! Segments are deleted oldest first once no live message has a record in
+//! them; deleting only from the oldest end keeps every `Remove` record
+//! around for as long as the `Store` it cancels.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::{self, DecodeError, Record};
+use super::{Envelope, QueueId, RcptState, Recovered, Spool, SpoolError, SpoolFuture};
+
+/// A segment is closed and a new one started past this size.
+const SEGMENT_LIMIT: u64 = 64 << 20;
+/// Most bytes written in one batch; more waits for the next fsync.
+const BATCH_LIMIT: usize = 16 << 20;
+/// Contents of recently stored messages kept in memory, so that the usual
+/// prompt delivery does not read them back from disk.
+const CACHE_LIMIT: usize = 64 << 20;
+
+enum Op {
+    Store(Envelope, Bytes),
+    Update(QueueId, Vec<(usize, RcptState)>),
+    Remove(QueueId),
+}
+
+struct Request {
+    op: Op,
+    done: Option<oneshot::Sender<Result<(), SpoolError>>>,
+}
+
+/// Where a live message's content is, and which segments hold its records.
+struct Location {
+    segment: u32,
+    body_at: u64,
+    body_len: usize,
+    segments: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Index {
+    messages: HashMap<QueueId, Location>,
+    /// Live references per existing segment; every segment file is a key.
+    refs: BTreeMap<u32, usize>,
+    readers: HashMap<u32, Arc<File>>,
+}
+
+#[derive(Default)]
+struct Cache {
+    bodies: HashMap<QueueId, Bytes>,
+    bytes: usize,
+}
+
+struct Shared {
+    dir: PathBuf,
+    index: Mutex<Index>,
+    cache: Mutex<Cache>,
+}
+
+/// The on-disk spool under `<data_dir>/spool`.
+pub struct DiskSpool {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Request>,
+    recovered: Vec<Recovered>,
+}
+
+fn segment_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("{n:08}.seg"))
+}
+
+fn io_error(e: io::Error) -> SpoolError {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        SpoolError::Full
+    } else {
+        SpoolError::Io(e)
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl DiskSpool {
+    /// Open (creating if needed) the spool in `dir` and recover its messages.
+    pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        fs::create_dir_all(dir)?;
+        let mut numbers: Vec<u32> = fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".seg")?.parse().ok()
+            })
+            .collect();
+        numbers.sort_unstable();
+
+        let mut live: HashMap<QueueId, (Envelope, Location)> = HashMap::new();
+        for &n in &numbers {
+            let data = fs::read(segment_path(dir, n))?;
+            replay(n, &data, &mut live);
+        }
+
+        let mut index = Index::default();
+        for &n in &numbers {
+            index.refs.insert(n, 0);
+        }
+        let mut recovered = Vec::new();
+        let mut finished = Vec::new();
+        for (id, (envelope, loc)) in live {
+            for s in &loc.segments {
+                *index.refs.entry(*s).or_default() += 1;
+            }
+            if envelope.is_finished() {
+                finished.push(id);
+            } else {
+                recovered.push(Recovered { envelope });
+            }
+            index.messages.insert(id, loc);
+        }
+        recovered.sort_by_key(|r| r.envelope.id);
+
+        let active = numbers.last().map_or(1, |n| n + 1);
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            index: Mutex::new(index),
+            cache: Mutex::new(Cache::default()),
+        });
+        delete_unreferenced(&shared, active);
+        let file = open_segment(dir, active)?;
+        shared.index.lock().expect("index").refs.insert(active, 0);
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            shared: shared.clone(),
+            file: Some(file),
+            active,
+            len: 0,
+            buf: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("mtad-spool".into())
+            .spawn(move || writer.run(rx))?;
+
+        // Messages whose recipients were all done but whose removal did not
+        // make it to disk: finish them now so they do not pin segments.
+        for id in finished {
+            let _ = tx.send(Request {
+                op: Op::Remove(id),
+                done: None,
+            });
+        }
+        Ok(Self {
+            shared,
+            tx,
+            recovered,
+        })
+    }
+
+    fn submit(&self, op: Op) -> SpoolFuture<'_, ()> {
+        let (done, wait) = oneshot::channel();
+        let sent = self.tx.send(Request {
+            op,
+            done: Some(done),
+        });
+        Box::pin(async move {
+            sent.map_err(|_| SpoolError::Closed)?;
+            wait.await.map_err(|_| SpoolError::Closed)?
+        })
+    }
+}
+
+/// Apply one segment's records to the live set; stop at the first record
+/// that is torn or corrupt, since nothing after it was acknowledged.
+fn replay(n: u32, data: &[u8], live: &mut HashMap<QueueId, (Envelope, Location)>) {
+    let mut at = 0;
+    while at < data.len() {
+        let (rec, size) = match record::decode(&data[at..]) {
+            Ok(r) => r,
+            Err(e) => {
+                let what = match e {
+                    DecodeError::Truncated => "torn tail",
+                    DecodeError::Corrupt(why) => why,
+                };
+                tracing::warn!(
+                    segment = n,
+                    offset = at,
+                    reason = what,
+                    "spool segment ends early"
+                );
+                return;
+            }
+        };
+        match rec {
+            Record::Store {
+                envelope,
+                body_offset,
+                body_len,
+            } => {
+                // A later Store of the same id (a compaction copy) replaces
+                // the earlier one but keeps its segments referenced.
+                let mut segments = live
+                    .remove(&envelope.id)
+                    .map(|(_, l)| l.segments)
+                    .unwrap_or_default();
+                if !segments.contains(&n) {
+                    segments.push(n);
+                }
+                let loc = Location {
+                    segment: n,
+                    body_at: (at + body_offset) as u64,
+                    body_len,
+                    segments,
+                };
+                live.insert(envelope.id, (envelope, loc));
+            }
+            Record::Update { id, changes } => {
+                if let Some((env, loc)) = live.get_mut(&id) {
+                    apply(env, &changes);
+                    if !loc.segments.contains(&n) {
+                        loc.segments.push(n);
+                    }
+                }
+            }
+            Record::Remove { id } => {
+                live.remove(&id);
+            }
+        }
+        at += size;
+    }
+}
+
+fn apply(env: &mut Envelope, changes: &[(usize, RcptState)]) {
+    for (i, state) in changes {
+        if let Some(r) = env.recipients.get_mut(*i) {
+            r.state = state.clone();
+        }
+    }
+}
+
+fn open_segment(dir: &Path, n: u32) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment_path(dir, n))?;
+    // The new file's directory entry must be durable before anything in
+    // it is acknowledged.
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Delete segments from the oldest end while nothing live refers to them.
+fn delete_unreferenced(shared: &Shared, active: u32) {
+    let mut index = shared.index.lock().expect("index");
+    while let Some((&n, &refs)) = index.refs.iter().next() {
+        if refs > 0 || n >= active {
+            break;
+        }
+        index.refs.remove(&n);
+        index.readers.remove(&n);
+        if let Err(e) = fs::remove_file(segment_path(&shared.dir, n)) {
+            tracing::warn!(segment = n, error = %e, "could not delete spool segment");
+        }
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    file: Option<File>,
+    active: u32,
+    len: u64,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            let mut size = 0;
+            while size < BATCH_LIMIT {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        if let Op::Store(_, b) = &r.op {
+                            size += b.len();
+                        }
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.commit(&batch);
+            for r in batch {
+                if let Some(done) = r.done {
+                    let _ = done.send(match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(copy_error(e)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Write and fsync one batch, then bring the index up to date.
+    fn commit(&mut self, batch: &[Request]) -> Result<(), SpoolError> {
+        if self.file.is_none() || self.len >= SEGMENT_LIMIT {
+            self.rotate().map_err(io_error)?;
+        }
+        self.buf.clear();
+        let mut body_at = Vec::new();
+        for r in batch {
+            match &r.op {
+                Op::Store(env, body) => {
+                    body_at.push(record::encode_store(&mut self.buf, env, body))
+                }
+                Op::Update(id, changes) => record::encode_update(&mut self.buf, *id, changes),
+                Op::Remove(id) => record::encode_remove(&mut self.buf, *id),
+            }
+        }
+        let file = self.file.as_mut().expect("segment open");
+        if let Err(e) = file.write_all(&self.buf).and_then(|_| file.sync_data()) {
+            // After a failed write or fsync the file's tail is unknown; no
+            // later record may follow it, so start a new segment next time.
+            self.file = None;
+            return Err(io_error(e));
+        }
+        let base = self.len;
+        self.len += self.buf.len() as u64;
+        self.index(batch, base, &body_at);
+        delete_unreferenced(&self.shared, self.active);
+        Ok(())
+    }
+
+    fn index(&self, batch: &[Request], base: u64, body_at: &[usize]) {
+        let seg = self.active;
+        let mut bodies = body_at.iter();
+        let mut index = self.shared.index.lock().expect("index");
+        for r in batch {
+            match &r.op {
+                Op::Store(env, body) => {
+                    let at = *bodies.next().expect("one offset per store");
+                    // A re-store (compaction copy) keeps the old segments
+                    // referenced: they still hold records of this message.
+                    let mut segments = index
+                        .messages
+                        .remove(&env.id)
+                        .map(|l| l.segments)
+                        .unwrap_or_default();
+                    if !segments.contains(&seg) {
+                        segments.push(seg);
+                        *index.refs.entry(seg).or_default() += 1;
+                    }
+                    index.messages.insert(
+                        env.id,
+                        Location {
+                            segment: seg,
+                            body_at: base + at as u64,
+                            body_len: body.len(),
+                            segments,
+                        },
+                    );
+                }
+                Op::Update(id, _) => {
+                    let added = match index.messages.get_mut(id) {
+                        Some(loc) if !loc.segments.contains(&seg) => {
+                            loc.segments.push(seg);
+                            true
+                        }
+                        _ => false,
+                    };
+                    if added {
+                        *index.refs.entry(seg).or_default() += 1;
+                    }
+                }
+                Op::Remove(id) => {
+                    if let Some(loc) = index.messages.remove(id) {
+                        for s in loc.segments {
+                            if let Some(n) = index.refs.get_mut(&s) {
+                                *n = n.saturating_sub(1);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let next = self.active + 1;
+        let file = open_segment(&self.shared.dir, next)?;
+        self.shared
+            .index
+            .lock()
+            .expect("index")
+            .refs
+            .insert(next, 0);
+        self.file = Some(file);
+        self.active = next;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+fn copy_error(e: &SpoolError) -> SpoolError {
+    match e {
+        SpoolError::Full => SpoolError::Full,
+        SpoolError::Io(io) => SpoolError::Io(io::Error::new(io.kind(), io.to_string())),
+        SpoolError::NotFound(id) => SpoolError::NotFound(*id),
+        SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
+        SpoolError::Closed => SpoolError::Closed,
+    }
+}
+
+impl Spool for DiskSpool {
+    fn store(&self, envelope: Envelope, body: Bytes) -> SpoolFuture<'_, ()> {
+        let id = envelope.id;
+        {
+            let mut cache = self.shared.cache.lock().expect("cache");
+            if cache.bytes + body.len() <= CACHE_LIMIT {
+                cache.bytes += body.len();
+                if let Some(old) = cache.bodies.insert(id, body.clone()) {
+                    cache.bytes -= old.len();
+                }
+            }
+        }
+        self.submit(Op::Store(envelope, body))
+    }
+
+    fn update(&self, id: QueueId, changes: Vec<(usize, RcptState)>) -> SpoolFuture<'_, ()> {
+        self.submit(Op::Update(id, changes))
+    }
+
+    fn remove(&self, id: QueueId) -> SpoolFuture<'_, ()> {
+        let mut cache = self.shared.cache.lock().expect("cache");
+        if let Some(old) = cache.bodies.remove(&id) {
+            cache.bytes -= old.len();
+        }
+        drop(cache);
+        self.submit(Op::Remove(id))
+    }
+
+    fn body(&self, id: QueueId) -> SpoolFuture<'_, Bytes> {
+        let cached = self
+            .shared
+            .cache
+            .lock()
+            .expect("cache")
+            .bodies
+            .get(&id)
+            .cloned();
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            if let Some(b) = cached {
+                return Ok(b);
+            }
+            tokio::task::spawn_blocking(move || read_body(&shared, id))
+                .await
+                .map_err(|e| SpoolError::Io(io::Error::other(e)))?
+        })
+    }
+
+    fn recovered(&self) -> Vec<Recovered> {
+        self.recovered.clone()
+    }
+}
+
+fn read_body(shared: &Shared, id: QueueId) -> Result<Bytes, SpoolError> {
+    let (file, at, len) = {
+        let mut index = shared.index.lock().expect("index");
+        let loc = index.messages.get(&id).ok_or(SpoolError::NotFound(id))?;
+        let (seg, at, len) = (loc.segment, loc.body_at, loc.body_len);
+        let file = match index.readers.get(&seg) {
+            Some(f) => f.clone(),
+            None => {
+                let f = Arc::new(File::open(segment_path(&shared.dir, seg))?);
+                index.readers.insert(seg, f.clone());
+                f
+            }
+        };
+        (file, at, len)
+    };
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, at)?;
+    Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+#[path = "disk_tests.rs"]
+mod tests;
