@@ -1,1 +1,1 @@
-//! queue
+pub mod core;

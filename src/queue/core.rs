@@ -1,0 +1,322 @@
+//! The queue's bookkeeping, without I/O: which recipients of which message
+//! go to which route, what is in flight, what is due for retry, and what
+//! is finished. The driver feeds it events and carries out its actions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::delivery::{Job, JobRcpt, JobResult, Outcome, RcptResult};
+use crate::events::{self, MessageEvent};
+use crate::spool::{Envelope, QueueId, RcptState};
+
+/// A recipient that will never be delivered and needs a DSN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The recipient address.
+    pub address: String,
+    /// The reply (or local reason) that decided it.
+    pub reply: String,
+    /// The next hop that answered, if any.
+    pub next_hop: String,
+    /// True when it failed by growing too old rather than by a 5xx.
+    pub expired: bool,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Hand a job to route `route`.
+    Dispatch {
+        /// Route index.
+        route: usize,
+        /// The job.
+        job: Job,
+    },
+    /// Make recipient states durable; if `bounce` is set, first store a
+    /// DSN for those failures; if `finished`, remove the message instead.
+    Settle {
+        /// The message as it now stands.
+        envelope: Envelope,
+        /// Recipients whose state changed.
+        changes: Vec<(usize, RcptState)>,
+        /// Recipients to report in a DSN (empty: none).
+        bounce: Vec<Failure>,
+        /// Every recipient is done: remove the message.
+        finished: bool,
+    },
+}
+
+struct Entry {
+    envelope: Envelope,
+}
+
+/// The queue's state.
+pub struct Core {
+    messages: HashMap<QueueId, Entry>,
+    retries: BTreeMap<(Instant, u64), (usize, Job)>,
+    seq: u64,
+}
+
+/// Delay before attempt `attempts + 1`, given `attempts` made so far (≥ 1).
+pub fn retry_delay(schedule: &[Duration], attempts: u32) -> Duration {
+    let i = (attempts.max(1) as usize - 1).min(schedule.len().saturating_sub(1));
+    schedule.get(i).copied().unwrap_or(Duration::from_secs(300))
+}
+
+impl Default for Core {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Core {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self {
+            messages: HashMap::new(),
+            retries: BTreeMap::new(),
+            seq: 0,
+        }
+    }
+
+    /// Messages being tracked.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Whether no message is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// When the next retry is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.retries.keys().next().map(|(t, _)| *t)
+    }
+
+    /// Take in a durable message (new or recovered) and dispatch its
+    /// pending recipients, one job per route.
+    pub fn admit(
+        &mut self,
+        cfg: &Config,
+        envelope: Envelope,
+        now: Instant,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let pending: Vec<usize> = (0..envelope.recipients.len())
+            .filter(|&i| envelope.recipients[i].state != RcptState::Done)
+            .collect();
+        let unroutable = route_jobs(cfg, &envelope, &pending, out);
+        let id = envelope.id;
+        self.messages.insert(id, Entry { envelope });
+        self.fail_unroutable(cfg, id, unroutable, now, now_ms, out);
+    }
+
+    fn fail_unroutable(
+        &mut self,
+        cfg: &Config,
+        id: QueueId,
+        unroutable: Vec<usize>,
+        now: Instant,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        if unroutable.is_empty() {
+            return;
+        }
+        let results = unroutable
+            .into_iter()
+            .map(|index| RcptResult {
+                index,
+                outcome: Outcome::Failed,
+                reply: "550 5.4.4 No route to the recipient's domain".into(),
+            })
+            .collect();
+        let result = JobResult {
+            id,
+            route: usize::MAX,
+            next_hop: String::new(),
+            results,
+        };
+        self.result(cfg, result, now, now_ms, out);
+    }
+
+    /// Record a job's outcome at `now` (monotonic) / `now_ms` (wall clock).
+    pub fn result(
+        &mut self,
+        cfg: &Config,
+        result: JobResult,
+        now: Instant,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(entry) = self.messages.get_mut(&result.id) else {
+            return;
+        };
+        let env = &mut entry.envelope;
+        let mut changes = Vec::new();
+        let mut bounce = Vec::new();
+        let mut retry = Vec::new();
+        let lifetime = cfg.delivery.max_queue_lifetime.as_millis() as u64;
+        for r in &result.results {
+            let Some(rcpt) = env.recipients.get_mut(r.index) else {
+                continue;
+            };
+            let attempts = match rcpt.state {
+                RcptState::Pending { attempts } => attempts + 1,
+                RcptState::Done => continue,
+            };
+            let hop = Some(result.next_hop.as_str());
+            let reply = Some(r.reply.as_str());
+            let (kind, state) = match r.outcome {
+                Outcome::Delivered => (MessageEvent::Delivered, RcptState::Done),
+                Outcome::Failed => {
+                    bounce.push(failure(&rcpt.address, r, &result.next_hop, false));
+                    (MessageEvent::Bounced, RcptState::Done)
+                }
+                Outcome::Deferred => {
+                    let delay = retry_delay(&cfg.delivery.retry, attempts);
+                    let due_ms = now_ms.saturating_add(delay.as_millis() as u64);
+                    if due_ms >= env.arrived_ms.saturating_add(lifetime) {
+                        bounce.push(failure(&rcpt.address, r, &result.next_hop, true));
+                        (MessageEvent::Expired, RcptState::Done)
+                    } else {
+                        retry.push((
+                            now + delay,
+                            JobRcpt {
+                                index: r.index,
+                                address: rcpt.address.clone(),
+                            },
+                        ));
+                        (MessageEvent::Deferred, RcptState::Pending { attempts })
+                    }
+                }
+            };
+            events::message(kind, env.id, &env.sender, &rcpt.address, hop, reply);
+            rcpt.state = state.clone();
+            changes.push((r.index, state));
+        }
+        // Recipients deferred together are retried together, as one job.
+        let mut groups: BTreeMap<Instant, Vec<JobRcpt>> = BTreeMap::new();
+        for (due, rcpt) in retry {
+            groups.entry(due).or_default().push(rcpt);
+        }
+        for (due, recipients) in groups {
+            self.seq += 1;
+            let job = Job {
+                id: env.id,
+                sender: env.sender.clone(),
+                recipients,
+            };
+            self.retries.insert((due, self.seq), (result.route, job));
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let finished = env.is_finished();
+        out.push(Action::Settle {
+            envelope: env.clone(),
+            changes,
+            bounce,
+            finished,
+        });
+        if finished {
+            self.messages.remove(&result.id);
+        }
+    }
+
+    /// Dispatch every retry due at `now`. Recipients are routed afresh,
+    /// so a route change (reload) applies to mail already queued.
+    pub fn due(&mut self, cfg: &Config, now: Instant, now_ms: u64, out: &mut Vec<Action>) {
+        while let Some(entry) = self.retries.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (_, job) = entry.remove();
+            let Some(e) = self.messages.get(&job.id) else {
+                continue;
+            };
+            let indices: Vec<usize> = job.recipients.iter().map(|r| r.index).collect();
+            let unroutable = route_jobs(cfg, &e.envelope, &indices, out);
+            self.fail_unroutable(cfg, job.id, unroutable, now, now_ms, out);
+        }
+    }
+}
+
+/// Group the recipients at `indices` by route and dispatch one job per
+/// route; returns the indices no route serves.
+fn route_jobs(
+    cfg: &Config,
+    env: &Envelope,
+    indices: &[usize],
+    out: &mut Vec<Action>,
+) -> Vec<usize> {
+    let mut by_route: BTreeMap<usize, Vec<JobRcpt>> = BTreeMap::new();
+    let mut unroutable = Vec::new();
+    for &index in indices {
+        let address = &env.recipients[index].address;
+        let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+        match cfg.route_for(domain) {
+            Some(route) => by_route.entry(route).or_default().push(JobRcpt {
+                index,
+                address: address.clone(),
+            }),
+            None => unroutable.push(index),
+        }
+    }
+    for (route, recipients) in by_route {
+        let list: Vec<&str> = recipients.iter().map(|r| r.address.as_str()).collect();
+        let hop = route_name(cfg, route);
+        events::message(
+            MessageEvent::Queued,
+            env.id,
+            &env.sender,
+            &list.join(","),
+            Some(&hop),
+            None,
+        );
+        out.push(Action::Dispatch {
+            route,
+            job: Job {
+                id: env.id,
+                sender: env.sender.clone(),
+                recipients,
+            },
+        });
+    }
+    unroutable
+}
+
+fn failure(address: &str, r: &RcptResult, hop: &str, expired: bool) -> Failure {
+    Failure {
+        address: address.to_string(),
+        reply: r.reply.clone(),
+        next_hop: hop.to_string(),
+        expired,
+    }
+}
+
+/// A short name for a route in logs: its first next hop or drop directory.
+pub fn route_name(cfg: &Config, route: usize) -> String {
+    use crate::config::RouteTarget;
+    match cfg.routes.get(route).map(|r| &r.target) {
+        Some(RouteTarget::Smtp(hops)) => hops.first().map(|h| h.to_string()).unwrap_or_default(),
+        Some(RouteTarget::DropDir(dir)) => dir.display().to_string(),
+        None => String::new(),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;
