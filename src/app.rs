@@ -1,1 +1,259 @@
-//! Wires modules together.
+//! Wires the modules into a running node: spool, queue, delivery and the
+//! SMTP listeners, under one cancellation token and task tracker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, RouteTarget};
+use crate::delivery::{drop, Destinations, Job, JobResult};
+use crate::events::{self, MessageEvent};
+use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
+use crate::smtp::{server, Accept, Incoming};
+use crate::spool::{
+    DiskSpool, Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError,
+};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The spool could not be opened or recovered.
+    #[error("cannot open the spool in {path}: {source}")]
+    Spool {
+        /// The spool directory.
+        path: String,
+        /// What went wrong.
+        source: SpoolError,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    smtp_addrs: Vec<SocketAddr>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Drop-directory writes at once; each one fsyncs, so a few in parallel
+/// keep the disk busy without piling up threads.
+const DROP_PARALLELISM: usize = 8;
+
+impl Node {
+    /// Start a node with the durable spool under `data_dir/spool`.
+    pub async fn start(config: Config) -> Result<Node, StartError> {
+        let dir = config.node.data_dir.join("spool");
+        let spool = DiskSpool::open(&dir).map_err(|source| StartError::Spool {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Self::start_with_spool(config, Arc::new(spool)).await
+    }
+
+    /// Start a node on the given spool (tests pass a fault-injecting one).
+    pub async fn start_with_spool(
+        config: Config,
+        spool: Arc<dyn Spool>,
+    ) -> Result<Node, StartError> {
+        let config = Arc::new(config);
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let floor = spool
+            .recovered()
+            .iter()
+            .map(|r| r.envelope.id)
+            .max()
+            .unwrap_or(QueueId(0));
+        let ids = Arc::new(IdGen::new(floor));
+        let (results_tx, results) = mpsc::unbounded_channel();
+        let destinations = Destinations::new(
+            Arc::new(config.delivery.clone()),
+            config.smtp.hostname.clone(),
+            spool.clone(),
+            results_tx.clone(),
+            cancel.child_token(),
+            tracker.clone(),
+        );
+        let router = Arc::new(Router {
+            config: config.clone(),
+            spool: spool.clone(),
+            destinations,
+            results: results_tx,
+            drops: Arc::new(Semaphore::new(DROP_PARALLELISM)),
+            tracker: tracker.clone(),
+        });
+        let queue = queue::spawn(QueueParts {
+            config: config.clone(),
+            spool: spool.clone(),
+            dispatch: router,
+            results,
+            ids: ids.clone(),
+            cancel: cancel.child_token(),
+            tracker: tracker.clone(),
+        });
+        let intake: Arc<dyn Accept> = Arc::new(Intake {
+            spool,
+            queue,
+            ids,
+            hostname: config.smtp.hostname.clone(),
+        });
+        let smtp = Arc::new(config.smtp.clone());
+        let mut smtp_addrs = Vec::new();
+        for &addr in &config.smtp.listen {
+            let listener = server::bind(addr, config.smtp.backlog)
+                .map_err(|source| StartError::Listen { addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            smtp_addrs.push(local);
+            tracing::info!(address = %local, "smtp listening");
+            tracker.spawn(server::serve(
+                listener,
+                smtp.clone(),
+                intake.clone(),
+                cancel.child_token(),
+                tracker.clone(),
+            ));
+        }
+        Ok(Node {
+            smtp_addrs,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// The addresses the SMTP listeners are bound to.
+    pub fn smtp_addrs(&self) -> &[SocketAddr] {
+        &self.smtp_addrs
+    }
+
+    /// Stop accepting, answer open sessions with 421, let deliveries in
+    /// hand finish within `grace`, then return.
+    pub async fn shutdown(self, grace: Duration) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!("shutdown grace expired with tasks still running");
+        }
+    }
+}
+
+/// Turns an SMTP transaction into a durable, queued message.
+struct Intake {
+    spool: Arc<dyn Spool>,
+    queue: QueueHandle,
+    ids: Arc<IdGen>,
+    hostname: String,
+}
+
+impl Intake {
+    fn received_header(&self, m: &Incoming, id: QueueId) -> String {
+        let date = jiff::fmt::rfc2822::to_string(&jiff::Zoned::now()).unwrap_or_default();
+        let helo = if m.helo.is_empty() { "unknown" } else { &m.helo };
+        let rcpt = match m.recipients.as_slice() {
+            [one] => format!("\r\n\tfor <{one}>"),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ([{}])\r\n\tby {} (mtad) with ESMTP id {id}{rcpt};\r\n\t{date}\r\n",
+            m.client_ip, self.hostname
+        )
+    }
+}
+
+impl Accept for Intake {
+    fn accept(
+        &self,
+        m: Incoming,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<QueueId, SpoolError>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let id = self.ids.next();
+            let header = self.received_header(&m, id);
+            let mut body = BytesMut::with_capacity(header.len() + m.body.len());
+            body.extend_from_slice(header.as_bytes());
+            body.extend_from_slice(&m.body);
+            let envelope = Envelope {
+                id,
+                sender: m.sender,
+                recipients: m
+                    .recipients
+                    .into_iter()
+                    .map(|address| Recipient {
+                        address,
+                        state: RcptState::Pending { attempts: 0 },
+                    })
+                    .collect(),
+                arrived_ms: queue::core::now_ms(),
+            };
+            self.spool.store(envelope.clone(), body.freeze()).await?;
+            let rcpts: Vec<&str> = envelope.recipients.iter().map(|r| r.address.as_str()).collect();
+            let client = m.client_ip.to_string();
+            events::message(
+                MessageEvent::Received,
+                id,
+                &envelope.sender,
+                &rcpts.join(","),
+                None,
+                Some(&client),
+            );
+            self.queue.admit(envelope);
+            Ok(id)
+        })
+    }
+}
+
+/// Sends each job to its route's kind of delivery.
+struct Router {
+    config: Arc<Config>,
+    spool: Arc<dyn Spool>,
+    destinations: Destinations,
+    results: mpsc::UnboundedSender<JobResult>,
+    drops: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl Dispatch for Router {
+    fn dispatch(&self, route: usize, job: Job) {
+        let Some(r) = self.config.routes.get(route) else {
+            return;
+        };
+        match &r.target {
+            RouteTarget::Smtp(hops) => self.destinations.submit(route, hops, r.source_address, job),
+            RouteTarget::DropDir(dir) => {
+                let dir = dir.clone();
+                let spool = self.spool.clone();
+                let results = self.results.clone();
+                let drops = self.drops.clone();
+                self.tracker.spawn(async move {
+                    let _permit = drops.acquire_owned().await;
+                    let written = match spool.body(job.id).await {
+                        Ok(body) => write_drop(dir.clone(), job.clone(), body).await,
+                        Err(e) => Err(std::io::Error::other(e.to_string())),
+                    };
+                    let _ = results.send(drop::result(route, &dir, &job, written));
+                });
+            }
+        }
+    }
+}
+
+async fn write_drop(
+    dir: std::path::PathBuf,
+    job: Job,
+    body: Bytes,
+) -> std::io::Result<std::path::PathBuf> {
+    tokio::task::spawn_blocking(move || drop::write(&dir, &job, &body))
+        .await
+        .map_err(std::io::Error::other)?
+}

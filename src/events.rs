@@ -140,3 +140,21 @@ pub fn association(
         detail = detail,
     );
 }
+
+/// Install the global log subscriber: JSON lines or human text on stdout,
+/// filtered by `level` (a tracing filter such as `info`).
+pub fn init(format: crate::config::LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match format {
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        crate::config::LogFormat::Text => builder.try_init(),
+    };
+}

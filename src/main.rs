@@ -1,1 +1,107 @@
-fn main() {}
+//! The `mtad` command: run a node, check a configuration file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for a configuration error (sysexits EX_CONFIG is 78, but
+/// the contract is EX_USAGE-style 64 for "your input is wrong").
+const EXIT_CONFIG: u8 = 64;
+/// Exit status when the node cannot start or fails at run time.
+const EXIT_FAILURE: u8 = 1;
+/// How long in-flight work may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Parser)]
+#[command(name = "mtad", version, about = "Clustered SMTP message-transfer daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Run {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and report every error.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::CheckConfig { file } => match mtad::config::load_file(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok: node {}, {} listener(s), {} route(s)",
+                    file.display(),
+                    cfg.node.name,
+                    cfg.smtp.listen.len(),
+                    cfg.routes.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match mtad::config::load_file(&config) {
+                Ok(cfg) => cfg,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mtad: cannot start the runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            runtime.block_on(run(cfg))
+        }
+    }
+}
+
+async fn run(cfg: mtad::config::Config) -> ExitCode {
+    mtad::events::init(cfg.log.format, &cfg.log.level);
+    let node = match mtad::app::Node::start(cfg).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "mtad cannot start");
+            eprintln!("mtad: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    tracing::info!("mtad ready");
+    wait_for_signal().await;
+    tracing::info!("mtad stopping");
+    node.shutdown(SHUTDOWN_GRACE).await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

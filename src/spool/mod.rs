@@ -115,3 +115,23 @@ pub trait Spool: Send + Sync + 'static {
     /// Messages that were stored and not removed, as of opening.
     fn recovered(&self) -> Vec<Recovered>;
 }
+
+/// Hands out queue ids: the current time in milliseconds shifted left 16
+/// bits plus a counter, so ids grow across restarts and never repeat.
+#[derive(Debug)]
+pub struct IdGen(std::sync::atomic::AtomicU64);
+
+impl IdGen {
+    /// A generator whose ids are all above `floor` and the current time.
+    pub fn new(floor: QueueId) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self(std::sync::atomic::AtomicU64::new((now << 16).max(floor.0 + 1)))
+    }
+
+    /// The next id.
+    pub fn next(&self) -> QueueId {
+        QueueId(self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
