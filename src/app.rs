@@ -43,6 +43,7 @@ pub enum StartError {
 /// A running node.
 pub struct Node {
     smtp_addrs: Vec<SocketAddr>,
+    stats: tokio::sync::watch::Receiver<queue::Stats>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -94,7 +95,9 @@ impl Node {
             drops: Arc::new(Semaphore::new(DROP_PARALLELISM)),
             tracker: tracker.clone(),
         });
+        let (stats_tx, stats) = tokio::sync::watch::channel(queue::Stats::default());
         let queue = queue::spawn(QueueParts {
+            stats: stats_tx,
             config: config.clone(),
             spool: spool.clone(),
             dispatch: router,
@@ -127,6 +130,7 @@ impl Node {
         }
         Ok(Node {
             smtp_addrs,
+            stats,
             cancel,
             tracker,
         })
@@ -135,6 +139,11 @@ impl Node {
     /// The addresses the SMTP listeners are bound to.
     pub fn smtp_addrs(&self) -> &[SocketAddr] {
         &self.smtp_addrs
+    }
+
+    /// Outcome counts, updated as they change (tests await them).
+    pub fn stats(&self) -> tokio::sync::watch::Receiver<queue::Stats> {
+        self.stats.clone()
     }
 
     /// Stop accepting, answer open sessions with 421, let deliveries in

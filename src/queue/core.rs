@@ -53,11 +53,27 @@ struct Entry {
     envelope: Envelope,
 }
 
+/// Counts of recipient outcomes since start, and what is queued now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages tracked (not yet finished).
+    pub queued: usize,
+    /// Recipients delivered.
+    pub delivered: u64,
+    /// Recipient deferrals (one per failed attempt).
+    pub deferred: u64,
+    /// Recipients bounced on a permanent failure.
+    pub bounced: u64,
+    /// Recipients expired.
+    pub expired: u64,
+}
+
 /// The queue's state.
 pub struct Core {
     messages: HashMap<QueueId, Entry>,
     retries: BTreeMap<(Instant, u64), (usize, Job)>,
     seq: u64,
+    stats: Stats,
 }
 
 /// Delay before attempt `attempts + 1`, given `attempts` made so far (≥ 1).
@@ -79,6 +95,15 @@ impl Core {
             messages: HashMap::new(),
             retries: BTreeMap::new(),
             seq: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Outcome counts so far.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            queued: self.messages.len(),
+            ..self.stats
         }
     }
 
@@ -197,6 +222,12 @@ impl Core {
                 }
             };
             events::message(kind, env.id, &env.sender, &rcpt.address, hop, reply);
+            *match kind {
+                MessageEvent::Delivered => &mut self.stats.delivered,
+                MessageEvent::Bounced => &mut self.stats.bounced,
+                MessageEvent::Expired => &mut self.stats.expired,
+                _ => &mut self.stats.deferred,
+            } += 1;
             rcpt.state = state.clone();
             changes.push((r.index, state));
         }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use self::core::Stats;
 use self::core::{now_ms, Action, Core, Failure};
 use crate::config::Config;
 use crate::delivery::{Job, JobResult};
@@ -55,6 +56,8 @@ pub struct QueueParts {
     pub cancel: CancellationToken,
     /// Tracks the driver's tasks.
     pub tracker: TaskTracker,
+    /// Where the driver publishes its counts.
+    pub stats: tokio::sync::watch::Sender<Stats>,
 }
 
 /// Start the queue driver; messages recovered from the spool are queued
@@ -99,6 +102,8 @@ impl Driver {
                     self.core.due(&cfg, Instant::now(), now_ms(), &mut out);
                 }
             }
+            let stats = self.core.stats();
+            self.parts.stats.send_if_modified(|s| std::mem::replace(s, stats) != stats);
             for action in out.drain(..) {
                 match action {
                     Action::Dispatch { route, job } => self.parts.dispatch.dispatch(route, job),
