@@ -554,6 +554,8 @@ fn route_needs_exactly_one_target() {
         8,
         "only applies to next_hops",
     );
+    let text = MIN.replace("drop_dir = \"./out\"", "drop_dir = \"o\"\ntls = \"none\"");
+    one(&text, "route[0].tls", 8, "tls only applies to next_hops");
 }
 
 #[test]
