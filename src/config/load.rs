@@ -1,1 +1,548 @@
-pub(crate) fn _placeholder() {}
+//! Loading: TOML text → [`Config`], reporting every error at once.
+//!
+//! serde stops at the first problem, which makes fixing a config a slow
+//! loop of edit-and-retry; so the file is parsed into a spanned `toml_edit`
+//! document and read by hand with [`reader`](super::reader), which keeps
+//! going after each error and records its line, column and field path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::reader::{position, Ctx, Fields, Node, Span};
+use super::{
+    Config, DeliveryConfig, LogConfig, LogFormat, NodeConfig, Route, RouteTarget, SmtpConfig,
+    TlsPolicy,
+};
+
+/// One problem in a configuration file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File name as given to the loader.
+    pub file: String,
+    /// 1-based line; 0 when the error is about the file as a whole.
+    pub line: usize,
+    /// 1-based column in characters; 0 when `line` is 0.
+    pub column: usize,
+    /// Dotted path such as `delivery.retry[2]`; empty for syntax errors.
+    pub field: String,
+    /// What was expected and what was found.
+    pub message: String,
+}
+
+/// Every problem found in one file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.file)?;
+        if self.line > 0 {
+            write!(f, "{}:{}:", self.line, self.column)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, " {}:", self.field)?;
+        }
+        write!(f, " {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and loads the configuration file at `path`.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(&text, &file),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file,
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read the configuration file: {e}"),
+        }])),
+    }
+}
+
+/// Loads a configuration from `text`; `file` is only used in messages.
+pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let doc = match toml_edit::Document::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let (line, column) = e.span().map_or((1, 1), |s| position(text, s.start));
+            return Err(ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                field: String::new(),
+                message: format!("TOML syntax error: {}", e.message()),
+            }]));
+        }
+    };
+    let mut ctx = Ctx::new(text, file);
+    let config = read_config(&mut ctx, Fields::root(doc.as_table()));
+    if ctx.errors.is_empty() {
+        Ok(config)
+    } else {
+        // Cross-field checks run last; sorting puts every error in file order.
+        let mut errors = ctx.errors;
+        errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Sections of the clustered build; named explicitly so an operator with a
+/// cluster config learns why it is refused instead of seeing "unknown key".
+const NOT_YET: [(&str, &str); 3] = [
+    ("cluster", "[cluster]"),
+    ("group", "[[group]]"),
+    ("admin", "[admin]"),
+];
+
+fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
+    for (key, shown) in NOT_YET {
+        if let Some(n) = root.take(key) {
+            let msg = format!("{shown} is not supported by this version yet");
+            ctx.error(&n.span, &n.path, msg);
+        }
+    }
+
+    let node = match root.take("node") {
+        Some(n) => ctx.table(&n).map(|f| read_node(ctx, f)),
+        None => {
+            ctx.error(&None, "node", "missing required table [node]");
+            None
+        }
+    };
+    let node = node.unwrap_or_else(|| NodeConfig {
+        name: String::new(),
+        data_dir: PathBuf::new(),
+    });
+
+    let mut accept = Vec::new();
+    let smtp = optional(ctx, &mut root, "smtp");
+    let smtp = read_smtp(ctx, smtp, &mut accept);
+    let delivery = optional(ctx, &mut root, "delivery");
+    let delivery = read_delivery(ctx, delivery);
+    let routes = read_routes(ctx, &mut root);
+    check_accept_domains_routed(ctx, &accept, &routes);
+    let log = optional(ctx, &mut root, "log");
+    let log = read_log(ctx, log);
+    root.finish(ctx);
+
+    Config {
+        node,
+        smtp,
+        delivery,
+        routes,
+        log,
+    }
+}
+
+/// An optional table: absent reads as all defaults.
+fn optional<'d>(ctx: &mut Ctx<'_>, parent: &mut Fields<'d>, key: &'static str) -> Fields<'d> {
+    let path = parent.child_path(key);
+    parent
+        .take(key)
+        .and_then(|n| ctx.table(&n))
+        .unwrap_or_else(|| Fields::absent(&path))
+}
+
+fn read_node(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> NodeConfig {
+    let name = f
+        .require(ctx, "name")
+        .and_then(|n| {
+            let what = "a node name of letters, digits, '.', '_' or '-' like \"node-a\"";
+            let s = ctx.string(&n, what)?;
+            let ok = s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !ok {
+                ctx.mismatch(&n, what);
+            }
+            Some(s)
+        })
+        .unwrap_or_default();
+    let data_dir = f
+        .require(ctx, "data_dir")
+        .and_then(|n| ctx.string(&n, "a directory path like \"./var/node-a\""))
+        .unwrap_or_default();
+    f.finish(ctx);
+    NodeConfig {
+        name,
+        data_dir: data_dir.into(),
+    }
+}
+
+/// An accepted domain and where it was written, for the routing check.
+struct Placed {
+    domain: String,
+    span: Span,
+    path: String,
+}
+
+fn read_smtp(ctx: &mut Ctx<'_>, mut f: Fields<'_>, accept: &mut Vec<Placed>) -> SmtpConfig {
+    let listen = f
+        .take("listen")
+        .and_then(|n| {
+            let what = "a non-empty list of socket addresses like [\"127.0.0.1:2525\"]";
+            // Port 0 (any free port) is allowed for listening: tests use it.
+            ctx.list(&n, what, true, |ctx, e| ctx.socket_addr(e, true))
+        })
+        .unwrap_or_else(|| vec![([127, 0, 0, 1], 2525).into()]);
+    let hostname = f
+        .take("hostname")
+        .and_then(|n| domain(ctx, &n, "a domain name like \"mx.example.test\""))
+        .unwrap_or_else(|| "localhost".to_string());
+    let backlog = int_or(ctx, &mut f, "backlog", 1, 65535, 4096) as u32;
+    let max_connections = int_or(ctx, &mut f, "max_connections", 1, i64::MAX, 10_000) as usize;
+    let max_message_size = f
+        .take("max_message_size")
+        .and_then(|n| ctx.size(&n, 1024))
+        .unwrap_or(50 * 1024 * 1024);
+    let max_recipients = int_or(ctx, &mut f, "max_recipients", 1, i64::MAX, 1000) as usize;
+    let max_commands_before_mail =
+        int_or(ctx, &mut f, "max_commands_before_mail", 1, i64::MAX, 100) as usize;
+    // RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for a command.
+    let idle_timeout = duration_or(ctx, &mut f, "idle_timeout", 300);
+    let relay_networks = f
+        .take("relay_networks")
+        .and_then(|n| {
+            let what = "a list of networks like [\"127.0.0.0/8\"]";
+            ctx.list(&n, what, false, |ctx, e| ctx.cidr(e))
+        })
+        .unwrap_or_else(|| {
+            vec![
+                "127.0.0.0/8".parse().expect("valid"),
+                "::1/128".parse().expect("valid"),
+            ]
+        });
+    let accept_domains = f
+        .take("accept_domains")
+        .and_then(|n| {
+            let what = "a list of domains like [\"example.test\"]";
+            ctx.list(&n, what, false, |ctx, e| {
+                if e.item.value().and_then(|v| v.as_str()) == Some("*") {
+                    let msg = "\"*\" is not allowed here: accepting mail for every domain \
+                               from anyone would make an open relay; list the domains, \
+                               and put trusted clients in relay_networks";
+                    ctx.error(&e.span, &e.path, msg);
+                    return None;
+                }
+                let d = domain(ctx, e, "a domain name like \"example.test\"")?;
+                accept.push(Placed {
+                    domain: d.clone(),
+                    span: e.span.clone(),
+                    path: e.path.clone(),
+                });
+                Some(d)
+            })
+        })
+        .unwrap_or_default();
+    if let Some(n) = f.take("tls") {
+        if let Some(mut t) = ctx.table(&n) {
+            let msg = "STARTTLS is not supported by this version; remove [smtp.tls]";
+            ctx.error(&t.span, &t.path, msg);
+            for key in ["cert", "key"] {
+                if let Some(n) = t.require(ctx, key) {
+                    ctx.string(&n, "a file path like \"/etc/mtad/cert.pem\"");
+                }
+            }
+            t.finish(ctx);
+        }
+    }
+    f.finish(ctx);
+    SmtpConfig {
+        listen,
+        hostname,
+        backlog,
+        max_connections,
+        max_message_size,
+        max_recipients,
+        max_commands_before_mail,
+        idle_timeout,
+        relay_networks,
+        accept_domains,
+    }
+}
+
+fn read_delivery(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> DeliveryConfig {
+    let association_threshold = int_or(ctx, &mut f, "association_threshold", 1, i64::MAX, 50);
+    let max_associations = int_or(ctx, &mut f, "max_associations", 1, i64::MAX, 20);
+    let max_messages = int_or(
+        ctx,
+        &mut f,
+        "max_messages_per_association",
+        1,
+        i64::MAX,
+        1000,
+    );
+    let association_lifetime = duration_or(ctx, &mut f, "association_lifetime", 300);
+    let idle_timeout = duration_or(ctx, &mut f, "idle_timeout", 30);
+    let stall_timeout = duration_or(ctx, &mut f, "stall_timeout", 60);
+    let connect_timeout = duration_or(ctx, &mut f, "connect_timeout", 30);
+    let retry = f
+        .take("retry")
+        .and_then(|n| {
+            let what = "a non-empty list of durations like [\"1m\", \"5m\"]";
+            ctx.list(&n, what, true, |ctx, e| ctx.duration(e))
+        })
+        .unwrap_or_else(|| {
+            [60, 300, 900, 3600, 4 * 3600]
+                .map(Duration::from_secs)
+                .to_vec()
+        });
+    let max_queue_lifetime = duration_or(ctx, &mut f, "max_queue_lifetime", 5 * 86400);
+    f.finish(ctx);
+    DeliveryConfig {
+        association_threshold: association_threshold as usize,
+        max_associations: max_associations as usize,
+        max_messages_per_association: max_messages as u64,
+        association_lifetime,
+        idle_timeout,
+        stall_timeout,
+        connect_timeout,
+        retry,
+        max_queue_lifetime,
+    }
+}
+
+/// What earlier routes already serve, to find routes that can never match.
+#[derive(Default)]
+struct Served {
+    catch_all: Option<usize>,
+    domains: HashMap<String, usize>,
+}
+
+fn read_routes(ctx: &mut Ctx<'_>, root: &mut Fields<'_>) -> Vec<Route> {
+    let Some(n) = root.take("route") else {
+        let msg = "at least one [[route]] is required; \
+                   a catch-all route has domains = [\"*\"]";
+        ctx.error(&None, "route", msg);
+        return Vec::new();
+    };
+    let Some(tables) = ctx.tables(&n, "an array of tables [[route]]") else {
+        return Vec::new();
+    };
+    if tables.is_empty() {
+        ctx.error(&n.span, &n.path, "at least one [[route]] is required");
+    }
+    let mut served = Served::default();
+    tables
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| read_route(ctx, f, i, &mut served))
+        .collect()
+}
+
+fn read_route(ctx: &mut Ctx<'_>, mut f: Fields<'_>, index: usize, served: &mut Served) -> Route {
+    if let Some(j) = served.catch_all {
+        let msg = format!("unreachable: route[{j}] matches every domain");
+        ctx.error(&f.span, &f.path, msg);
+    }
+    let domains = f
+        .require(ctx, "domains")
+        .and_then(|n| {
+            let what = "a non-empty list of domains like [\"dest.example\"] or [\"*\"]";
+            ctx.list(&n, what, true, |ctx, e| {
+                let d = if e.item.value().and_then(|v| v.as_str()) == Some("*") {
+                    "*".to_string()
+                } else {
+                    domain(ctx, e, "a domain name like \"dest.example\" or \"*\"")?
+                };
+                if d == "*" {
+                    served.catch_all.get_or_insert(index);
+                } else if let Some(j) = served.domains.get(&d).filter(|j| **j != index) {
+                    // Only when no catch-all came first: that error already covers it.
+                    if !matches!(served.catch_all, Some(c) if c != index) {
+                        let msg = format!("unreachable: \"{d}\" is already served by route[{j}]");
+                        ctx.error(&e.span, &e.path, msg);
+                    }
+                } else {
+                    served.domains.insert(d.clone(), index);
+                }
+                Some(d)
+            })
+        })
+        .unwrap_or_default();
+
+    let next_hops = f.take("next_hops");
+    let drop_dir = f.take("drop_dir");
+    let target = match (next_hops, drop_dir) {
+        (Some(hops), drop) => {
+            if let Some(drop) = drop {
+                let msg = "a route has either next_hops or drop_dir, not both";
+                ctx.error(&drop.span, &f.path, msg);
+            }
+            let what = "a non-empty list of socket addresses like [\"127.0.0.1:2526\"]";
+            let hops = ctx.list(&hops, what, true, |ctx, e| ctx.socket_addr(e, false));
+            RouteTarget::Smtp(hops.unwrap_or_default())
+        }
+        (None, Some(drop)) => {
+            let dir = ctx.string(&drop, "a directory path like \"./var/outbox\"");
+            RouteTarget::DropDir(dir.unwrap_or_default().into())
+        }
+        (None, None) => {
+            let msg = "a route needs next_hops (SMTP next hops) or drop_dir (a local directory)";
+            ctx.error(&f.span, &f.path, msg);
+            RouteTarget::DropDir(PathBuf::new())
+        }
+    };
+    let is_smtp = matches!(target, RouteTarget::Smtp(_));
+
+    // source_address and tls only mean something for SMTP next hops; set on
+    // a drop_dir route they would be silently ignored, so say so instead.
+    let source_address = f.take("source_address").and_then(|n| {
+        let ip = ctx.ip(&n)?;
+        if !is_smtp {
+            ctx.error(&n.span, &n.path, "source_address only applies to next_hops");
+        }
+        Some(ip)
+    });
+    let tls = f
+        .take("tls")
+        .and_then(|n| {
+            let options = [
+                ("none", TlsPolicy::None),
+                ("opportunistic", TlsPolicy::Opportunistic),
+                ("required", TlsPolicy::Required),
+            ];
+            let tls = ctx.choice(&n, &options)?;
+            if !is_smtp {
+                ctx.error(&n.span, &n.path, "tls only applies to next_hops");
+            }
+            Some(tls)
+        })
+        .unwrap_or(TlsPolicy::Opportunistic);
+    f.finish(ctx);
+    Route {
+        domains,
+        target,
+        source_address,
+        tls,
+    }
+}
+
+/// Mail accepted for a domain that no route serves could never leave.
+fn check_accept_domains_routed(ctx: &mut Ctx<'_>, accept: &[Placed], routes: &[Route]) {
+    if routes.is_empty() {
+        return; // "at least one route" already said it
+    }
+    for a in accept {
+        if !routes.iter().any(|r| r.matches(&a.domain)) {
+            let msg = format!(
+                "no [[route]] serves \"{}\"; mail accepted for it could never be delivered",
+                a.domain
+            );
+            ctx.error(&a.span, &a.path, msg);
+        }
+    }
+}
+
+fn read_log(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> LogConfig {
+    let format = f
+        .take("format")
+        .and_then(|n| ctx.choice(&n, &[("json", LogFormat::Json), ("text", LogFormat::Text)]))
+        .unwrap_or(LogFormat::Json);
+    let level = f
+        .take("level")
+        .and_then(|n| {
+            let s = ctx.string(&n, "a log filter like \"info\" or \"info,mtad=debug\"")?;
+            if let Err(why) = check_log_filter(&s) {
+                ctx.error(&n.span, &n.path, why);
+            }
+            Some(s)
+        })
+        .unwrap_or_else(|| "info".to_string());
+    f.finish(ctx);
+    LogConfig { format, level }
+}
+
+/// EnvFilter accepts a bare word as a target name (so "verbose" would
+/// silently mean "trace for target verbose", i.e. no logs); insist that a
+/// directive without '=' is a level.
+fn check_log_filter(s: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map_err(|e| format!("invalid log filter \"{s}\": {e}"))?;
+    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains(['=', '['])
+            && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+        {
+            return Err(format!(
+                "invalid log filter \"{s}\": \"{directive}\" is not a level \
+                 (off, error, warn, info, debug, trace); write target=level for a target"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn int_or(
+    ctx: &mut Ctx<'_>,
+    f: &mut Fields<'_>,
+    key: &'static str,
+    min: i64,
+    max: i64,
+    default: i64,
+) -> i64 {
+    f.take(key)
+        .and_then(|n| ctx.int(&n, min, max))
+        .unwrap_or(default)
+}
+
+fn duration_or(
+    ctx: &mut Ctx<'_>,
+    f: &mut Fields<'_>,
+    key: &'static str,
+    default_secs: u64,
+) -> Duration {
+    f.take(key)
+        .and_then(|n| ctx.duration(&n))
+        .unwrap_or(Duration::from_secs(default_secs))
+}
+
+/// A plausible domain name, lower-cased, without a trailing dot.
+fn domain(ctx: &mut Ctx<'_>, n: &Node<'_>, what: &str) -> Option<String> {
+    let s = ctx.str(n, what)?;
+    let d = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    if is_domain(&d) {
+        Some(d)
+    } else {
+        ctx.mismatch(n, what);
+        None
+    }
+}
+
+/// LDH labels of 1..=63 characters, 253 in all, and a last label that is
+/// not all digits (that would be an IP address, not a name).
+fn is_domain(d: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(label_ok)
+        && !d
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+}

@@ -8,8 +8,11 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 mod load;
+mod reader;
+#[cfg(test)]
+mod tests;
 
-// pub use load::{load_file, load_str, ConfigError, ConfigErrors};
+pub use load::{load_file, load_str, ConfigError, ConfigErrors};
 
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq)]
