@@ -1,0 +1,155 @@
+//! kill -9 under load: every message the node acknowledged is delivered
+//! after a restart.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use common::client::Client;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+const CLIENTS: usize = 8;
+/// Acknowledged messages before the kill; the clients keep sending, so
+/// the kill lands in the middle of transactions and fsync batches.
+const KILL_AFTER: usize = 150;
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn write_config(dir: &Path, listen: SocketAddr, route: &str) -> std::path::PathBuf {
+    let path = dir.join("mtad.toml");
+    let text = format!(
+        r#"
+[node]
+name = "crash"
+data_dir = "{data}"
+
+[smtp]
+listen = ["{listen}"]
+hostname = "mx.example.test"
+
+[delivery]
+retry = ["1h"]
+
+{route}
+
+[log]
+format = "json"
+level = "info"
+"#,
+        data = dir.join("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Daemon {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Daemon {
+    /// Start `mtad run` and wait for its "smtp listening" log line.
+    async fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mtad"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut d = Daemon { child, lines };
+        d.wait_line(|l| l.contains("smtp listening")).await;
+        d
+    }
+
+    /// Read log lines until one satisfies `want`; panics if the log ends.
+    async fn wait_line(&mut self, mut want: impl FnMut(&str) -> bool) {
+        let wait = async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                if want(&line) {
+                    return;
+                }
+            }
+            panic!("mtad exited before the expected log line");
+        };
+        tokio::time::timeout(common::node::PATIENCE, wait).await.expect("log line in time");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_message_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    // First life: the next hop refuses connections, so everything
+    // acknowledged stays queued in the spool.
+    let dead_hop = free_port();
+    let route = format!("[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{dead_hop}\"]\ntls = \"none\"");
+    let config = write_config(dir.path(), listen, &route);
+    let mut daemon = Daemon::start(&config).await;
+
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let (enough_tx, mut enough) = tokio::sync::watch::channel(0usize);
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let acked = acked.clone();
+        let enough_tx = enough_tx.clone();
+        clients.push(tokio::spawn(async move {
+            let Ok(mut client) = Client::connect(listen).await else { return };
+            for i in 0.. {
+                let subject = format!("crash-{c}-{i}");
+                let body = format!("Subject: {subject}\r\n\r\n{}\r\n", "x".repeat(2000));
+                match client.send("a@example.test", &["b@dest.example"], &body).await {
+                    Ok(r) if r.starts_with("250") => {
+                        let n = {
+                            let mut a = acked.lock().unwrap();
+                            a.insert(subject);
+                            a.len()
+                        };
+                        enough_tx.send_replace(n);
+                    }
+                    // The daemon died mid-transaction: not acknowledged.
+                    _ => return,
+                }
+            }
+        }));
+    }
+    enough.wait_for(|n| *n >= KILL_AFTER).await.unwrap();
+    daemon.child.start_kill().unwrap();
+    daemon.child.wait().await.unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= KILL_AFTER);
+
+    // Second life: deliver into a drop directory and count deliveries.
+    let outbox = dir.path().join("outbox");
+    let route = format!("[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"", outbox.display());
+    let config = write_config(dir.path(), listen, &route);
+    let mut daemon = Daemon::start(&config).await;
+    let mut delivered = 0;
+    let want = acked.len();
+    daemon
+        .wait_line(|l| {
+            delivered += usize::from(l.contains("\"event\":\"delivered\""));
+            delivered >= want
+        })
+        .await;
+    let mut found = HashSet::new();
+    for f in common::node::eml_files(&outbox) {
+        let text = std::fs::read_to_string(f).unwrap();
+        let subject = text.lines().find_map(|l| l.strip_prefix("Subject: ")).unwrap().to_string();
+        assert!(found.insert(subject.clone()), "{subject} delivered twice");
+    }
+    let lost: Vec<_> = acked.difference(&found).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    daemon.child.start_kill().unwrap();
+}
