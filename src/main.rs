@@ -76,6 +76,7 @@ fn main() -> ExitCode {
 
 async fn run(cfg: mtad::config::Config) -> ExitCode {
     mtad::events::init(cfg.log.format, &cfg.log.level);
+    raise_fd_limit();
     let node = match mtad::app::Node::start(cfg).await {
         Ok(n) => n,
         Err(e) => {
@@ -104,4 +105,25 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Every SMTP session is a file descriptor; the usual soft limit of 1024
+/// would turn a connection burst into accept errors. Raise the soft limit
+/// to the hard one, as other servers do.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = lim.rlim_max;
+            lim.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-files limit");
+            }
+        }
+    }
+    tracing::info!(limit = lim.rlim_cur, "open-files limit");
 }
