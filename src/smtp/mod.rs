@@ -1,6 +1,10 @@
 //! Inbound SMTP: `session` is the pure protocol machine, `server` the
 //! socket driver (listeners, accept loop, one task per connection).
 
+pub mod address;
+pub mod data;
+pub mod session;
+
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
