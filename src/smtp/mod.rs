@@ -3,6 +3,7 @@
 
 pub mod address;
 pub mod data;
+pub mod server;
 pub mod session;
 
 use std::future::Future;
