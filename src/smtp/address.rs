@@ -20,11 +20,6 @@ pub struct Path {
 }
 
 impl Path {
-    /// Whether the domain is an address literal such as `[192.0.2.1]`.
-    pub fn is_literal(&self) -> bool {
-        self.domain.starts_with('[')
-    }
-
     /// Whether the local part carries routing syntax (`%`, `!`, quoted `@`)
     /// that a downstream MTA might interpret as another hop.
     pub fn has_relay_syntax(&self) -> bool {
@@ -158,7 +153,8 @@ fn is_atext_special(b: u8) -> bool {
     b"!#$%&'*+-/=?^_`{|}~".contains(&b)
 }
 
-/// A domain name (one trailing dot tolerated) or an address literal.
+/// A domain name (one trailing dot tolerated) or an address literal; a
+/// literal is kept with its brackets so policy can match it verbatim.
 fn valid_domain(d: &[u8]) -> bool {
     if let Some(inner) = d.strip_prefix(b"[").and_then(|d| d.strip_suffix(b"]")) {
         return !inner.is_empty() && inner.iter().all(|&b| matches!(b, 33..=90 | 94..=126));
@@ -201,7 +197,7 @@ mod tests {
         let p = ok("John.Doe@Example.TEST");
         assert_eq!(p.local, "John.Doe");
         assert_eq!(p.mailbox(), "John.Doe@example.test");
-        assert!(!p.routed && !p.is_literal() && !p.has_relay_syntax());
+        assert!(!p.routed && !p.has_relay_syntax());
     }
 
     #[test]
@@ -230,8 +226,9 @@ mod tests {
 
     #[test]
     fn literals_and_trailing_dot() {
-        assert!(ok("u@[192.0.2.1]").is_literal());
-        assert!(ok("u@[IPv6:2001:db8::1]").is_literal());
+        // Literals are matched against accept_domains like names.
+        assert_eq!(ok("u@[192.0.2.1]").domain, "[192.0.2.1]");
+        assert_eq!(ok("u@[IPv6:2001:db8::1]").domain, "[IPv6:2001:db8::1]");
         assert_eq!(ok("u@example.test.").domain, "example.test.");
         assert!(domain_in("EXAMPLE.test.", &["example.test".into()]));
         assert!(domain_in("example.test", &["example.test.".into()]));

@@ -1,8 +1,10 @@
 //! Inbound SMTP: `session` is the pure protocol machine, `server` the
 //! socket driver (listeners, accept loop, one task per connection).
+//! `address` (MAIL/RCPT paths) and `data` (the strict DATA receiver) are
+//! the session's private helpers.
 
-pub mod address;
-pub mod data;
+mod address;
+mod data;
 pub mod server;
 pub mod session;
 
