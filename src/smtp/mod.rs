@@ -1,5 +1,12 @@
 //! Inbound SMTP: `session` is the pure protocol machine, `server` the
 //! socket driver (listeners, accept loop, one task per connection).
+//! `address` (MAIL/RCPT paths) and `data` (the strict DATA receiver) are
+//! the session's private helpers.
+
+mod address;
+mod data;
+pub mod server;
+pub mod session;
 
 use std::future::Future;
 use std::net::IpAddr;

@@ -1,0 +1,230 @@
+//! Strict receiver for the content after DATA.
+//!
+//! Only CRLF "." CRLF ends the content. Any bare LF or lone CR is treated
+//! as an SMTP smuggling attempt: we still read to the real terminator (so
+//! the session stays in sync) but reject the message. smtp_proto's receiver
+//! is lenient about exactly these cases, hence our own.
+
+use bytes::Bytes;
+
+/// How the content ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataOutcome {
+    /// Content complete: dot-unstuffed, CRLF endings, without the final ".".
+    Complete(Bytes),
+    /// A bare CR or LF appeared somewhere in the content.
+    BareLineEnding,
+    /// The content exceeded the size limit.
+    TooBig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line (right after CRLF, or of the content).
+    LineStart,
+    /// Inside a line.
+    Mid,
+    /// Inside a line, just after a CR.
+    Cr,
+    /// A line that began with ".".
+    Dot,
+    /// A line that began with ".", then CR.
+    DotCr,
+}
+
+/// Accumulates one message's content across any number of reads.
+#[derive(Debug)]
+pub struct DataReceiver {
+    body: Vec<u8>,
+    /// Unstuffed content bytes seen, kept even after the body is dropped.
+    size: u64,
+    max: u64,
+    bare: bool,
+    state: State,
+}
+
+impl DataReceiver {
+    /// A receiver that refuses content larger than `max` bytes.
+    pub fn new(max: u64) -> Self {
+        Self {
+            body: Vec::new(),
+            size: 0,
+            max,
+            bare: false,
+            state: State::LineStart,
+        }
+    }
+
+    /// Whether content is still worth keeping.
+    fn keeping(&self) -> bool {
+        !self.bare && self.size <= self.max
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.size = self.size.saturating_add(bytes.len() as u64);
+        if self.keeping() {
+            self.body.extend_from_slice(bytes);
+        } else if !self.body.is_empty() {
+            // Rejected anyway: free the memory now rather than at the end.
+            self.body = Vec::new();
+        }
+    }
+
+    fn bare(&mut self) {
+        self.bare = true;
+        self.body = Vec::new();
+    }
+
+    /// Consume `input`; returns how many bytes were used and, once the
+    /// terminator has been read, the outcome. Bytes after the terminator
+    /// are left for the caller.
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Option<DataOutcome>) {
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                State::LineStart => {
+                    if input[i] == b'.' {
+                        self.state = State::Dot;
+                        i += 1;
+                    } else {
+                        self.state = State::Mid;
+                    }
+                }
+                State::Mid => {
+                    let rest = &input[i..];
+                    match rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+                        None => {
+                            self.push(rest);
+                            i = input.len();
+                        }
+                        Some(p) => {
+                            self.push(&rest[..p]);
+                            if rest[p] == b'\n' {
+                                // Not a line start: "\n.\r\n" must not end the content.
+                                self.bare();
+                                self.push(b"\n");
+                            } else {
+                                self.state = State::Cr;
+                            }
+                            i += p + 1;
+                        }
+                    }
+                }
+                State::Cr => {
+                    if input[i] == b'\n' {
+                        self.push(b"\r\n");
+                        self.state = State::LineStart;
+                        i += 1;
+                    } else {
+                        // Lone CR; the next byte is ordinary content.
+                        self.bare();
+                        self.push(b"\r");
+                        self.state = State::Mid;
+                    }
+                }
+                State::Dot => {
+                    if input[i] == b'\r' {
+                        self.state = State::DotCr;
+                        i += 1;
+                    } else {
+                        // Dot-stuffed line: the leading "." is dropped.
+                        self.state = State::Mid;
+                    }
+                }
+                State::DotCr => {
+                    if input[i] == b'\n' {
+                        return (i + 1, Some(self.finish()));
+                    }
+                    // ".\r" followed by something else: a lone CR.
+                    self.bare();
+                    self.push(b"\r");
+                    self.state = State::Mid;
+                }
+            }
+        }
+        (input.len(), None)
+    }
+
+    fn finish(&mut self) -> DataOutcome {
+        if self.bare {
+            DataOutcome::BareLineEnding
+        } else if self.size > self.max {
+            DataOutcome::TooBig
+        } else {
+            DataOutcome::Complete(Bytes::from(std::mem::take(&mut self.body)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(max: u64, input: &[u8]) -> (usize, Option<DataOutcome>) {
+        DataReceiver::new(max).feed(input)
+    }
+
+    fn complete(body: &[u8]) -> Option<DataOutcome> {
+        Some(DataOutcome::Complete(Bytes::copy_from_slice(body)))
+    }
+
+    #[test]
+    fn simple_and_empty() {
+        assert_eq!(run(100, b".\r\nNOOP"), (3, complete(b"")));
+        assert_eq!(run(100, b"a\r\nb\r\n.\r\nX"), (9, complete(b"a\r\nb\r\n")));
+    }
+
+    #[test]
+    fn dot_unstuffing() {
+        let (_, out) = run(100, b"..a\r\n\r\n...\r\n.\r\n");
+        assert_eq!(out, complete(b".a\r\n\r\n..\r\n"));
+    }
+
+    #[test]
+    fn not_terminators() {
+        for input in [&b"a\r\n.a\r\n"[..], b"a.\r\n", b"a\r\n. \r\n", b".."] {
+            assert_eq!(run(100, input).1, None, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn smuggling_variants_are_rejected_after_the_real_end() {
+        for input in [
+            &b"a\n.\nMAIL FROM:<x@y>\r\n.\r\n"[..],
+            b"a\r\n.\nb\r\n.\r\n",
+            b"a\n.\r\nb\r\n.\r\n",
+            b"a\r.\rb\r\n.\r\n",
+            b"a\rb\r\n.\r\n",
+            b".\r.\r\n.\r\n",
+            b"\n.\r\n\r\n.\r\n",
+        ] {
+            let (used, out) = run(100, input);
+            assert_eq!(out, Some(DataOutcome::BareLineEnding), "{input:?}");
+            assert_eq!(used, input.len());
+        }
+    }
+
+    #[test]
+    fn too_big_reads_to_the_end() {
+        let mut input = b"x".repeat(50);
+        input.extend_from_slice(b"\r\n.\r\n");
+        assert_eq!(run(52, &input).1, complete(&input[..52]));
+        assert_eq!(run(51, &input).1, Some(DataOutcome::TooBig));
+    }
+
+    #[test]
+    fn any_split_gives_the_same_result() {
+        let input = b"..a\r\nb\r\r\n.\r\n";
+        let whole = run(100, input);
+        for split in 0..input.len() {
+            let mut r = DataReceiver::new(100);
+            let (n, out) = r.feed(&input[..split]);
+            assert_eq!(n, split);
+            assert!(out.is_none());
+            assert_eq!(
+                r.feed(&input[split..]),
+                (input.len() - split, whole.1.clone())
+            );
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The socket side of inbound SMTP: listener set-up, an accept loop that
+//! never waits on a client, and one task per connection driving a
+//! [`Session`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::session::{Output, Session};
+use super::Accept;
+use crate::config::SmtpConfig;
+
+/// Read buffer per connection; one read can carry a large pipelined batch.
+const READ_BUF: usize = 64 * 1024;
+/// Pause after a failed accept (EMFILE and friends) so we don't spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a closing connection keeps reading so the peer sees our last
+/// reply and a FIN rather than a reset caused by unread input.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Bind a listening socket for SMTP.
+///
+/// Must be called inside a tokio runtime. IP_FREEBIND lets a node bind a
+/// VIP that is not (yet) configured on an interface.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    let freebind = match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true),
+        SocketAddr::V6(_) => socket.set_freebind_v6(true),
+    };
+    if let Err(e) = freebind {
+        tracing::debug!(%addr, error = %e, "IP_FREEBIND not available");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    warn_if_backlog_capped(addr, backlog);
+    TcpListener::from_std(socket.into())
+}
+
+/// The kernel silently caps the backlog at somaxconn; an operator who
+/// asked for more should know they did not get it.
+fn warn_if_backlog_capped(addr: SocketAddr, backlog: u32) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/core/somaxconn") else {
+        return;
+    };
+    if let Ok(somaxconn) = text.trim().parse::<u32>() {
+        if somaxconn < backlog {
+            tracing::warn!(
+                %addr,
+                backlog,
+                somaxconn,
+                "listen backlog is capped by net.core.somaxconn; raise it with sysctl"
+            );
+        }
+    }
+}
+
+/// Accept connections until `cancel`, running each session on `tracker`.
+///
+/// Returns once the listener is closed; open sessions finish on their own
+/// (the caller closes and waits on the tracker).
+pub async fn serve(
+    listener: TcpListener,
+    cfg: Arc<SmtpConfig>,
+    accept: Arc<dyn Accept>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(
+        cfg.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        // Never await a permit here: the loop must keep accepting so
+        // that excess clients get a 421 instead of a hang in the backlog.
+        let permit = slots.clone().try_acquire_owned().ok();
+        tracker.spawn(connection(
+            stream,
+            peer,
+            permit,
+            cfg.clone(),
+            accept.clone(),
+            cancel.clone(),
+        ));
+    }
+    drop(listener);
+    tracing::debug!("smtp listener closed");
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    cfg: Arc<SmtpConfig>,
+    accept: Arc<dyn Accept>,
+    cancel: CancellationToken,
+) {
+    // Replies are small and latency matters more than packet count.
+    let _ = stream.set_nodelay(true);
+    let Some(_permit) = permit else {
+        tracing::debug!(%peer, "connection refused: too many connections");
+        let reply = format!(
+            "421 4.3.2 {} Too many connections, try again later\r\n",
+            cfg.hostname
+        );
+        if write(&mut stream, reply.as_bytes(), cfg.idle_timeout)
+            .await
+            .is_ok()
+        {
+            linger_close(&mut stream).await;
+        }
+        return;
+    };
+    tracing::debug!(%peer, "smtp connect");
+    match drive(&mut stream, peer, cfg, accept.as_ref(), &cancel).await {
+        Ok(()) => tracing::debug!(%peer, "smtp disconnect"),
+        Err(e) => tracing::debug!(%peer, error = %e, "smtp disconnect"),
+    }
+}
+
+/// Run one session to its end. Ok means an orderly end (QUIT, 421, or the
+/// client closing); Err a broken or unresponsive connection.
+async fn drive(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    cfg: Arc<SmtpConfig>,
+    accept: &dyn Accept,
+    cancel: &CancellationToken,
+) -> io::Result<()> {
+    let idle = cfg.idle_timeout;
+    let mut session = Session::new(cfg, peer.ip());
+    write(stream, session.greeting().as_bytes(), idle).await?;
+    let mut rbuf = vec![0u8; READ_BUF];
+    let mut out = Vec::new();
+    let mut replies = Vec::new();
+    loop {
+        tokio::select! {
+            // Shutdown wins over pending input; a store in progress is never
+            // interrupted because it is awaited outside this select.
+            biased;
+            _ = cancel.cancelled() => session.shutdown(&mut out),
+            read = tokio::time::timeout(idle, stream.read(&mut rbuf)) => match read {
+                Err(_elapsed) => session.timeout(&mut out),
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => session.feed(&rbuf[..n], &mut out),
+                Ok(Err(e)) => return Err(e),
+            },
+        }
+        // A Deliver is always the last output of a round; storing it and
+        // reporting the result may release pipelined input and yield more.
+        while !out.is_empty() {
+            let mut message = None;
+            for output in out.drain(..) {
+                match output {
+                    Output::Reply(r) => replies.extend_from_slice(r.as_bytes()),
+                    Output::Deliver(m) => message = Some(m),
+                    Output::Close => {}
+                }
+            }
+            if let Some(message) = message {
+                let result = accept.accept(message).await;
+                session.stored(result, &mut out);
+            }
+        }
+        if !replies.is_empty() {
+            write(stream, &replies, idle).await?;
+            replies.clear();
+        }
+        if session.is_closed() {
+            linger_close(stream).await;
+            return Ok(());
+        }
+    }
+}
+
+/// Write all of `bytes`, giving up on a client that stops reading.
+async fn write(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+        Ok(result) => result,
+        Err(_elapsed) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client is not reading",
+        )),
+    }
+}
+
+/// Send FIN, then read and discard what the client still sends for a short
+/// while: closing with unread input would make the kernel send RST, which
+/// can destroy our last reply before the client reads it.
+async fn linger_close(stream: &mut TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -1,0 +1,506 @@
+//! The inbound SMTP session as a pure state machine: bytes in, replies and
+//! messages out. No sockets, clocks or randomness, so every behaviour is
+//! unit-testable and independent of how input is split across reads.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use smtp_proto::{Error as ParseError, Request};
+
+use super::address::{self, PathError};
+use super::data::{DataOutcome, DataReceiver};
+use super::Incoming;
+use crate::config::SmtpConfig;
+use crate::spool::{QueueId, SpoolError};
+
+/// Longest command line, terminator included (RFC 5321 §4.5.3.1.4).
+pub const MAX_LINE: usize = 512;
+/// Consecutive failed commands before the client is disconnected.
+pub const MAX_ERRORS: u32 = 10;
+
+/// Verbs we recognise but do not offer; they get 502 rather than 500.
+const NOT_OFFERED: &[&str] = &[
+    "EXPN", "BDAT", "AUTH", "STARTTLS", "ETRN", "ATRN", "BURL", "LHLO", "TURN",
+];
+/// MAIL parameters we advertise (BODY=7BIT is the default and harmless).
+const MAIL_FLAGS_OFFERED: u64 = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
+
+/// Something the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send this reply (complete, CRLF-terminated, possibly multiline).
+    Reply(String),
+    /// Store this message, then call [`Session::stored`] with the result.
+    Deliver(Incoming),
+    /// Close the connection after sending the replies before it.
+    Close,
+}
+
+#[derive(Debug)]
+enum Mode {
+    /// Reading command lines.
+    Command,
+    /// Skipping the rest of an overlong command line.
+    Discard,
+    /// Reading message content.
+    Data(DataReceiver),
+    /// A message was handed out; input is buffered until `stored`.
+    Storing,
+    /// Nothing more will be read or written.
+    Closed,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: String,
+    recipients: Vec<String>,
+    /// Whether any RCPT was tried, to tell "no RCPT" (503) from "all
+    /// recipients refused" (554) at DATA.
+    rcpt_tried: bool,
+}
+
+/// One client connection's SMTP state.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Arc<SmtpConfig>,
+    client_ip: IpAddr,
+    may_relay: bool,
+    helo: Option<String>,
+    tx: Option<Transaction>,
+    mode: Mode,
+    /// Input not yet processed: a partial command line, or everything that
+    /// arrived while a message is being stored.
+    buf: Vec<u8>,
+    errors: u32,
+    /// Commands since the last accepted MAIL (or the start).
+    idle_commands: usize,
+}
+
+impl Session {
+    /// A session for a client connected from `client_ip`.
+    pub fn new(cfg: Arc<SmtpConfig>, client_ip: IpAddr) -> Self {
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let client_ip = client_ip.to_canonical();
+        let may_relay = cfg.relay_networks.iter().any(|n| n.contains(&client_ip));
+        Self {
+            cfg,
+            client_ip,
+            may_relay,
+            helo: None,
+            tx: None,
+            mode: Mode::Command,
+            buf: Vec::new(),
+            errors: 0,
+            idle_commands: 0,
+        }
+    }
+
+    /// The 220 banner to send on connect.
+    pub fn greeting(&self) -> String {
+        format!("220 {} ESMTP mtad\r\n", self.cfg.hostname)
+    }
+
+    /// Whether the session is done; the driver should close.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.mode, Mode::Closed)
+    }
+
+    /// Whether a message is out for storage and `stored` is awaited.
+    pub fn is_storing(&self) -> bool {
+        matches!(self.mode, Mode::Storing)
+    }
+
+    /// Consume client input, appending what to do to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<Output>) {
+        match self.mode {
+            Mode::Closed => return,
+            Mode::Storing => {
+                self.buf.extend_from_slice(input);
+                return;
+            }
+            _ => {}
+        }
+        if self.buf.is_empty() {
+            // Common case: no copy of the input at all.
+            let used = self.process(input, out);
+            if !self.is_closed() {
+                self.buf.extend_from_slice(&input[used..]);
+            }
+        } else {
+            self.buf.extend_from_slice(input);
+            self.process_buffered(out);
+        }
+    }
+
+    /// Report the result of storing the message from the last `Deliver`,
+    /// then continue with input that was pipelined behind it.
+    pub fn stored(&mut self, result: Result<QueueId, SpoolError>, out: &mut Vec<Output>) {
+        if !self.is_storing() {
+            return;
+        }
+        let reply = match result {
+            Ok(id) => format!("250 2.0.0 Ok: queued as {id}\r\n"),
+            Err(SpoolError::Full) => "452 4.3.1 Insufficient system storage\r\n".to_owned(),
+            Err(_) => "451 4.3.0 Error: queue file write error\r\n".to_owned(),
+        };
+        out.push(Output::Reply(reply));
+        self.tx = None;
+        self.mode = Mode::Command;
+        self.process_buffered(out);
+    }
+
+    /// The client was silent too long.
+    pub fn timeout(&mut self, out: &mut Vec<Output>) {
+        let host = &self.cfg.hostname;
+        self.close(format!("421 4.4.2 {host} Error: timeout exceeded\r\n"), out);
+    }
+
+    /// The server is stopping. Call only when not storing, so that a
+    /// message being stored still gets its answer.
+    pub fn shutdown(&mut self, out: &mut Vec<Output>) {
+        let host = &self.cfg.hostname;
+        self.close(format!("421 4.3.2 {host} Service shutting down\r\n"), out);
+    }
+
+    fn close(&mut self, reply: String, out: &mut Vec<Output>) {
+        if self.is_closed() {
+            return;
+        }
+        out.push(Output::Reply(reply));
+        out.push(Output::Close);
+        self.mode = Mode::Closed;
+        self.buf = Vec::new();
+    }
+
+    fn process_buffered(&mut self, out: &mut Vec<Output>) {
+        let mut buf = std::mem::take(&mut self.buf);
+        let used = self.process(&buf, out);
+        if !self.is_closed() {
+            buf.drain(..used);
+            self.buf = buf;
+        }
+    }
+
+    /// Run the machine over `input`; returns how many bytes were consumed.
+    /// Stops early when a message goes out for storage or the session ends.
+    fn process(&mut self, input: &[u8], out: &mut Vec<Output>) -> usize {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            match &mut self.mode {
+                Mode::Closed | Mode::Storing => return pos,
+                Mode::Data(rx) => {
+                    let (used, outcome) = rx.feed(rest);
+                    pos += used;
+                    match outcome {
+                        Some(outcome) => self.data_done(outcome, out),
+                        None => return pos,
+                    }
+                }
+                Mode::Discard => match rest.iter().position(|&b| b == b'\n') {
+                    Some(lf) => {
+                        pos += lf + 1;
+                        self.mode = Mode::Command;
+                    }
+                    None => return input.len(),
+                },
+                Mode::Command => {
+                    let window = &rest[..rest.len().min(MAX_LINE)];
+                    match window.iter().position(|&b| b == b'\n') {
+                        Some(lf) => {
+                            pos += lf + 1;
+                            self.command(&rest[..=lf], out);
+                        }
+                        None if rest.len() >= MAX_LINE => {
+                            pos += MAX_LINE;
+                            self.mode = Mode::Discard;
+                            self.error("500 5.5.2 Line too long", out);
+                        }
+                        None => return pos,
+                    }
+                }
+            }
+        }
+    }
+
+    fn data_done(&mut self, outcome: DataOutcome, out: &mut Vec<Output>) {
+        self.mode = Mode::Command;
+        let Some(tx) = self.tx.take() else {
+            // DATA is only entered with a transaction; stay safe regardless.
+            return self.reply("451 4.3.0 Error: no transaction", out);
+        };
+        match outcome {
+            DataOutcome::Complete(body) => {
+                self.mode = Mode::Storing;
+                out.push(Output::Deliver(Incoming {
+                    sender: tx.sender,
+                    recipients: tx.recipients,
+                    body,
+                    client_ip: self.client_ip,
+                    helo: self.helo.clone().unwrap_or_default(),
+                }));
+            }
+            DataOutcome::BareLineEnding => {
+                self.reply("550 5.6.0 Bare CR or LF in message content", out)
+            }
+            DataOutcome::TooBig => self.reply("552 5.3.4 Message size exceeds fixed maximum", out),
+        }
+    }
+
+    /// Handle one complete command line (terminator included).
+    fn command(&mut self, line: &[u8], out: &mut Vec<Output>) {
+        let verb = verb(line);
+        let is_tx_verb = ["MAIL", "RCPT", "DATA", "QUIT"]
+            .iter()
+            .any(|v| verb.eq_ignore_ascii_case(v.as_bytes()));
+        if !is_tx_verb {
+            self.idle_commands += 1;
+            if self.idle_commands > self.cfg.max_commands_before_mail {
+                let host = &self.cfg.hostname;
+                return self.close(
+                    format!("421 4.7.0 {host} Error: too many commands\r\n"),
+                    out,
+                );
+            }
+        }
+        if NOT_OFFERED
+            .iter()
+            .any(|v| verb.eq_ignore_ascii_case(v.as_bytes()))
+        {
+            return self.error("502 5.5.1 Command not implemented", out);
+        }
+
+        // MAIL and RCPT paths are parsed by us (see `address`); smtp_proto
+        // sees `<>` in their place and parses verb and parameters.
+        let path = address::locate(line);
+        let rewritten;
+        let parse_line: &[u8] = match path {
+            Some((start, end)) if is_tx_verb => {
+                rewritten = [&line[..start], &line[end..]].concat();
+                &rewritten
+            }
+            _ => line,
+        };
+        let raw_path = path.map(|(start, end)| &line[start..end]);
+        match Request::parse(&mut parse_line.iter()) {
+            Ok(request) => self.request(request, raw_path, out),
+            Err(e) => self.parse_error(e, out),
+        }
+    }
+
+    fn parse_error(&mut self, e: ParseError, out: &mut Vec<Output>) {
+        let reply = match e {
+            ParseError::UnknownCommand => "500 5.5.1 Command unrecognized".to_owned(),
+            ParseError::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax".to_owned(),
+            ParseError::InvalidRecipientAddress => {
+                "501 5.1.3 Bad recipient address syntax".to_owned()
+            }
+            ParseError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+            ParseError::InvalidParameter { param } => format!("501 5.5.4 Invalid {param} value"),
+            ParseError::UnsupportedParameter { param } => {
+                format!("555 5.5.4 Unsupported parameter {}", printable(&param))
+            }
+            _ => "501 5.5.4 Syntax error".to_owned(),
+        };
+        self.error(&reply, out);
+    }
+
+    fn request(
+        &mut self,
+        request: Request<Cow<'_, str>>,
+        raw_path: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) {
+        match request {
+            Request::Ehlo { host } => {
+                self.helo = Some(host.into_owned());
+                self.tx = None;
+                let (h, max) = (&self.cfg.hostname, self.cfg.max_message_size);
+                let reply = format!(
+                    "250-{h}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n\
+                     250 ENHANCEDSTATUSCODES\r\n"
+                );
+                self.errors = 0;
+                out.push(Output::Reply(reply));
+            }
+            Request::Helo { host } => {
+                self.helo = Some(host.into_owned());
+                self.tx = None;
+                let reply = format!("250 {}", self.cfg.hostname);
+                self.reply(&reply, out);
+            }
+            Request::Mail { from } => self.mail(from, raw_path, out),
+            Request::Rcpt { to } => self.rcpt(to, raw_path, out),
+            Request::Data => self.data(out),
+            Request::Rset => {
+                self.tx = None;
+                self.reply("250 2.0.0 Ok", out);
+            }
+            Request::Noop { .. } => self.reply("250 2.0.0 Ok", out),
+            Request::Quit => {
+                let reply = format!("221 2.0.0 {} Bye\r\n", self.cfg.hostname);
+                self.close(reply, out);
+            }
+            Request::Vrfy { .. } => self.reply(
+                "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+                out,
+            ),
+            Request::Help { .. } => self.reply(
+                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+                out,
+            ),
+            _ => self.error("502 5.5.1 Command not implemented", out),
+        }
+    }
+
+    fn mail(
+        &mut self,
+        from: smtp_proto::MailFrom<Cow<'_, str>>,
+        raw_path: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) {
+        if self.helo.is_none() {
+            return self.error("503 5.5.1 Error: send HELO/EHLO first", out);
+        }
+        if self.tx.is_some() {
+            return self.error("503 5.5.1 Error: nested MAIL command", out);
+        }
+        let sender = match raw_path.map(address::parse) {
+            Some(Ok(None)) => String::new(),
+            Some(Ok(Some(path))) => path.mailbox(),
+            _ => return self.error("501 5.1.7 Bad sender address syntax", out),
+        };
+        let unoffered = from.flags & !MAIL_FLAGS_OFFERED != 0
+            || from.trans_id.is_some()
+            || from.env_id.is_some()
+            || from.solicit.is_some()
+            || from.mtrk.is_some()
+            || from.auth.is_some()
+            || from.hold_for != 0
+            || from.hold_until != 0
+            || from.by != 0
+            || from.mt_priority != 0;
+        if unoffered {
+            return self.error("555 5.5.4 Unsupported MAIL parameter", out);
+        }
+        if from.size as u64 > self.cfg.max_message_size {
+            return self.error("552 5.3.4 Message size exceeds fixed maximum", out);
+        }
+        self.tx = Some(Transaction {
+            sender,
+            recipients: Vec::new(),
+            rcpt_tried: false,
+        });
+        self.idle_commands = 0;
+        self.reply("250 2.1.0 Ok", out);
+    }
+
+    fn rcpt(
+        &mut self,
+        to: smtp_proto::RcptTo<Cow<'_, str>>,
+        raw_path: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error("503 5.5.1 Error: need MAIL command", out);
+        };
+        tx.rcpt_tried = true;
+        if to.orcpt.is_some() || to.flags != 0 || to.rrvs != 0 {
+            return self.error("555 5.5.4 Unsupported RCPT parameter", out);
+        }
+        let raw = raw_path.unwrap_or_default();
+        let rcpt = if raw.eq_ignore_ascii_case(b"postmaster") {
+            // RFC 5321 §4.5.1: must be accepted without a domain.
+            format!("postmaster@{}", self.cfg.hostname.to_ascii_lowercase())
+        } else {
+            match address::parse(raw) {
+                Ok(Some(path)) => {
+                    let denied = !self.may_relay
+                        && (path.routed
+                            || path.has_relay_syntax()
+                            || !address::domain_in(&path.domain, &self.cfg.accept_domains));
+                    if denied {
+                        return self.error("554 5.7.1 Relay access denied", out);
+                    }
+                    path.mailbox()
+                }
+                Ok(None) | Err(PathError::Syntax) => {
+                    return self.error("501 5.1.3 Bad recipient address syntax", out)
+                }
+                Err(PathError::NoDomain) => {
+                    return self.error("501 5.1.3 Recipient address must contain a domain", out)
+                }
+            }
+        };
+        // Re-borrow: `self.error` above needed all of `self`.
+        let (max, tx) = (self.cfg.max_recipients, self.tx.as_mut());
+        let Some(tx) = tx else { return };
+        if !tx.recipients.contains(&rcpt) {
+            if tx.recipients.len() >= max {
+                // A client sending a long list is not misbehaving; no penalty.
+                out.push(Output::Reply("452 4.5.3 Too many recipients\r\n".into()));
+                return;
+            }
+            tx.recipients.push(rcpt);
+        }
+        self.reply("250 2.1.5 Ok", out);
+    }
+
+    fn data(&mut self, out: &mut Vec<Output>) {
+        match &self.tx {
+            None => self.error("503 5.5.1 Error: need MAIL command", out),
+            Some(tx) if tx.recipients.is_empty() && !tx.rcpt_tried => {
+                self.error("503 5.5.1 Error: need RCPT command", out)
+            }
+            Some(tx) if tx.recipients.is_empty() => {
+                self.error("554 5.5.1 Error: no valid recipients", out)
+            }
+            Some(_) => {
+                self.mode = Mode::Data(DataReceiver::new(self.cfg.max_message_size));
+                self.reply("354 End data with <CR><LF>.<CR><LF>", out);
+            }
+        }
+    }
+
+    /// A successful single-line reply; `text` without CRLF.
+    fn reply(&mut self, text: &str, out: &mut Vec<Output>) {
+        if !text.starts_with(['4', '5']) {
+            self.errors = 0;
+        }
+        out.push(Output::Reply(format!("{text}\r\n")));
+    }
+
+    /// A failed command; too many in a row and the client is dropped.
+    fn error(&mut self, text: &str, out: &mut Vec<Output>) {
+        out.push(Output::Reply(format!("{text}\r\n")));
+        self.errors += 1;
+        if self.errors > MAX_ERRORS {
+            let host = &self.cfg.hostname;
+            self.close(format!("421 4.7.0 {host} Error: too many errors\r\n"), out);
+        }
+    }
+}
+
+/// The command verb: the first word, leading spaces skipped.
+fn verb(line: &[u8]) -> &[u8] {
+    let start = line.iter().position(|&b| b != b' ').unwrap_or(line.len());
+    let line = &line[start..];
+    let end = line
+        .iter()
+        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
+        .unwrap_or(line.len());
+    &line[..end]
+}
+
+/// Client text echoed in a reply must not break the reply's framing.
+fn printable(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
