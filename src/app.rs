@@ -168,7 +168,9 @@ struct Intake {
 impl Intake {
     fn received_header(&self, m: &Incoming, id: QueueId) -> String {
         let date = jiff::fmt::rfc2822::to_string(&jiff::Zoned::now()).unwrap_or_default();
-        let helo = if m.helo.is_empty() { "unknown" } else { &m.helo };
+        // The client's words go into a header: keep only printable ASCII.
+        let helo: String = m.helo.chars().filter(|c| c.is_ascii_graphic()).collect();
+        let helo = if helo.is_empty() { "unknown" } else { &helo };
         let rcpt = match m.recipients.as_slice() {
             [one] => format!("\r\n\tfor <{one}>"),
             _ => String::new(),
