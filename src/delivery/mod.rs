@@ -5,6 +5,8 @@
 //! happens between (how many associations, when to renegotiate) is decided
 //! here.
 
+pub mod client;
+
 use crate::spool::QueueId;
 
 /// One message's recipients for one destination: one SMTP transaction.
