@@ -6,6 +6,7 @@
 //! here.
 
 pub mod client;
+pub mod pool;
 
 use crate::spool::QueueId;
 
