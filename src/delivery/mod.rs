@@ -5,8 +5,12 @@
 //! happens between (how many associations, when to renegotiate) is decided
 //! here.
 
+mod association;
 pub mod client;
+mod destinations;
 pub mod pool;
+
+pub use destinations::{DestinationStatus, Destinations};
 
 use crate::spool::QueueId;
 
