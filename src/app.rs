@@ -15,9 +15,7 @@ use crate::delivery::{drop, Destinations, Job, JobResult};
 use crate::events::{self, MessageEvent};
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
 use crate::smtp::{server, Accept, Incoming};
-use crate::spool::{
-    DiskSpool, Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError,
-};
+use crate::spool::{DiskSpool, Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +149,10 @@ impl Node {
     pub async fn shutdown(self, grace: Duration) {
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown grace expired with tasks still running");
         }
     }
@@ -208,7 +209,11 @@ impl Accept for Intake {
                 arrived_ms: queue::core::now_ms(),
             };
             self.spool.store(envelope.clone(), body.freeze()).await?;
-            let rcpts: Vec<&str> = envelope.recipients.iter().map(|r| r.address.as_str()).collect();
+            let rcpts: Vec<&str> = envelope
+                .recipients
+                .iter()
+                .map(|r| r.address.as_str())
+                .collect();
             let client = m.client_ip.to_string();
             events::message(
                 MessageEvent::Received,

@@ -15,7 +15,11 @@ const EXIT_FAILURE: u8 = 1;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
-#[command(name = "mtad", version, about = "Clustered SMTP message-transfer daemon")]
+#[command(
+    name = "mtad",
+    version,
+    about = "Clustered SMTP message-transfer daemon"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -94,7 +98,10 @@ async fn run(cfg: mtad::config::Config) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use common::client::Client;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::mpsc;
 
 const CLIENTS: usize = 8;
 /// Acknowledged messages before the kill; the clients keep sending, so
@@ -19,7 +20,10 @@ const CLIENTS: usize = 8;
 const KILL_AFTER: usize = 150;
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn write_config(dir: &Path, listen: SocketAddr, route: &str) -> std::path::PathBuf {
@@ -51,7 +55,21 @@ level = "info"
 
 struct Daemon {
     child: Child,
-    lines: tokio::io::Lines<BufReader<ChildStdout>>,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+/// Read the daemon's log continuously: a full pipe would block its logging.
+fn drain(stdout: ChildStdout) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 impl Daemon {
@@ -64,7 +82,7 @@ impl Daemon {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let lines = drain(child.stdout.take().unwrap());
         let mut d = Daemon { child, lines };
         d.wait_line(|l| l.contains("smtp listening")).await;
         d
@@ -73,14 +91,16 @@ impl Daemon {
     /// Read log lines until one satisfies `want`; panics if the log ends.
     async fn wait_line(&mut self, mut want: impl FnMut(&str) -> bool) {
         let wait = async {
-            while let Some(line) = self.lines.next_line().await.unwrap() {
+            while let Some(line) = self.lines.recv().await {
                 if want(&line) {
                     return;
                 }
             }
             panic!("mtad exited before the expected log line");
         };
-        tokio::time::timeout(common::node::PATIENCE, wait).await.expect("log line in time");
+        tokio::time::timeout(common::node::PATIENCE, wait)
+            .await
+            .expect("log line in time");
     }
 }
 
@@ -91,7 +111,8 @@ async fn every_acknowledged_message_survives_kill_9() {
     // First life: the next hop refuses connections, so everything
     // acknowledged stays queued in the spool.
     let dead_hop = free_port();
-    let route = format!("[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{dead_hop}\"]\ntls = \"none\"");
+    let route =
+        format!("[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{dead_hop}\"]\ntls = \"none\"");
     let config = write_config(dir.path(), listen, &route);
     let mut daemon = Daemon::start(&config).await;
 
@@ -102,11 +123,16 @@ async fn every_acknowledged_message_survives_kill_9() {
         let acked = acked.clone();
         let enough_tx = enough_tx.clone();
         clients.push(tokio::spawn(async move {
-            let Ok(mut client) = Client::connect(listen).await else { return };
+            let Ok(mut client) = Client::connect(listen).await else {
+                return;
+            };
             for i in 0.. {
                 let subject = format!("crash-{c}-{i}");
                 let body = format!("Subject: {subject}\r\n\r\n{}\r\n", "x".repeat(2000));
-                match client.send("a@example.test", &["b@dest.example"], &body).await {
+                match client
+                    .send("a@example.test", &["b@dest.example"], &body)
+                    .await
+                {
                     Ok(r) if r.starts_with("250") => {
                         let n = {
                             let mut a = acked.lock().unwrap();
@@ -132,7 +158,10 @@ async fn every_acknowledged_message_survives_kill_9() {
 
     // Second life: deliver into a drop directory and count deliveries.
     let outbox = dir.path().join("outbox");
-    let route = format!("[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"", outbox.display());
+    let route = format!(
+        "[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"",
+        outbox.display()
+    );
     let config = write_config(dir.path(), listen, &route);
     let mut daemon = Daemon::start(&config).await;
     let mut delivered = 0;
@@ -146,7 +175,11 @@ async fn every_acknowledged_message_survives_kill_9() {
     let mut found = HashSet::new();
     for f in common::node::eml_files(&outbox) {
         let text = std::fs::read_to_string(f).unwrap();
-        let subject = text.lines().find_map(|l| l.strip_prefix("Subject: ")).unwrap().to_string();
+        let subject = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: "))
+            .unwrap()
+            .to_string();
         assert!(found.insert(subject.clone()), "{subject} delivered twice");
     }
     let lost: Vec<_> = acked.difference(&found).collect();

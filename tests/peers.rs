@@ -107,7 +107,10 @@ async fn wait_listening(addr: SocketAddr) {
 }
 
 fn drop_route(dir: &std::path::Path) -> String {
-    format!("[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"\n", dir.join("outbox").display())
+    format!(
+        "[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"\n",
+        dir.join("outbox").display()
+    )
 }
 
 #[tokio::test]
@@ -116,7 +119,16 @@ async fn swaks_mail_lands_in_the_drop_directory() {
     let node = start(config(dir.path(), "", &drop_route(dir.path()))).await;
     let (ok, out) = swaks(
         node.smtp_addrs()[0],
-        &["--from", "alice@example.test", "--to", "bob@example.test", "--header", "Subject: via swaks", "--body", "hello from swaks"],
+        &[
+            "--from",
+            "alice@example.test",
+            "--to",
+            "bob@example.test",
+            "--header",
+            "Subject: via swaks",
+            "--body",
+            "hello from swaks",
+        ],
     )
     .await;
     assert!(ok, "swaks failed:\n{out}");
@@ -125,7 +137,10 @@ async fn swaks_mail_lands_in_the_drop_directory() {
     let files = eml_files(&dir.path().join("outbox"));
     assert_eq!(files.len(), 1);
     let text = std::fs::read_to_string(&files[0]).unwrap();
-    assert!(text.starts_with("Return-Path: <alice@example.test>\r\n"), "{text}");
+    assert!(
+        text.starts_with("Return-Path: <alice@example.test>\r\n"),
+        "{text}"
+    );
     assert!(text.contains("X-Mtad-Rcpt-To: <bob@example.test>\r\n"));
     assert!(text.contains("Received: from client.example.test ([127.0.0.1])"));
     assert!(text.contains("Subject: via swaks"));
@@ -137,7 +152,10 @@ async fn smtplib_mail_is_relayed_to_smtp_sink() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
     wait_listening(sink.addr).await;
-    let routes = format!("[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n", sink.addr);
+    let routes = format!(
+        "[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n",
+        sink.addr
+    );
     let node = start(config(dir.path(), "", &routes)).await;
     let addr = node.smtp_addrs()[0];
     let script = format!(
@@ -166,7 +184,10 @@ print("sent")
     assert_eq!(got.len(), 20, "smtp-sink holds {} messages", got.len());
     for i in 0..20 {
         let subject = format!("Subject: smtplib {i}\n");
-        let m = got.iter().find(|m| m.contains(&subject)).unwrap_or_else(|| panic!("message {i} missing"));
+        let m = got
+            .iter()
+            .find(|m| m.contains(&subject))
+            .unwrap_or_else(|| panic!("message {i} missing"));
         // Dot-stuffing survived both hops.
         assert!(m.contains("\n.leading dot line"), "{m}");
     }
@@ -177,7 +198,10 @@ async fn smtp_source_load_is_relayed_to_smtp_sink() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start();
     wait_listening(sink.addr).await;
-    let routes = format!("[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n", sink.addr);
+    let routes = format!(
+        "[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n",
+        sink.addr
+    );
     let node = start(config(dir.path(), "", &routes)).await;
     let addr = node.smtp_addrs()[0].to_string();
     let source = if std::path::Path::new("/usr/sbin/smtp-source").exists() {
@@ -188,7 +212,19 @@ async fn smtp_source_load_is_relayed_to_smtp_sink() {
     // 10 parallel sessions, 300 messages of 4 KiB.
     let (ok, out) = run(
         source,
-        &["-s", "10", "-m", "300", "-l", "4096", "-f", "load@example.test", "-t", "sink@dest.example", &addr],
+        &[
+            "-s",
+            "10",
+            "-m",
+            "300",
+            "-l",
+            "4096",
+            "-f",
+            "load@example.test",
+            "-t",
+            "sink@dest.example",
+            &addr,
+        ],
     )
     .await;
     assert!(ok, "smtp-source failed:\n{out}");
@@ -203,10 +239,23 @@ async fn outsiders_cannot_relay_but_may_send_to_accepted_domains() {
     let smtp = "relay_networks = [\"192.0.2.0/24\"]\naccept_domains = [\"example.test\"]";
     let node = start(config(dir.path(), smtp, &drop_route(dir.path()))).await;
     let addr = node.smtp_addrs()[0];
-    let (ok, out) = swaks(addr, &["--from", "x@elsewhere.example", "--to", "victim@elsewhere.example"]).await;
+    let (ok, out) = swaks(
+        addr,
+        &[
+            "--from",
+            "x@elsewhere.example",
+            "--to",
+            "victim@elsewhere.example",
+        ],
+    )
+    .await;
     assert!(!ok, "relay was allowed:\n{out}");
     assert!(out.contains("554 5.7.1"), "{out}");
-    let (ok, out) = swaks(addr, &["--from", "x@elsewhere.example", "--to", "user@example.test"]).await;
+    let (ok, out) = swaks(
+        addr,
+        &["--from", "x@elsewhere.example", "--to", "user@example.test"],
+    )
+    .await;
     assert!(ok, "local delivery refused:\n{out}");
     wait_for(&node, "the local delivery", |s| s.delivered == 1).await;
 }
@@ -214,14 +263,41 @@ async fn outsiders_cannot_relay_but_may_send_to_accepted_domains() {
 #[tokio::test]
 async fn an_oversized_message_gets_552_and_the_session_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(config(dir.path(), "max_message_size = \"2KiB\"", &drop_route(dir.path()))).await;
+    let node = start(config(
+        dir.path(),
+        "max_message_size = \"2KiB\"",
+        &drop_route(dir.path()),
+    ))
+    .await;
     let addr = node.smtp_addrs()[0];
     let big = "x".repeat(4096);
-    let (ok, out) = swaks(addr, &["--from", "a@example.test", "--to", "b@example.test", "--body", &big]).await;
+    let (ok, out) = swaks(
+        addr,
+        &[
+            "--from",
+            "a@example.test",
+            "--to",
+            "b@example.test",
+            "--body",
+            &big,
+        ],
+    )
+    .await;
     assert!(!ok, "oversized message accepted:\n{out}");
     assert!(out.contains("552 5.3.4"), "{out}");
     assert!(out.contains("SIZE 2048"), "SIZE not announced:\n{out}");
-    let (ok, out) = swaks(addr, &["--from", "a@example.test", "--to", "b@example.test", "--body", "small"]).await;
+    let (ok, out) = swaks(
+        addr,
+        &[
+            "--from",
+            "a@example.test",
+            "--to",
+            "b@example.test",
+            "--body",
+            "small",
+        ],
+    )
+    .await;
     assert!(ok, "{out}");
 }
 
@@ -230,19 +306,35 @@ async fn a_spool_failure_gets_451_and_nothing_is_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let spool = mtad::spool::MemorySpool::new();
     spool.fail_fsync(true);
-    let node = start_on(config(dir.path(), "", &drop_route(dir.path())), std::sync::Arc::new(spool.clone())).await;
+    let node = start_on(
+        config(dir.path(), "", &drop_route(dir.path())),
+        std::sync::Arc::new(spool.clone()),
+    )
+    .await;
     let addr = node.smtp_addrs()[0];
-    let (ok, out) = swaks(addr, &["--from", "a@example.test", "--to", "b@example.test"]).await;
+    let (ok, out) = swaks(
+        addr,
+        &["--from", "a@example.test", "--to", "b@example.test"],
+    )
+    .await;
     assert!(!ok, "acknowledged without a durable copy:\n{out}");
     assert!(out.contains("451 4.3.0"), "{out}");
     assert!(!out.contains("250 2.0.0 Ok: queued"), "{out}");
     assert!(spool.envelopes().is_empty());
     spool.set_full(true);
     spool.fail_fsync(false);
-    let (ok, out) = swaks(addr, &["--from", "a@example.test", "--to", "b@example.test"]).await;
-    assert!(!ok && out.contains("451 4.3.0"), "{out}");
+    let (ok, out) = swaks(
+        addr,
+        &["--from", "a@example.test", "--to", "b@example.test"],
+    )
+    .await;
+    assert!(!ok && out.contains("451 4.3.1"), "{out}");
     spool.set_full(false);
-    let (ok, out) = swaks(addr, &["--from", "a@example.test", "--to", "b@example.test"]).await;
+    let (ok, out) = swaks(
+        addr,
+        &["--from", "a@example.test", "--to", "b@example.test"],
+    )
+    .await;
     assert!(ok, "{out}");
     wait_for(&node, "delivery after recovery", |s| s.delivered == 1).await;
 }

@@ -5,7 +5,13 @@
 //! happens between (how many associations, when to renegotiate) is decided
 //! here.
 
+mod association;
+pub mod client;
+mod destinations;
 pub mod drop;
+pub mod pool;
+
+pub use destinations::{DestinationStatus, Destinations};
 
 use crate::spool::QueueId;
 

@@ -103,7 +103,9 @@ impl Driver {
                 }
             }
             let stats = self.core.stats();
-            self.parts.stats.send_if_modified(|s| std::mem::replace(s, stats) != stats);
+            self.parts
+                .stats
+                .send_if_modified(|s| std::mem::replace(s, stats) != stats);
             for action in out.drain(..) {
                 match action {
                     Action::Dispatch { route, job } => self.parts.dispatch.dispatch(route, job),
@@ -193,7 +195,11 @@ impl Settle {
             }],
             arrived_ms: now_ms(),
         };
-        match self.spool.store(envelope.clone(), Bytes::from(n.body)).await {
+        match self
+            .spool
+            .store(envelope.clone(), Bytes::from(n.body))
+            .await
+        {
             Ok(()) => {
                 let rcpt = &envelope.recipients[0].address;
                 events::message(MessageEvent::Received, dsn_id, "", rcpt, None, None);

@@ -583,7 +583,10 @@ fn failed_store_acknowledges_nothing() {
     s.feed(input.as_bytes(), &mut out);
     out.clear();
     s.stored(Err(SpoolError::Full), &mut out);
-    assert_eq!(replies(&out)[0], "452 4.3.1 Insufficient system storage");
+    assert_eq!(
+        replies(&out)[0],
+        "451 4.3.1 Insufficient system storage, try again later"
+    );
 }
 
 #[test]

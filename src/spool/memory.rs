@@ -43,6 +43,12 @@ impl MemorySpool {
         self.faults.full.store(full, Ordering::SeqCst);
     }
 
+    /// Put a message in place directly, bypassing fault injection (test setup).
+    pub fn insert(&self, envelope: Envelope, body: Bytes) {
+        let mut m = self.messages.lock().expect("spool");
+        m.insert(envelope.id, (envelope, body));
+    }
+
     /// Messages currently stored, in id order.
     pub fn envelopes(&self) -> Vec<Envelope> {
         let m = self.messages.lock().expect("spool");

@@ -127,7 +127,9 @@ impl IdGen {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        Self(std::sync::atomic::AtomicU64::new((now << 16).max(floor.0 + 1)))
+        Self(std::sync::atomic::AtomicU64::new(
+            (now << 16).max(floor.0 + 1),
+        ))
     }
 
     /// The next id.

@@ -32,7 +32,10 @@ impl Client {
         loop {
             let mut line = String::new();
             if self.reader.read_line(&mut line).await? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
             }
             all.push_str(&line);
             if line.len() < 4 || line.as_bytes()[3] != b'-' {

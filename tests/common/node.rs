@@ -44,15 +44,23 @@ pub async fn start(cfg: Config) -> Node {
 
 /// Start a node on the given spool.
 pub async fn start_on(cfg: Config, spool: Arc<dyn Spool>) -> Node {
-    Node::start_with_spool(cfg, spool).await.expect("node starts")
+    Node::start_with_spool(cfg, spool)
+        .await
+        .expect("node starts")
 }
 
 /// Wait until the node's counts satisfy `done`; panics after PATIENCE.
 pub async fn wait_for(node: &Node, what: &str, done: impl Fn(&Stats) -> bool) -> Stats {
     let mut rx = node.stats();
-    match tokio::time::timeout(PATIENCE, rx.wait_for(|s| done(s))).await {
-        Ok(Ok(s)) => *s,
-        _ => panic!("timed out waiting for {what}; stats now {:?}", *rx.borrow()),
+    let got = tokio::time::timeout(PATIENCE, rx.wait_for(|s| done(s)))
+        .await
+        .map(|r| r.map(|s| *s));
+    match got {
+        Ok(Ok(s)) => s,
+        _ => panic!(
+            "timed out waiting for {what}; stats now {:?}",
+            *node.stats().borrow()
+        ),
     }
 }
 

@@ -1,0 +1,438 @@
+//! The driver of associations: one task per association slot of a
+//! destination. It connects, feeds the client machine, takes jobs from the
+//! destination's ready queue and follows the pool policy; when a session
+//! ends for a reason that calls for a replacement (renegotiation, stall,
+//! error) and work remains, the same task negotiates the next one.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use super::client::{Action, Client, Reply, SessionEnd};
+use super::destinations::{Destination, Queued, Shared};
+use super::pool::{self, Next};
+use super::Outcome;
+use crate::events::{self, AssociationEvent as Ev, AssociationReason as Why};
+
+/// Run one association slot of `dest` until it has nothing left to do or
+/// the node shuts down; `reason` is why it was opened.
+pub(crate) async fn run(shared: Arc<Shared>, dest: Arc<Destination>, mut reason: Why) {
+    loop {
+        let id = shared.next_id();
+        let established = tokio::select! {
+            r = establish(&shared, &dest) => r,
+            _ = shared.cancel.cancelled() => break,
+        };
+        let (conn, client) = match established {
+            Ok(c) => c,
+            Err(fail) => {
+                let failed = dest.retire_unreachable();
+                let outcome = fail.reply.outcome();
+                for q in &failed {
+                    shared.report_all(q, "", outcome, &fail.reply.text);
+                }
+                let detail = format!("{} ({} jobs failed)", fail.reply, failed.len());
+                events::association(Ev::Closed, id, &dest.name, &fail.hop, Why::Error, &detail);
+                return;
+            }
+        };
+        let hop = conn.hop.to_string();
+        events::association(Ev::Opened, id, &dest.name, &hop, reason, "");
+        dest.set_established(true);
+        let mut session = Session {
+            shared: &shared,
+            dest: &dest,
+            id,
+            conn,
+            client,
+            pool: pool::Association::new(Instant::now()),
+        };
+        let (why, detail) = session.serve().await;
+        dest.set_established(false);
+        let replaced = matches!(why, Why::Count | Why::Lifetime) && dest.backlog() > 0;
+        let kind = if replaced && !shared.cancel.is_cancelled() {
+            Ev::Renegotiated
+        } else {
+            Ev::Closed
+        };
+        events::association(kind, id, &dest.name, &hop, why, &detail);
+        if dest.retire(shared.cancel.is_cancelled()) {
+            return;
+        }
+        // Work is waiting: this slot negotiates a fresh association. After
+        // an idle close the new one is plain demand.
+        reason = if why == Why::Idle { Why::Demand } else { why };
+    }
+    dest.retire(true);
+}
+
+/// Why no next hop could be used.
+struct Unreachable {
+    hop: String,
+    reply: Reply,
+}
+
+/// A connection to a next hop with its read buffer.
+struct Conn {
+    stream: TcpStream,
+    hop: SocketAddr,
+    buf: Vec<u8>,
+}
+
+/// Why reading or writing failed.
+enum IoFail {
+    /// No progress within the stall timeout.
+    Timeout,
+    /// EOF or a socket error.
+    Lost(String),
+}
+
+impl IoFail {
+    fn text(&self, stall: Duration) -> String {
+        match self {
+            Self::Timeout => format!("no progress within {stall:?}"),
+            Self::Lost(e) => e.clone(),
+        }
+    }
+}
+
+impl Conn {
+    /// Read whatever arrives and feed it to the client. Cancel-safe:
+    /// dropping it before the read completes loses nothing.
+    async fn read(&mut self, client: &mut Client) -> Result<Vec<Action>, IoFail> {
+        match self.stream.read(&mut self.buf).await {
+            Ok(0) => Err(IoFail::Lost("connection closed by the next hop".into())),
+            Ok(n) => Ok(client.receive(&self.buf[..n])),
+            Err(e) => Err(IoFail::Lost(os_error(&e))),
+        }
+    }
+
+    async fn read_within(
+        &mut self,
+        client: &mut Client,
+        limit: Duration,
+    ) -> Result<Vec<Action>, IoFail> {
+        timeout(limit, self.read(client))
+            .await
+            .unwrap_or(Err(IoFail::Timeout))
+    }
+
+    async fn write_within(&mut self, bytes: &Bytes, limit: Duration) -> Result<(), IoFail> {
+        match timeout(limit, self.stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(IoFail::Lost(os_error(&e))),
+            Err(_) => Err(IoFail::Timeout),
+        }
+    }
+}
+
+/// An io::Error without the "(os error N)" suffix, for replies people read.
+fn os_error(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+async fn connect(hop: SocketAddr, source: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let socket = if hop.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(src) = source {
+        // The lesson of the wrong address: associations leave from the
+        // configured source (a group's VIP), never whatever the kernel picks.
+        socket.bind(SocketAddr::new(src, 0))?;
+    }
+    let stream = socket.connect(hop).await?;
+    // Commands are written whole; waiting for Nagle only adds round trips.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connect to the first next hop that answers and complete greeting and
+/// EHLO/HELO with it.
+async fn establish(shared: &Shared, dest: &Destination) -> Result<(Conn, Client), Unreachable> {
+    let cfg = &shared.cfg;
+    let mut last = Unreachable {
+        hop: String::new(),
+        reply: Reply::local(451, "4.4.0 the route has no next hop"),
+    };
+    for &hop in &dest.hops {
+        let fail = |text: String| Unreachable {
+            hop: hop.to_string(),
+            reply: Reply::local(451, text),
+        };
+        let stream = match timeout(cfg.connect_timeout, connect(hop, dest.source)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                last = fail(format!("4.4.1 connect to {hop} failed: {}", os_error(&e)));
+                continue;
+            }
+            Err(_) => {
+                last = fail(format!("4.4.1 connect to {hop} timed out"));
+                continue;
+            }
+        };
+        let mut conn = Conn {
+            stream,
+            hop,
+            buf: vec![0; 16 * 1024],
+        };
+        let mut client = Client::new(shared.helo_name.clone());
+        last = 'session: loop {
+            let actions = match conn.read_within(&mut client, cfg.stall_timeout).await {
+                Ok(a) => a,
+                Err(IoFail::Timeout) => {
+                    break fail(format!(
+                        "4.4.2 no reply from {hop} within {:?}",
+                        cfg.stall_timeout
+                    ));
+                }
+                Err(IoFail::Lost(e)) => {
+                    break fail(format!("4.4.2 {hop}: {e} before the session began"))
+                }
+            };
+            for a in actions {
+                match a {
+                    Action::Send(b) => {
+                        if let Err(e) = conn.write_within(&b, cfg.stall_timeout).await {
+                            break 'session fail(format!(
+                                "4.4.2 {hop}: {}",
+                                e.text(cfg.stall_timeout)
+                            ));
+                        }
+                    }
+                    Action::Established(_) => return Ok((conn, client)),
+                    Action::Closed(SessionEnd::Refused(r)) => {
+                        break 'session Unreachable {
+                            hop: hop.to_string(),
+                            reply: r,
+                        }
+                    }
+                    Action::Closed(end) => break 'session fail(format!("4.5.0 {hop}: {end:?}")),
+                    Action::Done(_) => {}
+                }
+            }
+        };
+    }
+    Err(last)
+}
+
+/// How a transaction ended for the driver.
+enum TxEnd {
+    /// Results reported; `progress` as in `TxDone`.
+    Done(bool),
+    /// Nothing was sent (no recipients, unreadable body).
+    Skipped,
+    /// The session is over, with this reason and detail.
+    End(Why, String),
+}
+
+/// One established association.
+struct Session<'a> {
+    shared: &'a Shared,
+    dest: &'a Destination,
+    id: u64,
+    conn: Conn,
+    client: Client,
+    pool: pool::Association,
+}
+
+impl Session<'_> {
+    /// Serve the ready queue until the policy, the peer or shutdown ends
+    /// the session; returns why, for the close event.
+    async fn serve(&mut self) -> (Why, String) {
+        let policy = &self.shared.policy;
+        loop {
+            if self.shared.cancel.is_cancelled() {
+                self.quit().await;
+                return (Why::Shutdown, String::new());
+            }
+            let now = Instant::now();
+            let (next, job) = self
+                .dest
+                .decide(|backlog| policy.next(&self.pool, now, backlog));
+            match (next, job) {
+                (Next::Take { reused }, Some(job)) => {
+                    if reused {
+                        let hop = self.conn.hop.to_string();
+                        events::association(
+                            Ev::Reused,
+                            self.id,
+                            &self.dest.name,
+                            &hop,
+                            Why::Demand,
+                            "",
+                        );
+                    }
+                    self.pool.took();
+                    match self.transact(job).await {
+                        TxEnd::Done(progress) => self.pool.finished(Instant::now(), progress),
+                        TxEnd::Skipped => {}
+                        TxEnd::End(why, detail) => return (why, detail),
+                    }
+                }
+                (Next::Take { .. }, None) => {}
+                (Next::Wait { until }, _) => {
+                    self.pool.idle(now);
+                    if let Some(end) = self.wait(until).await {
+                        return end;
+                    }
+                }
+                (Next::Close(why) | Next::Renegotiate(why), _) => {
+                    self.quit().await;
+                    return (why, String::new());
+                }
+                (Next::Stall, _) => {
+                    self.quit().await;
+                    let detail =
+                        format!("every transaction refused for {:?}", policy.stall_timeout);
+                    return (Why::Stall, detail);
+                }
+            }
+        }
+    }
+
+    /// Idle until work, `until`, shutdown, or the peer speaking or leaving.
+    async fn wait(&mut self, until: Instant) -> Option<(Why, String)> {
+        tokio::select! {
+            _ = self.dest.work.notified() => None,
+            _ = sleep_until(until) => None,
+            _ = self.shared.cancel.cancelled() => None,
+            r = self.conn.read(&mut self.client) => {
+                // A next hop that drops idle connections is normal, not an error.
+                let detail = match r {
+                    Ok(actions) => match actions.into_iter().find_map(closed) {
+                        Some(end) => format!("{end:?}"),
+                        None => return None,
+                    },
+                    Err(e) => e.text(self.shared.policy.stall_timeout),
+                };
+                Some((Why::Idle, detail))
+            }
+        }
+    }
+
+    /// Carry one job: load its content, run the transaction, report.
+    async fn transact(&mut self, q: Queued) -> TxEnd {
+        let hop = self.conn.hop.to_string();
+        if q.job.recipients.is_empty() {
+            self.shared.report(&q, &hop, Vec::new());
+            return TxEnd::Skipped;
+        }
+        let body = match self.shared.spool.body(q.job.id).await {
+            Ok(b) => b,
+            Err(e) => {
+                let reply = format!("451 4.3.0 cannot read the message from the spool: {e}");
+                self.shared.report_all(&q, &hop, Outcome::Deferred, &reply);
+                return TxEnd::Skipped;
+            }
+        };
+        let stall = self.shared.policy.stall_timeout;
+        let mut actions = match self.client.start(&q.job.sender, &q.job.recipients, body) {
+            Ok(a) => a,
+            Err(e) => {
+                self.dest.requeue_front(q);
+                return TxEnd::End(Why::Error, e.to_string());
+            }
+        };
+        loop {
+            let mut done = None;
+            let mut end = None;
+            for a in actions {
+                match a {
+                    Action::Send(b) => {
+                        if let Err(e) = self.conn.write_within(&b, stall).await {
+                            return self.broken(q, e);
+                        }
+                    }
+                    Action::Done(d) => {
+                        done = Some(d.progress);
+                        self.shared.report(&q, &hop, d.results);
+                    }
+                    Action::Closed(e) => end = Some(e),
+                    Action::Established(_) => {}
+                }
+            }
+            match (done, end) {
+                (_, Some(e)) => {
+                    if done.is_none() {
+                        // Closed without deciding the job: its outcome is unknown.
+                        self.dest.requeue_front(q);
+                    }
+                    return TxEnd::End(Why::Error, format!("{e:?}"));
+                }
+                (Some(progress), None) => return TxEnd::Done(progress),
+                (None, None) => {}
+            }
+            actions = match self.conn.read_within(&mut self.client, stall).await {
+                Ok(a) => a,
+                Err(e) => return self.broken(q, e),
+            };
+        }
+    }
+
+    /// The connection stalled or broke with `q` in hand.
+    fn broken(&mut self, q: Queued, e: IoFail) -> TxEnd {
+        let hop = self.conn.hop.to_string();
+        let stall = self.shared.policy.stall_timeout;
+        match e {
+            IoFail::Timeout => {
+                let detail = format!("no progress within {stall:?}");
+                if q.requeued {
+                    let reply = format!("451 4.4.2 {hop} stalled twice on this message");
+                    self.shared.report_all(&q, &hop, Outcome::Deferred, &reply);
+                } else {
+                    // Not the message's fault as far as we know: it goes
+                    // first on the next association, not to the retry schedule.
+                    self.dest.requeue_front(Queued {
+                        requeued: true,
+                        ..q
+                    });
+                }
+                TxEnd::End(Why::Stall, detail)
+            }
+            IoFail::Lost(e) => {
+                let reply = Reply::local(451, format!("4.4.2 {hop}: {e}"));
+                if let Some(d) = self.client.abort(&reply) {
+                    self.shared.report(&q, &hop, d.results);
+                }
+                TxEnd::End(Why::Error, e)
+            }
+        }
+    }
+
+    /// Say goodbye; a peer that does not answer QUIT promptly is just closed.
+    async fn quit(&mut self) {
+        let limit = self
+            .shared
+            .policy
+            .stall_timeout
+            .min(Duration::from_secs(10));
+        let bytes = self.client.quit();
+        if self.conn.write_within(&bytes, limit).await.is_err() {
+            return;
+        }
+        while let Ok(actions) = self.conn.read_within(&mut self.client, limit).await {
+            if actions.into_iter().any(|a| closed(a).is_some()) {
+                return;
+            }
+        }
+    }
+}
+
+fn closed(a: Action) -> Option<SessionEnd> {
+    match a {
+        Action::Closed(e) => Some(e),
+        _ => None,
+    }
+}

@@ -1,0 +1,282 @@
+//! The front of outbound delivery: per-destination ready queues, and the
+//! associations that drain them.
+//!
+//! A destination is a list of next hops plus a source address. Its ready
+//! queue is shared by all its associations; every decision that reads the
+//! queue and the association count is made under the destination's lock, so
+//! a job can never be left in a queue that no association will serve.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::pool::{Next, Policy};
+use super::{association, Job, JobResult, Outcome, RcptResult};
+use crate::config::DeliveryConfig;
+use crate::spool::Spool;
+
+/// What the admin interface and metrics see of one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationStatus {
+    /// Name for logs: the first next hop, plus the source address if set.
+    pub name: String,
+    /// Jobs waiting in the ready queue.
+    pub backlog: usize,
+    /// Associations open or being opened.
+    pub associations: usize,
+    /// Associations with an established SMTP session.
+    pub established: usize,
+}
+
+/// The outbound delivery front: the node submits jobs here and reads
+/// results from the channel it passed to `new`.
+#[derive(Clone)]
+pub struct Destinations {
+    shared: Arc<Shared>,
+    map: Arc<Mutex<HashMap<Key, Arc<Destination>>>>,
+}
+
+type Key = (Vec<SocketAddr>, Option<IpAddr>);
+
+/// What every association of every destination needs.
+pub(crate) struct Shared {
+    pub cfg: Arc<DeliveryConfig>,
+    pub policy: Policy,
+    pub helo_name: String,
+    pub spool: Arc<dyn Spool>,
+    pub results: UnboundedSender<JobResult>,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// A fresh association id for logs.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Send one job's results to the node; a closed channel means the node
+    /// is shutting down, and the job is safe in the spool.
+    pub fn report(&self, q: &Queued, next_hop: &str, results: Vec<RcptResult>) {
+        let _ = self.results.send(JobResult {
+            id: q.job.id,
+            route: q.route,
+            next_hop: next_hop.to_string(),
+            results,
+        });
+    }
+
+    /// Report every recipient of a job with the same outcome and reply.
+    pub fn report_all(&self, q: &Queued, next_hop: &str, outcome: Outcome, reply: &str) {
+        let results = q
+            .job
+            .recipients
+            .iter()
+            .map(|r| RcptResult {
+                index: r.index,
+                outcome,
+                reply: reply.to_string(),
+            })
+            .collect();
+        self.report(q, next_hop, results);
+    }
+}
+
+/// A job waiting for or held by an association.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub job: Job,
+    pub route: usize,
+    /// Already put back once after a stall: a second stall defers it, so a
+    /// message that stalls every peer cannot circulate forever.
+    pub requeued: bool,
+}
+
+/// One destination: its ready queue and association count.
+pub(crate) struct Destination {
+    pub name: String,
+    pub hops: Vec<SocketAddr>,
+    pub source: Option<IpAddr>,
+    state: Mutex<QueueState>,
+    /// One permit per submitted job: wakes an idle association.
+    pub work: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Queued>,
+    associations: usize,
+    established: usize,
+}
+
+impl Destination {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A panic elsewhere must not stop delivery; the state stays consistent
+        // because every critical section is a few field updates.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decide what an association does with the current backlog, and if it
+    /// takes work, pop the job in the same critical section.
+    pub fn decide(&self, f: impl FnOnce(usize) -> Next) -> (Next, Option<Queued>) {
+        let mut st = self.lock();
+        let next = f(st.jobs.len());
+        let job = match next {
+            Next::Take { .. } => st.jobs.pop_front(),
+            _ => None,
+        };
+        (next, job)
+    }
+
+    /// Put a job whose outcome is unknown back at the front.
+    pub fn requeue_front(&self, q: Queued) {
+        self.lock().jobs.push_front(q);
+        self.work.notify_one();
+    }
+
+    /// Jobs waiting.
+    pub fn backlog(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// An association's session was established (`true`) or ended.
+    pub fn set_established(&self, up: bool) {
+        let mut st = self.lock();
+        if up {
+            st.established += 1;
+        } else {
+            st.established = st.established.saturating_sub(1);
+        }
+    }
+
+    /// An association ends; unless `force`, it stays (returns false) when
+    /// work is waiting, since it may be the last one serving the queue.
+    pub fn retire(&self, force: bool) -> bool {
+        let mut st = self.lock();
+        if !force && !st.jobs.is_empty() {
+            return false;
+        }
+        st.associations = st.associations.saturating_sub(1);
+        true
+    }
+
+    /// An association could not reach any next hop and ends. When no other
+    /// association is established, the waiting jobs are returned to be
+    /// failed: mail goes to the retry schedule instead of a hot loop.
+    pub fn retire_unreachable(&self) -> Vec<Queued> {
+        let mut st = self.lock();
+        st.associations = st.associations.saturating_sub(1);
+        if st.established == 0 {
+            st.jobs.drain(..).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn status(&self) -> DestinationStatus {
+        let st = self.lock();
+        DestinationStatus {
+            name: self.name.clone(),
+            backlog: st.jobs.len(),
+            associations: st.associations,
+            established: st.established,
+        }
+    }
+}
+
+impl Destinations {
+    /// A front with no destinations yet; associations are spawned on
+    /// `tracker` and stop when `cancel` fires.
+    pub fn new(
+        cfg: Arc<DeliveryConfig>,
+        helo_name: String,
+        spool: Arc<dyn Spool>,
+        results: UnboundedSender<JobResult>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        let policy = Policy::from_config(&cfg);
+        Self {
+            shared: Arc::new(Shared {
+                cfg,
+                policy,
+                helo_name,
+                spool,
+                results,
+                cancel,
+                tracker,
+                next_id: AtomicU64::new(0),
+            }),
+            map: Arc::default(),
+        }
+    }
+
+    /// Queue a job for the destination (`next_hops`, `source`) that `route`
+    /// chose; opens associations as the pool policy says. Its result comes
+    /// back on the results channel, unless the node shuts down first.
+    pub fn submit(&self, route: usize, next_hops: &[SocketAddr], source: Option<IpAddr>, job: Job) {
+        if self.shared.cancel.is_cancelled() {
+            return;
+        }
+        let dest = self.destination(next_hops, source);
+        let mut opens = Vec::new();
+        {
+            let mut st = dest.lock();
+            st.jobs.push_back(Queued {
+                job,
+                route,
+                requeued: false,
+            });
+            while let Some(reason) = self.shared.policy.open(st.jobs.len(), st.associations) {
+                st.associations += 1;
+                opens.push(reason);
+            }
+        }
+        dest.work.notify_one();
+        for reason in opens {
+            let task = association::run(self.shared.clone(), dest.clone(), reason);
+            self.shared.tracker.spawn(task);
+        }
+    }
+
+    /// Every destination seen so far, sorted by name.
+    pub fn snapshot(&self) -> Vec<DestinationStatus> {
+        let dests: Vec<_> = self.lock_map().values().cloned().collect();
+        let mut v: Vec<_> = dests.iter().map(|d| d.status()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn lock_map(&self) -> MutexGuard<'_, HashMap<Key, Arc<Destination>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn destination(&self, next_hops: &[SocketAddr], source: Option<IpAddr>) -> Arc<Destination> {
+        let mut map = self.lock_map();
+        let key = (next_hops.to_vec(), source);
+        map.entry(key)
+            .or_insert_with(|| {
+                let mut name = next_hops
+                    .first()
+                    .map_or_else(|| "(no next hop)".to_string(), |h| h.to_string());
+                if let Some(src) = source {
+                    name = format!("{name} from {src}");
+                }
+                Arc::new(Destination {
+                    name,
+                    hops: next_hops.to_vec(),
+                    source,
+                    state: Mutex::default(),
+                    work: Notify::new(),
+                })
+            })
+            .clone()
+    }
+}
