@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, RouteTarget};
 use crate::delivery::{drop, Destinations, Job, JobResult};
-use crate::events::{self, MessageEvent};
+use crate::events;
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
 use crate::smtp::{server, Accept, Incoming};
 use crate::spool::{DiskSpool, Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
@@ -214,15 +214,9 @@ impl Accept for Intake {
                 .iter()
                 .map(|r| r.address.as_str())
                 .collect();
+            let reply = format!("250 2.0.0 Ok: queued as {id}");
             let client = m.client_ip.to_string();
-            events::message(
-                MessageEvent::Received,
-                id,
-                &envelope.sender,
-                &rcpts.join(","),
-                None,
-                Some(&client),
-            );
+            events::received(id, &envelope.sender, &rcpts.join(","), &client, &reply);
             self.queue.admit(envelope);
             Ok(id)
         })

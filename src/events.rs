@@ -59,6 +59,20 @@ pub fn message(
     );
 }
 
+/// Log a message accepted from `client` (an address, or "local" for
+/// messages mtad makes itself, such as DSNs).
+pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, reply: &str) {
+    tracing::info!(
+        target: TARGET,
+        event = MessageEvent::Received.as_str(),
+        queue_id = %id,
+        sender = sender,
+        rcpt = rcpts,
+        client = client,
+        reply = reply,
+    );
+}
+
 /// What happened to an association.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AssociationEvent {

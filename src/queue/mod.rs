@@ -16,7 +16,7 @@ pub use self::core::Stats;
 use self::core::{now_ms, Action, Core, Failure};
 use crate::config::Config;
 use crate::delivery::{Job, JobResult};
-use crate::events::{self, MessageEvent};
+use crate::events;
 use crate::spool::{Envelope, IdGen, RcptState, Recipient, Spool};
 
 /// Where the queue sends jobs: one call per job, never blocking.
@@ -202,7 +202,7 @@ impl Settle {
         {
             Ok(()) => {
                 let rcpt = &envelope.recipients[0].address;
-                events::message(MessageEvent::Received, dsn_id, "", rcpt, None, None);
+                events::received(dsn_id, "", rcpt, "local", "DSN");
                 self.queue.admit(envelope);
                 true
             }

@@ -1,0 +1,127 @@
+//! A whole node relaying to the scripted peer: one transaction per
+//! destination, retries, bounces and expiry, as a sender sees them.
+
+mod common;
+
+use common::client::Client;
+use common::node::{config, eml_files, start, wait_for};
+use common::peer::{Behavior, Fault, Peer};
+
+/// Mail for dest.example goes to `peer`; mail for example.test (the
+/// senders, who receive the bounces) goes into `dir/outbox`.
+fn routes(peer: &Peer, dir: &std::path::Path) -> String {
+    format!(
+        "[[route]]\ndomains = [\"dest.example\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n\n\
+         [[route]]\ndomains = [\"example.test\"]\ndrop_dir = \"{}\"\n",
+        peer.addr,
+        dir.join("outbox").display()
+    )
+}
+
+fn delivery(retry: &str, lifetime: &str) -> String {
+    format!("[delivery]\nretry = [\"{retry}\"]\nmax_queue_lifetime = \"{lifetime}\"\n")
+}
+
+async fn send(node: &mtad::app::Node, from: &str, to: &[&str]) -> String {
+    let mut c = Client::connect(node.smtp_addrs()[0]).await.unwrap();
+    let body = "Subject: test message\r\nFrom: <a@example.test>\r\n\r\nhello\r\n";
+    c.send(from, to, body).await.unwrap()
+}
+
+fn only_bounce(dir: &std::path::Path) -> String {
+    let files = eml_files(&dir.join("outbox"));
+    assert_eq!(files.len(), 1, "expected exactly one DSN");
+    std::fs::read_to_string(&files[0]).unwrap()
+}
+
+#[tokio::test]
+async fn recipients_of_one_destination_share_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::start(Behavior::default()).await;
+    let node = start(config(dir.path(), "", &routes(&peer, dir.path()))).await;
+    let to = ["x@dest.example", "y@dest.example", "z@DEST.example"];
+    assert!(send(&node, "a@example.test", &to).await.starts_with("250"));
+    wait_for(&node, "3 deliveries", |s| s.delivered == 3).await;
+    let got = peer.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpts.len(), 3);
+    assert_eq!(got[0].mail_from, "a@example.test");
+    let body = String::from_utf8_lossy(&got[0].body);
+    assert!(
+        body.starts_with("Received: from test.example ([127.0.0.1])"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_failure_bounces_to_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::start(Behavior::rcpt_reply(
+        "550 5.1.1 <x@dest.example>: no such user",
+    ))
+    .await;
+    let node = start(config(dir.path(), "", &routes(&peer, dir.path()))).await;
+    assert!(send(&node, "a@example.test", &["x@dest.example"])
+        .await
+        .starts_with("250"));
+    // The bounce is itself a message, delivered to the sender's route.
+    wait_for(&node, "a bounce and its delivery", |s| {
+        s.bounced == 1 && s.delivered == 1
+    })
+    .await;
+    let dsn = only_bounce(dir.path());
+    assert!(dsn.starts_with("Return-Path: <>\r\n"), "{dsn}");
+    assert!(dsn.contains("X-Mtad-Rcpt-To: <a@example.test>"));
+    assert!(dsn.contains("report-type=delivery-status"));
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; x@dest.example\r\nAction: failed\r\nStatus: 5.1.1")
+    );
+    assert!(dsn.contains("Diagnostic-Code: smtp; 550 5.1.1 <x@dest.example>: no such user"));
+    assert!(
+        dsn.contains("Subject: test message"),
+        "original headers missing"
+    );
+}
+
+#[tokio::test]
+async fn a_temporary_failure_is_retried_and_then_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first connection answers MAIL with 421 and closes; later ones accept.
+    let peer = Peer::start(Behavior {
+        close_421: Some(Fault::first(0)),
+        ..Behavior::default()
+    })
+    .await;
+    let rest = format!("{}\n{}", delivery("1s", "1h"), routes(&peer, dir.path()));
+    let node = start(config(dir.path(), "", &rest)).await;
+    assert!(send(&node, "a@example.test", &["x@dest.example"])
+        .await
+        .starts_with("250"));
+    let s = wait_for(&node, "a deferral then a delivery", |s| s.delivered == 1).await;
+    assert_eq!(s.deferred, 1);
+    assert_eq!(s.bounced + s.expired, 0);
+    assert_eq!(peer.messages().len(), 1);
+    assert!(
+        eml_files(&dir.path().join("outbox")).is_empty(),
+        "no DSN for a retry"
+    );
+}
+
+#[tokio::test]
+async fn mail_that_stays_deferred_expires_with_a_4_4_7_bounce() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::start(Behavior::rcpt_reply("451 4.2.0 mailbox busy")).await;
+    // The next retry would fall after the queue lifetime: expire at once.
+    let rest = format!("{}\n{}", delivery("1s", "1s"), routes(&peer, dir.path()));
+    let node = start(config(dir.path(), "", &rest)).await;
+    assert!(send(&node, "a@example.test", &["x@dest.example"])
+        .await
+        .starts_with("250"));
+    wait_for(&node, "expiry and the DSN", |s| {
+        s.expired == 1 && s.delivered == 1
+    })
+    .await;
+    let dsn = only_bounce(dir.path());
+    assert!(dsn.contains("Status: 4.4.7"), "{dsn}");
+    assert!(dsn.contains("451 4.2.0 mailbox busy"));
+}
