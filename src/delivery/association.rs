@@ -32,10 +32,12 @@ pub(crate) async fn run(shared: Arc<Shared>, dest: Arc<Destination>, mut reason:
         let (conn, client) = match established {
             Ok(c) => c,
             Err(fail) => {
+                // Even a 5xx greeting is about the next hop, not the mail:
+                // defer, as for a refused connection, rather than bounce
+                // a whole queue because one server is misconfigured.
                 let failed = dest.retire_unreachable();
-                let outcome = fail.reply.outcome();
                 for q in &failed {
-                    shared.report_all(q, "", outcome, &fail.reply.text);
+                    shared.report_all(q, "", Outcome::Deferred, &fail.reply.text);
                 }
                 let detail = format!("{} ({} jobs failed)", fail.reply, failed.len());
                 events::association(Ev::Closed, id, &dest.name, &fail.hop, Why::Error, &detail);
