@@ -76,6 +76,25 @@ pub struct DiskSpool {
     recovered: Vec<Recovered>,
 }
 
+impl Shared {
+    fn cache_insert(&self, id: QueueId, body: &Bytes) {
+        let mut cache = self.cache.lock().expect("cache");
+        if cache.bytes + body.len() <= CACHE_LIMIT {
+            cache.bytes += body.len();
+            if let Some(old) = cache.bodies.insert(id, body.clone()) {
+                cache.bytes -= old.len();
+            }
+        }
+    }
+
+    fn cache_remove(&self, id: QueueId) {
+        let mut cache = self.cache.lock().expect("cache");
+        if let Some(old) = cache.bodies.remove(&id) {
+            cache.bytes -= old.len();
+        }
+    }
+}
+
 fn segment_path(dir: &Path, n: u32) -> PathBuf {
     dir.join(format!("{n:08}.seg"))
 }
@@ -423,16 +442,16 @@ fn copy_error(e: &SpoolError) -> SpoolError {
 impl Spool for DiskSpool {
     fn store(&self, envelope: Envelope, body: Bytes) -> SpoolFuture<'_, ()> {
         let id = envelope.id;
-        {
-            let mut cache = self.shared.cache.lock().expect("cache");
-            if cache.bytes + body.len() <= CACHE_LIMIT {
-                cache.bytes += body.len();
-                if let Some(old) = cache.bodies.insert(id, body.clone()) {
-                    cache.bytes -= old.len();
-                }
+        self.shared.cache_insert(id, &body);
+        let stored = self.submit(Op::Store(envelope, body));
+        Box::pin(async move {
+            let r = stored.await;
+            if r.is_err() {
+                // Not durable, so not a message: forget its content too.
+                self.shared.cache_remove(id);
             }
-        }
-        self.submit(Op::Store(envelope, body))
+            r
+        })
     }
 
     fn update(&self, id: QueueId, changes: Vec<(usize, RcptState)>) -> SpoolFuture<'_, ()> {
@@ -440,11 +459,7 @@ impl Spool for DiskSpool {
     }
 
     fn remove(&self, id: QueueId) -> SpoolFuture<'_, ()> {
-        let mut cache = self.shared.cache.lock().expect("cache");
-        if let Some(old) = cache.bodies.remove(&id) {
-            cache.bytes -= old.len();
-        }
-        drop(cache);
+        self.shared.cache_remove(id);
         self.submit(Op::Remove(id))
     }
 
