@@ -169,6 +169,9 @@ pub fn init(format: crate::config::LogFormat, level: &str) {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
+        // Colour only for a person at a terminal, never into journald or files.
+        crate::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .try_init(),
     };
 }

@@ -37,7 +37,7 @@ pub(crate) async fn run(shared: Arc<Shared>, dest: Arc<Destination>, mut reason:
                 // a whole queue because one server is misconfigured.
                 let failed = dest.retire_unreachable();
                 for q in &failed {
-                    shared.report_all(q, "", Outcome::Deferred, &fail.reply.text);
+                    shared.report_all(q, &fail.hop, Outcome::Deferred, &fail.reply.text);
                 }
                 let detail = format!("{} ({} jobs failed)", fail.reply, failed.len());
                 events::association(Ev::Closed, id, &dest.name, &fail.hop, Why::Error, &detail);
