@@ -155,14 +155,28 @@ pub fn association(
     );
 }
 
+/// Keeps the log writer thread alive; dropping it flushes what is queued.
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
 /// Install the global log subscriber: JSON lines or human text on stdout,
 /// filtered by `level` (a tracing filter such as `info`).
-pub fn init(format: crate::config::LogFormat, level: &str) {
+///
+/// Lines go through a writer thread with a buffered stdout, flushed
+/// whenever the queue runs dry: a slow reader of stdout (journald, a pipe)
+/// never stalls the runtime, and a busy node makes one write per batch of
+/// lines instead of one per line. The queue is not lossy: logs are the
+/// audit trail of every message, so when it is full, logging waits.
+pub fn init(format: crate::config::LogFormat, level: &str) -> LogGuard {
     use tracing_subscriber::EnvFilter;
+    let stdout = std::io::stdout();
+    let ansi = std::io::IsTerminal::is_terminal(&stdout);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, stdout));
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     let _ = match format {
         crate::config::LogFormat::Json => builder
             .json()
@@ -170,8 +184,7 @@ pub fn init(format: crate::config::LogFormat, level: &str) {
             .with_current_span(false)
             .try_init(),
         // Colour only for a person at a terminal, never into journald or files.
-        crate::config::LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .try_init(),
+        crate::config::LogFormat::Text => builder.with_ansi(ansi).try_init(),
     };
+    guard
 }

@@ -79,7 +79,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: mtad::config::Config) -> ExitCode {
-    mtad::events::init(cfg.log.format, &cfg.log.level);
+    let _log = mtad::events::init(cfg.log.format, &cfg.log.level);
     raise_fd_limit();
     let node = match mtad::app::Node::start(cfg).await {
         Ok(n) => n,

@@ -151,3 +151,32 @@ impl Config {
         self.routes.iter().position(|r| r.matches(&domain))
     }
 }
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        let text = "[node]\nname = \"n\"\ndata_dir = \"d\"\n\
+                    [[route]]\ndomains = [\"dest.example\", \"other.example\"]\nnext_hops = [\"127.0.0.1:2526\"]\n\
+                    [[route]]\ndomains = [\"*\"]\ndrop_dir = \"out\"\n";
+        load_str(text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn the_first_matching_route_wins_case_and_trailing_dot_ignored() {
+        let c = cfg();
+        assert_eq!(c.route_for("dest.example"), Some(0));
+        assert_eq!(c.route_for("DEST.Example."), Some(0));
+        assert_eq!(c.route_for("other.example"), Some(0));
+        assert_eq!(c.route_for("sub.dest.example"), Some(1));
+        assert_eq!(c.route_for(""), Some(1));
+    }
+
+    #[test]
+    fn without_a_catch_all_some_domains_have_no_route() {
+        let mut c = cfg();
+        c.routes.pop();
+        assert_eq!(c.route_for("elsewhere.example"), None);
+    }
+}
