@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Relay benchmark: smtp-source -> MTA under test -> smtp-sink, end to end.
+#
+# usage: benches/relay.sh MTA [MESSAGES]
+#   MTA       mtad | postfix | postfix-tuned
+#   MESSAGES  default 20000
+#
+# Environment (all optional):
+#   SESSIONS=20           parallel smtp-source sessions (one message each)
+#   SIZE=4096             payload bytes per message
+#   LATENCY_MESSAGES=N    messages for the accept-latency phase
+#                         (default: min(MESSAGES, 5000); 0 skips the phase)
+#   TIMEOUT=900           seconds allowed for the sink to receive everything
+#   BENCH_TMPDIR=/var/tmp where spools are created; must be a real disk,
+#                         not tmpfs, or fsync costs nothing
+#   MTAD_BIN=target/release/mtad
+#   KEEP=1                keep the temp dir (logs, spool) for inspection
+#
+# Output: human progress on stderr, and on stdout the machine-readable lines
+#   RESULT mta=... messages=... seconds=... msgs_per_sec=... peak_rss_kib=...
+#   LATENCY ... (from latency.py, prefixed with mta=)
+set -euo pipefail
+
+MTA=${1:?usage: $0 mtad|postfix|postfix-tuned [MESSAGES]}
+MESSAGES=${2:-20000}
+SESSIONS=${SESSIONS:-20}
+SIZE=${SIZE:-4096}
+LATENCY_MESSAGES=${LATENCY_MESSAGES:-$((MESSAGES < 5000 ? MESSAGES : 5000))}
+TIMEOUT=${TIMEOUT:-900}
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=benches/lib.sh
+source "$HERE/lib.sh"
+
+python3 "$HERE/memsample.py" "$MTA_PID" 0.2 >"$T/mem.out" &
+MEM_PID=$!
+
+# --- phase 1: throughput ------------------------------------------------------
+# smtp-source without -d disconnects after every message, so this is
+# SESSIONS clients each doing connect/EHLO/MAIL/RCPT/DATA/QUIT in a loop.
+log "relaying $MESSAGES x $SIZE B in $SESSIONS sessions"
+t_start=$(date +%s.%N)
+# The subshell notes when smtp-source finished: that bounds the accept side.
+(
+    "$SMTP_SOURCE" -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" -f "$SENDER" -t "$RCPT" \
+        -M client.example.test "$HOST:$PORT" >"$T/source.out" 2>&1
+    date +%s.%N >"$T/source.end"
+) &
+SOURCE_PID=$!
+if ! sink_line=$(python3 "$HERE/sinkwait.py" "$T/sink.count" "$MESSAGES" "$TIMEOUT"); then
+    kill "$SOURCE_PID" 2>/dev/null || true
+    die "sink did not receive $MESSAGES messages in ${TIMEOUT}s ($sink_line); smtp-source: $(tail -3 "$T/source.out")"
+fi
+t_end=${sink_line##*at=}
+wait "$SOURCE_PID" && [[ -s $T/source.end ]] || die "smtp-source failed: $(tail -5 "$T/source.out")"
+t_source=$(cat "$T/source.end")
+
+calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+seconds=$(calc "$t_end - $t_start")
+rate=$(calc "$MESSAGES / $seconds")
+received=$(sed 's/.*mesg=\([0-9]*\).*/\1/' <<<"$sink_line")
+
+# --- phase 2: accept latency ----------------------------------------------
+# Same concurrency and message size, a separate phase so the two clients do
+# not compete for the 2 CPUs with each other. The MTA is still relaying to
+# the sink while this runs, as in phase 1.
+latency_line=''
+if ((LATENCY_MESSAGES > 0)); then
+    log "accept latency: $LATENCY_MESSAGES messages in $SESSIONS sessions"
+    latency_line=$(python3 "$HERE/latency.py" "$HOST" "$PORT" --messages "$LATENCY_MESSAGES" \
+        --sessions "$SESSIONS" --size "$SIZE" --from "$SENDER" --to "$RCPT" | tee /dev/stderr | grep '^LATENCY') ||
+        log "WARNING: latency phase had failures"
+    # Let the MTA finish relaying those too, so peak memory covers the
+    # whole of its work and nothing is still in flight when we stop it.
+    python3 "$HERE/sinkwait.py" "$T/sink.count" $((MESSAGES + LATENCY_MESSAGES)) "$TIMEOUT" >/dev/null ||
+        log "WARNING: sink did not receive the latency-phase messages"
+fi
+
+# --- memory ----------------------------------------------------------------
+kill "$MEM_PID"
+wait "$MEM_PID" || true
+mem=$(cat "$T/mem.out")
+peak_rss=$(sed 's/.*peak_rss_kib=\([0-9]*\).*/\1/' <<<"$mem")
+peak_pss=$(sed 's/.*peak_pss_kib=\([0-9]*\).*/\1/' <<<"$mem")
+procs=$(sed 's/.*peak_procs=\([0-9]*\).*/\1/' <<<"$mem")
+if [[ $MTA == mtad ]]; then
+    # One process: the kernel's high-water mark is exact, sampling is not.
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$MTA_PID/status")
+    ((hwm > peak_rss)) && peak_rss=$hwm
+fi
+
+printf 'RESULT mta=%s messages=%d received=%d size=%d sessions=%d seconds=%.3f msgs_per_sec=%.1f accept_seconds=%.3f peak_rss_kib=%d peak_pss_kib=%d peak_procs=%d\n' \
+    "$MTA" "$MESSAGES" "$received" "$SIZE" "$SESSIONS" "$seconds" "$rate" \
+    "$(calc "$t_source - $t_start")" "$peak_rss" "$peak_pss" "$procs"
+[[ -n $latency_line ]] && echo "${latency_line/LATENCY /LATENCY mta=$MTA }"
+exit 0
