@@ -11,6 +11,7 @@
 #   LATENCY_MESSAGES=N    messages for the accept-latency phase
 #                         (default: min(MESSAGES, 5000); 0 skips the phase)
 #   TIMEOUT=900           seconds allowed for the sink to receive everything
+#   STALL=120             ... or to go without receiving anything
 #   BENCH_TMPDIR=/var/tmp where spools are created; must be a real disk,
 #                         not tmpfs, or fsync costs nothing
 #   MTAD_BIN=target/release/mtad
@@ -46,7 +47,7 @@ t_start=$(date +%s.%N)
     date +%s.%N >"$T/source.end"
 ) &
 SOURCE_PID=$!
-if ! sink_line=$(python3 "$HERE/sinkwait.py" "$T/sink.count" "$MESSAGES" "$TIMEOUT"); then
+if ! sink_line=$(python3 "$HERE/sinkwait.py" "$T/sink.count" "$MESSAGES" "$TIMEOUT" "$MTA_PID"); then
     kill "$SOURCE_PID" 2>/dev/null || true
     die "sink did not receive $MESSAGES messages in ${TIMEOUT}s ($sink_line); smtp-source: $(tail -3 "$T/source.out")"
 fi
@@ -66,18 +67,28 @@ received=$(sed 's/.*mesg=\([0-9]*\).*/\1/' <<<"$sink_line")
 latency_line=''
 if ((LATENCY_MESSAGES > 0)); then
     log "accept latency: $LATENCY_MESSAGES messages in $SESSIONS sessions"
-    latency_line=$(python3 "$HERE/latency.py" "$HOST" "$PORT" --messages "$LATENCY_MESSAGES" \
-        --sessions "$SESSIONS" --size "$SIZE" --from "$SENDER" --to "$RCPT" | tee /dev/stderr | grep '^LATENCY') ||
+    # Not "tee /dev/stderr": that reopens a redirected stderr file and
+    # truncates it.
+    python3 "$HERE/latency.py" "$HOST" "$PORT" --messages "$LATENCY_MESSAGES" \
+        --sessions "$SESSIONS" --size "$SIZE" --from "$SENDER" --to "$RCPT" >"$T/latency.out" ||
         log "WARNING: latency phase had failures"
+    cat "$T/latency.out" >&2
+    latency_line=$(grep '^LATENCY' "$T/latency.out" || true)
     # Let the MTA finish relaying those too, so peak memory covers the
     # whole of its work and nothing is still in flight when we stop it.
-    python3 "$HERE/sinkwait.py" "$T/sink.count" $((MESSAGES + LATENCY_MESSAGES)) "$TIMEOUT" >/dev/null ||
+    python3 "$HERE/sinkwait.py" "$T/sink.count" $((MESSAGES + LATENCY_MESSAGES)) "$TIMEOUT" "$MTA_PID" >/dev/null ||
         log "WARNING: sink did not receive the latency-phase messages"
 fi
 
+# A crash after the sink had everything still invalidates the figures
+# (memory, latency), and is a finding in itself.
+kill -0 "$MTA_PID" 2>/dev/null || die "$MTA exited during the run"
+
 # --- memory ----------------------------------------------------------------
-kill "$MEM_PID"
+# The sampler exits by itself if the MTA has died.
+kill "$MEM_PID" 2>/dev/null || true
 wait "$MEM_PID" || true
+MEM_PID=''
 mem=$(cat "$T/mem.out")
 peak_rss=$(sed 's/.*peak_rss_kib=\([0-9]*\).*/\1/' <<<"$mem")
 peak_pss=$(sed 's/.*peak_pss_kib=\([0-9]*\).*/\1/' <<<"$mem")

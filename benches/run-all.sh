@@ -109,7 +109,10 @@ c_acc() {
 }
 c_lat() {
     local l=${LAT[$1]:-}
-    [[ -n $l ]] && echo "$(field "$l" p50_ms) / $(field "$l" p99_ms) / $(field "$l" max_ms)" || echo n/a
+    [[ -n $l ]] || { echo n/a; return; }
+    local f
+    f=$(field "$l" failed)
+    echo "$(field "$l" p50_ms) / $(field "$l" p99_ms) / $(field "$l" max_ms)$([[ $f == 0 ]] || echo " ($f FAILED)")"
 }
 c_rss() { mib "$(field "${RES[$1]:-}" peak_rss_kib)"; }
 c_pss() { mib "$(field "${RES[$1]:-}" peak_pss_kib)"; }

@@ -27,8 +27,9 @@ sleep 0.5 # one memory sample at rest before the storm
 
 log "storm: $N connections"
 storm_rc=0
-storm_line=$(python3 "$HERE/storm.py" "$HOST" "$PORT" "$N" --limit "$LIMIT" | tee /dev/stderr | grep '^STORM') ||
-    storm_rc=$?
+python3 "$HERE/storm.py" "$HOST" "$PORT" "$N" --limit "$LIMIT" >"$T/storm.out" || storm_rc=$?
+cat "$T/storm.out" >&2
+storm_line=$(grep '^STORM' "$T/storm.out" || true)
 
 alive=no
 if kill -0 "$MTA_PID" 2>/dev/null &&
@@ -36,7 +37,8 @@ if kill -0 "$MTA_PID" 2>/dev/null &&
     alive=yes
 fi
 
-kill "$MEM_PID"
+# The sampler exits by itself if the MTA has died.
+kill "$MEM_PID" 2>/dev/null || true
 wait "$MEM_PID" || true
 MEM_PID=''
 peak_rss=$(sed 's/.*peak_rss_kib=\([0-9]*\).*/\1/' "$T/mem.out")
