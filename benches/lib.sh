@@ -4,7 +4,8 @@
 # temp dir), SINK_PID, MTA_PID, PF_CONF and installs an EXIT trap.
 #
 # Ports are fixed by the issue: the MTA listens on 127.0.0.1:2525, the sink
-# on 127.0.0.1:2526. Nothing here talks to any address outside 127.0.0.0/8.
+# on 127.0.0.1:2526 (BENCH_PORT / BENCH_SINK_PORT override them). Nothing
+# here talks to any address outside 127.0.0.0/8.
 
 BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
 KEEP=${KEEP:-0}
@@ -13,8 +14,9 @@ MTAD_BIN=${MTAD_BIN:-$ROOT/target/release/mtad}
 SMTP_SOURCE=/usr/sbin/smtp-source
 SMTP_SINK=/usr/sbin/smtp-sink
 HOST=127.0.0.1
-PORT=2525
-SINK_PORT=2526
+# The issue fixes these; override only if something else holds them.
+PORT=${BENCH_PORT:-2525}
+SINK_PORT=${BENCH_SINK_PORT:-2526}
 SENDER=bench@example.test
 # A domain that no MTA here considers local, so every message is relayed.
 RCPT=sink@dest.example
@@ -190,9 +192,9 @@ EOF
     fi
     # Debian's master.cf chroots most daemons, which needs copies of /etc
     # files inside the queue directory; without chroot nothing else changes.
-    # The smtpd service is named by port so it listens on 2525, not 25.
-    cat >"$PF_CONF/master.cf" <<'EOF'
-2525      inet  n       -       n       -       -       smtpd
+    # The smtpd service is named by port so it listens on $PORT, not 25.
+    cat >"$PF_CONF/master.cf" <<EOF
+$PORT      inet  n       -       n       -       -       smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr

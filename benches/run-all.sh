@@ -31,6 +31,7 @@ OUT=${OUT:-$(mktemp -d /tmp/mtad-bench-results.XXXXXX)}
 mkdir -p "$OUT"
 
 say() { printf '[run-all] %s\n' "$*" >&2; }
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # Build before anything is timed, so the compiler is not running during a
 # measurement. A failed build still lets the Postfix half run.
@@ -134,6 +135,8 @@ ratio() { # a b: a/b of msgs_per_sec
     echo "time from the start of smtp-source until the sink has received every message."
     echo "Host: $(nproc) CPUs, $(uname -r), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM,"
     echo "spool on $(df --output=fstype "${BENCH_TMPDIR:-/var/tmp}" | tail -1); Postfix $(postconf -d -h mail_version 2>/dev/null);"
+    echo "Load average before the suite: $LOAD0 (the per-run figures below lag, and include"
+    echo "the previous run's processes blocked in fsync, which Linux counts as load)."
     echo "mtad at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), binary \`${MTAD_BIN#"$ROOT"/}\`."
     echo
     row "" "${h[@]}"
