@@ -3,6 +3,7 @@
 
 usage: latency.py HOST PORT [--messages N] [--sessions 20] [--size 4096]
                   [--per-session 1] [--from ADDR] [--to ADDR]
+                  [--stop-file PATH]
 
 smtp-source reports no latency, so this client applies the same shape of
 load (SESSIONS parallel sessions, by default one message per connection
@@ -10,6 +11,11 @@ like smtp-source without -d, SIZE bytes of payload) and times, for every
 message, the interval from writing the end-of-data marker "\\r\\n.\\r\\n"
 to reading the complete reply. With an MTA that fsyncs before answering,
 that interval is the durability cost a client sees.
+
+As a load generator in Python it is slower than smtp-source, so it is best
+used as a probe: a couple of sessions next to an smtp-source run, with
+--stop-file naming a file whose appearance (when smtp-source is done) ends
+the run; --messages is then only a cap. relay.sh does this.
 
 Prints a human summary and one machine-readable line:
 
@@ -21,6 +27,7 @@ Exit status is 1 if any message was not answered 250.
 import argparse
 import asyncio
 import collections
+import os
 import time
 
 
@@ -69,7 +76,7 @@ def make_body(size: int, sender: str, rcpt: str) -> bytes:
 
 
 async def session(args, queue_left, body, samples, failures, ehlo_name) -> None:
-    while queue_left[0] > 0:
+    while queue_left[0] > 0 and not (args.stop_file and os.path.exists(args.stop_file)):
         batch = min(args.per_session, queue_left[0])
         queue_left[0] -= batch
         writer = None
@@ -132,6 +139,7 @@ async def main() -> int:
     ap.add_argument("--from", dest="sender", default="latency@example.test")
     ap.add_argument("--to", dest="rcpt", default="sink@dest.example")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--stop-file", help="stop starting sessions once this file exists")
     args = ap.parse_args()
 
     body = make_body(args.size, args.sender, args.rcpt)
@@ -154,13 +162,13 @@ async def main() -> int:
     for reason, n in failures.most_common():
         print(f"  failed {n}: {reason}")
     print(
-        f"LATENCY messages={args.messages} ok={ok} failed={failed} "
+        f"LATENCY messages={ok + failed} ok={ok} failed={failed} "
         f"seconds={seconds:.3f} msgs_per_sec={rate:.1f} "
         f"p50_ms={ms(pct(s, 50))} p90_ms={ms(pct(s, 90))} "
         f"p99_ms={ms(pct(s, 99))} max_ms={ms(s[-1] if s else float('nan'))}",
         flush=True,
     )
-    return 0 if failed == 0 and ok == args.messages else 1
+    return 0 if failed == 0 and (args.stop_file or ok == args.messages) else 1
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
 # Environment (all optional):
 #   SESSIONS=20           parallel smtp-source sessions (one message each)
 #   SIZE=4096             payload bytes per message
-#   LATENCY_MESSAGES=N    messages for the accept-latency phase
-#                         (default: min(MESSAGES, 5000); 0 skips the phase)
+#   LATENCY_MESSAGES=N    smtp-source messages for the accept-latency phase
+#                         (default: MESSAGES; 0 skips the phase)
+#   PROBES=4              latency.py sessions timing messages in that phase
 #   TIMEOUT=900           seconds allowed for the sink to receive everything
 #   STALL=120             ... or to go without receiving anything
 #   BENCH_TMPDIR=/var/tmp where spools are created; must be a real disk,
@@ -26,7 +27,8 @@ MTA=${1:?usage: $0 mtad|postfix|postfix-tuned [MESSAGES]}
 MESSAGES=${2:-20000}
 SESSIONS=${SESSIONS:-20}
 SIZE=${SIZE:-4096}
-LATENCY_MESSAGES=${LATENCY_MESSAGES:-$((MESSAGES < 5000 ? MESSAGES : 5000))}
+LATENCY_MESSAGES=${LATENCY_MESSAGES:-$MESSAGES}
+PROBES=${PROBES:-4}
 TIMEOUT=${TIMEOUT:-900}
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=benches/lib.sh
@@ -34,6 +36,8 @@ source "$HERE/lib.sh"
 
 python3 "$HERE/memsample.py" "$MTA_PID" 0.2 >"$T/mem.out" &
 MEM_PID=$!
+
+calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 
 # --- phase 1: throughput ------------------------------------------------------
 # smtp-source without -d disconnects after every message, so this is
@@ -55,29 +59,44 @@ t_end=${sink_line##*at=}
 wait "$SOURCE_PID" && [[ -s $T/source.end ]] || die "smtp-source failed: $(tail -5 "$T/source.out")"
 t_source=$(cat "$T/source.end")
 
-calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
 seconds=$(calc "$t_end - $t_start")
 rate=$(calc "$MESSAGES / $seconds")
 received=$(sed 's/.*mesg=\([0-9]*\).*/\1/' <<<"$sink_line")
 
 # --- phase 2: accept latency ----------------------------------------------
-# Same concurrency and message size, a separate phase so the two clients do
-# not compete for the 2 CPUs with each other. The MTA is still relaying to
-# the sink while this runs, as in phase 1.
+# smtp-source reports no latencies, and latency.py (Python) cannot generate
+# smtp-source's load by itself. So the load is smtp-source again, with
+# SESSIONS - PROBES sessions, and PROBES latency.py sessions alongside timing
+# every message they send: SESSIONS in all, as in phase 1. Phase 1 stays free
+# of probe traffic so its figure is exactly the issue's benchmark.
 latency_line=''
 if ((LATENCY_MESSAGES > 0)); then
-    log "accept latency: $LATENCY_MESSAGES messages in $SESSIONS sessions"
-    # Not "tee /dev/stderr": that reopens a redirected stderr file and
-    # truncates it.
-    python3 "$HERE/latency.py" "$HOST" "$PORT" --messages "$LATENCY_MESSAGES" \
-        --sessions "$SESSIONS" --size "$SIZE" --from "$SENDER" --to "$RCPT" >"$T/latency.out" ||
-        log "WARNING: latency phase had failures"
+    load_sessions=$((SESSIONS > PROBES ? SESSIONS - PROBES : 1))
+    log "accept latency: $PROBES probe sessions alongside smtp-source ($LATENCY_MESSAGES messages, $load_sessions sessions)"
+    t2_start=$(date +%s.%N)
+    (
+        # The stop file must appear even if smtp-source fails, or the
+        # probes would run on until their cap.
+        rc=0
+        "$SMTP_SOURCE" -s "$load_sessions" -m "$LATENCY_MESSAGES" -l "$SIZE" -f "$SENDER" -t "$RCPT" \
+            -M client.example.test "$HOST:$PORT" >"$T/source2.out" 2>&1 || rc=$?
+        date +%s.%N >"$T/source2.end"
+        exit $rc
+    ) &
+    SOURCE2_PID=$!
+    python3 "$HERE/latency.py" "$HOST" "$PORT" --messages 1000000 --stop-file "$T/source2.end" \
+        --sessions "$PROBES" --size "$SIZE" --from "$SENDER" --to "$RCPT" >"$T/latency.out" ||
+        log "WARNING: latency probes had failures"
+    wait "$SOURCE2_PID" || log "WARNING: smtp-source failed in the latency phase: $(tail -2 "$T/source2.out")"
     cat "$T/latency.out" >&2
     latency_line=$(grep '^LATENCY' "$T/latency.out" || true)
+    # The load the probes saw: smtp-source's accept rate in this phase.
+    [[ -n $latency_line ]] && latency_line+=" load_msgs_per_sec=$(printf %.1f "$(calc "$LATENCY_MESSAGES / ($(cat "$T/source2.end") - $t2_start)")")"
+    probes=$(sed -n 's/.* ok=\([0-9]*\).*/\1/p' <<<"$latency_line")
     # Let the MTA finish relaying those too, so peak memory covers the
     # whole of its work and nothing is still in flight when we stop it.
-    python3 "$HERE/sinkwait.py" "$T/sink.count" $((MESSAGES + LATENCY_MESSAGES)) "$TIMEOUT" "$MTA_PID" >/dev/null ||
-        log "WARNING: sink did not receive the latency-phase messages"
+    python3 "$HERE/sinkwait.py" "$T/sink.count" $((MESSAGES + LATENCY_MESSAGES + ${probes:-0})) "$TIMEOUT" "$MTA_PID" >/dev/null ||
+        log "WARNING: sink did not receive all the latency-phase messages"
 fi
 
 # A crash after the sink had everything still invalidates the figures

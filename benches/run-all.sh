@@ -23,7 +23,7 @@ MESSAGES=${1:-20000}
 STORM_N=${2:-10000}
 POSTFIX_TUNED=${POSTFIX_TUNED:-1}
 STORM_POSTFIX=${STORM_POSTFIX:-1}
-LAT_N=${LATENCY_MESSAGES:-$((MESSAGES < 5000 ? MESSAGES : 5000))}
+LAT_N=${LATENCY_MESSAGES:-$MESSAGES}
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 MTAD_BIN=${MTAD_BIN:-$ROOT/target/release/mtad}
@@ -113,7 +113,7 @@ c_lat() {
     [[ -n $l ]] || { echo n/a; return; }
     local f
     f=$(field "$l" failed)
-    echo "$(field "$l" p50_ms) / $(field "$l" p99_ms) / $(field "$l" max_ms)$([[ $f == 0 ]] || echo " ($f FAILED)")"
+    echo "$(field "$l" p50_ms) / $(field "$l" p99_ms) / $(field "$l" max_ms) (n=$(field "$l" ok) at $(field "$l" load_msgs_per_sec) msgs/s)$([[ $f == 0 ]] || echo " ($f FAILED)")"
 }
 c_rss() { mib "$(field "${RES[$1]:-}" peak_rss_kib)"; }
 c_pss() { mib "$(field "${RES[$1]:-}" peak_pss_kib)"; }
@@ -153,8 +153,9 @@ ratio() { # a b: a/b of msgs_per_sec
     echo "**mtad / Postfix (defaults), msgs/s: $(ratio mtad postfix)**"
     ((POSTFIX_TUNED)) && echo "mtad / Postfix (tuned), msgs/s: $(ratio mtad postfix-tuned)"
     echo
-    echo "Accept latency: a separate phase right after the relay run, $LAT_N messages,"
-    echo "same concurrency and size (\`benches/latency.py\`): time from sending \`<CRLF>.<CRLF>\` to the 250."
+    echo "Accept latency: a second phase right after the relay run: smtp-source sends $LAT_N more messages"
+    echo "in $((${SESSIONS:-20} - ${PROBES:-4})) sessions while ${PROBES:-4} \`benches/latency.py\` sessions (${SESSIONS:-20} in all) time each of"
+    echo "their messages from sending \`<CRLF>.<CRLF>\` to the 250; n = samples, at smtp-source's accept rate in that phase."
     echo "Postfix tuned = \`default_process_limit = 200\`, \`in_flow_delay = 0s\`, \`initial_destination_concurrency = 20\`."
     echo
     echo "## Connection storm ($STORM_N simultaneous connections, 2 s limit)"
