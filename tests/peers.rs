@@ -41,7 +41,8 @@ struct Sink {
 }
 
 impl Sink {
-    fn start() -> Sink {
+    /// Start smtp-sink and wait until it accepts connections.
+    async fn start() -> Sink {
         let dir = tempfile::tempdir().unwrap();
         // smtp-sink drops to "nobody" when run as root; let it write.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -59,7 +60,17 @@ impl Sink {
             .kill_on_drop(true)
             .spawn()
             .expect("smtp-sink (Debian package postfix) must be installed");
-        Sink { addr, dir, child }
+        let sink = Sink { addr, dir, child };
+        wait_listening(addr).await;
+        sink
+    }
+
+    /// A catch-all route to this sink.
+    fn route(&self) -> String {
+        format!(
+            "[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n",
+            self.addr
+        )
     }
 
     fn messages(&self) -> Vec<String> {
@@ -150,13 +161,8 @@ async fn swaks_mail_lands_in_the_drop_directory() {
 #[tokio::test]
 async fn smtplib_mail_is_relayed_to_smtp_sink() {
     let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::start();
-    wait_listening(sink.addr).await;
-    let routes = format!(
-        "[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n",
-        sink.addr
-    );
-    let node = start(config(dir.path(), "", &routes)).await;
+    let sink = Sink::start().await;
+    let node = start(config(dir.path(), "", &sink.route())).await;
     let addr = node.smtp_addrs()[0];
     let script = format!(
         r#"
@@ -196,13 +202,8 @@ print("sent")
 #[tokio::test]
 async fn smtp_source_load_is_relayed_to_smtp_sink() {
     let dir = tempfile::tempdir().unwrap();
-    let sink = Sink::start();
-    wait_listening(sink.addr).await;
-    let routes = format!(
-        "[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{}\"]\ntls = \"none\"\n",
-        sink.addr
-    );
-    let node = start(config(dir.path(), "", &routes)).await;
+    let sink = Sink::start().await;
+    let node = start(config(dir.path(), "", &sink.route())).await;
     let addr = node.smtp_addrs()[0].to_string();
     let source = if std::path::Path::new("/usr/sbin/smtp-source").exists() {
         "/usr/sbin/smtp-source"
