@@ -22,8 +22,25 @@ use tokio::sync::{mpsc, oneshot};
 use super::record::{self, DecodeError, Record};
 use super::{Envelope, QueueId, RcptState, Recovered, Spool, SpoolError, SpoolFuture};
 
-/// A segment is closed and a new one started past this size.
-const SEGMENT_LIMIT: u64 = 64 << 20;
+/// Sizes that bound the spool's files.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A segment is closed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// Past this many segments, live messages in the oldest one are copied
+    /// forward so it can be deleted: a message deferred for days must not
+    /// pin every segment written after it.
+    pub max_segments: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+            max_segments: 4,
+        }
+    }
+}
 /// Most bytes written in one batch; more waits for the next fsync.
 const BATCH_LIMIT: usize = 16 << 20;
 /// Contents of recently stored messages kept in memory, so that the usual
@@ -41,8 +58,10 @@ struct Request {
     done: Option<oneshot::Sender<Result<(), SpoolError>>>,
 }
 
-/// Where a live message's content is, and which segments hold its records.
+/// A live message: its envelope as it now stands, where its content is,
+/// and which segments hold its records.
 struct Location {
+    envelope: Envelope,
     segment: u32,
     body_at: u64,
     body_len: usize,
@@ -114,6 +133,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl DiskSpool {
     /// Open (creating if needed) the spool in `dir` and recover its messages.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        Self::open_with(dir, Limits::default())
+    }
+
+    /// `open` with other file size limits (tests use tiny ones).
+    pub fn open_with(dir: &Path, limits: Limits) -> Result<Self, SpoolError> {
         fs::create_dir_all(dir)?;
         let mut numbers: Vec<u32> = fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -124,7 +148,7 @@ impl DiskSpool {
             .collect();
         numbers.sort_unstable();
 
-        let mut live: HashMap<QueueId, (Envelope, Location)> = HashMap::new();
+        let mut live: HashMap<QueueId, Location> = HashMap::new();
         for &n in &numbers {
             let data = fs::read(segment_path(dir, n))?;
             replay(n, &data, &mut live);
@@ -136,14 +160,16 @@ impl DiskSpool {
         }
         let mut recovered = Vec::new();
         let mut finished = Vec::new();
-        for (id, (envelope, loc)) in live {
+        for (id, loc) in live {
             for s in &loc.segments {
                 *index.refs.entry(*s).or_default() += 1;
             }
-            if envelope.is_finished() {
+            if loc.envelope.is_finished() {
                 finished.push(id);
             } else {
-                recovered.push(Recovered { envelope });
+                recovered.push(Recovered {
+                    envelope: loc.envelope.clone(),
+                });
             }
             index.messages.insert(id, loc);
         }
@@ -166,6 +192,7 @@ impl DiskSpool {
             active,
             len: 0,
             buf: Vec::new(),
+            limits,
         };
         std::thread::Builder::new()
             .name("mtad-spool".into())
@@ -201,7 +228,7 @@ impl DiskSpool {
 
 /// Apply one segment's records to the live set; stop at the first record
 /// that is torn or corrupt, since nothing after it was acknowledged.
-fn replay(n: u32, data: &[u8], live: &mut HashMap<QueueId, (Envelope, Location)>) {
+fn replay(n: u32, data: &[u8], live: &mut HashMap<QueueId, Location>) {
     let mut at = 0;
     while at < data.len() {
         let (rec, size) = match record::decode(&data[at..]) {
@@ -230,22 +257,23 @@ fn replay(n: u32, data: &[u8], live: &mut HashMap<QueueId, (Envelope, Location)>
                 // the earlier one but keeps its segments referenced.
                 let mut segments = live
                     .remove(&envelope.id)
-                    .map(|(_, l)| l.segments)
+                    .map(|l| l.segments)
                     .unwrap_or_default();
                 if !segments.contains(&n) {
                     segments.push(n);
                 }
                 let loc = Location {
+                    envelope,
                     segment: n,
                     body_at: (at + body_offset) as u64,
                     body_len,
                     segments,
                 };
-                live.insert(envelope.id, (envelope, loc));
+                live.insert(loc.envelope.id, loc);
             }
             Record::Update { id, changes } => {
-                if let Some((env, loc)) = live.get_mut(&id) {
-                    apply(env, &changes);
+                if let Some(loc) = live.get_mut(&id) {
+                    apply(&mut loc.envelope, &changes);
                     if !loc.segments.contains(&n) {
                         loc.segments.push(n);
                     }
@@ -299,6 +327,7 @@ struct Writer {
     active: u32,
     len: u64,
     buf: Vec<u8>,
+    limits: Limits,
 }
 
 impl Writer {
@@ -331,8 +360,12 @@ impl Writer {
 
     /// Write and fsync one batch, then bring the index up to date.
     fn commit(&mut self, batch: &[Request]) -> Result<(), SpoolError> {
-        if self.file.is_none() || self.len >= SEGMENT_LIMIT {
+        if self.file.is_none() || self.len >= self.limits.segment_bytes {
             self.rotate().map_err(io_error)?;
+            if let Err(e) = self.compact() {
+                // Only disk usage suffers; the messages are where they were.
+                tracing::warn!(error = %e, "spool compaction failed");
+            }
         }
         self.buf.clear();
         let mut body_at = Vec::new();
@@ -345,7 +378,15 @@ impl Writer {
                 Op::Remove(id) => record::encode_remove(&mut self.buf, *id),
             }
         }
-        let file = self.file.as_mut().expect("segment open");
+        let base = self.append()?;
+        self.index(batch, base, &body_at);
+        delete_unreferenced(&self.shared, self.active);
+        Ok(())
+    }
+
+    /// Append `buf` to the active segment and fsync; returns its offset.
+    fn append(&mut self) -> Result<u64, SpoolError> {
+        let file = self.file.as_mut().ok_or(SpoolError::Closed)?;
         if let Err(e) = file.write_all(&self.buf).and_then(|_| file.sync_data()) {
             // After a failed write or fsync the file's tail is unknown; no
             // later record may follow it, so start a new segment next time.
@@ -354,9 +395,54 @@ impl Writer {
         }
         let base = self.len;
         self.len += self.buf.len() as u64;
-        self.index(batch, base, &body_at);
-        delete_unreferenced(&self.shared, self.active);
-        Ok(())
+        Ok(base)
+    }
+
+    /// While there are more segments than allowed, copy the live messages
+    /// of the oldest into the active one (envelope as it now stands, one
+    /// Store record each), so the oldest holds nothing live and goes.
+    fn compact(&mut self) -> Result<(), SpoolError> {
+        loop {
+            let victims: Vec<(Envelope, u32, u64, usize)> = {
+                let index = self.shared.index.lock().expect("index");
+                let oldest = match index.refs.keys().next() {
+                    Some(&n) if index.refs.len() > self.limits.max_segments && n < self.active => n,
+                    _ => return Ok(()),
+                };
+                index
+                    .messages
+                    .values()
+                    .filter(|l| l.segments.contains(&oldest))
+                    .map(|l| (l.envelope.clone(), l.segment, l.body_at, l.body_len))
+                    .collect()
+            };
+            self.buf.clear();
+            let mut body_at = Vec::with_capacity(victims.len());
+            for (env, seg, at, len) in &victims {
+                let body = read_at(&self.shared, *seg, *at, *len)?;
+                body_at.push(record::encode_store(&mut self.buf, env, &body));
+            }
+            let base = self.append()?;
+            let seg = self.active;
+            let mut index = self.shared.index.lock().expect("index");
+            for ((env, ..), at) in victims.iter().zip(body_at) {
+                let Some(loc) = index.messages.get_mut(&env.id) else {
+                    continue;
+                };
+                // The copy supersedes every earlier record of the message.
+                let old = std::mem::replace(&mut loc.segments, vec![seg]);
+                loc.segment = seg;
+                loc.body_at = base + at as u64;
+                for s in old {
+                    if let Some(n) = index.refs.get_mut(&s) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                *index.refs.entry(seg).or_default() += 1;
+            }
+            drop(index);
+            delete_unreferenced(&self.shared, self.active);
+        }
     }
 
     fn index(&self, batch: &[Request], base: u64, body_at: &[usize]) {
@@ -381,6 +467,7 @@ impl Writer {
                     index.messages.insert(
                         env.id,
                         Location {
+                            envelope: env.clone(),
                             segment: seg,
                             body_at: base + at as u64,
                             body_len: body.len(),
@@ -388,13 +475,17 @@ impl Writer {
                         },
                     );
                 }
-                Op::Update(id, _) => {
+                Op::Update(id, changes) => {
                     let added = match index.messages.get_mut(id) {
-                        Some(loc) if !loc.segments.contains(&seg) => {
-                            loc.segments.push(seg);
-                            true
+                        Some(loc) => {
+                            apply(&mut loc.envelope, changes);
+                            let new = !loc.segments.contains(&seg);
+                            if new {
+                                loc.segments.push(seg);
+                            }
+                            new
                         }
-                        _ => false,
+                        None => false,
                     };
                     if added {
                         *index.refs.entry(seg).or_default() += 1;
@@ -489,20 +580,33 @@ impl Spool for DiskSpool {
 }
 
 fn read_body(shared: &Shared, id: QueueId) -> Result<Bytes, SpoolError> {
+    // Location and file handle under one lock: compaction may move the
+    // message and unlink its old segment at any moment after, and an open
+    // handle still reads an unlinked file.
     let (file, at, len) = {
         let mut index = shared.index.lock().expect("index");
         let loc = index.messages.get(&id).ok_or(SpoolError::NotFound(id))?;
         let (seg, at, len) = (loc.segment, loc.body_at, loc.body_len);
-        let file = match index.readers.get(&seg) {
-            Some(f) => f.clone(),
-            None => {
-                let f = Arc::new(File::open(segment_path(&shared.dir, seg))?);
-                index.readers.insert(seg, f.clone());
-                f
-            }
-        };
-        (file, at, len)
+        (reader(shared, &mut index, seg)?, at, len)
     };
+    read_exact(&file, at, len)
+}
+
+fn read_at(shared: &Shared, seg: u32, at: u64, len: usize) -> Result<Bytes, SpoolError> {
+    let file = reader(shared, &mut shared.index.lock().expect("index"), seg)?;
+    read_exact(&file, at, len)
+}
+
+fn reader(shared: &Shared, index: &mut Index, seg: u32) -> io::Result<Arc<File>> {
+    if let Some(f) = index.readers.get(&seg) {
+        return Ok(f.clone());
+    }
+    let f = Arc::new(File::open(segment_path(&shared.dir, seg))?);
+    index.readers.insert(seg, f.clone());
+    Ok(f)
+}
+
+fn read_exact(file: &File, at: u64, len: usize) -> Result<Bytes, SpoolError> {
     let mut buf = vec![0; len];
     file.read_exact_at(&mut buf, at)?;
     Ok(Bytes::from(buf))

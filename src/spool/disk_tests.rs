@@ -166,3 +166,49 @@ async fn a_message_pinned_in_an_old_segment_keeps_its_updates() {
     assert_eq!(e.recipients[0].state, RcptState::Done);
     assert_eq!(e.recipients[1].state, RcptState::Pending { attempts: 4 });
 }
+
+#[tokio::test]
+async fn a_long_deferred_message_does_not_pin_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        segment_bytes: 2048,
+        max_segments: 3,
+    };
+    let segments = |d: &Path| {
+        fs::read_dir(d)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
+            .count()
+    };
+    {
+        let spool = DiskSpool::open_with(dir.path(), limits).unwrap();
+        // Message 1 stays queued the whole time, its state changing once.
+        spool.store(envelope(1, 2), body(1)).await.unwrap();
+        spool
+            .update(QueueId(1), vec![(0, RcptState::Done)])
+            .await
+            .unwrap();
+        // Heavy traffic behind it: each store and remove of ~500 bytes.
+        for id in 2..200 {
+            spool.store(envelope(id, 1), body(id)).await.unwrap();
+            spool.remove(QueueId(id)).await.unwrap();
+            assert!(
+                segments(dir.path()) <= 4,
+                "segments pile up behind message 1"
+            );
+        }
+        assert_eq!(spool.body(QueueId(1)).await.unwrap(), body(1));
+    }
+    let spool = DiskSpool::open_with(dir.path(), limits).unwrap();
+    assert_eq!(ids(&spool), vec![1]);
+    let e = &spool.recovered()[0].envelope;
+    assert_eq!(e.recipients[0].state, RcptState::Done);
+    assert_eq!(e.recipients[1].state, RcptState::Pending { attempts: 0 });
+    assert_eq!(spool.body(QueueId(1)).await.unwrap(), body(1));
+}
