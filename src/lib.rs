@@ -4,6 +4,7 @@
 //! integration tests can drive a whole node in-process.
 
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod dsn;

@@ -1,0 +1,5 @@
+//! The cluster: authenticated node-to-node transport, the join handshake
+//! (membership), and the replicated cluster state run by openraft.
+//!
+//! Work in progress (issue 3): the pieces land one by one, each tested,
+//! before a node runs them.
