@@ -186,3 +186,51 @@ async fn every_acknowledged_message_survives_kill_9() {
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     daemon.child.start_kill().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_keeps_queued_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let dead_hop = free_port();
+    let route =
+        format!("[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{dead_hop}\"]\ntls = \"none\"");
+    let config = write_config(dir.path(), listen, &route);
+    let mut daemon = Daemon::start(&config).await;
+    let mut client = Client::connect(listen).await.unwrap();
+    let reply = client
+        .send(
+            "a@example.test",
+            &["b@dest.example"],
+            "Subject: kept\r\n\r\nx\r\n",
+        )
+        .await
+        .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    let pid = daemon.child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    // The open session is told the service is going away.
+    let last = client.reply().await.unwrap_or_default();
+    assert!(last.starts_with("421 4.3.2"), "open session got {last:?}");
+    let status = tokio::time::timeout(common::node::PATIENCE, daemon.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "mtad exited with {status}");
+    // Restarted with a working route, the queued message is delivered.
+    let outbox = dir.path().join("outbox");
+    let route = format!(
+        "[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"",
+        outbox.display()
+    );
+    let mut daemon = Daemon::start(&write_config(dir.path(), listen, &route)).await;
+    daemon
+        .wait_line(|l| l.contains("\"event\":\"delivered\""))
+        .await;
+    let files = common::node::eml_files(&outbox);
+    assert_eq!(files.len(), 1);
+    assert!(std::fs::read_to_string(&files[0])
+        .unwrap()
+        .contains("Subject: kept"));
+    daemon.child.start_kill().unwrap();
+}
