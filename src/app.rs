@@ -28,6 +28,9 @@ pub enum StartError {
         /// What went wrong.
         source: SpoolError,
     },
+    /// The configuration asks for something this build cannot run yet.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -53,6 +56,14 @@ const DROP_PARALLELISM: usize = 8;
 impl Node {
     /// Start a node with the durable spool under `data_dir/spool`.
     pub async fn start(config: Config) -> Result<Node, StartError> {
+        if config.cluster.is_some() {
+            // Checked and parsed already, so operators can prepare their
+            // files; running as a member arrives with the cluster transport.
+            return Err(StartError::Unsupported(
+                "[cluster] is configured, but this build runs single nodes only; \
+                 remove [cluster] to run this node alone",
+            ));
+        }
         let dir = config.node.data_dir.join("spool");
         let spool = DiskSpool::open(&dir).map_err(|source| StartError::Spool {
             path: dir.display().to_string(),

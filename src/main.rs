@@ -44,8 +44,12 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig { file } => match mtad::config::load_file(&file) {
             Ok(cfg) => {
+                let cluster = match &cfg.cluster {
+                    Some(c) => format!("cluster {} with {} seed(s)", c.name, c.seeds.len()),
+                    None => "single node".to_string(),
+                };
                 println!(
-                    "{}: ok: node {}, {} listener(s), {} route(s)",
+                    "{}: ok: node {}, {} listener(s), {} route(s), {cluster}",
                     file.display(),
                     cfg.node.name,
                     cfg.smtp.listen.len(),

@@ -108,11 +108,7 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
 
 /// Sections of the clustered build; named explicitly so an operator with a
 /// cluster config learns why it is refused instead of seeing "unknown key".
-const NOT_YET: [(&str, &str); 3] = [
-    ("cluster", "[cluster]"),
-    ("group", "[[group]]"),
-    ("admin", "[admin]"),
-];
+const NOT_YET: [(&str, &str); 2] = [("group", "[[group]]"), ("admin", "[admin]")];
 
 fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
     for (key, shown) in NOT_YET {
@@ -143,6 +139,10 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
     check_accept_domains_routed(ctx, &accept, &routes);
     let log = optional(ctx, &mut root, "log");
     let log = read_log(ctx, log);
+    let cluster = root
+        .take("cluster")
+        .and_then(|n| ctx.table(&n))
+        .map(|f| super::cluster::read_cluster(ctx, f));
     root.finish(ctx);
 
     Config {
@@ -151,6 +151,7 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         delivery,
         routes,
         log,
+        cluster,
     }
 }
 

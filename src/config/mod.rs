@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+mod cluster;
 mod load;
 mod reader;
 #[cfg(test)]
@@ -27,6 +28,44 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// `[log]`
     pub log: LogConfig,
+    /// `[cluster]`; absent for a single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's cluster and how it joins it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// The cluster's name; nodes of another cluster are refused.
+    pub name: String,
+    /// Address for node-to-node traffic.
+    pub listen: SocketAddr,
+    /// Members to contact when joining.
+    pub seeds: Vec<SocketAddr>,
+    /// File holding the shared cluster secret.
+    pub secret_file: PathBuf,
+    /// A full member, or a witness that only votes.
+    pub role: ClusterRole,
+    /// Most voters; further members join as non-voters.
+    pub max_voters: usize,
+    /// Leader heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a follower calls an election.
+    pub election_timeout: Duration,
+    /// First delay between join attempts.
+    pub join_backoff_min: Duration,
+    /// Longest delay between join attempts.
+    pub join_backoff_max: Duration,
+    /// A join that has not finished by then is rolled back.
+    pub join_timeout: Duration,
+}
+
+/// What a node is in its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterRole {
+    /// Votes, hosts resources and serves SMTP.
+    Member,
+    /// Votes only: the tie-breaker of a two-node cluster.
+    Witness,
 }
 
 /// `[node]`: identity and where state lives.

@@ -621,13 +621,7 @@ fn invalid_log_level() {
 }
 
 #[test]
-fn cluster_sections_are_not_supported_yet() {
-    one(
-        &with("[cluster]\nname = \"prod\"\n"),
-        "cluster",
-        8,
-        "[cluster] is not supported by this version yet",
-    );
+fn group_and_admin_sections_are_not_supported_yet() {
     one(
         &with("[[group]]\nname = \"mta\"\n[[group]]\nname = \"b\"\n"),
         "group",
@@ -699,7 +693,8 @@ name = "prod"
             (19, "route[1]"),
             (19, "route[1]"),
             (23, "log.level"),
-            (25, "cluster"),
+            (25, "cluster.listen"),
+            (25, "cluster.secret_file"),
         ],
         "{}",
         ConfigErrors(errs.clone())
@@ -712,7 +707,7 @@ name = "prod"
     // Display: one line per error, FILE:LINE:COL: FIELD: MESSAGE.
     let shown = ConfigErrors(errs).to_string();
     let lines: Vec<&str> = shown.lines().collect();
-    assert_eq!(lines.len(), 10);
+    assert_eq!(lines.len(), 11);
     assert_eq!(
         lines[4],
         "t.toml:12:22: delivery.retry[2]: expected a duration like \"30s\", found integer 15"

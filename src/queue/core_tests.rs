@@ -51,6 +51,7 @@ fn config() -> Config {
             format: LogFormat::Json,
             level: "info".into(),
         },
+        cluster: None,
     }
 }
 
