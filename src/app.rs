@@ -77,6 +77,14 @@ impl Node {
         config: Config,
         spool: Arc<dyn Spool>,
     ) -> Result<Node, StartError> {
+        // Bind first: a node that cannot listen fails before it starts
+        // delivering anything.
+        let mut listeners = Vec::new();
+        for &addr in &config.smtp.listen {
+            let listener = server::bind(addr, config.smtp.backlog)
+                .map_err(|source| StartError::Listen { addr, source })?;
+            listeners.push((addr, listener));
+        }
         let config = Arc::new(config);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -123,9 +131,7 @@ impl Node {
         });
         let smtp = Arc::new(config.smtp.clone());
         let mut smtp_addrs = Vec::new();
-        for &addr in &config.smtp.listen {
-            let listener = server::bind(addr, config.smtp.backlog)
-                .map_err(|source| StartError::Listen { addr, source })?;
+        for (addr, listener) in listeners {
             let local = listener.local_addr().unwrap_or(addr);
             smtp_addrs.push(local);
             tracing::info!(address = %local, "smtp listening");
