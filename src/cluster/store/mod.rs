@@ -7,6 +7,8 @@
 
 mod frame;
 mod log;
+#[cfg(test)]
+mod raft_tests;
 mod sm;
 #[cfg(test)]
 mod tests;
