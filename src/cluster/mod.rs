@@ -3,3 +3,10 @@
 //!
 //! Work in progress (issue 3): the pieces land one by one, each tested,
 //! before a node runs them.
+
+pub mod store;
+pub mod types;
+
+pub use types::{
+    ClusterState, Command, Member, MemberState, NodeId, NodeState, Response, Role, TypeConfig,
+};

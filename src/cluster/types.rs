@@ -1,0 +1,366 @@
+//! The replicated cluster state: who is a member, at which address, in what
+//! state, and the commands that change it.
+//!
+//! `ClusterState::apply` is pure and deterministic: every node applies the same
+//! committed commands in the same order and must reach the same state, so
+//! nothing here reads a clock or a random source (times travel in commands).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+/// A raft node id: the node's *incarnation*, a random id made when its data
+/// dir is first created, so a node that returns with a wiped disk is a new id.
+pub type NodeId = u64;
+
+/// What a member does in the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A full member: votes and may own groups.
+    #[default]
+    Member,
+    /// A resource-less tie-breaker: votes, never owns a group.
+    Witness,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Member => "member",
+            Role::Witness => "witness",
+        })
+    }
+}
+
+/// A member's record; also openraft's `Node` type, so it rides in raft
+/// membership entries too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Member {
+    /// The configured node name (`[node] name`); unique in the cluster.
+    pub name: String,
+    /// Cluster listen address, "ip:port".
+    pub addr: String,
+    /// Member or witness.
+    pub role: Role,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{} ({})", self.name, self.addr, self.role)
+    }
+}
+
+/// How the cluster currently sees a member.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Reachable and healthy.
+    #[default]
+    Up,
+    /// Missed heartbeats; not yet declared down.
+    Suspect,
+    /// Declared down.
+    Down,
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::Up => "up",
+            NodeState::Suspect => "suspect",
+            NodeState::Down => "down",
+        })
+    }
+}
+
+/// A replicated command: the application data of a raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Record a member. Another id with the same name is a stale incarnation
+    /// and is dropped; the leader changes the raft voter set separately.
+    Upsert {
+        /// The member's incarnation.
+        id: NodeId,
+        /// Its record.
+        member: Member,
+    },
+    /// Forget a member.
+    Remove {
+        /// The member's incarnation.
+        id: NodeId,
+    },
+    /// Record an observed state change of a member.
+    SetState {
+        /// The member's incarnation.
+        id: NodeId,
+        /// Its new state.
+        state: NodeState,
+        /// When it was observed, in ms since the Unix epoch (leader's clock).
+        at_ms: u64,
+    },
+}
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// The command took effect (also the answer for blank and membership entries).
+    Done,
+    /// An upsert took effect and dropped the stale entry of the same name.
+    Replaced {
+        /// The stale incarnation that was dropped.
+        stale: NodeId,
+    },
+    /// The command named an id that is not a member; nothing changed.
+    UnknownMember,
+}
+
+impl Response {
+    /// True when the command changed (or confirmed) the state.
+    pub fn is_ok(&self) -> bool {
+        !matches!(self, Response::UnknownMember)
+    }
+}
+
+/// One member as the cluster state records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberState {
+    /// The member's record.
+    pub member: Member,
+    /// Its current state.
+    pub state: NodeState,
+    /// Since when it has been in `state`, in ms since the Unix epoch; 0 for a
+    /// member that was upserted and has had no state change recorded since.
+    pub since_ms: u64,
+}
+
+/// The replicated cluster state (the raft state machine's data).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Members by incarnation.
+    pub members: BTreeMap<NodeId, MemberState>,
+}
+
+impl ClusterState {
+    /// Applies one command; pure and deterministic.
+    pub fn apply(&mut self, cmd: &Command) -> Response {
+        match cmd {
+            Command::Upsert { id, member } => {
+                // A name maps to one incarnation; any other id with this name
+                // is an older life of the same node (wiped disk) and must go.
+                let stale: Vec<NodeId> = self
+                    .members
+                    .iter()
+                    .filter(|(other, m)| *other != id && m.member.name == member.name)
+                    .map(|(other, _)| *other)
+                    .collect();
+                for s in &stale {
+                    self.members.remove(s);
+                }
+                match self.members.get_mut(id) {
+                    // Re-recording a known incarnation (e.g. a new address)
+                    // keeps its observed state: nothing was observed here.
+                    Some(existing) => existing.member = member.clone(),
+                    None => {
+                        self.members.insert(
+                            *id,
+                            MemberState {
+                                member: member.clone(),
+                                state: NodeState::Up,
+                                since_ms: 0,
+                            },
+                        );
+                    }
+                }
+                match stale.first() {
+                    Some(&stale) => Response::Replaced { stale },
+                    None => Response::Done,
+                }
+            }
+            Command::Remove { id } => match self.members.remove(id) {
+                Some(_) => Response::Done,
+                None => Response::UnknownMember,
+            },
+            Command::SetState { id, state, at_ms } => match self.members.get_mut(id) {
+                Some(m) => {
+                    // `since_ms` is when the member *entered* its state, so a
+                    // repeated report of the same state must not move it.
+                    if m.state != *state {
+                        m.state = *state;
+                        m.since_ms = *at_ms;
+                    }
+                    Response::Done
+                }
+                None => Response::UnknownMember,
+            },
+        }
+    }
+
+    /// The incarnation and record of the member with this name, if any.
+    pub fn by_name(&self, name: &str) -> Option<(NodeId, &MemberState)> {
+        self.members
+            .iter()
+            .find(|(_, m)| m.member.name == name)
+            .map(|(id, m)| (*id, m))
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for the cluster log.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        // The state is a handful of members: a whole snapshot fits in memory.
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, addr: &str) -> Member {
+        Member {
+            name: name.into(),
+            addr: addr.into(),
+            role: Role::Member,
+        }
+    }
+
+    #[test]
+    fn upsert_adds_member_up() {
+        let mut s = ClusterState::default();
+        let r = s.apply(&Command::Upsert {
+            id: 7,
+            member: member("a", "127.0.0.1:7400"),
+        });
+        assert_eq!(r, Response::Done);
+        let m = &s.members[&7];
+        assert_eq!(m.member.name, "a");
+        assert_eq!(m.state, NodeState::Up);
+        assert_eq!(m.since_ms, 0);
+    }
+
+    #[test]
+    fn upsert_replaces_stale_same_name_entry() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Upsert {
+            id: 1,
+            member: member("a", "127.0.0.1:7400"),
+        });
+        s.apply(&Command::Upsert {
+            id: 2,
+            member: member("b", "127.0.0.2:7400"),
+        });
+        let r = s.apply(&Command::Upsert {
+            id: 3,
+            member: member("a", "127.0.0.1:7400"),
+        });
+        assert_eq!(r, Response::Replaced { stale: 1 });
+        assert!(!s.members.contains_key(&1));
+        assert_eq!(s.by_name("a").map(|(id, _)| id), Some(3));
+        assert!(s.members.contains_key(&2));
+        assert_eq!(s.members.len(), 2);
+    }
+
+    #[test]
+    fn upsert_same_id_keeps_state_and_updates_record() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Upsert {
+            id: 1,
+            member: member("a", "127.0.0.1:7400"),
+        });
+        s.apply(&Command::SetState {
+            id: 1,
+            state: NodeState::Suspect,
+            at_ms: 50,
+        });
+        let r = s.apply(&Command::Upsert {
+            id: 1,
+            member: member("a", "127.0.0.9:7400"),
+        });
+        assert_eq!(r, Response::Done);
+        let m = &s.members[&1];
+        assert_eq!(m.member.addr, "127.0.0.9:7400");
+        assert_eq!((m.state, m.since_ms), (NodeState::Suspect, 50));
+    }
+
+    #[test]
+    fn remove_known_and_unknown() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Upsert {
+            id: 1,
+            member: member("a", "x:1"),
+        });
+        assert_eq!(s.apply(&Command::Remove { id: 1 }), Response::Done);
+        assert!(s.members.is_empty());
+        let r = s.apply(&Command::Remove { id: 1 });
+        assert_eq!(r, Response::UnknownMember);
+        assert!(!r.is_ok());
+    }
+
+    #[test]
+    fn set_state_records_transition_time_once() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Upsert {
+            id: 1,
+            member: member("a", "x:1"),
+        });
+        let set = |state, at_ms| Command::SetState {
+            id: 1,
+            state,
+            at_ms,
+        };
+        assert_eq!(s.apply(&set(NodeState::Suspect, 100)), Response::Done);
+        assert_eq!(s.apply(&set(NodeState::Suspect, 200)), Response::Done);
+        assert_eq!(s.members[&1].since_ms, 100, "same state keeps since");
+        s.apply(&set(NodeState::Down, 300));
+        assert_eq!(
+            (s.members[&1].state, s.members[&1].since_ms),
+            (NodeState::Down, 300)
+        );
+    }
+
+    #[test]
+    fn set_state_unknown_member_changes_nothing() {
+        let mut s = ClusterState::default();
+        let r = s.apply(&Command::SetState {
+            id: 9,
+            state: NodeState::Down,
+            at_ms: 1,
+        });
+        assert_eq!(r, Response::UnknownMember);
+        assert!(s.members.is_empty());
+    }
+
+    #[test]
+    fn command_serde_round_trip() {
+        let cmds = [
+            Command::Upsert {
+                id: u64::MAX,
+                member: Member {
+                    name: "w".into(),
+                    addr: "127.0.0.3:7400".into(),
+                    role: Role::Witness,
+                },
+            },
+            Command::Remove { id: 3 },
+            Command::SetState {
+                id: 3,
+                state: NodeState::Suspect,
+                at_ms: 42,
+            },
+        ];
+        for c in cmds {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), c);
+        }
+    }
+}
