@@ -3,3 +3,6 @@
 //!
 //! Work in progress (issue 3): the pieces land one by one, each tested,
 //! before a node runs them.
+
+pub mod frame;
+pub mod identity;
