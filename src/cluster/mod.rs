@@ -5,4 +5,6 @@
 //! before a node runs them.
 
 pub mod frame;
+pub mod handshake;
 pub mod identity;
+pub mod message;
