@@ -7,4 +7,5 @@
 pub mod frame;
 pub mod handshake;
 pub mod identity;
+pub mod link;
 pub mod message;
