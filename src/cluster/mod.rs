@@ -4,6 +4,11 @@
 //! Work in progress (issue 3): the pieces land one by one, each tested,
 //! before a node runs them.
 
+pub mod frame;
+pub mod handshake;
+pub mod identity;
+pub mod link;
+pub mod message;
 pub mod store;
 pub mod types;
 

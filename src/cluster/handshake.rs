@@ -1,0 +1,377 @@
+//! The mutual-authentication handshake of a node-to-node link, as a pure
+//! state machine: messages and timeouts in, [`Action`]s out. No sockets,
+//! clock or randomness; the driver passes in the fresh nonce and calls
+//! [`Handshake::on_timeout`] when its deadline passes.
+//!
+//! # Protocol (version [`PROTO_VERSION`])
+//!
+//! 1. On connect, both sides send `Hello { proto, cluster, name,
+//!    incarnation, nonce }` at once, without waiting for the other.
+//! 2. On the peer's Hello, a side checks, in this order: the protocol
+//!    version (`Incompatible`), the cluster name (`WrongCluster`), that the
+//!    name and incarnation are well formed, that the peer is not itself
+//!    (`SelfConnect`) and did not echo our nonce. It then sends
+//!    `Proof { mac }` with
+//!    `mac = HMAC-SHA256(secret, "mtad-cluster-v1" ‖ role ‖ proto ‖ cluster
+//!    ‖ verifier nonce ‖ prover nonce ‖ prover name ‖ prover incarnation ‖
+//!    verifier name ‖ verifier incarnation)`; strings are length-prefixed
+//!    so no two inputs encode alike. Both nonces make a proof useless on
+//!    any other connection (each verifier picks a fresh nonce); the role
+//!    byte and the ordered identities make a proof useless when reflected
+//!    back to its maker.
+//! 3. On the peer's Proof, a side verifies it in constant time
+//!    (`BadProof` when the secrets differ). Its own Proof already went out
+//!    when the peer's Hello arrived, so a verified Proof means
+//!    [`Action::Established`].
+//!
+//! Every refusal first sends `Refuse { reason }` so the peer can log the
+//! specific reason, then closes. Because each side runs the same checks,
+//! a wrong secret, cluster or version is normally reported by both sides
+//! as their own finding; a received `Refuse` ends the link as
+//! `RefusedByPeer`. Any other message in the wrong place (a second Hello, a
+//! Proof before Hello or after establishment, application data before
+//! establishment, an unknown or undecodable message) is a
+//! `ProtocolViolation`. After establishment the machine keeps running:
+//! it hands application messages to the caller.
+//!
+//! The secret is shared by all members, so the handshake proves cluster
+//! membership, not that the peer really is the node it names.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use thiserror::Error;
+
+use super::frame::FrameError;
+use super::identity::{Identity, Secret, MAX_NAME_LEN};
+use super::message::{LinkMessage, Nonce, RefuseReason};
+
+/// The link protocol version this build speaks.
+pub const PROTO_VERSION: u16 = 1;
+/// Frame cap before the peer is authenticated: a Hello is far smaller, and
+/// an unauthenticated peer must not make us buffer megabytes.
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
+/// Domain separation for the proof MAC.
+const MAC_LABEL: &[u8] = b"mtad-cluster-v1";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Which end of the TCP connection we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// We connected.
+    Initiator,
+    /// We accepted.
+    Acceptor,
+}
+
+impl Role {
+    fn byte(self) -> u8 {
+        match self {
+            Role::Initiator => 1,
+            Role::Acceptor => 2,
+        }
+    }
+
+    fn other(self) -> Role {
+        match self {
+            Role::Initiator => Role::Acceptor,
+            Role::Acceptor => Role::Initiator,
+        }
+    }
+}
+
+/// How a link ended.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LinkEnd {
+    /// We refused the peer (and told it why).
+    #[error("refused peer: {0}")]
+    Refused(RefuseReason),
+    /// The peer refused us.
+    #[error("refused by peer: {0}")]
+    RefusedByPeer(RefuseReason),
+    /// The connection closed without a refusal.
+    #[error("connection closed by peer")]
+    PeerClosed,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this message.
+    Send(LinkMessage),
+    /// The peer is authenticated; application messages may flow.
+    Established(Identity),
+    /// An application message from the authenticated peer.
+    Deliver(serde_json::Value),
+    /// Close the connection (after sending what came before).
+    Close(LinkEnd),
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    /// Our Hello is out; waiting for the peer's.
+    AwaitHello,
+    /// Both Hellos seen and our Proof out; waiting for the peer's Proof.
+    AwaitProof { peer: Identity, peer_nonce: Nonce },
+    /// Authenticated.
+    Established { peer: Identity },
+    /// Over; every input is ignored.
+    Closed(LinkEnd),
+}
+
+/// One side of one connection's handshake (and its later message routing).
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    role: Role,
+    local: Identity,
+    cluster: String,
+    secret: Secret,
+    nonce: Nonce,
+    state: State,
+}
+
+impl Handshake {
+    /// Starts a handshake; the returned actions send our Hello.
+    /// `nonce` must be fresh random bytes, never reused.
+    pub fn start(
+        role: Role,
+        local: Identity,
+        cluster: &str,
+        secret: Secret,
+        nonce: Nonce,
+    ) -> (Handshake, Vec<Action>) {
+        let hello = LinkMessage::Hello {
+            proto: PROTO_VERSION,
+            cluster: cluster.to_owned(),
+            name: local.name.clone(),
+            incarnation: local.incarnation,
+            nonce,
+        };
+        let hs = Handshake {
+            role,
+            local,
+            cluster: cluster.to_owned(),
+            secret,
+            nonce,
+            state: State::AwaitHello,
+        };
+        (hs, vec![Action::Send(hello)])
+    }
+
+    /// The authenticated peer, once established.
+    pub fn peer(&self) -> Option<&Identity> {
+        match &self.state {
+            State::Established { peer } => Some(peer),
+            _ => None,
+        }
+    }
+
+    /// Whether the peer is authenticated and the link still open.
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established { .. })
+    }
+
+    /// How the link ended, if it has.
+    pub fn end(&self) -> Option<&LinkEnd> {
+        match &self.state {
+            State::Closed(end) => Some(end),
+            _ => None,
+        }
+    }
+
+    /// Handles one received message.
+    pub fn on_message(&mut self, msg: LinkMessage) -> Vec<Action> {
+        let state = std::mem::replace(&mut self.state, State::AwaitHello);
+        match (state, msg) {
+            (State::Closed(end), _) => {
+                self.state = State::Closed(end);
+                vec![]
+            }
+            (_, LinkMessage::Refuse { reason }) => {
+                self.close(LinkEnd::RefusedByPeer(reason.bounded()))
+            }
+            (
+                State::AwaitHello,
+                LinkMessage::Hello {
+                    proto,
+                    cluster,
+                    name,
+                    incarnation,
+                    nonce,
+                },
+            ) => self.on_hello(proto, cluster, Identity { name, incarnation }, nonce),
+            (State::AwaitProof { peer, peer_nonce }, LinkMessage::Proof { mac }) => {
+                let verifier = self.proof_mac(self.role.other(), &self.nonce, &peer_nonce, &peer);
+                if verifier.verify_slice(&mac).is_err() {
+                    return self.refuse(RefuseReason::BadProof);
+                }
+                self.state = State::Established { peer: peer.clone() };
+                vec![Action::Established(peer)]
+            }
+            (State::Established { peer }, LinkMessage::App { body }) => {
+                self.state = State::Established { peer };
+                vec![Action::Deliver(body)]
+            }
+            (state, msg) => {
+                let detail = match (&state, &msg) {
+                    (_, LinkMessage::Unknown) => "unknown message type",
+                    (State::AwaitHello, LinkMessage::Proof { .. }) => "proof before hello",
+                    (State::AwaitHello | State::AwaitProof { .. }, LinkMessage::App { .. }) => {
+                        "application message before authentication"
+                    }
+                    (_, LinkMessage::Hello { .. }) => "duplicate hello",
+                    (_, LinkMessage::Proof { .. }) => "duplicate proof",
+                    _ => "unexpected message",
+                };
+                self.refuse(RefuseReason::violation(detail))
+            }
+        }
+    }
+
+    /// Handles a frame that could not be decoded; the stream is unusable.
+    pub fn on_bad_frame(&mut self, err: &FrameError) -> Vec<Action> {
+        if matches!(self.state, State::Closed(_)) {
+            return vec![];
+        }
+        self.refuse(RefuseReason::violation(format!("bad frame: {err}")))
+    }
+
+    /// The driver's handshake deadline passed; ignored once established.
+    pub fn on_timeout(&mut self) -> Vec<Action> {
+        match self.state {
+            State::AwaitHello | State::AwaitProof { .. } => self.refuse(RefuseReason::TimedOut),
+            State::Established { .. } | State::Closed(_) => vec![],
+        }
+    }
+
+    /// The peer closed the connection (EOF or reset).
+    pub fn on_eof(&mut self) -> Vec<Action> {
+        if matches!(self.state, State::Closed(_)) {
+            return vec![];
+        }
+        self.close(LinkEnd::PeerClosed)
+    }
+
+    fn on_hello(
+        &mut self,
+        proto: u16,
+        cluster: String,
+        peer: Identity,
+        nonce: Nonce,
+    ) -> Vec<Action> {
+        if proto != PROTO_VERSION {
+            return self.refuse(RefuseReason::Incompatible {
+                expected: PROTO_VERSION,
+                got: proto,
+            });
+        }
+        if cluster != self.cluster {
+            return self.refuse(
+                RefuseReason::WrongCluster {
+                    expected: self.cluster.clone(),
+                    got: cluster,
+                }
+                .bounded(),
+            );
+        }
+        if peer.name.is_empty() || peer.name.len() > MAX_NAME_LEN {
+            return self.refuse(RefuseReason::violation("bad node name length"));
+        }
+        if peer.incarnation == 0 {
+            return self.refuse(RefuseReason::violation("incarnation 0"));
+        }
+        if peer.incarnation == self.local.incarnation {
+            if peer.name == self.local.name {
+                return self.refuse(RefuseReason::SelfConnect);
+            }
+            // Random 64-bit ids do not collide; a copied data dir does.
+            return self.refuse(RefuseReason::violation(
+                "peer has our incarnation under another name (copied data dir?)",
+            ));
+        }
+        if nonce == self.nonce {
+            return self.refuse(RefuseReason::violation("peer echoed our nonce"));
+        }
+        let mac = self
+            .proof_mac(self.role, &nonce, &self.nonce, &peer)
+            .finalize()
+            .into_bytes()
+            .into();
+        self.state = State::AwaitProof {
+            peer,
+            peer_nonce: nonce,
+        };
+        vec![Action::Send(LinkMessage::Proof { mac })]
+    }
+
+    /// The MAC proving `prover` (in `prover_role`) knows the secret, for the
+    /// verifier's challenge `verifier_nonce`. One side is always `self.local`.
+    fn proof_mac(
+        &self,
+        prover_role: Role,
+        verifier_nonce: &Nonce,
+        prover_nonce: &Nonce,
+        other: &Identity,
+    ) -> HmacSha256 {
+        let (prover, verifier) = if prover_role == self.role {
+            (&self.local, other)
+        } else {
+            (other, &self.local)
+        };
+        proof_mac(
+            &self.secret,
+            &self.cluster,
+            prover_role,
+            verifier_nonce,
+            prover_nonce,
+            prover,
+            verifier,
+        )
+    }
+
+    fn refuse(&mut self, reason: RefuseReason) -> Vec<Action> {
+        let mut out = vec![Action::Send(LinkMessage::Refuse {
+            reason: reason.clone(),
+        })];
+        out.extend(self.close(LinkEnd::Refused(reason)));
+        out
+    }
+
+    fn close(&mut self, end: LinkEnd) -> Vec<Action> {
+        self.state = State::Closed(end.clone());
+        vec![Action::Close(end)]
+    }
+}
+
+/// The proof MAC over everything that identifies this connection.
+pub(crate) fn proof_mac(
+    secret: &Secret,
+    cluster: &str,
+    prover_role: Role,
+    verifier_nonce: &Nonce,
+    prover_nonce: &Nonce,
+    prover: &Identity,
+    verifier: &Identity,
+) -> HmacSha256 {
+    // HMAC accepts keys of any length; this cannot fail.
+    let mut mac = HmacSha256::new_from_slice(secret.expose()).expect("HMAC takes any key length");
+    let put_str = |mac: &mut HmacSha256, s: &str| {
+        mac.update(&(s.len() as u32).to_be_bytes());
+        mac.update(s.as_bytes());
+    };
+    mac.update(MAC_LABEL);
+    mac.update(&[prover_role.byte()]);
+    mac.update(&PROTO_VERSION.to_be_bytes());
+    put_str(&mut mac, cluster);
+    mac.update(verifier_nonce);
+    mac.update(prover_nonce);
+    put_str(&mut mac, &prover.name);
+    mac.update(&prover.incarnation.to_be_bytes());
+    put_str(&mut mac, &verifier.name);
+    mac.update(&verifier.incarnation.to_be_bytes());
+    mac
+}
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod tests;

@@ -1,0 +1,460 @@
+use std::collections::VecDeque;
+
+use super::*;
+use crate::cluster::frame::{encode, FrameDecoder};
+
+pub(super) const KEY: &[u8] = b"correct horse battery staple";
+pub(super) const OTHER_KEY: &[u8] = b"incorrect horse battery staple";
+
+pub(super) fn secret(k: &[u8]) -> Secret {
+    Secret::new(k).unwrap()
+}
+
+fn ident(name: &str, incarnation: u64) -> Identity {
+    Identity {
+        name: name.into(),
+        incarnation,
+    }
+}
+
+pub(super) fn a_id() -> Identity {
+    ident("node-a", 0xaaaa)
+}
+
+pub(super) fn b_id() -> Identity {
+    ident("node-b", 0xbbbb)
+}
+
+/// A machine and the messages it sent on start.
+fn machine(role: Role, id: Identity, cluster: &str, key: &[u8], n: u8) -> (Handshake, LinkMessage) {
+    let (hs, out) = Handshake::start(role, id, cluster, secret(key), [n; 32]);
+    let [Action::Send(hello)] = <[Action; 1]>::try_from(out).unwrap() else {
+        panic!("start must send exactly one hello")
+    };
+    (hs, hello)
+}
+
+pub(super) fn initiator() -> (Handshake, LinkMessage) {
+    machine(Role::Initiator, a_id(), "prod", KEY, 1)
+}
+
+fn acceptor() -> (Handshake, LinkMessage) {
+    machine(Role::Acceptor, b_id(), "prod", KEY, 2)
+}
+
+fn sent(actions: &[Action]) -> Vec<LinkMessage> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn proof_of(actions: &[Action]) -> LinkMessage {
+    match sent(actions).as_slice() {
+        [m @ LinkMessage::Proof { .. }] => m.clone(),
+        other => panic!("expected one proof, got {other:?}"),
+    }
+}
+
+fn hello(proto: u16, cluster: &str, id: &Identity, n: u8) -> LinkMessage {
+    LinkMessage::Hello {
+        proto,
+        cluster: cluster.into(),
+        name: id.name.clone(),
+        incarnation: id.incarnation,
+        nonce: [n; 32],
+    }
+}
+
+/// Asserts that `actions` refuse with `reason`: send it, then close.
+fn assert_refused(actions: &[Action], reason: RefuseReason) {
+    assert_eq!(
+        actions,
+        &[
+            Action::Send(LinkMessage::Refuse {
+                reason: reason.clone()
+            }),
+            Action::Close(LinkEnd::Refused(reason)),
+        ]
+    );
+}
+
+fn violation(actions: &[Action]) -> String {
+    match actions {
+        [Action::Send(LinkMessage::Refuse {
+            reason: RefuseReason::ProtocolViolation { detail },
+        }), Action::Close(LinkEnd::Refused(RefuseReason::ProtocolViolation { .. }))] => {
+            detail.clone()
+        }
+        other => panic!("expected a protocol violation, got {other:?}"),
+    }
+}
+
+/// Both machines with their messages in flight, for exploring every order.
+#[derive(Clone)]
+struct World {
+    a: Handshake,
+    b: Handshake,
+    to_a: VecDeque<LinkMessage>,
+    to_b: VecDeque<LinkMessage>,
+    /// Non-send actions each side produced, in order.
+    a_events: Vec<Action>,
+    b_events: Vec<Action>,
+}
+
+impl World {
+    fn new(a: (Handshake, LinkMessage), b: (Handshake, LinkMessage)) -> World {
+        World {
+            a: a.0,
+            b: b.0,
+            to_b: VecDeque::from([a.1]),
+            to_a: VecDeque::from([b.1]),
+            a_events: vec![],
+            b_events: vec![],
+        }
+    }
+
+    /// Delivers the next message to A (`to_a`) or to B; false if none.
+    fn step(&mut self, to_a: bool) -> bool {
+        let (queue, hs, out, events) = if to_a {
+            (
+                &mut self.to_a,
+                &mut self.a,
+                &mut self.to_b,
+                &mut self.a_events,
+            )
+        } else {
+            (
+                &mut self.to_b,
+                &mut self.b,
+                &mut self.to_a,
+                &mut self.b_events,
+            )
+        };
+        let Some(msg) = queue.pop_front() else {
+            return false;
+        };
+        for action in hs.on_message(msg) {
+            match action {
+                Action::Send(m) => out.push_back(m),
+                other => events.push(other),
+            }
+        }
+        true
+    }
+}
+
+/// Every interleaving of deliveries, to completion.
+fn explore(w: World, finals: &mut Vec<World>) {
+    let mut progressed = false;
+    for to_a in [true, false] {
+        let mut next = w.clone();
+        if next.step(to_a) {
+            progressed = true;
+            explore(next, finals);
+        }
+    }
+    if !progressed {
+        finals.push(w);
+    }
+}
+
+fn all_orders(a: (Handshake, LinkMessage), b: (Handshake, LinkMessage)) -> Vec<World> {
+    let mut finals = vec![];
+    explore(World::new(a, b), &mut finals);
+    assert!(finals.len() > 1);
+    finals
+}
+
+#[test]
+fn every_message_order_establishes_both_sides() {
+    for w in all_orders(initiator(), acceptor()) {
+        assert_eq!(w.a_events, vec![Action::Established(b_id())]);
+        assert_eq!(w.b_events, vec![Action::Established(a_id())]);
+        assert_eq!(w.a.peer(), Some(&b_id()));
+        assert_eq!(w.b.peer(), Some(&a_id()));
+    }
+}
+
+#[test]
+fn wrong_secret_is_bad_proof_on_both_sides_in_every_order() {
+    let b = machine(Role::Acceptor, b_id(), "prod", OTHER_KEY, 2);
+    for w in all_orders(initiator(), b) {
+        let bad = Action::Close(LinkEnd::Refused(RefuseReason::BadProof));
+        assert_eq!(w.a_events, vec![bad.clone()]);
+        assert_eq!(w.b_events, vec![bad]);
+        assert!(!w.a.is_established() && !w.b.is_established());
+    }
+}
+
+#[test]
+fn wrong_cluster_is_reported_on_both_sides_in_every_order() {
+    let b = machine(Role::Acceptor, b_id(), "staging", KEY, 2);
+    for w in all_orders(initiator(), b) {
+        assert_eq!(
+            w.a_events,
+            vec![Action::Close(LinkEnd::Refused(
+                RefuseReason::WrongCluster {
+                    expected: "prod".into(),
+                    got: "staging".into()
+                }
+            ))]
+        );
+        assert_eq!(
+            w.b_events,
+            vec![Action::Close(LinkEnd::Refused(
+                RefuseReason::WrongCluster {
+                    expected: "staging".into(),
+                    got: "prod".into()
+                }
+            ))]
+        );
+    }
+}
+
+#[test]
+fn wrong_proto_is_incompatible_and_the_peer_hears_why() {
+    let (mut b, _) = acceptor();
+    let out = b.on_message(hello(2, "prod", &a_id(), 1));
+    let reason = RefuseReason::Incompatible {
+        expected: PROTO_VERSION,
+        got: 2,
+    };
+    assert_refused(&out, reason.clone());
+    // The (old or new) peer receives the refusal and can log it.
+    let (mut a, _) = initiator();
+    let out = a.on_message(sent(&out).remove(0));
+    assert_eq!(out, vec![Action::Close(LinkEnd::RefusedByPeer(reason))]);
+    // Version is checked before the cluster name.
+    let (mut b, _) = acceptor();
+    let out = b.on_message(hello(0, "other", &a_id(), 1));
+    assert!(matches!(
+        out[1],
+        Action::Close(LinkEnd::Refused(RefuseReason::Incompatible { got: 0, .. }))
+    ));
+}
+
+#[test]
+fn self_connect_is_refused() {
+    // Our own listener: same identity, different nonce.
+    let (mut a1, _) = machine(Role::Initiator, a_id(), "prod", KEY, 1);
+    let (mut a2, hello2) = machine(Role::Acceptor, a_id(), "prod", KEY, 2);
+    assert_refused(&a1.on_message(hello2), RefuseReason::SelfConnect);
+    // Our own Hello reflected back.
+    let (_, hello1) = machine(Role::Initiator, a_id(), "prod", KEY, 1);
+    assert_refused(&a2.on_message(hello1), RefuseReason::SelfConnect);
+}
+
+#[test]
+fn copied_data_dir_is_refused() {
+    let (mut a, _) = initiator();
+    let out = a.on_message(hello(1, "prod", &ident("node-c", a_id().incarnation), 9));
+    assert!(violation(&out).contains("incarnation"));
+}
+
+#[test]
+fn malformed_hello_fields_are_violations() {
+    for (id, n) in [
+        (ident("", 5), 9),
+        (ident(&"x".repeat(256), 5), 9),
+        (ident("node-b", 0), 9),
+        (b_id(), 1), // echoes the initiator's nonce
+    ] {
+        let (mut a, _) = initiator();
+        violation(&a.on_message(hello(1, "prod", &id, n)));
+    }
+}
+
+#[test]
+fn duplicate_hello_is_a_violation() {
+    let (mut a, _) = initiator();
+    let (_, hb) = acceptor();
+    proof_of(&a.on_message(hb.clone()));
+    assert_eq!(violation(&a.on_message(hb.clone())), "duplicate hello");
+    // Also after establishment.
+    let w = all_orders(initiator(), acceptor()).remove(0);
+    let mut a = w.a;
+    assert_eq!(violation(&a.on_message(hb)), "duplicate hello");
+}
+
+#[test]
+fn proof_before_hello_is_a_violation() {
+    let (mut a, _) = initiator();
+    let out = a.on_message(LinkMessage::Proof { mac: [0; 32] });
+    assert_eq!(violation(&out), "proof before hello");
+}
+
+#[test]
+fn duplicate_proof_after_establishment_is_a_violation() {
+    let (mut a, ha) = initiator();
+    let (mut b, hb) = acceptor();
+    let pa = proof_of(&a.on_message(hb));
+    let pb = proof_of(&b.on_message(ha));
+    assert_eq!(a.on_message(pb.clone()), vec![Action::Established(b_id())]);
+    assert_eq!(b.on_message(pa), vec![Action::Established(a_id())]);
+    assert_eq!(violation(&a.on_message(pb)), "duplicate proof");
+    assert!(!a.is_established());
+}
+
+#[test]
+fn replayed_proof_from_another_session_is_rejected() {
+    // Session 1: a genuine exchange, recorded by an eavesdropper.
+    let (mut a1, ha1) = initiator();
+    let (mut b1, hb1) = acceptor();
+    let pa1 = proof_of(&a1.on_message(hb1));
+    proof_of(&b1.on_message(ha1.clone()));
+    assert_eq!(
+        b1.on_message(pa1.clone()),
+        vec![Action::Established(a_id())]
+    );
+    // Session 2: the attacker replays A's Hello and Proof; B has a new nonce.
+    let (mut b2, _) = machine(Role::Acceptor, b_id(), "prod", KEY, 3);
+    proof_of(&b2.on_message(ha1));
+    assert_refused(&b2.on_message(pa1), RefuseReason::BadProof);
+}
+
+#[test]
+fn reflected_proof_is_rejected() {
+    // The attacker claims to be A, then sends B's own proof back to it.
+    let (mut b, _) = acceptor();
+    let pb = proof_of(&b.on_message(hello(1, "prod", &a_id(), 7)));
+    assert_refused(&b.on_message(pb), RefuseReason::BadProof);
+}
+
+#[test]
+fn proof_for_the_other_role_or_identity_is_rejected() {
+    let (mut b, _) = acceptor();
+    proof_of(&b.on_message(hello(1, "prod", &a_id(), 1)));
+    let s = secret(KEY);
+    let right = |role, prover: &Identity, verifier: &Identity| LinkMessage::Proof {
+        mac: proof_mac(&s, "prod", role, &[2; 32], &[1; 32], prover, verifier)
+            .finalize()
+            .into_bytes()
+            .into(),
+    };
+    // Sanity: the correctly built proof is accepted.
+    assert_eq!(
+        b.clone()
+            .on_message(right(Role::Initiator, &a_id(), &b_id())),
+        vec![Action::Established(a_id())]
+    );
+    for wrong in [
+        right(Role::Acceptor, &a_id(), &b_id()),
+        right(Role::Initiator, &b_id(), &a_id()),
+        right(Role::Initiator, &ident("node-c", 0xaaaa), &b_id()),
+    ] {
+        assert_refused(&b.clone().on_message(wrong), RefuseReason::BadProof);
+    }
+}
+
+#[test]
+fn app_messages_only_after_establishment() {
+    let body = serde_json::json!({"append_entries": 1});
+    let (mut a, _) = initiator();
+    let out = a.on_message(LinkMessage::App { body: body.clone() });
+    assert_eq!(violation(&out), "application message before authentication");
+
+    let (mut a, _) = initiator();
+    let (_, hb) = acceptor();
+    proof_of(&a.on_message(hb));
+    let out = a.on_message(LinkMessage::App { body: body.clone() });
+    assert_eq!(violation(&out), "application message before authentication");
+
+    let mut a = all_orders(initiator(), acceptor()).remove(0).a;
+    assert_eq!(
+        a.on_message(LinkMessage::App { body: body.clone() }),
+        vec![Action::Deliver(body)]
+    );
+    assert!(a.is_established());
+}
+
+#[test]
+fn unknown_message_is_a_violation_in_every_state() {
+    let (mut a, _) = initiator();
+    assert_eq!(
+        violation(&a.on_message(LinkMessage::Unknown)),
+        "unknown message type"
+    );
+    let mut a = all_orders(initiator(), acceptor()).remove(0).a;
+    violation(&a.on_message(LinkMessage::Unknown));
+}
+
+#[test]
+fn bad_frame_is_a_violation() {
+    let (mut a, _) = initiator();
+    let out = a.on_bad_frame(&FrameError::TooLarge { len: 9999, max: 10 });
+    assert!(violation(&out).contains("exceeds"), "{out:?}");
+    assert!(a.on_bad_frame(&FrameError::Poisoned).is_empty());
+}
+
+#[test]
+fn timeout_before_establishment_refuses() {
+    let (mut a, _) = initiator();
+    assert_refused(&a.on_timeout(), RefuseReason::TimedOut);
+    assert_eq!(a.end(), Some(&LinkEnd::Refused(RefuseReason::TimedOut)));
+
+    let (mut a, _) = initiator();
+    let (_, hb) = acceptor();
+    proof_of(&a.on_message(hb));
+    assert_refused(&a.on_timeout(), RefuseReason::TimedOut);
+}
+
+#[test]
+fn timeout_after_establishment_is_ignored() {
+    let mut a = all_orders(initiator(), acceptor()).remove(0).a;
+    assert!(a.on_timeout().is_empty());
+    assert!(a.is_established());
+}
+
+#[test]
+fn refuse_ends_the_link_in_every_state() {
+    let reason = RefuseReason::violation("x");
+    let refuse = LinkMessage::Refuse {
+        reason: reason.clone(),
+    };
+    let expect = vec![Action::Close(LinkEnd::RefusedByPeer(reason))];
+
+    let (mut a, _) = initiator();
+    assert_eq!(a.on_message(refuse.clone()), expect);
+
+    let (mut a, _) = initiator();
+    proof_of(&a.on_message(acceptor().1));
+    assert_eq!(a.on_message(refuse.clone()), expect);
+
+    let mut a = all_orders(initiator(), acceptor()).remove(0).a;
+    assert_eq!(a.on_message(refuse.clone()), expect);
+    assert!(a.peer().is_none());
+    // Closed: everything is ignored, nothing is sent back.
+    assert!(a.on_message(refuse).is_empty());
+    assert!(a.on_message(acceptor().1).is_empty());
+    assert!(a.on_timeout().is_empty());
+    assert!(a.on_eof().is_empty());
+}
+
+#[test]
+fn received_refusal_text_is_bounded() {
+    let (mut a, _) = initiator();
+    let out = a.on_message(LinkMessage::Refuse {
+        reason: RefuseReason::violation("y".repeat(100_000)),
+    });
+    let [Action::Close(LinkEnd::RefusedByPeer(RefuseReason::ProtocolViolation { detail }))] =
+        out.as_slice()
+    else {
+        panic!("{out:?}")
+    };
+    assert!(detail.len() < 300);
+}
+
+#[test]
+fn eof_closes_without_sending() {
+    let (mut a, _) = initiator();
+    assert_eq!(a.on_eof(), vec![Action::Close(LinkEnd::PeerClosed)]);
+    let mut a = all_orders(initiator(), acceptor()).remove(0).a;
+    assert_eq!(a.on_eof(), vec![Action::Close(LinkEnd::PeerClosed)]);
+}
+
+#[path = "handshake_wire_tests.rs"]
+mod wire;

@@ -1,0 +1,337 @@
+//! The async driver that runs the [`Handshake`] over a real stream and
+//! then carries application messages as frames.
+//!
+//! A [`Link`] is single-use: after any error it is dropped and the caller
+//! reconnects (with backoff) on a fresh connection; nothing here retries.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+use super::frame::{encode, FrameDecoder, FrameError, MAX_FRAME};
+use super::handshake::{Action, Handshake, LinkEnd, Role, MAX_HANDSHAKE_FRAME};
+use super::identity::{Identity, Secret};
+use super::message::{LinkMessage, Nonce, RefuseReason};
+use thiserror::Error;
+
+/// Default time allowed for connect plus handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Extra time to get a final Refuse out after the deadline passed, so the
+/// peer learns why; a peer that does not read even then is just dropped.
+const REFUSE_GRACE: Duration = Duration::from_secs(1);
+/// Read buffer size.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What a node needs to open or accept links.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// This node.
+    pub identity: Identity,
+    /// The cluster secret.
+    pub secret: Secret,
+    /// The cluster name.
+    pub cluster: String,
+    /// Deadline for connect plus handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Why a link could not be set up or stopped working.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// The TCP connect failed.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        /// Where we tried to connect.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The TCP connect did not finish before the handshake deadline.
+    #[error("connect to {0}: timed out")]
+    ConnectTimedOut(SocketAddr),
+    /// Reading or writing the connection failed.
+    #[error("link i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The handshake or link ended: refused (by us or the peer), or closed.
+    #[error(transparent)]
+    Ended(#[from] LinkEnd),
+    /// A message could not be framed (e.g. larger than the frame cap).
+    #[error("cannot send: {0}")]
+    Frame(#[from] FrameError),
+    /// The OS random source failed.
+    #[error("random source failed: {0}")]
+    Random(getrandom::Error),
+    /// An earlier error broke this writer; the link must be dropped.
+    #[error("link already failed")]
+    Broken,
+}
+
+/// An authenticated link to a peer.
+#[derive(Debug)]
+pub struct Link<S = TcpStream> {
+    /// The authenticated peer.
+    pub peer: Identity,
+    /// Receiving half.
+    pub reader: LinkReader<S>,
+    /// Sending half.
+    pub writer: LinkWriter<S>,
+}
+
+/// Connects to `addr` and authenticates as the initiator.
+pub async fn connect(addr: SocketAddr, cfg: &LinkConfig) -> Result<Link, LinkError> {
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(LinkError::Connect { addr, source }),
+        Err(_) => return Err(LinkError::ConnectTimedOut(addr)),
+    };
+    // Handshake and raft messages are small and latency-bound.
+    stream.set_nodelay(true)?;
+    logged(
+        addr,
+        Role::Initiator,
+        run(stream, Role::Initiator, cfg, deadline).await,
+    )
+}
+
+/// Authenticates an accepted connection as the acceptor.
+pub async fn accept(stream: TcpStream, cfg: &LinkConfig) -> Result<Link, LinkError> {
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let addr = stream.peer_addr()?;
+    stream.set_nodelay(true)?;
+    logged(
+        addr,
+        Role::Acceptor,
+        run(stream, Role::Acceptor, cfg, deadline).await,
+    )
+}
+
+/// Runs the handshake over any stream (sockets, in-memory pipes in tests).
+pub async fn handshake<S>(stream: S, role: Role, cfg: &LinkConfig) -> Result<Link<S>, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    run(stream, role, cfg, Instant::now() + cfg.handshake_timeout).await
+}
+
+fn logged(addr: SocketAddr, role: Role, r: Result<Link, LinkError>) -> Result<Link, LinkError> {
+    match &r {
+        Ok(link) => tracing::info!(
+            %addr, ?role, peer = %link.peer.name,
+            incarnation = format_args!("{:016x}", link.peer.incarnation),
+            "cluster link established"
+        ),
+        Err(e) => tracing::warn!(%addr, ?role, error = %e, "cluster link failed"),
+    }
+    r
+}
+
+async fn run<S>(
+    stream: S,
+    role: Role,
+    cfg: &LinkConfig,
+    deadline: Instant,
+) -> Result<Link<S>, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut nonce: Nonce = [0; 32];
+    getrandom::fill(&mut nonce).map_err(LinkError::Random)?;
+    let (mut hs, mut actions) = Handshake::start(
+        role,
+        cfg.identity.clone(),
+        &cfg.cluster,
+        cfg.secret.clone(),
+        nonce,
+    );
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    // Until the peer is authenticated it may not make us buffer much.
+    let mut dec = FrameDecoder::new(MAX_HANDSHAKE_FRAME);
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        for action in std::mem::take(&mut actions) {
+            match action {
+                Action::Send(msg) => {
+                    let bytes = encode(&msg)?;
+                    let sent = timeout_at(deadline + REFUSE_GRACE, wr.write_all(&bytes)).await;
+                    // A failed Refuse must not hide the reason we refused for:
+                    // the peer may well have closed already.
+                    if hs.end().is_none() {
+                        match sent {
+                            Ok(r) => r?,
+                            Err(_) => return Err(LinkEnd::Refused(RefuseReason::TimedOut).into()),
+                        }
+                    }
+                }
+                Action::Established(peer) => {
+                    // Bytes after the peer's Proof (its first app messages)
+                    // stay in `dec`; now larger frames are allowed.
+                    dec.set_max(MAX_FRAME);
+                    return Ok(Link {
+                        peer,
+                        reader: LinkReader {
+                            inner: rd,
+                            dec,
+                            hs,
+                            buf,
+                        },
+                        writer: LinkWriter {
+                            inner: wr,
+                            broken: false,
+                        },
+                    });
+                }
+                // Only an established machine delivers, and we return on that.
+                Action::Deliver(_) => unreachable!("delivery before establishment"),
+                Action::Close(end) => {
+                    linger(
+                        &mut rd,
+                        &mut wr,
+                        &mut buf,
+                        deadline.max(Instant::now()) + REFUSE_GRACE,
+                    )
+                    .await;
+                    return Err(end.into());
+                }
+            }
+        }
+        actions = match dec.next_message::<LinkMessage>() {
+            Ok(Some(msg)) => hs.on_message(msg),
+            Err(e) => hs.on_bad_frame(&e),
+            Ok(None) => match timeout_at(deadline, rd.read(&mut buf)).await {
+                Ok(Ok(0)) => hs.on_eof(),
+                Ok(Ok(n)) => {
+                    dec.feed(&buf[..n]);
+                    continue;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => hs.on_timeout(),
+            },
+        };
+    }
+}
+
+/// Closes gracefully so our Refuse reaches the peer: closing a socket with
+/// unread input makes the kernel send a reset, which can destroy the Refuse
+/// before the peer reads it. So: FIN, then read and discard until the peer
+/// closes too or the grace ends.
+async fn linger<S: AsyncRead + AsyncWrite>(
+    rd: &mut ReadHalf<S>,
+    wr: &mut WriteHalf<S>,
+    buf: &mut [u8],
+    until: Instant,
+) {
+    let _ = timeout_at(until, async {
+        let _ = wr.shutdown().await;
+        while let Ok(n) = rd.read(buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Receiving half of an authenticated link.
+#[derive(Debug)]
+pub struct LinkReader<S = TcpStream> {
+    inner: ReadHalf<S>,
+    dec: FrameDecoder,
+    hs: Handshake,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> LinkReader<S> {
+    /// The next application message; cancel-safe (usable in `select!`).
+    /// Any error is final: a malformed,
+    /// oversized or out-of-place frame, a refusal, or EOF ends the link,
+    /// and the caller drops both halves (the peer then sees the close).
+    pub async fn recv(&mut self) -> Result<serde_json::Value, LinkError> {
+        loop {
+            if let Some(end) = self.hs.end() {
+                return Err(end.clone().into());
+            }
+            let actions = match self.dec.next_message::<LinkMessage>() {
+                Ok(Some(msg)) => self.hs.on_message(msg),
+                Err(e) => self.hs.on_bad_frame(&e),
+                Ok(None) => match self.inner.read(&mut self.buf).await {
+                    Ok(0) => self.hs.on_eof(),
+                    Ok(n) => {
+                        self.dec.feed(&self.buf[..n]);
+                        continue;
+                    }
+                    Err(e) => {
+                        // Never read from a stream after an error.
+                        self.hs.on_eof();
+                        return Err(e.into());
+                    }
+                },
+            };
+            for action in actions {
+                match action {
+                    Action::Deliver(body) => return Ok(body),
+                    Action::Close(end) => {
+                        if let LinkEnd::Refused(reason) = &end {
+                            tracing::warn!(peer = %self.hs_peer(), %reason, "refusing cluster link");
+                        }
+                        return Err(end.into());
+                    }
+                    // Sends (our Refuse) cannot go out from the read half;
+                    // the close tells the peer enough.
+                    Action::Send(_) | Action::Established(_) => {}
+                }
+            }
+        }
+    }
+
+    fn hs_peer(&self) -> String {
+        self.hs.peer().map(|p| p.name.clone()).unwrap_or_default()
+    }
+}
+
+/// Sending half of an authenticated link.
+#[derive(Debug)]
+pub struct LinkWriter<S = TcpStream> {
+    inner: WriteHalf<S>,
+    broken: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> LinkWriter<S> {
+    /// Sends one application message. Not cancel-safe: a cancelled send
+    /// breaks the writer.
+    pub async fn send(&mut self, body: serde_json::Value) -> Result<(), LinkError> {
+        self.send_message(&LinkMessage::App { body }).await
+    }
+
+    /// Tells the peer why the link ends, then closes the sending side.
+    pub async fn refuse(&mut self, reason: RefuseReason) -> Result<(), LinkError> {
+        self.send_message(&LinkMessage::Refuse { reason }).await?;
+        self.broken = true;
+        self.inner.shutdown().await?;
+        Ok(())
+    }
+
+    async fn send_message(&mut self, msg: &LinkMessage) -> Result<(), LinkError> {
+        if self.broken {
+            return Err(LinkError::Broken);
+        }
+        // Oversized messages are refused here, before anything is written,
+        // so the stream stays intact.
+        let bytes = encode(msg)?;
+        // Broken until the whole frame is out: after a write error or a
+        // cancelled send, a partial frame may be on the wire, so the link
+        // must never be written again.
+        self.broken = true;
+        self.inner.write_all(&bytes).await?;
+        self.broken = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "link_tests.rs"]
+mod tests;
