@@ -9,6 +9,7 @@ pub mod handshake;
 pub mod identity;
 pub mod link;
 pub mod message;
+pub mod rpc;
 pub mod store;
 pub mod types;
 
