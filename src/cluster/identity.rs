@@ -111,15 +111,18 @@ fn truncate(s: &str, max: usize) -> &str {
 /// Makes a fresh incarnation and stores it so that a crash at any point
 /// leaves either no file (retried on next start) or the complete file.
 fn create_incarnation(dir: &Path, path: &Path) -> Result<u64, IdentityError> {
-    let incarnation = loop {
-        let mut buf = [0u8; 8];
-        getrandom::fill(&mut buf).map_err(IdentityError::Random)?;
-        let value = u64::from_be_bytes(buf);
-        // Zero is reserved ("unknown") so it can never be a real incarnation.
-        if value != 0 {
-            break value;
-        }
-    };
+    // Creation time in milliseconds in the high bits, randomness in the
+    // low 20: a newer data dir always has the larger incarnation, so the
+    // cluster can tell a wiped node (newer: replaces its stale entry) from
+    // an old disk brought back (older: refused); the random bits keep two
+    // nodes made in the same millisecond apart. Never zero.
+    let mut buf = [0u8; 4];
+    getrandom::fill(&mut buf).map_err(IdentityError::Random)?;
+    let random = u64::from(u32::from_be_bytes(buf) & 0xF_FFFF);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let incarnation = ((now_ms << 20) | random).max(1);
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     // A leftover temp file is from a crash before rename: it was never the
     // incarnation, so overwriting it is safe.

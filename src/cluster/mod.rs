@@ -8,6 +8,7 @@ pub mod frame;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod membership;
 pub mod message;
 pub mod rpc;
 pub mod store;

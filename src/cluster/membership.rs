@@ -1,0 +1,206 @@
+//! Membership decisions, without I/O: when a fresh node bootstraps a
+//! cluster or joins one, how a leader admits a joiner (including one that
+//! comes back with a wiped disk), and the retry backoff. The drivers ask
+//! these functions and carry out the answer with links and openraft.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::rpc::JoinRequest;
+use super::types::{Member, NodeId};
+
+/// What a seed said when a fresh node asked for its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeedView {
+    /// No answer (refused, timed out, failed the handshake).
+    Unreachable,
+    /// A node with no cluster state yet, with its name.
+    Fresh {
+        /// Its configured name.
+        name: String,
+    },
+    /// A member of an initialized cluster, maybe knowing the leader.
+    Member {
+        /// The leader's cluster address, if known.
+        leader: Option<SocketAddr>,
+    },
+}
+
+/// What a fresh node does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Ask this node to admit us.
+    Join(SocketAddr),
+    /// Initialize a new cluster with ourselves as its only voter; the
+    /// other fresh seeds will join it.
+    Bootstrap,
+    /// Nothing decisive yet: ask again after a backoff.
+    Wait,
+}
+
+/// Decide how a node without cluster state starts, from its seeds' views.
+///
+/// A node bootstraps only when every seed answered and is fresh too, and
+/// its own name is the lowest of them all. Then every node of the initial
+/// set sees the same names, so exactly one bootstraps, whatever the
+/// timing; the others join it. A majority rule would not do: two nodes
+/// with different partial views can each be the lowest of a different
+/// majority and start two clusters. Seeds should therefore list the same
+/// initial members on every node; a seed that is down at the first start
+/// delays forming the cluster rather than risking two.
+pub fn start(me: &str, seeds: &[(SocketAddr, SeedView)]) -> Start {
+    for (addr, view) in seeds {
+        if let SeedView::Member { leader } = view {
+            return Start::Join(leader.unwrap_or(*addr));
+        }
+    }
+    let mut lowest = true;
+    for (_, view) in seeds {
+        match view {
+            SeedView::Fresh { name } => lowest &= me < name.as_str(),
+            _ => return Start::Wait,
+        }
+    }
+    if lowest {
+        Start::Bootstrap
+    } else {
+        Start::Wait
+    }
+}
+
+/// A known member, as the leader sees it for admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// The member record.
+    pub member: Member,
+    /// Whether it is in the voter set.
+    pub voter: bool,
+}
+
+/// One step of admitting a node, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Take a stale incarnation out of the voter set (and learners).
+    RemoveNode(NodeId),
+    /// Forget the stale incarnation's member record.
+    Forget(NodeId),
+    /// Record the joiner's member record.
+    Record(NodeId, Member),
+    /// Add it as a learner and wait until it has caught up (bounded by
+    /// the join timeout; on timeout the learner is removed again).
+    AddLearner(NodeId, Member),
+    /// Make it a voter.
+    Promote(NodeId),
+}
+
+/// The leader's decision on a join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Carry out these steps, then answer Admitted { voter }.
+    Steps {
+        /// The steps.
+        steps: Vec<Step>,
+        /// Whether it ends as a voter.
+        voter: bool,
+    },
+    /// Refuse with this reason.
+    Refuse(String),
+}
+
+/// How a leader admits `req`, given the cluster's members and the voter
+/// limit. Admission is idempotent: a joiner whose connection was cut after
+/// it was admitted asks again and gets the same answer with no new steps
+/// beyond the ones still missing.
+pub fn admit(known: &BTreeMap<NodeId, Known>, req: &JoinRequest, max_voters: usize) -> Admission {
+    let member = Member {
+        name: req.name.clone(),
+        addr: req.addr.to_string(),
+        role: req.role,
+    };
+    let mut steps = Vec::new();
+    let same_name: Vec<(&NodeId, &Known)> = known
+        .iter()
+        .filter(|(_, k)| k.member.name == req.name)
+        .collect();
+    for (&id, _) in &same_name {
+        if id > req.incarnation {
+            return Admission::Refuse(format!(
+                "{} is already a member with the newer incarnation {id}; \
+                 this node's data dir ({}) is older — wipe it to rejoin",
+                req.name, req.incarnation
+            ));
+        }
+    }
+    let voters_now = known.values().filter(|k| k.voter).count();
+    if let Some(me) = known.get(&req.incarnation) {
+        // Rejoining with the same incarnation: it keeps its place; only a
+        // changed address needs recording. A learner that could be a
+        // voter is promoted (an earlier attempt may have stopped there).
+        if me.member != member {
+            steps.push(Step::Record(req.incarnation, member));
+        }
+        let promote = !me.voter && voters_now < max_voters;
+        if promote {
+            steps.push(Step::Promote(req.incarnation));
+        }
+        return Admission::Steps {
+            steps,
+            voter: me.voter || promote,
+        };
+    }
+    let mut stale_voters = 0;
+    for (&id, k) in same_name {
+        // An older incarnation of the same name: the node came back with a
+        // wiped disk. It leaves the voter set before the new one enters,
+        // so the quorum never counts a node twice.
+        steps.push(Step::RemoveNode(id));
+        steps.push(Step::Forget(id));
+        stale_voters += usize::from(k.voter);
+    }
+    steps.push(Step::Record(req.incarnation, member.clone()));
+    steps.push(Step::AddLearner(req.incarnation, member));
+    let voter = voters_now - stale_voters < max_voters;
+    if voter {
+        steps.push(Step::Promote(req.incarnation));
+    }
+    Admission::Steps { steps, voter }
+}
+
+/// Exponential backoff with jitter for join attempts and reconnects.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// A backoff between `min` and `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            failures: 0,
+        }
+    }
+
+    /// The delay after one more failure; `jitter` in [0, 1) spreads
+    /// retries of many nodes apart (full jitter over the upper half).
+    pub fn next(&mut self, jitter: f64) -> Duration {
+        let exp = self.min.saturating_mul(1u32 << self.failures.min(20));
+        self.failures = self.failures.saturating_add(1);
+        let ceiling = exp.min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+
+    /// Start over after a success.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+#[path = "membership_tests.rs"]
+mod tests;
