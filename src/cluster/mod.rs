@@ -4,6 +4,7 @@
 //! Work in progress (issue 3): the pieces land one by one, each tested,
 //! before a node runs them.
 
+pub mod admit;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
