@@ -69,7 +69,9 @@ async fn run(raft: &Raft<TypeConfig>, step: Step, join_timeout: Duration) -> Res
                     // Half-finished join: roll it back so the next
                     // attempt does not find a stale learner.
                     let _ = remove(raft, id).await;
-                    Err(format!("learner {id} did not catch up within {join_timeout:?}"))
+                    Err(format!(
+                        "learner {id} did not catch up within {join_timeout:?}"
+                    ))
                 }
             }
         }
