@@ -9,7 +9,10 @@ pub mod handshake;
 pub mod identity;
 pub mod link;
 pub mod message;
+pub mod network;
+pub mod peer;
 pub mod rpc;
+pub mod server;
 pub mod store;
 pub mod types;
 
