@@ -148,6 +148,24 @@ async fn three_nodes_replicate_and_fail_over_over_links() {
         }
         other => panic!("{other:?}"),
     }
+    // A link may not speak for another node, and joins are not served yet.
+    let forged = openraft::raft::VoteRequest::new(openraft::Vote::new(99, leader), None);
+    let reply = client.call(Request::Vote(forged), LONG).await.unwrap();
+    assert!(
+        matches!(&reply, Reply::Unavailable(why) if why.contains("does not match")),
+        "{reply:?}"
+    );
+    let join = Request::Join(crate::cluster::rpc::JoinRequest {
+        name: "probe".into(),
+        incarnation: 99,
+        addr: "127.0.0.1:1".parse().unwrap(),
+        role: Role::Member,
+    });
+    let reply = client.call(join, LONG).await.unwrap();
+    assert!(
+        matches!(&reply, Reply::Unavailable(why) if why.contains("join")),
+        "{reply:?}"
+    );
 
     // The leader dies; the other two elect a new one and keep committing.
     nodes.remove(li).stop().await;

@@ -2,9 +2,9 @@
 //!
 //! The link is opened on the first call and shared by all later calls
 //! (replies are matched to calls by envelope id). Any failure — connect
-//! refused, link error, a reply that does not come in time — drops the link
-//! for good and the next call opens a fresh one, so no failure needs a
-//! restart to heal (DESIGN.md lesson 1). Failed connects back off
+//! refused, link error, a call timing out on a link that went silent —
+//! drops the link for good and the next call opens a fresh one, so no
+//! failure needs a restart to heal (DESIGN.md lesson 1). Failed connects back off
 //! exponentially with jitter so a dead peer costs no hot loop.
 
 use std::collections::HashMap;
@@ -122,6 +122,8 @@ struct State {
     conn: Option<Arc<Conn>>,
     /// Consecutive connects that failed or gave a link that never answered.
     failures: u32,
+    /// Links established so far.
+    links: u64,
     next_attempt: Option<Instant>,
     last_error: String,
 }
@@ -143,9 +145,9 @@ struct Shared {
 struct Pending {
     /// False once the link failed: no new call may wait on it.
     open: bool,
-    /// Whether any reply arrived (a link that never answers counts as a
-    /// failed connect for backoff).
-    answered: bool,
+    /// Replies received so far (a link that never answers counts as a
+    /// failed connect for backoff; one that answers others is not wedged).
+    replies: u64,
     reason: String,
     calls: HashMap<u64, oneshot::Sender<Reply>>,
 }
@@ -198,7 +200,7 @@ impl PeerClient {
         let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
         let body = serde_json::to_value(Envelope::Call { id, request })?;
         let (tx, rx) = oneshot::channel();
-        {
+        let replies_before = {
             let mut p = conn.shared.lock();
             if !p.open {
                 return Err(CallError::LinkLost {
@@ -207,7 +209,8 @@ impl PeerClient {
                 });
             }
             p.calls.insert(id, tx);
-        }
+            p.replies
+        };
         // Forget the call if the caller gives up (openraft drops RPC
         // futures at its hard TTL): a late reply is then simply discarded.
         let _forget = Forget {
@@ -231,13 +234,23 @@ impl PeerClient {
                 reason: conn.shared.lock().reason.clone(),
             }),
             Err(_) => {
-                // A reply that does not come may mean a half-open or wedged
-                // connection that would swallow every later call too.
-                conn.shared.kill(format!("no reply within {timeout:?}"));
-                tracing::warn!(%addr, ?timeout, "cluster call timed out; dropping link");
+                // Silence since the call went out may mean a half-open or
+                // wedged connection that would swallow every later call
+                // too, so the link goes. If other replies came meanwhile the
+                // link works and only this call is slow (a long join): the
+                // calls sharing the link are spared.
+                if conn.shared.lock().replies == replies_before {
+                    conn.shared.kill(format!("no reply within {timeout:?}"));
+                    tracing::warn!(%addr, ?timeout, "cluster call timed out; dropping link");
+                }
                 Err(timed_out)
             }
         }
+    }
+
+    /// How many links this client has established (for metrics and tests).
+    pub fn links_opened(&self) -> u64 {
+        self.state().links
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -254,7 +267,7 @@ impl PeerClient {
             drop(p);
             return st.conn.clone();
         }
-        let (answered, reason) = (p.answered, p.reason.clone());
+        let (answered, reason) = (p.replies > 0, p.reason.clone());
         drop(p);
         st.conn = None;
         if !answered {
@@ -309,6 +322,7 @@ impl PeerClient {
         match result {
             Ok(link) => {
                 st.next_attempt = None;
+                st.links += 1;
                 let conn = start(link);
                 st.conn = Some(conn.clone());
                 Ok(conn)
@@ -357,7 +371,7 @@ fn start(link: Link) -> Arc<Conn> {
     let shared = Arc::new(Shared {
         pending: Mutex::new(Pending {
             open: true,
-            answered: false,
+            replies: 0,
             reason: String::new(),
             calls: HashMap::new(),
         }),
@@ -405,7 +419,7 @@ async fn read_replies(mut reader: LinkReader, shared: Arc<Shared>) {
         };
         let waiter = {
             let mut p = shared.lock();
-            p.answered = true;
+            p.replies += 1;
             p.calls.remove(&id)
         };
         // No waiter: the caller gave up already.

@@ -86,6 +86,7 @@ async fn calls_are_answered_over_one_link() {
     for c in calls {
         assert_eq!(status_name(c.await.unwrap()), "cli");
     }
+    assert_eq!(client.links_opened(), 1);
     cancel.cancel();
     task.await.unwrap();
 }
@@ -176,6 +177,7 @@ async fn link_lost_mid_call_fails_it_promptly_and_next_call_reconnects() {
         unavailable(client.call(Request::Status, LONG).await),
         "link 2"
     );
+    assert_eq!(client.links_opened(), 2);
     drop(client);
     // Dropping the client closes its link, which ends the server.
     assert_eq!(server.await.unwrap(), 2);
@@ -214,6 +216,7 @@ async fn a_timed_out_call_drops_the_link() {
         unavailable(client.call(Request::Status, LONG).await),
         "fresh"
     );
+    assert_eq!(client.links_opened(), 2);
     drop(client);
     server.await.unwrap();
 }

@@ -119,3 +119,36 @@ async fn shutdown_closes_links_and_fails_calls_in_flight() {
     let err = client.call(Request::Status, LONG).await.unwrap_err();
     assert!(err.is_unreachable(), "{err}");
 }
+
+#[tokio::test]
+async fn a_slow_call_timing_out_on_a_working_link_keeps_the_link() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (release, started) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let handler = SlowJoin {
+        release: release.clone(),
+        started: started.clone(),
+    };
+    let (cancel, task) = serve_on(l, cfg("srv", 2), Arc::new(handler));
+    let client = PeerClient::new(addr, cfg("cli", 1), Some(2));
+    let slow = {
+        let c = client.clone();
+        tokio::spawn(async move { c.call(join(), Duration::from_millis(300)).await })
+    };
+    started.notified().await;
+    // Another call is answered while the join waits: the link is alive.
+    assert!(matches!(
+        client.call(Request::Status, LONG).await,
+        Ok(Reply::Status(_))
+    ));
+    let err = slow.await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::TimedOut { .. }), "{err}");
+    assert!(matches!(
+        client.call(Request::Status, LONG).await,
+        Ok(Reply::Status(_))
+    ));
+    assert_eq!(client.links_opened(), 1, "the working link was kept");
+    release.notify_one();
+    cancel.cancel();
+    task.await.unwrap();
+}
