@@ -11,7 +11,10 @@ pub mod identity;
 pub mod link;
 pub mod membership;
 pub mod message;
+pub mod network;
+pub mod peer;
 pub mod rpc;
+pub mod server;
 pub mod store;
 pub mod types;
 

@@ -1,0 +1,251 @@
+//! openraft's network over cluster links: the client side
+//! ([`Network`], one [`PeerClient`] per target) and the serving side
+//! ([`RaftHandler`], which hands incoming raft RPCs to the local node).
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{RPCTypes, Raft, Vote};
+
+use super::identity::Identity;
+use super::link::LinkConfig;
+use super::peer::{CallError, PeerClient};
+use super::rpc::{Reply, Request, StatusReply};
+use super::server::{BoxFuture, Handler};
+use super::types::{Member, NodeId, TypeConfig};
+
+/// Why a reply could not be used; surfaces inside openraft's errors.
+#[derive(Debug, thiserror::Error)]
+enum NetError {
+    #[error("member address {addr:?} is not ip:port")]
+    BadAddr { addr: String },
+    #[error("peer cannot serve raft: {0}")]
+    Unavailable(String),
+    #[error("peer answered {got} to {sent}")]
+    WrongReply { sent: &'static str, got: String },
+}
+
+/// openraft's network factory: hands out clients for raft targets, reusing
+/// one [`PeerClient`] per (node, address) so its link and its connect
+/// backoff outlive openraft's short-lived per-RPC clients.
+pub struct Network {
+    me: NodeId,
+    cfg: LinkConfig,
+    clients: HashMap<NodeId, (String, PeerClient)>,
+}
+
+impl Network {
+    /// A factory for node `me` that opens links with `cfg`.
+    pub fn new(me: NodeId, cfg: LinkConfig) -> Network {
+        Network {
+            me,
+            cfg,
+            clients: HashMap::new(),
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerNetwork {
+        let client = match self.clients.get(&target) {
+            Some((addr, c)) if *addr == node.addr => Ok(c.clone()),
+            // New node, or it moved: a fresh client (the old one, and its
+            // link, go away when no RPC holds them any more).
+            _ => match node.addr.parse::<SocketAddr>() {
+                Ok(sa) => {
+                    let c = PeerClient::new(sa, self.cfg.clone(), Some(target));
+                    self.clients.insert(target, (node.addr.clone(), c.clone()));
+                    Ok(c)
+                }
+                Err(_) => Err(NetError::BadAddr {
+                    addr: node.addr.clone(),
+                }),
+            },
+        };
+        PeerNetwork {
+            me: self.me,
+            target,
+            node: node.clone(),
+            client: client.map_err(Arc::new),
+        }
+    }
+}
+
+/// openraft's client for one target node.
+pub struct PeerNetwork {
+    me: NodeId,
+    target: NodeId,
+    node: Member,
+    client: Result<PeerClient, Arc<NetError>>,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, E>;
+
+impl PeerNetwork {
+    /// Makes the call within openraft's soft TTL, so our timeout (which
+    /// also drops a wedged link) fires before openraft abandons the call.
+    async fn call<E: Error>(
+        &self,
+        req: Request,
+        action: RPCTypes,
+        option: &RPCOption,
+    ) -> Result<Reply, RpcErr<E>> {
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(e.as_ref())))?;
+        let timeout = option.soft_ttl();
+        match client.call(req, timeout).await {
+            // Raft not running there: as good as unreachable; back off.
+            Ok(Reply::Unavailable(why)) => Err(RPCError::Unreachable(Unreachable::new(
+                &NetError::Unavailable(why),
+            ))),
+            Ok(reply) => Ok(reply),
+            Err(e @ CallError::TimedOut { .. }) => {
+                tracing::debug!(target = self.target, error = %e, "raft rpc timed out");
+                Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.me,
+                    target: self.target,
+                    timeout,
+                }))
+            }
+            // openraft backs off from an unreachable node; a link lost
+            // under a call is retried at once (on a fresh link).
+            Err(e) if e.is_unreachable() => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+
+    fn remote<E: Error>(&self, e: E) -> RpcErr<E> {
+        RPCError::RemoteError(RemoteError::new_with_node(
+            self.target,
+            self.node.clone(),
+            e,
+        ))
+    }
+}
+
+fn wrong<E: Error>(sent: &'static str, got: &Reply) -> RpcErr<E> {
+    let got = format!("{got:?}");
+    // A reply's debug text can be large; the variant name is the point.
+    let got = got.split(['(', ' ']).next().unwrap_or_default().to_string();
+    RPCError::Network(NetworkError::new(&NetError::WrongReply { sent, got }))
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr<RaftError<NodeId>>> {
+        let req = Request::AppendEntries(rpc);
+        match self.call(req, RPCTypes::AppendEntries, &option).await? {
+            Reply::AppendEntries(r) => r.map_err(|e| self.remote(e)),
+            other => Err(wrong("AppendEntries", &other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<RaftError<NodeId, InstallSnapshotError>>>
+    {
+        let req = Request::InstallSnapshot(rpc);
+        match self.call(req, RPCTypes::InstallSnapshot, &option).await? {
+            Reply::InstallSnapshot(r) => r.map_err(|e| self.remote(e)),
+            other => Err(wrong("InstallSnapshot", &other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr<RaftError<NodeId>>> {
+        let req = Request::Vote(rpc);
+        match self.call(req, RPCTypes::Vote, &option).await? {
+            Reply::Vote(r) => r.map_err(|e| self.remote(e)),
+            other => Err(wrong("Vote", &other)),
+        }
+    }
+}
+
+/// Serves incoming calls from the local raft node: raft RPCs and status.
+#[derive(Clone)]
+pub struct RaftHandler {
+    me: Identity,
+    raft: Raft<TypeConfig>,
+}
+
+impl RaftHandler {
+    /// A handler for node `me`, whose raft instance is `raft`.
+    pub fn new(me: Identity, raft: Raft<TypeConfig>) -> RaftHandler {
+        RaftHandler { me, raft }
+    }
+
+    /// What this node knows: whether it is in a cluster and who leads it.
+    pub async fn status(&self) -> StatusReply {
+        let initialized = self.raft.is_initialized().await.unwrap_or(false);
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader.and_then(|id| {
+            let node = m.membership_config.membership().get_node(&id)?;
+            Some((id, node.addr.parse().ok()?))
+        });
+        StatusReply {
+            name: self.me.name.clone(),
+            incarnation: self.me.incarnation,
+            initialized,
+            leader,
+        }
+    }
+}
+
+/// True when the authenticated caller is the node the raft message speaks
+/// for: a link's identity must not be usable to act as another node.
+fn sent_by(from: &Identity, vote: &Vote<NodeId>) -> bool {
+    vote.leader_id().voted_for() == Some(from.incarnation)
+}
+
+impl Handler for RaftHandler {
+    fn handle(&self, from: Identity, req: Request) -> BoxFuture<Reply> {
+        let this = self.clone();
+        Box::pin(async move {
+            let impostor = || {
+                tracing::warn!(peer = %from.name, "raft message names another sender");
+                Reply::Unavailable(format!("sender {} does not match message", from.name))
+            };
+            match req {
+                Request::AppendEntries(r) if sent_by(&from, &r.vote) => {
+                    Reply::AppendEntries(this.raft.append_entries(r).await)
+                }
+                Request::Vote(r) if sent_by(&from, &r.vote) => Reply::Vote(this.raft.vote(r).await),
+                Request::InstallSnapshot(r) if sent_by(&from, &r.vote) => {
+                    Reply::InstallSnapshot(this.raft.install_snapshot(r).await)
+                }
+                Request::AppendEntries(_) | Request::Vote(_) | Request::InstallSnapshot(_) => {
+                    impostor()
+                }
+                Request::Status => Reply::Status(this.status().await),
+                Request::Join(_) => Reply::Unavailable("join not implemented".into()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "network_tests.rs"]
+mod tests;
