@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
@@ -17,10 +18,11 @@ use openraft::raft::{
 };
 use openraft::{RPCTypes, Raft, Vote};
 
+use super::admit;
 use super::identity::Identity;
 use super::link::LinkConfig;
 use super::peer::{CallError, PeerClient};
-use super::rpc::{Reply, Request, StatusReply};
+use super::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
 use super::server::{BoxFuture, Handler};
 use super::types::{Member, NodeId, TypeConfig};
 
@@ -189,12 +191,69 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 pub struct RaftHandler {
     me: Identity,
     raft: Raft<TypeConfig>,
+    join: Option<Arc<JoinSettings>>,
 }
+
+/// How this node answers joins: as leader it admits, as follower it
+/// forwards to the leader over a fresh link.
+#[derive(Clone)]
+pub struct JoinSettings {
+    /// Most voters; later members join without a vote.
+    pub max_voters: usize,
+    /// A learner must catch up within this, or it is removed again.
+    pub join_timeout: Duration,
+    /// How to reach the leader when forwarding.
+    pub link: LinkConfig,
+}
+
+impl JoinSettings {
+    async fn handle(&self, raft: &Raft<TypeConfig>, req: JoinRequest) -> JoinReply {
+        let m = raft.metrics().borrow().clone();
+        if m.current_leader == Some(m.id) {
+            return admit::admit(raft, &req, self.max_voters, self.join_timeout).await;
+        }
+        let leader = m.current_leader.and_then(|id| {
+            let node = m.membership_config.membership().get_node(&id)?;
+            Some((id, node.addr.parse::<SocketAddr>().ok()?))
+        });
+        let Some((id, addr)) = leader else {
+            return JoinReply::Retry {
+                reason: "no leader elected yet".into(),
+            };
+        };
+        // The sponsor forwards rather than redirects, so a joiner needs to
+        // reach only one member; the leader's answer comes back unchanged.
+        let client = PeerClient::new(addr, self.link.clone(), Some(id));
+        let deadline = self.join_timeout + FORWARD_MARGIN;
+        match client.call(Request::Join(req), deadline).await {
+            Ok(Reply::Join(answer)) => answer,
+            Ok(other) => JoinReply::Retry {
+                reason: format!("the leader could not take the join: {other:?}"),
+            },
+            Err(e) => JoinReply::Retry {
+                reason: format!("forwarding to the leader at {addr}: {e}"),
+            },
+        }
+    }
+}
+
+/// Time beyond the join timeout a forwarded join may take (the extra hop).
+const FORWARD_MARGIN: Duration = Duration::from_secs(5);
 
 impl RaftHandler {
     /// A handler for node `me`, whose raft instance is `raft`.
     pub fn new(me: Identity, raft: Raft<TypeConfig>) -> RaftHandler {
-        RaftHandler { me, raft }
+        RaftHandler {
+            me,
+            raft,
+            join: None,
+        }
+    }
+
+    /// Also answer joins, with these settings.
+    pub fn with_join(mut self, join: JoinSettings) -> RaftHandler {
+        self.join = Some(Arc::new(join));
+        self
     }
 
     /// What this node knows: whether it is in a cluster and who leads it.
@@ -240,7 +299,10 @@ impl Handler for RaftHandler {
                     impostor()
                 }
                 Request::Status => Reply::Status(this.status().await),
-                Request::Join(_) => Reply::Unavailable("join not implemented".into()),
+                Request::Join(j) => match &this.join {
+                    Some(settings) => Reply::Join(settings.handle(&this.raft, j).await),
+                    None => Reply::Unavailable("this node does not admit members".into()),
+                },
             }
         })
     }

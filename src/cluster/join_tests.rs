@@ -1,0 +1,110 @@
+//! Joining a running cluster through any member, idempotently, and coming
+//! back with a wiped data dir.
+
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::cluster::rpc::{JoinReply, JoinRequest};
+
+/// Start three voters and return them with their addresses and the leader.
+async fn three(dirs: &[tempfile::TempDir]) -> (Vec<Node>, Vec<SocketAddr>, NodeId) {
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(l.local_addr().unwrap());
+        nodes.push(start(i as NodeId + 1, l, dir.path()).await);
+    }
+    let voters: BTreeMap<NodeId, Member> = (1..=3)
+        .map(|id| (id, member(id, addrs[id as usize - 1])))
+        .collect();
+    nodes[0].raft.initialize(voters).await.unwrap();
+    let leader = nodes[0].leader_other_than(None).await;
+    (nodes, addrs, leader)
+}
+
+fn request(name: &str, id: NodeId, addr: SocketAddr) -> Request {
+    Request::Join(JoinRequest {
+        name: name.into(),
+        incarnation: id,
+        addr,
+        role: Role::Member,
+    })
+}
+
+async fn join_via(sponsor: SocketAddr, req: Request) -> JoinReply {
+    let client = PeerClient::new(sponsor, cfg("joiner", 999), None);
+    match client.call(req, LONG).await.unwrap() {
+        Reply::Join(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn voters(node: &Node, want: &[NodeId]) {
+    let want: BTreeSet<NodeId> = want.iter().copied().collect();
+    node.raft
+        .wait(WAIT)
+        .metrics(
+            |m| {
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect::<BTreeSet<_>>()
+                    == want
+            },
+            "voter set",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("voters never became {want:?}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_through_a_follower_and_a_wiped_node_replaces_its_entry() {
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (mut nodes, addrs, leader) = three(&dirs[..3]).await;
+    let follower = addrs[if leader == 1 { 1 } else { 0 }];
+
+    // A fourth node, fresh, joins through a follower (forwarded to the
+    // leader), catches up, and becomes a voter.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a4 = l.local_addr().unwrap();
+    let mut n4 = start_named(4, "n4", l, dirs[3].path()).await;
+    let reply = join_via(follower, request("n4", 4, a4)).await;
+    assert_eq!(reply, JoinReply::Admitted { voter: true });
+    n4.applied(4).await;
+    voters(&nodes[0], &[1, 2, 3, 4]).await;
+
+    // Asking again (as after a cut connection) changes nothing.
+    let reply = join_via(follower, request("n4", 4, a4)).await;
+    assert_eq!(reply, JoinReply::Admitted { voter: true });
+    voters(&nodes[0], &[1, 2, 3, 4]).await;
+
+    // n4 loses its disk: it comes back as a newer incarnation under the
+    // same name and replaces its stale entry, no restart of anyone.
+    n4.stop().await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a40 = l.local_addr().unwrap();
+    let mut n40 = start_named(40, "n4", l, dirs[4].path()).await;
+    let reply = join_via(follower, request("n4", 40, a40)).await;
+    assert_eq!(reply, JoinReply::Admitted { voter: true });
+    n40.applied(40).await;
+    voters(&nodes[0], &[1, 2, 3, 40]).await;
+    for n in &mut nodes {
+        n.view
+            .wait_for(|v| !v.state.members.contains_key(&4))
+            .await
+            .unwrap();
+    }
+
+    // The old disk brought back is refused, with the reason.
+    let reply = join_via(follower, request("n4", 4, a4)).await;
+    assert!(
+        matches!(&reply, JoinReply::Refused { reason } if reason.contains("newer incarnation 40")),
+        "{reply:?}"
+    );
+
+    n40.stop().await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
