@@ -12,6 +12,7 @@ pub mod link;
 pub mod membership;
 pub mod message;
 pub mod network;
+pub mod node;
 pub mod peer;
 pub mod rpc;
 pub mod server;

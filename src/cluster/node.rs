@@ -1,0 +1,269 @@
+//! A node's cluster side, running: identity, durable raft, the link
+//! server, and — for a node without cluster state — the join loop that
+//! bootstraps or joins through the seeds, retrying with backoff forever.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::Raft;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::identity::{self, Identity};
+use super::link::LinkConfig;
+use super::membership::{self, Backoff, SeedView, Start};
+use super::network::{JoinSettings, Network, RaftHandler};
+use super::peer::PeerClient;
+use super::rpc::{JoinReply, JoinRequest, Reply, Request};
+use super::server;
+use super::store::{self, ClusterView};
+use super::types::{Member, Role, TypeConfig};
+use crate::config::{ClusterConfig, ClusterRole};
+
+/// Deadline for one Status or connect to a seed during the join loop.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline for connect plus handshake on cluster links.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the cluster side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The node's identity could not be read or made.
+    #[error("cluster identity: {0}")]
+    Identity(#[from] identity::IdentityError),
+    /// The secret file is missing or unusable.
+    #[error("cluster secret: {0}")]
+    Secret(#[from] identity::SecretError),
+    /// The raft store could not be opened.
+    #[error("cluster store: {0}")]
+    Store(#[from] store::StoreError),
+    /// The cluster listener could not be bound.
+    #[error("cannot listen for cluster links on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// openraft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// The running cluster side of a node.
+pub struct ClusterNode {
+    /// This node.
+    pub identity: Identity,
+    /// The raft handle.
+    pub raft: Raft<TypeConfig>,
+    /// The replicated state as last applied here.
+    pub view: watch::Receiver<ClusterView>,
+    /// Where cluster links are accepted.
+    pub addr: SocketAddr,
+}
+
+impl ClusterNode {
+    /// Start the cluster side: everything under `data_dir/cluster`.
+    pub async fn start(
+        cfg: &ClusterConfig,
+        name: &str,
+        data_dir: &Path,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<ClusterNode, ClusterError> {
+        let dir = data_dir.join("cluster");
+        let identity = Identity::load_or_create(&dir, name)?;
+        let secret = identity::load_secret(&cfg.secret_file)?;
+        let (log, sm) = store::open(&dir)?;
+        let view = sm.subscribe();
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| ClusterError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().unwrap_or(cfg.listen);
+        let link = LinkConfig {
+            identity: identity.clone(),
+            secret,
+            cluster: cfg.name.clone(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        };
+        let raft_cfg = openraft::Config {
+            cluster_name: cfg.name.clone(),
+            heartbeat_interval: cfg.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: cfg.election_timeout.as_millis() as u64,
+            election_timeout_max: cfg.election_timeout.as_millis() as u64 * 2,
+            ..Default::default()
+        };
+        let raft_cfg = raft_cfg
+            .validate()
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let id = identity.incarnation;
+        let network = Network::new(id, link.clone());
+        let raft = Raft::new(id, Arc::new(raft_cfg), network, log, sm)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let join = JoinSettings {
+            max_voters: cfg.max_voters,
+            join_timeout: cfg.join_timeout,
+            link: link.clone(),
+        };
+        let handler = RaftHandler::new(identity.clone(), raft.clone()).with_join(join);
+        tracker.spawn(server::serve(
+            listener,
+            link.clone(),
+            Arc::new(handler),
+            cancel.clone(),
+        ));
+        tracing::info!(
+            node = %identity.name,
+            incarnation = identity.incarnation,
+            %addr,
+            "cluster links listening"
+        );
+        let me = Member {
+            name: identity.name.clone(),
+            addr: addr.to_string(),
+            role: match cfg.role {
+                ClusterRole::Member => Role::Member,
+                ClusterRole::Witness => Role::Witness,
+            },
+        };
+        let joiner = Joiner {
+            raft: raft.clone(),
+            link,
+            me,
+            // Asking ourselves would only ever say "fresh".
+            seeds: cfg.seeds.iter().copied().filter(|s| *s != addr).collect(),
+            backoff: Backoff::new(cfg.join_backoff_min, cfg.join_backoff_max),
+        };
+        tracker.spawn(joiner.run(cancel));
+        Ok(ClusterNode {
+            identity,
+            raft,
+            view,
+            addr,
+        })
+    }
+}
+
+/// The join loop of a node without cluster state.
+struct Joiner {
+    raft: Raft<TypeConfig>,
+    link: LinkConfig,
+    me: Member,
+    seeds: Vec<SocketAddr>,
+    backoff: Backoff,
+}
+
+impl Joiner {
+    async fn run(mut self, cancel: CancellationToken) {
+        // A node restarted with cluster state rejoins from what it
+        // persisted: nothing to do. Otherwise keep going until admitted —
+        // not merely until some membership reached us, since a join cut
+        // short after the learner step must come back to be promoted.
+        if self.raft.is_initialized().await.unwrap_or(false) {
+            return;
+        }
+        loop {
+            match self.attempt().await {
+                Ok(()) => {
+                    tracing::info!(node = %self.me.name, "joined the cluster");
+                    return;
+                }
+                Err(why) => tracing::info!(node = %self.me.name, %why, "not in a cluster yet"),
+            }
+            let delay = self.backoff.next(jitter());
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One attempt: ask every seed, then bootstrap, join, or wait.
+    async fn attempt(&mut self) -> Result<(), String> {
+        let mut views = Vec::with_capacity(self.seeds.len());
+        for &seed in &self.seeds {
+            views.push((seed, self.probe(seed).await));
+        }
+        match membership::start(&self.me.name, &views) {
+            Start::Bootstrap => {
+                let me = BTreeMap::from([(self.link.identity.incarnation, self.me.clone())]);
+                self.raft
+                    .initialize(me)
+                    .await
+                    .map_err(|e| format!("bootstrap failed: {e}"))?;
+                tracing::info!(node = %self.me.name, "bootstrapped a new cluster");
+                Ok(())
+            }
+            Start::Join(sponsor) => self.join(sponsor).await,
+            Start::Wait => Err(format!("waiting for seeds: {views:?}")),
+        }
+    }
+
+    async fn probe(&self, seed: SocketAddr) -> SeedView {
+        let client = PeerClient::new(seed, self.link.clone(), None);
+        match client.call(Request::Status, PROBE_TIMEOUT).await {
+            Ok(Reply::Status(s)) if s.initialized => SeedView::Member {
+                leader: s.leader.map(|(_, addr)| addr),
+            },
+            Ok(Reply::Status(s)) => SeedView::Fresh { name: s.name },
+            Ok(_) => SeedView::Unreachable,
+            Err(e) => {
+                tracing::debug!(%seed, error = %e, "seed unreachable");
+                SeedView::Unreachable
+            }
+        }
+    }
+
+    async fn join(&mut self, sponsor: SocketAddr) -> Result<(), String> {
+        let req = JoinRequest {
+            name: self.me.name.clone(),
+            incarnation: self.link.identity.incarnation,
+            addr: self
+                .me
+                .addr
+                .parse()
+                .map_err(|e| format!("own address: {e}"))?,
+            role: self.me.role,
+        };
+        let client = PeerClient::new(sponsor, self.link.clone(), None);
+        // The sponsor may wait for us to catch up as a learner.
+        let deadline = Duration::from_secs(60);
+        match client.call(Request::Join(req), deadline).await {
+            Ok(Reply::Join(JoinReply::Admitted { voter })) => {
+                tracing::info!(%sponsor, voter, "admitted");
+                self.backoff.reset();
+                Ok(())
+            }
+            Ok(Reply::Join(JoinReply::Retry { reason })) => Err(format!("{sponsor}: {reason}")),
+            Ok(Reply::Join(JoinReply::Refused { reason })) => {
+                tracing::error!(%sponsor, %reason, "join refused");
+                Err(format!("refused by {sponsor}: {reason}"))
+            }
+            Ok(other) => Err(format!("{sponsor} answered {other:?}")),
+            Err(e) => Err(format!("join through {sponsor}: {e}")),
+        }
+    }
+}
+
+/// A value in [0, 1) for backoff jitter.
+fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    match getrandom::fill(&mut b) {
+        Ok(()) => f64::from(u32::from_be_bytes(b)) / (f64::from(u32::MAX) + 1.0),
+        Err(_) => 0.5,
+    }
+}
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;
