@@ -10,7 +10,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, RouteTarget};
+use crate::cluster::node::{ClusterError, ClusterNode};
+use crate::config::{ClusterRole, Config, RouteTarget};
 use crate::delivery::{drop, Destinations, Job, JobResult};
 use crate::events;
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
@@ -28,9 +29,9 @@ pub enum StartError {
         /// What went wrong.
         source: SpoolError,
     },
-    /// The configuration asks for something this build cannot run yet.
+    /// The cluster side could not start.
     #[error("{0}")]
-    Unsupported(&'static str),
+    Cluster(#[from] ClusterError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -44,6 +45,7 @@ pub enum StartError {
 /// A running node.
 pub struct Node {
     smtp_addrs: Vec<SocketAddr>,
+    cluster: Option<ClusterNode>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -56,14 +58,6 @@ const DROP_PARALLELISM: usize = 8;
 impl Node {
     /// Start a node with the durable spool under `data_dir/spool`.
     pub async fn start(config: Config) -> Result<Node, StartError> {
-        if config.cluster.is_some() {
-            // Checked and parsed already, so operators can prepare their
-            // files; running as a member arrives with the cluster transport.
-            return Err(StartError::Unsupported(
-                "[cluster] is configured, but this build runs single nodes only; \
-                 remove [cluster] to run this node alone",
-            ));
-        }
         let dir = config.node.data_dir.join("spool");
         let spool = DiskSpool::open(&dir).map_err(|source| StartError::Spool {
             path: dir.display().to_string(),
@@ -78,9 +72,18 @@ impl Node {
         spool: Arc<dyn Spool>,
     ) -> Result<Node, StartError> {
         // Bind first: a node that cannot listen fails before it starts
-        // delivering anything.
+        // delivering anything. A witness only votes: no SMTP at all.
+        let witness = config
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.role == ClusterRole::Witness);
+        let smtp_listen = if witness {
+            &[][..]
+        } else {
+            &config.smtp.listen[..]
+        };
         let mut listeners = Vec::new();
-        for &addr in &config.smtp.listen {
+        for &addr in smtp_listen {
             let listener = server::bind(addr, config.smtp.backlog)
                 .map_err(|source| StartError::Listen { addr, source })?;
             listeners.push((addr, listener));
@@ -88,6 +91,19 @@ impl Node {
         let config = Arc::new(config);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let cluster = match &config.cluster {
+            Some(c) => Some(
+                ClusterNode::start(
+                    c,
+                    &config.node.name,
+                    &config.node.data_dir,
+                    cancel.child_token(),
+                    &tracker,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let floor = spool
             .recovered()
             .iter()
@@ -145,10 +161,16 @@ impl Node {
         }
         Ok(Node {
             smtp_addrs,
+            cluster,
             stats,
             cancel,
             tracker,
         })
+    }
+
+    /// The cluster side, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&ClusterNode> {
+        self.cluster.as_ref()
     }
 
     /// The addresses the SMTP listeners are bound to.
@@ -165,6 +187,11 @@ impl Node {
     /// hand finish within `grace`, then return.
     pub async fn shutdown(self, grace: Duration) {
         self.cancel.cancel();
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.raft.shutdown().await {
+                tracing::warn!(error = %e, "raft did not shut down cleanly");
+            }
+        }
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await

@@ -6,25 +6,15 @@ mod common;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use common::client::Client;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
-use tokio::sync::mpsc;
+use common::daemon::{free_port, Daemon};
 
 const CLIENTS: usize = 8;
 /// Acknowledged messages before the kill; the clients keep sending, so
 /// the kill lands in the middle of transactions and fsync batches.
 const KILL_AFTER: usize = 150;
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn write_config(dir: &Path, listen: SocketAddr, route: &str) -> std::path::PathBuf {
     let path = dir.join("mtad.toml");
@@ -51,57 +41,6 @@ level = "info"
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-struct Daemon {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-/// Read the daemon's log continuously: a full pipe would block its logging.
-fn drain(stdout: ChildStdout) -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-impl Daemon {
-    /// Start `mtad run` and wait for its "smtp listening" log line.
-    async fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mtad"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let lines = drain(child.stdout.take().unwrap());
-        let mut d = Daemon { child, lines };
-        d.wait_line(|l| l.contains("smtp listening")).await;
-        d
-    }
-
-    /// Read log lines until one satisfies `want`; panics if the log ends.
-    async fn wait_line(&mut self, mut want: impl FnMut(&str) -> bool) {
-        let wait = async {
-            while let Some(line) = self.lines.recv().await {
-                if want(&line) {
-                    return;
-                }
-            }
-            panic!("mtad exited before the expected log line");
-        };
-        tokio::time::timeout(common::node::PATIENCE, wait)
-            .await
-            .expect("log line in time");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

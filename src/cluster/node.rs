@@ -191,8 +191,16 @@ impl Joiner {
     /// One attempt: ask every seed, then bootstrap, join, or wait.
     async fn attempt(&mut self) -> Result<(), String> {
         let mut views = Vec::with_capacity(self.seeds.len());
+        let mut problems = Vec::new();
         for &seed in &self.seeds {
-            views.push((seed, self.probe(seed).await));
+            let view = match self.probe(seed).await {
+                Ok(v) => v,
+                Err(why) => {
+                    problems.push(format!("{seed}: {why}"));
+                    SeedView::Unreachable
+                }
+            };
+            views.push((seed, view));
         }
         match membership::start(&self.me.name, &views) {
             Start::Bootstrap => {
@@ -205,22 +213,24 @@ impl Joiner {
                 Ok(())
             }
             Start::Join(sponsor) => self.join(sponsor).await,
-            Start::Wait => Err(format!("waiting for seeds: {views:?}")),
+            Start::Wait if problems.is_empty() => {
+                Err("waiting for a lower-named fresh seed to bootstrap".into())
+            }
+            Start::Wait => Err(format!("seeds not usable: {}", problems.join("; "))),
         }
     }
 
-    async fn probe(&self, seed: SocketAddr) -> SeedView {
+    /// Ask a seed for its status; the error says why it is no use, in
+    /// words for the log (wrong secret, wrong cluster, refused, …).
+    async fn probe(&self, seed: SocketAddr) -> Result<SeedView, String> {
         let client = PeerClient::new(seed, self.link.clone(), None);
         match client.call(Request::Status, PROBE_TIMEOUT).await {
-            Ok(Reply::Status(s)) if s.initialized => SeedView::Member {
+            Ok(Reply::Status(s)) if s.initialized => Ok(SeedView::Member {
                 leader: s.leader.map(|(_, addr)| addr),
-            },
-            Ok(Reply::Status(s)) => SeedView::Fresh { name: s.name },
-            Ok(_) => SeedView::Unreachable,
-            Err(e) => {
-                tracing::debug!(%seed, error = %e, "seed unreachable");
-                SeedView::Unreachable
-            }
+            }),
+            Ok(Reply::Status(s)) => Ok(SeedView::Fresh { name: s.name }),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -177,3 +177,22 @@ mod tests {
         assert!(e[0].starts_with("cluster.join_backoff_max"), "{e:?}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use crate::config::load_str;
+
+    #[test]
+    fn the_shipped_demo_cluster_configs_load() {
+        for (file, text) in [
+            ("node-a.toml", include_str!("../../config/node-a.toml")),
+            ("node-b.toml", include_str!("../../config/node-b.toml")),
+            ("node-c.toml", include_str!("../../config/node-c.toml")),
+        ] {
+            let c = load_str(text, file).unwrap_or_else(|e| panic!("{e}"));
+            let cluster = c.cluster.expect("a cluster section");
+            assert_eq!(cluster.name, "demo");
+            assert_eq!(cluster.seeds.len(), 3);
+        }
+    }
+}
