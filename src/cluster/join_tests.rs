@@ -45,12 +45,10 @@ async fn voters(node: &Node, want: &[NodeId]) {
     node.raft
         .wait(WAIT)
         .metrics(
+            // Settled: not in the joint phase of a membership change.
             |m| {
-                m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect::<BTreeSet<_>>()
-                    == want
+                let ms = m.membership_config.membership();
+                ms.get_joint_config().len() == 1 && ms.voter_ids().collect::<BTreeSet<_>>() == want
             },
             "voter set",
         )

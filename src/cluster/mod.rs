@@ -5,6 +5,7 @@
 //! before a node runs them.
 
 pub mod admit;
+pub mod detector;
 pub mod frame;
 pub mod handshake;
 pub mod identity;

@@ -44,7 +44,11 @@ pub struct Network {
     me: NodeId,
     cfg: LinkConfig,
     clients: HashMap<NodeId, (String, PeerClient)>,
+    acks: Acks,
 }
+
+/// When each peer last answered a raft RPC: what failure detection reads.
+pub type Acks = Arc<std::sync::Mutex<HashMap<NodeId, tokio::time::Instant>>>;
 
 impl Network {
     /// A factory for node `me` that opens links with `cfg`.
@@ -53,7 +57,13 @@ impl Network {
             me,
             cfg,
             clients: HashMap::new(),
+            acks: Acks::default(),
         }
+    }
+
+    /// The answer times this network records.
+    pub fn acks(&self) -> Acks {
+        self.acks.clone()
     }
 }
 
@@ -81,6 +91,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             client: client.map_err(Arc::new),
+            acks: self.acks.clone(),
         }
     }
 }
@@ -91,6 +102,7 @@ pub struct PeerNetwork {
     target: NodeId,
     node: Member,
     client: Result<PeerClient, Arc<NetError>>,
+    acks: Acks,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, E>;
@@ -114,7 +126,11 @@ impl PeerNetwork {
             Ok(Reply::Unavailable(why)) => Err(RPCError::Unreachable(Unreachable::new(
                 &NetError::Unavailable(why),
             ))),
-            Ok(reply) => Ok(reply),
+            Ok(reply) => {
+                let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+                acks.insert(self.target, tokio::time::Instant::now());
+                Ok(reply)
+            }
             Err(e @ CallError::TimedOut { .. }) => {
                 tracing::debug!(target = self.target, error = %e, "raft rpc timed out");
                 Err(RPCError::Timeout(Timeout {

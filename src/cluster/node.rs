@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::detector::{self, Thresholds};
 use super::identity::{self, Identity};
 use super::link::LinkConfig;
 use super::membership::{self, Backoff, SeedView, Start};
@@ -107,6 +108,7 @@ impl ClusterNode {
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let id = identity.incarnation;
         let network = Network::new(id, link.clone());
+        let acks = network.acks();
         let raft = Raft::new(id, Arc::new(raft_cfg), network, log, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
@@ -144,7 +146,21 @@ impl ClusterNode {
             seeds: cfg.seeds.iter().copied().filter(|s| *s != addr).collect(),
             backoff: Backoff::new(cfg.join_backoff_min, cfg.join_backoff_max),
         };
-        tracker.spawn(joiner.run(cancel));
+        tracker.spawn(joiner.run(cancel.clone()));
+        // Silence of three heartbeats is suspicious; an election timeout's
+        // worth means the member would have lost a leader by now: down.
+        let thresholds = Thresholds {
+            suspect_after: cfg.heartbeat_interval * 3,
+            down_after: cfg.election_timeout,
+        };
+        tracker.spawn(detector::run(
+            raft.clone(),
+            view.clone(),
+            acks,
+            cfg.heartbeat_interval,
+            thresholds,
+            cancel,
+        ));
         Ok(ClusterNode {
             identity,
             raft,

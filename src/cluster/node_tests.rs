@@ -52,9 +52,29 @@ impl Harness {
     }
 
     async fn node(&self, name: &str, listen: SocketAddr, seeds: &[SocketAddr]) -> ClusterNode {
-        let cfg = config(listen, seeds, &self.secret);
+        self.node_as(
+            name,
+            listen,
+            seeds,
+            ClusterRole::Member,
+            self.cancel.clone(),
+        )
+        .await
+    }
+
+    /// A node with its own role and its own stop switch.
+    async fn node_as(
+        &self,
+        name: &str,
+        listen: SocketAddr,
+        seeds: &[SocketAddr],
+        role: ClusterRole,
+        cancel: CancellationToken,
+    ) -> ClusterNode {
+        let mut cfg = config(listen, seeds, &self.secret);
+        cfg.role = role;
         let data = self.dir.path().join(name);
-        ClusterNode::start(&cfg, name, &data, self.cancel.clone(), &self.tracker)
+        ClusterNode::start(&cfg, name, &data, cancel, &self.tracker)
             .await
             .unwrap()
     }
@@ -65,7 +85,11 @@ async fn voters(node: &ClusterNode, n: usize) -> BTreeSet<NodeId> {
         .raft
         .wait(WAIT)
         .metrics(
-            |m| m.membership_config.membership().voter_ids().count() == n,
+            // Settled: not in the joint phase of a membership change.
+            |m| {
+                let ms = m.membership_config.membership();
+                ms.get_joint_config().len() == 1 && ms.voter_ids().count() == n
+            },
             "voters",
         )
         .await
@@ -96,6 +120,119 @@ async fn three_nodes_form_from_seeds_and_a_fourth_joins() {
     assert_eq!(voters(&d, 4).await, all);
     h.cancel.cancel();
     for n in [a, b, c, d] {
+        n.raft.shutdown().await.unwrap();
+    }
+    h.tracker.close();
+    h.tracker.wait().await;
+}
+
+async fn member_state(node: &ClusterNode, id: NodeId, want: crate::cluster::NodeState) {
+    let mut view = node.view.clone();
+    let wait = view.wait_for(|v| v.state.members.get(&id).is_some_and(|m| m.state == want));
+    tokio::time::timeout(WAIT.unwrap(), wait)
+        .await
+        .unwrap_or_else(|_| {
+            let m = node.raft.metrics().borrow().clone();
+            panic!(
+                "member {id} never became {want:?}: state {:?}, metrics {m:?}",
+                node.view.borrow().state
+            )
+        })
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_and_a_witness_survive_a_dead_member_and_see_it_come_back() {
+    use crate::cluster::NodeState;
+    let h = Harness::new();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let a = h
+        .node_as(
+            "a",
+            addrs[0],
+            &addrs,
+            ClusterRole::Member,
+            h.cancel.child_token(),
+        )
+        .await;
+    let b_stop = h.cancel.child_token();
+    let b = h
+        .node_as("b", addrs[1], &addrs, ClusterRole::Member, b_stop.clone())
+        .await;
+    let w = h
+        .node_as(
+            "w",
+            addrs[2],
+            &addrs,
+            ClusterRole::Witness,
+            h.cancel.child_token(),
+        )
+        .await;
+    voters(&a, 3).await;
+    let b_id = b.identity.incarnation;
+    member_state(&a, b_id, NodeState::Up).await;
+    let witness = w
+        .view
+        .borrow()
+        .state
+        .members
+        .get(&w.identity.incarnation)
+        .map(|m| m.member.role);
+    let witness = match witness {
+        Some(r) => r,
+        None => {
+            member_state(&w, w.identity.incarnation, NodeState::Up).await;
+            w.view.borrow().state.members[&w.identity.incarnation]
+                .member
+                .role
+        }
+    };
+    assert_eq!(witness, crate::cluster::Role::Witness);
+
+    // b dies: a and the witness keep a quorum, elect a leader if needed,
+    // commit, and publish b as down.
+    b_stop.cancel();
+    b.raft.shutdown().await.unwrap();
+    let leader = a
+        .raft
+        .wait(WAIT)
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| l != b_id),
+            "a leader other than b",
+        )
+        .await
+        .unwrap()
+        .current_leader
+        .unwrap();
+    let leader = if leader == a.identity.incarnation {
+        &a
+    } else {
+        &w
+    };
+    leader
+        .raft
+        .wait(WAIT)
+        .state(openraft::ServerState::Leader, "leading")
+        .await
+        .unwrap();
+    member_state(&a, b_id, NodeState::Down).await;
+
+    // b comes back with its data dir: same incarnation, rejoins from its
+    // persisted state, and is up again — nobody restarted.
+    let b = h
+        .node_as(
+            "b",
+            addrs[1],
+            &addrs,
+            ClusterRole::Member,
+            h.cancel.child_token(),
+        )
+        .await;
+    assert_eq!(b.identity.incarnation, b_id);
+    member_state(&a, b_id, NodeState::Up).await;
+
+    h.cancel.cancel();
+    for n in [a, b, w] {
         n.raft.shutdown().await.unwrap();
     }
     h.tracker.close();

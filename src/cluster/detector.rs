@@ -1,0 +1,279 @@
+//! Failure detection. The leader hears from every member on each
+//! heartbeat; a member it has not heard from for `suspect_after` is
+//! suspect, for `down_after` down. The leader publishes changes in the
+//! replicated state, so every node (and the admin interface) reads the
+//! same verdicts. It also records members that raft knows but the state
+//! does not (the bootstrap node admits itself without a join).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use openraft::{Raft, ServerState};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::network::Acks;
+use super::store::ClusterView;
+use super::types::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
+
+/// How long silence may last before each verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Silence before a member is suspect.
+    pub suspect_after: Duration,
+    /// Silence before a member is down.
+    pub down_after: Duration,
+}
+
+/// The verdict on a member silent for `silence`.
+pub fn judge(silence: Duration, t: Thresholds) -> NodeState {
+    if silence >= t.down_after {
+        NodeState::Down
+    } else if silence >= t.suspect_after {
+        NodeState::Suspect
+    } else {
+        NodeState::Up
+    }
+}
+
+/// Commands that bring the replicated state in line with what the leader
+/// `me` sees: raft's `members` with their `silence` (absent: never heard
+/// from since this leader took over, counted from then).
+pub fn reconcile(
+    me: NodeId,
+    members: &BTreeMap<NodeId, Member>,
+    state: &ClusterState,
+    silence: &BTreeMap<NodeId, Duration>,
+    since_leading: Duration,
+    t: Thresholds,
+    now_ms: u64,
+) -> Vec<Command> {
+    let mut out = Vec::new();
+    for (&id, member) in members {
+        let verdict = if id == me {
+            NodeState::Up
+        } else {
+            judge(silence.get(&id).copied().unwrap_or(since_leading), t)
+        };
+        match state.members.get(&id) {
+            None => {
+                out.push(Command::Upsert {
+                    id,
+                    member: member.clone(),
+                });
+                if verdict != NodeState::Up {
+                    out.push(Command::SetState {
+                        id,
+                        state: verdict,
+                        at_ms: now_ms,
+                    });
+                }
+            }
+            Some(known) if known.state != verdict => out.push(Command::SetState {
+                id,
+                state: verdict,
+                at_ms: now_ms,
+            }),
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// Run detection on this node until `cancel`: every `period`, if it leads,
+/// publish what changed.
+pub async fn run(
+    raft: Raft<TypeConfig>,
+    view: watch::Receiver<ClusterView>,
+    acks: Acks,
+    period: Duration,
+    t: Thresholds,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            leading_since = None;
+            continue;
+        }
+        let now = Instant::now();
+        let since = *leading_since.get_or_insert(now);
+        let members: BTreeMap<NodeId, Member> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect();
+        let silence: BTreeMap<NodeId, Duration> = {
+            let acks = acks.lock().unwrap_or_else(|e| e.into_inner());
+            acks.iter()
+                // An answer from before this term's leadership says
+                // nothing about now.
+                .map(|(id, at)| (*id, now.saturating_duration_since((*at).max(since))))
+                .collect()
+        };
+        let state = view.borrow().state.clone();
+        let commands = reconcile(m.id, &members, &state, &silence, now - since, t, now_ms());
+        for c in commands {
+            if let Command::SetState { id, state, .. } = &c {
+                let name = members.get(id).map_or("?", |m| m.name.as_str());
+                tracing::info!(node = name, state = ?state, "member state changed");
+            }
+            if let Err(e) = raft.client_write(c).await {
+                tracing::debug!(error = %e, "could not publish member state");
+                break;
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::types::{MemberState, Role};
+
+    const T: Thresholds = Thresholds {
+        suspect_after: Duration::from_millis(300),
+        down_after: Duration::from_millis(1000),
+    };
+
+    fn member(name: &str) -> Member {
+        Member {
+            name: name.into(),
+            addr: "127.0.0.1:7400".into(),
+            role: Role::Member,
+        }
+    }
+
+    fn state(entries: &[(NodeId, NodeState)]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for &(id, st) in entries {
+            s.members.insert(
+                id,
+                MemberState {
+                    member: member(&format!("n{id}")),
+                    state: st,
+                    since_ms: 0,
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn silence_maps_to_verdicts_at_the_thresholds() {
+        assert_eq!(judge(Duration::from_millis(299), T), NodeState::Up);
+        assert_eq!(judge(Duration::from_millis(300), T), NodeState::Suspect);
+        assert_eq!(judge(Duration::from_millis(999), T), NodeState::Suspect);
+        assert_eq!(judge(Duration::from_millis(1000), T), NodeState::Down);
+    }
+
+    #[test]
+    fn only_changes_are_published_and_the_leader_is_up() {
+        let members: BTreeMap<NodeId, Member> = [1, 2, 3]
+            .iter()
+            .map(|&i| (i, member(&format!("n{i}"))))
+            .collect();
+        let st = state(&[(1, NodeState::Up), (2, NodeState::Up), (3, NodeState::Up)]);
+        let silence = BTreeMap::from([(2, Duration::from_millis(50)), (3, Duration::from_secs(2))]);
+        let out = reconcile(1, &members, &st, &silence, Duration::ZERO, T, 7);
+        assert_eq!(
+            out,
+            vec![Command::SetState {
+                id: 3,
+                state: NodeState::Down,
+                at_ms: 7
+            }]
+        );
+    }
+
+    #[test]
+    fn a_node_never_heard_from_counts_from_the_start_of_leadership() {
+        let members: BTreeMap<NodeId, Member> = [1, 2]
+            .iter()
+            .map(|&i| (i, member(&format!("n{i}"))))
+            .collect();
+        let st = state(&[(1, NodeState::Up), (2, NodeState::Up)]);
+        let fresh = reconcile(
+            1,
+            &members,
+            &st,
+            &BTreeMap::new(),
+            Duration::from_millis(100),
+            T,
+            0,
+        );
+        assert!(fresh.is_empty());
+        let late = reconcile(
+            1,
+            &members,
+            &st,
+            &BTreeMap::new(),
+            Duration::from_millis(400),
+            T,
+            0,
+        );
+        assert_eq!(
+            late,
+            vec![Command::SetState {
+                id: 2,
+                state: NodeState::Suspect,
+                at_ms: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn members_raft_knows_but_the_state_does_not_are_recorded() {
+        let members = BTreeMap::from([(1, member("boot"))]);
+        let out = reconcile(
+            1,
+            &members,
+            &ClusterState::default(),
+            &BTreeMap::new(),
+            Duration::ZERO,
+            T,
+            0,
+        );
+        assert_eq!(
+            out,
+            vec![Command::Upsert {
+                id: 1,
+                member: member("boot")
+            }]
+        );
+    }
+
+    #[test]
+    fn a_member_that_comes_back_is_up_again() {
+        let members: BTreeMap<NodeId, Member> = [1, 2]
+            .iter()
+            .map(|&i| (i, member(&format!("n{i}"))))
+            .collect();
+        let st = state(&[(1, NodeState::Up), (2, NodeState::Down)]);
+        let silence = BTreeMap::from([(2, Duration::from_millis(10))]);
+        let out = reconcile(1, &members, &st, &silence, Duration::from_secs(9), T, 5);
+        assert_eq!(
+            out,
+            vec![Command::SetState {
+                id: 2,
+                state: NodeState::Up,
+                at_ms: 5
+            }]
+        );
+    }
+}
