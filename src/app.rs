@@ -45,6 +45,7 @@ pub enum StartError {
 /// A running node.
 pub struct Node {
     smtp_addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     cluster: Option<ClusterNode>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
     cancel: CancellationToken,
@@ -82,6 +83,16 @@ impl Node {
         } else {
             &config.smtp.listen[..]
         };
+        let admin =
+            match &config.admin {
+                Some(a) => Some(tokio::net::TcpListener::bind(a.listen).await.map_err(
+                    |source| StartError::Listen {
+                        addr: a.listen,
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         let mut listeners = Vec::new();
         for &addr in smtp_listen {
             let listener = server::bind(addr, config.smtp.backlog)
@@ -159,8 +170,21 @@ impl Node {
                 tracker.clone(),
             ));
         }
+        let mut admin_addr = None;
+        if let Some(listener) = admin {
+            admin_addr = listener.local_addr().ok();
+            let state = crate::admin::AdminState {
+                node: config.node.name.clone(),
+                started: std::time::Instant::now(),
+                stats: stats.clone(),
+                cluster: cluster.as_ref().map(|c| (c.raft.clone(), c.view.clone())),
+            };
+            tracing::info!(address = ?admin_addr, "admin API listening");
+            tracker.spawn(crate::admin::serve(listener, state, cancel.child_token()));
+        }
         Ok(Node {
             smtp_addrs,
+            admin_addr,
             cluster,
             stats,
             cancel,
@@ -171,6 +195,11 @@ impl Node {
     /// The cluster side, when `[cluster]` is configured.
     pub fn cluster(&self) -> Option<&ClusterNode> {
         self.cluster.as_ref()
+    }
+
+    /// Where the admin API listens, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The addresses the SMTP listeners are bound to.

@@ -3,6 +3,7 @@
 //! The binary in `main.rs` is a thin shell; everything lives here so that
 //! integration tests can drive a whole node in-process.
 
+pub mod admin;
 pub mod app;
 pub mod cluster;
 pub mod config;

@@ -38,6 +38,30 @@ enum Command {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Talk to a running node's admin API.
+    Ctl {
+        /// The node's admin API.
+        #[arg(long, default_value = "http://127.0.0.1:8025")]
+        admin: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// The node: version, uptime, queue counts, cluster role.
+    Status,
+    /// Cluster members with role, vote, state and incarnation.
+    Nodes,
+    /// Remove a dead member from the cluster (ask the leader).
+    Evict {
+        /// The member's name.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +86,37 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Ctl {
+            admin,
+            json,
+            command,
+        } => {
+            let command = match command {
+                CtlCommand::Status => mtad::admin::client::Command::Status,
+                CtlCommand::Nodes => mtad::admin::client::Command::Nodes,
+                CtlCommand::Evict { name } => mtad::admin::client::Command::Evict(name),
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mtad: cannot start the runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            match runtime.block_on(mtad::admin::client::run(&admin, &command, json)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mtad ctl: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Run { config } => {
             let cfg = match mtad::config::load_file(&config) {
                 Ok(cfg) => cfg,

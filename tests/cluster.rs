@@ -16,6 +16,17 @@ fn write_config(
     seeds: &[SocketAddr],
     key: &Path,
 ) -> PathBuf {
+    write_config_admin(dir, name, cluster, seeds, key, free_port())
+}
+
+fn write_config_admin(
+    dir: &Path,
+    name: &str,
+    cluster: SocketAddr,
+    seeds: &[SocketAddr],
+    key: &Path,
+    admin: SocketAddr,
+) -> PathBuf {
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
     let text = format!(
         r#"
@@ -39,6 +50,9 @@ heartbeat_interval = "50ms"
 election_timeout = "300ms"
 join_backoff_min = "20ms"
 join_backoff_max = "300ms"
+
+[admin]
+listen = "{admin}"
 
 [log]
 format = "json"
@@ -68,9 +82,10 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
         "the right cluster secret, long enough",
     );
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let admin: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
     let mut nodes = Vec::new();
     for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
-        let cfg = write_config(dir.path(), name, addrs[i], &addrs, &good);
+        let cfg = write_config_admin(dir.path(), name, addrs[i], &addrs, &good, admin[i]);
         nodes.push(Daemon::start(&cfg).await);
     }
     // node-a has the lowest name: it bootstraps; the others are admitted.
@@ -85,6 +100,20 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
         n.wait_line(|l| l.contains("joined the cluster")).await;
     }
 
+    // ctl sees three members, all up, node-a (the bootstrapper) leading.
+    let rows = nodes_json(admin[1]).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "up" && r["vote"] == "voter"),
+        "{rows:?}"
+    );
+    let leaders: Vec<_> = rows.iter().filter(|r| r["leader"] == true).collect();
+    assert_eq!(leaders.len(), 1);
+    assert_eq!(leaders[0]["name"], "node-a");
+    let (ok, text) = ctl(admin[0], &["status"]).await;
+    assert!(ok && text.contains("cluster: leader"), "{text}");
+
     // A fourth node with another secret: both sides name the reason, and
     // the cluster does not admit it.
     let bad = key(dir.path(), "bad.key", "some other secret, also long enough");
@@ -97,8 +126,55 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
         .wait_line(|l| l.contains("node-d") || l.contains("secret"))
         .await;
 
+    // node-c dies: the leader publishes it down, ctl shows it, and an
+    // operator evicts it.
+    nodes[2].child.start_kill().unwrap();
+    nodes[2].child.wait().await.unwrap();
+    nodes[0]
+        .wait_line(|l| {
+            l.contains("member state changed") && l.contains("node-c") && l.contains("Down")
+        })
+        .await;
+    let rows = nodes_json(admin[0]).await;
+    let c = rows.iter().find(|r| r["name"] == "node-c").unwrap();
+    assert_eq!(c["state"], "down");
+    let (ok, text) = ctl(admin[1], &["evict", "node-c"]).await;
+    assert!(
+        !ok && text.contains("not the leader"),
+        "a follower refuses: {text}"
+    );
+    let (ok, text) = ctl(admin[0], &["evict", "node-c"]).await;
+    assert!(ok, "{text}");
+    assert_eq!(nodes_json(admin[0]).await.len(), 2);
+    // An unreachable admin API is a clear error, not a hang.
+    let (ok, text) = ctl(admin[2], &["nodes"]).await;
+    assert!(!ok && text.contains("cannot reach the admin API"), "{text}");
+
     for mut n in nodes.into_iter().chain([rogue]) {
-        n.child.start_kill().unwrap();
+        let _ = n.child.start_kill();
         n.child.wait().await.unwrap();
     }
+}
+
+/// Run `mtad ctl --admin http://ADDR ARGS…`; (success, stdout + stderr).
+async fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String) {
+    let url = format!("http://{admin}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["ctl", "--admin", &url])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn nodes_json(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let (ok, text) = ctl(admin, &["nodes", "--json"]).await;
+    assert!(ok, "{text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }

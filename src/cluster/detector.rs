@@ -123,13 +123,18 @@ pub async fn run(
         let state = view.borrow().state.clone();
         let commands = reconcile(m.id, &members, &state, &silence, now - since, t, now_ms());
         for c in commands {
-            if let Command::SetState { id, state, .. } = &c {
-                let name = members.get(id).map_or("?", |m| m.name.as_str());
-                tracing::info!(node = name, state = ?state, "member state changed");
-            }
+            let change = match &c {
+                Command::SetState { id, state, .. } => Some((*id, *state)),
+                _ => None,
+            };
             if let Err(e) = raft.client_write(c).await {
                 tracing::debug!(error = %e, "could not publish member state");
                 break;
+            }
+            // Logged once committed: what the log says, everyone can read.
+            if let Some((id, state)) = change {
+                let name = members.get(&id).map_or("?", |m| m.name.as_str());
+                tracing::info!(node = name, state = ?state, "member state changed");
             }
         }
     }

@@ -108,7 +108,7 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
 
 /// Sections of the clustered build; named explicitly so an operator with a
 /// cluster config learns why it is refused instead of seeing "unknown key".
-const NOT_YET: [(&str, &str); 2] = [("group", "[[group]]"), ("admin", "[admin]")];
+const NOT_YET: [(&str, &str); 1] = [("group", "[[group]]")];
 
 fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
     for (key, shown) in NOT_YET {
@@ -143,6 +143,10 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         .take("cluster")
         .and_then(|n| ctx.table(&n))
         .map(|f| super::cluster::read_cluster(ctx, f));
+    let admin = root
+        .take("admin")
+        .and_then(|n| ctx.table(&n))
+        .map(|f| read_admin(ctx, f));
     root.finish(ctx);
 
     Config {
@@ -152,7 +156,17 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         routes,
         log,
         cluster,
+        admin,
     }
+}
+
+fn read_admin(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> super::AdminConfig {
+    let listen = f
+        .take("listen")
+        .and_then(|n| ctx.socket_addr(&n, true))
+        .unwrap_or_else(|| ([127, 0, 0, 1], 8025).into());
+    f.finish(ctx);
+    super::AdminConfig { listen }
 }
 
 /// An optional table: absent reads as all defaults.

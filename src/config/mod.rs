@@ -30,6 +30,16 @@ pub struct Config {
     pub log: LogConfig,
     /// `[cluster]`; absent for a single node.
     pub cluster: Option<ClusterConfig>,
+    /// `[admin]`; absent: no admin API.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: the admin HTTP API that `mtad ctl` talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where it listens; loopback by default, since it has no
+    /// authentication yet.
+    pub listen: SocketAddr,
 }
 
 /// `[cluster]`: this node's cluster and how it joins it.

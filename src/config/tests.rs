@@ -621,18 +621,12 @@ fn invalid_log_level() {
 }
 
 #[test]
-fn group_and_admin_sections_are_not_supported_yet() {
+fn group_sections_are_not_supported_yet() {
     one(
         &with("[[group]]\nname = \"mta\"\n[[group]]\nname = \"b\"\n"),
         "group",
         8,
         "[[group]] is not supported by this version yet",
-    );
-    one(
-        &with("[admin]\nlisten = \"127.0.0.1:8025\"\n"),
-        "admin",
-        8,
-        "[admin] is not supported",
     );
 }
 

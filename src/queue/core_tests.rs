@@ -52,6 +52,7 @@ fn config() -> Config {
             level: "info".into(),
         },
         cluster: None,
+        admin: None,
     }
 }
 

@@ -1,0 +1,226 @@
+//! The admin HTTP API that `mtad ctl` talks to. Every answer is built from
+//! published state (watch channels), so no request ever waits on a raft
+//! round or a resource operation; the one action here (evict) runs under
+//! a deadline and answers 504 when it passes.
+
+pub mod client;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use openraft::{ChangeMembers, Raft};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::store::ClusterView;
+use crate::cluster::{NodeState, TypeConfig};
+use crate::queue::Stats;
+
+/// Longest an admin action may take before it answers 504.
+const ACTION_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the API reads.
+#[derive(Clone)]
+pub struct AdminState {
+    /// This node's name.
+    pub node: String,
+    /// When the node started.
+    pub started: Instant,
+    /// Queue counts.
+    pub stats: watch::Receiver<Stats>,
+    /// The cluster side, if any.
+    pub cluster: Option<(Raft<TypeConfig>, watch::Receiver<ClusterView>)>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Node name.
+    pub node: String,
+    /// mtad version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Messages queued now.
+    pub queued: usize,
+    /// Recipients delivered since start.
+    pub delivered: u64,
+    /// Deferrals since start.
+    pub deferred: u64,
+    /// Bounces since start.
+    pub bounced: u64,
+    /// Expiries since start.
+    pub expired: u64,
+    /// "single", "leader", "follower", "learner", "candidate".
+    pub cluster_role: String,
+    /// The leader's name, when known.
+    pub leader: Option<String>,
+}
+
+/// One row of `GET /v1/nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeRow {
+    /// Name.
+    pub name: String,
+    /// Incarnation (raft id).
+    pub incarnation: u64,
+    /// "member" or "witness".
+    pub role: String,
+    /// "voter" or "non-voter".
+    pub vote: String,
+    /// up, suspect or down, as the leader published it.
+    pub state: String,
+    /// Whether it leads.
+    pub leader: bool,
+    /// Cluster address.
+    pub addr: String,
+    /// When the state last changed (ms since the epoch; 0 unknown).
+    pub since_ms: u64,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Problem {
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+type Answer<T> = Result<Json<T>, (StatusCode, Json<Problem>)>;
+
+fn problem<T>(code: StatusCode, error: impl Into<String>) -> Answer<T> {
+    Err((
+        code,
+        Json(Problem {
+            error: error.into(),
+        }),
+    ))
+}
+
+/// Serve the API on `listener` until `cancel`.
+pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/evict", post(evict))
+        .with_state(Arc::new(state));
+    let shutdown = async move { cancel.cancelled().await };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
+    let q = *s.stats.borrow();
+    let (cluster_role, leader) = match &s.cluster {
+        None => ("single".to_string(), None),
+        Some((raft, view)) => {
+            let m = raft.metrics().borrow().clone();
+            let leader = m.current_leader.and_then(|id| {
+                let v = view.borrow();
+                v.state.members.get(&id).map(|ms| ms.member.name.clone())
+            });
+            (format!("{:?}", m.state).to_lowercase(), leader)
+        }
+    };
+    Json(Status {
+        node: s.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_s: s.started.elapsed().as_secs(),
+        queued: q.queued,
+        delivered: q.delivered,
+        deferred: q.deferred,
+        bounced: q.bounced,
+        expired: q.expired,
+        cluster_role,
+        leader,
+    })
+}
+
+async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
+    let Some((raft, view)) = &s.cluster else {
+        return problem(StatusCode::NOT_FOUND, "this node runs alone: no cluster");
+    };
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let state = view.borrow().state.clone();
+    let rows = membership
+        .nodes()
+        .map(|(id, member)| {
+            let known = state.members.get(id);
+            NodeRow {
+                name: member.name.clone(),
+                incarnation: *id,
+                role: member.role.to_string(),
+                vote: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "non-voter"
+                }
+                .into(),
+                state: known.map_or(NodeState::Up, |k| k.state).to_string(),
+                leader: m.current_leader == Some(*id),
+                addr: member.addr.clone(),
+                since_ms: known.map_or(0, |k| k.since_ms),
+            }
+        })
+        .collect();
+    Ok(Json(rows))
+}
+
+async fn evict(
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+) -> Answer<serde_json::Value> {
+    let Some((raft, _)) = &s.cluster else {
+        return problem(StatusCode::NOT_FOUND, "this node runs alone: no cluster");
+    };
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        return problem(
+            StatusCode::CONFLICT,
+            "not the leader: ask the leader's admin API",
+        );
+    }
+    let membership = m.membership_config.membership();
+    let Some(id) = membership
+        .nodes()
+        .find(|(_, n)| n.name == name)
+        .map(|(id, _)| *id)
+    else {
+        return problem(StatusCode::NOT_FOUND, format!("no member named {name}"));
+    };
+    if id == m.id {
+        return problem(StatusCode::CONFLICT, "a leader does not evict itself");
+    }
+    let change = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false);
+    let voters = BTreeSet::from([id]);
+    let remove_vote = raft.change_membership(ChangeMembers::RemoveVoters(voters), false);
+    let work = async {
+        if membership.voter_ids().any(|v| v == id) {
+            remove_vote.await.map_err(|e| e.to_string())?;
+        }
+        change.await.map_err(|e| e.to_string())?;
+        raft.client_write(crate::cluster::Command::Remove { id })
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(ACTION_DEADLINE, work).await {
+        Ok(Ok(_)) => Ok(Json(serde_json::json!({ "evicted": name }))),
+        Ok(Err(e)) => problem(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(_) => problem(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the cluster did not commit the change in time",
+        ),
+    }
+}
