@@ -81,6 +81,30 @@ pub fn reconcile(
     out
 }
 
+/// A non-voter to promote, if the voter set has room: the oldest
+/// incarnation among the members published up. This fills a slot freed
+/// by an eviction, and finishes a join whose promotion was cut short.
+pub fn promotion(
+    voters: &BTreeMap<NodeId, ()>,
+    members: &BTreeMap<NodeId, Member>,
+    state: &ClusterState,
+    max_voters: usize,
+) -> Option<NodeId> {
+    if voters.len() >= max_voters {
+        return None;
+    }
+    members
+        .keys()
+        .filter(|id| !voters.contains_key(id))
+        .find(|id| {
+            state
+                .members
+                .get(id)
+                .is_some_and(|m| m.state == NodeState::Up)
+        })
+        .copied()
+}
+
 /// Run detection on this node until `cancel`: every `period`, if it leads,
 /// publish what changed.
 pub async fn run(
@@ -89,6 +113,7 @@ pub async fn run(
     acks: Acks,
     period: Duration,
     t: Thresholds,
+    max_voters: usize,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(period);
@@ -121,6 +146,38 @@ pub async fn run(
                 .collect()
         };
         let state = view.borrow().state.clone();
+        let voters: BTreeMap<NodeId, ()> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(|id| (id, ()))
+            .collect();
+        // One membership change at a time; joint phases finish first.
+        let settled = m.membership_config.membership().get_joint_config().len() == 1;
+        // Only a non-voter that has caught up may vote: a lagging one would
+        // weaken the quorum until it catches up.
+        let last = m.last_log_index.unwrap_or(0);
+        let caught_up: BTreeMap<NodeId, Member> = members
+            .iter()
+            .filter(|(id, _)| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten());
+                matched.is_some_and(|l| l.index + 1 >= last)
+            })
+            .map(|(id, n)| (*id, n.clone()))
+            .collect();
+        if let Some(id) = promotion(&voters, &caught_up, &state, max_voters).filter(|_| settled) {
+            let ids = std::collections::BTreeSet::from([id]);
+            match raft
+                .change_membership(openraft::ChangeMembers::AddVoterIds(ids), true)
+                .await
+            {
+                Ok(_) => tracing::info!(node = %members[&id].name, "promoted to voter"),
+                Err(e) => tracing::debug!(error = %e, "promotion not possible now"),
+            }
+        }
         let commands = reconcile(m.id, &members, &state, &silence, now - since, t, now_ms());
         for c in commands {
             let change = match &c {
@@ -261,6 +318,25 @@ mod tests {
                 member: member("boot")
             }]
         );
+    }
+
+    #[test]
+    fn a_free_voter_slot_goes_to_the_oldest_member_that_is_up() {
+        let members: BTreeMap<NodeId, Member> = [1, 2, 3, 4]
+            .iter()
+            .map(|&i| (i, member(&format!("n{i}"))))
+            .collect();
+        let st = state(&[
+            (1, NodeState::Up),
+            (2, NodeState::Up),
+            (3, NodeState::Down),
+            (4, NodeState::Up),
+        ]);
+        let voters: BTreeMap<NodeId, ()> = [(1, ()), (2, ())].into();
+        assert_eq!(promotion(&voters, &members, &st, 3), Some(4));
+        assert_eq!(promotion(&voters, &members, &st, 2), None);
+        let all: BTreeMap<NodeId, ()> = [(1, ()), (2, ()), (3, ()), (4, ())].into();
+        assert_eq!(promotion(&all, &members, &st, 5), None);
     }
 
     #[test]

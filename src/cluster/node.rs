@@ -159,6 +159,7 @@ impl ClusterNode {
             acks,
             cfg.heartbeat_interval,
             thresholds,
+            cfg.max_voters,
             cancel,
         ));
         Ok(ClusterNode {

@@ -32,6 +32,7 @@ fn config(listen: SocketAddr, seeds: &[SocketAddr], secret: &Path) -> ClusterCon
 }
 
 struct Harness {
+    max_voters: usize,
     dir: tempfile::TempDir,
     secret: PathBuf,
     cancel: CancellationToken,
@@ -44,6 +45,7 @@ impl Harness {
         let secret = dir.path().join("cluster.key");
         std::fs::write(&secret, "a test secret of enough length\n").unwrap();
         Harness {
+            max_voters: 5,
             dir,
             secret,
             cancel: CancellationToken::new(),
@@ -73,6 +75,7 @@ impl Harness {
     ) -> ClusterNode {
         let mut cfg = config(listen, seeds, &self.secret);
         cfg.role = role;
+        cfg.max_voters = self.max_voters;
         let data = self.dir.path().join(name);
         ClusterNode::start(&cfg, name, &data, cancel, &self.tracker)
             .await
@@ -233,6 +236,66 @@ async fn two_members_and_a_witness_survive_a_dead_member_and_see_it_come_back() 
 
     h.cancel.cancel();
     for n in [a, b, w] {
+        n.raft.shutdown().await.unwrap();
+    }
+    h.tracker.close();
+    h.tracker.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_voter_is_promoted_when_a_voter_slot_frees() {
+    let mut h = Harness::new();
+    h.max_voters = 3;
+    let addrs: Vec<SocketAddr> = (0..4).map(|_| free_addr()).collect();
+    let seeds = &addrs[..3];
+    let a = h.node("a", addrs[0], seeds).await;
+    let b = h.node("b", addrs[1], seeds).await;
+    let c = h.node("c", addrs[2], seeds).await;
+    voters(&a, 3).await;
+    // The voter set is full: d joins without a vote.
+    let d = h.node("d", addrs[3], seeds).await;
+    let d_id = d.identity.incarnation;
+    a.raft
+        .wait(WAIT)
+        .metrics(
+            |m| m.membership_config.membership().get_node(&d_id).is_some(),
+            "d admitted",
+        )
+        .await
+        .unwrap();
+    assert!(!voters(&a, 3).await.contains(&d_id));
+    // c is removed (as an operator's evict would): d takes its place.
+    let leader_id = a.raft.metrics().borrow().current_leader.unwrap();
+    let leader = [&a, &b, &c]
+        .into_iter()
+        .find(|n| n.identity.incarnation == leader_id)
+        .unwrap();
+    let victim = [&a, &b, &c]
+        .into_iter()
+        .find(|n| n.identity.incarnation != leader_id)
+        .unwrap()
+        .identity
+        .incarnation;
+    let gone = std::collections::BTreeSet::from([victim]);
+    // One membership change at a time: let d's admission be committed.
+    leader
+        .raft
+        .wait(WAIT)
+        .metrics(
+            |m| m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index),
+            "membership committed",
+        )
+        .await
+        .unwrap();
+    leader
+        .raft
+        .change_membership(openraft::ChangeMembers::RemoveVoters(gone), false)
+        .await
+        .unwrap();
+    let now = voters(leader, 3).await;
+    assert!(now.contains(&d_id) && !now.contains(&victim), "{now:?}");
+    h.cancel.cancel();
+    for n in [a, b, c, d] {
         n.raft.shutdown().await.unwrap();
     }
     h.tracker.close();
