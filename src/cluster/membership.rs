@@ -50,9 +50,11 @@ pub enum Start {
 /// initial members on every node; a seed that is down at the first start
 /// delays forming the cluster rather than risking two.
 pub fn start(me: &str, seeds: &[(SocketAddr, SeedView)]) -> Start {
+    // Join through the member that answered: it forwards to the leader,
+    // so the joiner needs a path to one member only.
     for (addr, view) in seeds {
-        if let SeedView::Member { leader } = view {
-            return Start::Join(leader.unwrap_or(*addr));
+        if let SeedView::Member { .. } = view {
+            return Start::Join(*addr);
         }
     }
     let mut lowest = true;

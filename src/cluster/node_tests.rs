@@ -301,3 +301,6 @@ async fn a_non_voter_is_promoted_when_a_voter_slot_frees() {
     h.tracker.close();
     h.tracker.wait().await;
 }
+
+#[path = "join_cut_tests.rs"]
+mod join_cut;
