@@ -116,3 +116,45 @@ async fn cut_after_authentication_before_the_status_reply() {
 async fn cut_after_admission_before_the_joiner_hears() {
     joins_despite(Cut { conn: 1, frames: 2 }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sponsor_restarted_mid_join_is_joined_after_it_returns() {
+    let h = Harness::new();
+    let addrs: Vec<SocketAddr> = (0..2).map(|_| free_addr()).collect();
+    let a_stop = h.cancel.child_token();
+    let a = h
+        .node_as(
+            "a",
+            addrs[0],
+            &addrs[..1],
+            ClusterRole::Member,
+            a_stop.clone(),
+        )
+        .await;
+    voters(&a, 1).await;
+    let a_id = a.identity.incarnation;
+    // d starts joining; the sponsor goes down at once, wherever d is.
+    let d = h.node("d", addrs[1], &addrs[..1]).await;
+    a_stop.cancel();
+    a.raft.shutdown().await.unwrap();
+    // The sponsor returns with its data dir, same address: d gets in
+    // without being restarted.
+    let a = h
+        .node_as(
+            "a",
+            addrs[0],
+            &addrs[..1],
+            ClusterRole::Member,
+            h.cancel.child_token(),
+        )
+        .await;
+    assert_eq!(a.identity.incarnation, a_id);
+    let both = voters(&a, 2).await;
+    assert!(both.contains(&d.identity.incarnation), "{both:?}");
+    h.cancel.cancel();
+    for n in [a, d] {
+        n.raft.shutdown().await.unwrap();
+    }
+    h.tracker.close();
+    h.tracker.wait().await;
+}
