@@ -20,11 +20,8 @@ pub enum SeedView {
         /// Its configured name.
         name: String,
     },
-    /// A member of an initialized cluster, maybe knowing the leader.
-    Member {
-        /// The leader's cluster address, if known.
-        leader: Option<SocketAddr>,
-    },
+    /// A member of an initialized cluster (it forwards joins to the leader).
+    Member,
 }
 
 /// What a fresh node does next.
@@ -53,7 +50,7 @@ pub fn start(me: &str, seeds: &[(SocketAddr, SeedView)]) -> Start {
     // Join through the member that answered: it forwards to the leader,
     // so the joiner needs a path to one member only.
     for (addr, view) in seeds {
-        if let SeedView::Member { .. } = view {
+        if *view == SeedView::Member {
             return Start::Join(*addr);
         }
     }

@@ -16,17 +16,9 @@ fn a_node_without_seeds_bootstraps_alone() {
 
 #[test]
 fn any_initialized_seed_means_join_through_it() {
-    let seeds = [
-        (addr(2), fresh("b")),
-        (
-            addr(3),
-            SeedView::Member {
-                leader: Some(addr(4)),
-            },
-        ),
-    ];
+    let seeds = [(addr(2), fresh("b")), (addr(3), SeedView::Member)];
     assert_eq!(start("a", &seeds), Start::Join(addr(3)));
-    let seeds = [(addr(3), SeedView::Member { leader: None })];
+    let seeds = [(addr(3), SeedView::Member)];
     assert_eq!(start("z", &seeds), Start::Join(addr(3)));
 }
 

@@ -242,9 +242,7 @@ impl Joiner {
     async fn probe(&self, seed: SocketAddr) -> Result<SeedView, String> {
         let client = PeerClient::new(seed, self.link.clone(), None);
         match client.call(Request::Status, PROBE_TIMEOUT).await {
-            Ok(Reply::Status(s)) if s.initialized => Ok(SeedView::Member {
-                leader: s.leader.map(|(_, addr)| addr),
-            }),
+            Ok(Reply::Status(s)) if s.initialized => Ok(SeedView::Member),
             Ok(Reply::Status(s)) => Ok(SeedView::Fresh { name: s.name }),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
             Err(e) => Err(e.to_string()),
