@@ -13,7 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use openraft::{ChangeMembers, Raft};
+use openraft::Raft;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -203,18 +203,7 @@ async fn evict(
     if id == m.id {
         return problem(StatusCode::CONFLICT, "a leader does not evict itself");
     }
-    let change = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false);
-    let voters = BTreeSet::from([id]);
-    let remove_vote = raft.change_membership(ChangeMembers::RemoveVoters(voters), false);
-    let work = async {
-        if membership.voter_ids().any(|v| v == id) {
-            remove_vote.await.map_err(|e| e.to_string())?;
-        }
-        change.await.map_err(|e| e.to_string())?;
-        raft.client_write(crate::cluster::Command::Remove { id })
-            .await
-            .map_err(|e| e.to_string())
-    };
+    let work = crate::cluster::admit::evict(raft, id);
     match tokio::time::timeout(ACTION_DEADLINE, work).await {
         Ok(Ok(_)) => Ok(Json(serde_json::json!({ "evicted": name }))),
         Ok(Err(e)) => problem(StatusCode::SERVICE_UNAVAILABLE, e),

@@ -83,6 +83,14 @@ async fn run(raft: &Raft<TypeConfig>, step: Step, join_timeout: Duration) -> Res
     }
 }
 
+/// Remove member `id` for good (an operator's evict): out of the voters,
+/// out of the cluster, and its record forgotten. The same steps a
+/// replaced incarnation goes through.
+pub async fn evict(raft: &Raft<TypeConfig>, id: NodeId) -> Result<(), String> {
+    remove(raft, id).await?;
+    write(raft, Command::Remove { id }).await
+}
+
 /// Take `id` out of the voters (if it is one) and out of the cluster.
 async fn remove(raft: &Raft<TypeConfig>, id: NodeId) -> Result<(), String> {
     let ids = BTreeSet::from([id]);
