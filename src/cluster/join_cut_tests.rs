@@ -86,12 +86,7 @@ async fn joins_despite(cut: Cut) {
         connections.load(Ordering::SeqCst) > 2,
         "{cut:?}: no retry seen"
     );
-    h.cancel.cancel();
-    for n in [a, d] {
-        n.raft.shutdown().await.unwrap();
-    }
-    h.tracker.close();
-    h.tracker.wait().await;
+    h.stop([a, d]).await;
 }
 
 // Connection 0 is the joiner's status probe, connection 1 its join call.
@@ -151,10 +146,5 @@ async fn a_sponsor_restarted_mid_join_is_joined_after_it_returns() {
     assert_eq!(a.identity.incarnation, a_id);
     let both = voters(&a, 2).await;
     assert!(both.contains(&d.identity.incarnation), "{both:?}");
-    h.cancel.cancel();
-    for n in [a, d] {
-        n.raft.shutdown().await.unwrap();
-    }
-    h.tracker.close();
-    h.tracker.wait().await;
+    h.stop([a, d]).await;
 }

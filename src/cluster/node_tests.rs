@@ -53,6 +53,16 @@ impl Harness {
         }
     }
 
+    /// Stop every node and wait for all their tasks.
+    async fn stop<const N: usize>(self, nodes: [ClusterNode; N]) {
+        self.cancel.cancel();
+        for n in nodes {
+            n.raft.shutdown().await.unwrap();
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
     async fn node(&self, name: &str, listen: SocketAddr, seeds: &[SocketAddr]) -> ClusterNode {
         self.node_as(
             name,
@@ -121,12 +131,7 @@ async fn three_nodes_form_from_seeds_and_a_fourth_joins() {
     let all = voters(&a, 4).await;
     assert!(all.contains(&d.identity.incarnation));
     assert_eq!(voters(&d, 4).await, all);
-    h.cancel.cancel();
-    for n in [a, b, c, d] {
-        n.raft.shutdown().await.unwrap();
-    }
-    h.tracker.close();
-    h.tracker.wait().await;
+    h.stop([a, b, c, d]).await;
 }
 
 async fn member_state(node: &ClusterNode, id: NodeId, want: crate::cluster::NodeState) {
@@ -234,12 +239,7 @@ async fn two_members_and_a_witness_survive_a_dead_member_and_see_it_come_back() 
     assert_eq!(b.identity.incarnation, b_id);
     member_state(&a, b_id, NodeState::Up).await;
 
-    h.cancel.cancel();
-    for n in [a, b, w] {
-        n.raft.shutdown().await.unwrap();
-    }
-    h.tracker.close();
-    h.tracker.wait().await;
+    h.stop([a, b, w]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,12 +294,7 @@ async fn a_non_voter_is_promoted_when_a_voter_slot_frees() {
         .unwrap();
     let now = voters(leader, 3).await;
     assert!(now.contains(&d_id) && !now.contains(&victim), "{now:?}");
-    h.cancel.cancel();
-    for n in [a, b, c, d] {
-        n.raft.shutdown().await.unwrap();
-    }
-    h.tracker.close();
-    h.tracker.wait().await;
+    h.stop([a, b, c, d]).await;
 }
 
 #[path = "join_cut_tests.rs"]
