@@ -6,16 +6,17 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
 use super::frame::{encode, FrameDecoder, FrameError, MAX_FRAME};
 use super::handshake::{Action, Handshake, LinkEnd, Role, MAX_HANDSHAKE_FRAME};
 use super::identity::{Identity, Secret};
 use super::message::{LinkMessage, Nonce, RefuseReason};
+use super::transport::{Io, Stream, Transport};
 use thiserror::Error;
 
 /// Default time allowed for connect plus handshake.
@@ -37,6 +38,8 @@ pub struct LinkConfig {
     pub cluster: String,
     /// Deadline for connect plus handshake.
     pub handshake_timeout: Duration,
+    /// What carries the links (TCP, or an in-memory network in tests).
+    pub transport: Arc<dyn Transport>,
 }
 
 /// Why a link could not be set up or stopped working.
@@ -72,7 +75,7 @@ pub enum LinkError {
 
 /// An authenticated link to a peer.
 #[derive(Debug)]
-pub struct Link<S = TcpStream> {
+pub struct Link<S = Stream> {
     /// The authenticated peer.
     pub peer: Identity,
     /// Receiving half.
@@ -84,13 +87,11 @@ pub struct Link<S = TcpStream> {
 /// Connects to `addr` and authenticates as the initiator.
 pub async fn connect(addr: SocketAddr, cfg: &LinkConfig) -> Result<Link, LinkError> {
     let deadline = Instant::now() + cfg.handshake_timeout;
-    let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+    let stream = match timeout_at(deadline, cfg.transport.connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(LinkError::Connect { addr, source }),
         Err(_) => return Err(LinkError::ConnectTimedOut(addr)),
     };
-    // Handshake and raft messages are small and latency-bound.
-    stream.set_nodelay(true)?;
     logged(
         addr,
         Role::Initiator,
@@ -98,11 +99,14 @@ pub async fn connect(addr: SocketAddr, cfg: &LinkConfig) -> Result<Link, LinkErr
     )
 }
 
-/// Authenticates an accepted connection as the acceptor.
-pub async fn accept(stream: TcpStream, cfg: &LinkConfig) -> Result<Link, LinkError> {
+/// Authenticates a connection accepted from `addr` as the acceptor.
+pub async fn accept<S: Io>(
+    stream: S,
+    addr: SocketAddr,
+    cfg: &LinkConfig,
+) -> Result<Link, LinkError> {
     let deadline = Instant::now() + cfg.handshake_timeout;
-    let addr = stream.peer_addr()?;
-    stream.set_nodelay(true)?;
+    let stream: Stream = Box::new(stream);
     logged(
         addr,
         Role::Acceptor,
@@ -238,7 +242,7 @@ async fn linger<S: AsyncRead + AsyncWrite>(
 
 /// Receiving half of an authenticated link.
 #[derive(Debug)]
-pub struct LinkReader<S = TcpStream> {
+pub struct LinkReader<S = Stream> {
     inner: ReadHalf<S>,
     dec: FrameDecoder,
     hs: Handshake,
@@ -295,7 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LinkReader<S> {
 
 /// Sending half of an authenticated link.
 #[derive(Debug)]
-pub struct LinkWriter<S = TcpStream> {
+pub struct LinkWriter<S = Stream> {
     inner: WriteHalf<S>,
     broken: bool,
 }

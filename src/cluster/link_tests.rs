@@ -1,6 +1,8 @@
 use serde_json::json;
 use tokio::io::{duplex, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::cluster::transport::Tcp;
 
 use super::*;
 
@@ -13,6 +15,7 @@ fn cfg(name: &str, incarnation: u64, cluster: &str, key: &[u8]) -> LinkConfig {
         secret: Secret::new(key).unwrap(),
         cluster: cluster.into(),
         handshake_timeout: Duration::from_secs(5),
+        transport: Tcp::shared(),
     }
 }
 
@@ -34,8 +37,8 @@ async fn tcp_pair(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_side = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        accept(stream, &server).await
+        let (stream, from) = listener.accept().await.unwrap();
+        accept(stream, from, &server).await
     });
     let c = connect(addr, &client).await;
     (c, server_side.await.unwrap())
@@ -104,11 +107,11 @@ async fn silent_client_times_out_on_the_acceptor() {
     let addr = listener.local_addr().unwrap();
     // Connected but never speaks; kept open for the whole test.
     let _silent = TcpStream::connect(addr).await.unwrap();
-    let (stream, _) = listener.accept().await.unwrap();
+    let (stream, from) = listener.accept().await.unwrap();
     let mut server = node_b();
     server.handshake_timeout = Duration::from_millis(200);
     assert_eq!(
-        ended(accept(stream, &server).await),
+        ended(accept(stream, from, &server).await),
         LinkEnd::Refused(RefuseReason::TimedOut)
     );
 }

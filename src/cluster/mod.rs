@@ -18,6 +18,7 @@ pub mod peer;
 pub mod rpc;
 pub mod server;
 pub mod store;
+pub mod transport;
 pub mod types;
 
 pub use types::{

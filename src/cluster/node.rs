@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::Raft;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +22,7 @@ use super::peer::PeerClient;
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
 use super::server;
 use super::store::{self, ClusterView};
+use super::transport::{Tcp, Transport};
 use super::types::{Member, Role, TypeConfig};
 use crate::config::{ClusterConfig, ClusterRole};
 
@@ -69,8 +69,20 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    /// Start the cluster side: everything under `data_dir/cluster`.
+    /// Start the cluster side over TCP: everything under `data_dir/cluster`.
     pub async fn start(
+        cfg: &ClusterConfig,
+        name: &str,
+        data_dir: &Path,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<ClusterNode, ClusterError> {
+        Self::start_on(Tcp::shared(), cfg, name, data_dir, cancel, tracker).await
+    }
+
+    /// Start the cluster side with links carried by `transport`.
+    pub async fn start_on(
+        transport: Arc<dyn Transport>,
         cfg: &ClusterConfig,
         name: &str,
         data_dir: &Path,
@@ -83,7 +95,8 @@ impl ClusterNode {
         let (log, sm) = store::open(&dir)?;
         let view = sm.subscribe();
         let listener =
-            TcpListener::bind(cfg.listen)
+            transport
+                .listen(cfg.listen)
                 .await
                 .map_err(|source| ClusterError::Listen {
                     addr: cfg.listen,
@@ -95,6 +108,7 @@ impl ClusterNode {
             secret,
             cluster: cfg.name.clone(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            transport,
         };
         let raft_cfg = openraft::Config {
             cluster_name: cfg.name.clone(),

@@ -22,6 +22,7 @@ pub(crate) fn cfg_with(name: &str, incarnation: u64, key: &[u8]) -> LinkConfig {
         secret: Secret::new(key).unwrap(),
         cluster: "test".into(),
         handshake_timeout: Duration::from_secs(5),
+        transport: crate::cluster::transport::Tcp::shared(),
     }
 }
 
@@ -126,8 +127,8 @@ async fn dead_peer_fails_fast_and_is_reached_once_it_is_up() {
 async fn flaky_server(l: TcpListener, answer: usize, cfg: LinkConfig) -> usize {
     let mut links = 0;
     loop {
-        let (stream, _) = l.accept().await.unwrap();
-        let mut link = link::accept(stream, &cfg).await.unwrap();
+        let (stream, from) = l.accept().await.unwrap();
+        let mut link = link::accept(stream, from, &cfg).await.unwrap();
         links += 1;
         let mut answered = 0;
         loop {
@@ -188,14 +189,14 @@ async fn a_timed_out_call_drops_the_link() {
     let (l, addr) = listener().await;
     let srv = cfg("srv", 2);
     let server = tokio::spawn(async move {
-        let (stream, _) = l.accept().await.unwrap();
-        let mut silent = link::accept(stream, &srv).await.unwrap();
+        let (stream, from) = l.accept().await.unwrap();
+        let mut silent = link::accept(stream, from, &srv).await.unwrap();
         // Swallow the call; the client must give up and close the link.
         silent.reader.recv().await.unwrap();
         assert!(silent.reader.recv().await.is_err());
         // The next call arrives on a new link.
-        let (stream, _) = l.accept().await.unwrap();
-        let mut link = link::accept(stream, &srv).await.unwrap();
+        let (stream, from) = l.accept().await.unwrap();
+        let mut link = link::accept(stream, from, &srv).await.unwrap();
         let Envelope::Call { id, .. } =
             serde_json::from_value(link.reader.recv().await.unwrap()).unwrap()
         else {

@@ -6,11 +6,11 @@
 //! through a single writer task in whatever order they finish.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use super::identity::Identity;
 use super::link::{self, LinkConfig, LinkReader, LinkWriter};
 use super::rpc::{Envelope, Reply, Request};
+use super::transport::{Listener, Stream};
 
 /// A boxed, sendable future, as trait objects must return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -38,8 +39,8 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepts cluster links on `listener` until `cancel` fires, then closes
 /// every link it accepted and returns once their tasks are done.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L: Listener>(
+    mut listener: L,
     cfg: LinkConfig,
     handler: Arc<dyn Handler>,
     cancel: CancellationToken,
@@ -52,12 +53,12 @@ pub async fn serve(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, from)) => {
                 let (cfg, handler, cancel) = (cfg.clone(), handler.clone(), cancel.clone());
                 tasks.spawn(async move {
                     tokio::select! {
                         _ = cancel.cancelled() => {}
-                        _ = connection(stream, &cfg, handler) => {}
+                        _ = connection(stream, from, &cfg, handler) => {}
                     }
                 });
             }
@@ -76,9 +77,9 @@ pub async fn serve(
 }
 
 /// One accepted connection: handshake, then calls until the link ends.
-async fn connection(stream: TcpStream, cfg: &LinkConfig, handler: Arc<dyn Handler>) {
+async fn connection(stream: Stream, from: SocketAddr, cfg: &LinkConfig, handler: Arc<dyn Handler>) {
     // link::accept bounds the handshake by its deadline and logs failures.
-    let Ok(link) = link::accept(stream, cfg).await else {
+    let Ok(link) = link::accept(stream, from, cfg).await else {
         return;
     };
     let peer = link.peer;

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
