@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod identity;
 pub mod link;
 pub mod membership;
+pub mod memnet;
 pub mod message;
 pub mod network;
 pub mod node;
