@@ -33,6 +33,8 @@ fn config(listen: SocketAddr, seeds: &[SocketAddr], secret: &Path) -> ClusterCon
 
 struct Harness {
     max_voters: usize,
+    /// Links over this in-memory network instead of TCP.
+    net: Option<crate::cluster::memnet::MemNet>,
     dir: tempfile::TempDir,
     secret: PathBuf,
     cancel: CancellationToken,
@@ -46,6 +48,7 @@ impl Harness {
         std::fs::write(&secret, "a test secret of enough length\n").unwrap();
         Harness {
             max_voters: 5,
+            net: None,
             dir,
             secret,
             cancel: CancellationToken::new(),
@@ -87,7 +90,11 @@ impl Harness {
         cfg.role = role;
         cfg.max_voters = self.max_voters;
         let data = self.dir.path().join(name);
-        ClusterNode::start(&cfg, name, &data, cancel, &self.tracker)
+        let transport = match &self.net {
+            Some(net) => net.transport(listen.ip()),
+            None => crate::cluster::transport::Tcp::shared(),
+        };
+        ClusterNode::start_on(transport, &cfg, name, &data, cancel, &self.tracker)
             .await
             .unwrap()
     }
@@ -299,3 +306,6 @@ async fn a_non_voter_is_promoted_when_a_voter_slot_frees() {
 
 #[path = "join_cut_tests.rs"]
 mod join_cut;
+
+#[path = "partition_tests.rs"]
+mod partition;
