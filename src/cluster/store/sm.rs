@@ -166,10 +166,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_or(0, |d| d.as_nanos());
         let last = self.data.last_applied;
         let snapshot_id = match last {
-            Some(l) => format!(
-                "{}-{}-{}-{nanos}",
-                l.leader_id.term, l.leader_id.node_id, l.index
-            ),
+            Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
             None => format!("none-{nanos}"),
         };
         let meta = SnapshotMeta {
