@@ -9,7 +9,7 @@ use openraft::{ChangeMembers, Raft};
 
 use super::membership::{self, Admission, Known, Step};
 use super::rpc::{JoinReply, JoinRequest};
-use super::types::{Command, NodeId, TypeConfig};
+use super::types::{Command, Member, NodeId, TypeConfig};
 
 /// Members as the leader's raft membership has them: every node with its
 /// record, and whether it votes.
@@ -62,24 +62,27 @@ async fn run(raft: &Raft<TypeConfig>, step: Step, join_timeout: Duration) -> Res
         Step::Forget(id) => write(raft, Command::Remove { id }).await,
         Step::Record(id, member) => write(raft, Command::Upsert { id, member }).await,
         Step::AddLearner(id, member) => {
-            match tokio::time::timeout(join_timeout, raft.add_learner(id, member, true)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(format!("adding learner {id}: {e}")),
-                Err(_) => {
-                    // Half-finished join: roll it back so the next
-                    // attempt does not find a stale learner.
-                    let _ = remove(raft, id).await;
-                    Err(format!(
-                        "learner {id} did not catch up within {join_timeout:?}"
-                    ))
-                }
+            let added = raft
+                .add_learner(id, member, false)
+                .await
+                .map_err(|e| format!("adding learner {id}: {e}"))?;
+            // openraft's own blocking wait counts a learner thousands of
+            // entries behind as caught up; we want the entry that added it.
+            let want = added.log_id.index;
+            let caught_up = raft
+                .wait(Some(join_timeout))
+                .metrics(|m| matched(m, id) >= Some(want), "learner caught up")
+                .await;
+            if caught_up.is_err() {
+                // Half-finished join: roll it back so the next attempt
+                // does not find a stale learner.
+                let _ = remove(raft, id).await;
+                return Err(format!(
+                    "learner {id} did not catch up within {join_timeout:?}"
+                ));
             }
+            Ok(())
         }
-        Step::Promote(id) => raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("promoting {id}: {e}")),
     }
 }
 
@@ -112,4 +115,10 @@ async fn write(raft: &Raft<TypeConfig>, command: Command) -> Result<(), String> 
         .await
         .map(|_| ())
         .map_err(|e| format!("writing to the cluster log: {e}"))
+}
+
+/// The last log index the leader knows `id` holds, if it leads.
+fn matched(m: &openraft::RaftMetrics<NodeId, Member>, id: NodeId) -> Option<u64> {
+    let r = m.replication.as_ref()?.get(&id)?.as_ref()?;
+    Some(r.index)
 }

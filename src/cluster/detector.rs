@@ -119,6 +119,8 @@ pub async fn run(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading_since: Option<Instant> = None;
+    // A joint configuration and when this leader first saw it.
+    let mut joint_seen: Option<(Option<openraft::LogId<NodeId>>, Instant)> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -153,7 +155,30 @@ pub async fn run(
             .map(|id| (id, ()))
             .collect();
         // One membership change at a time; joint phases finish first.
-        let settled = m.membership_config.membership().get_joint_config().len() == 1;
+        let joint = m.membership_config.membership().get_joint_config();
+        let settled = joint.len() == 1;
+        // A change cut off between its two steps (its leader lost office)
+        // leaves a joint configuration that openraft does not finish by
+        // itself. Once it has lasted long enough that nobody here can still
+        // be in the middle of it, this leader finishes it.
+        let log_id = *m.membership_config.log_id();
+        joint_seen = match joint_seen.take() {
+            Some((seen, at)) if !settled && seen == log_id => Some((seen, at)),
+            _ if !settled => Some((log_id, now)),
+            _ => None,
+        };
+        let committed = log_id <= m.last_applied;
+        if let Some((_, at)) = joint_seen.filter(|(_, at)| committed && now - *at >= t.down_after) {
+            let target = joint.last().cloned().unwrap_or_default();
+            tracing::info!(voters = ?target, since = ?now - at, "finishing an interrupted membership change");
+            if let Err(e) = raft
+                .change_membership(openraft::ChangeMembers::ReplaceAllVoters(target), false)
+                .await
+            {
+                tracing::debug!(error = %e, "could not finish the membership change yet");
+            }
+            continue;
+        }
         // Only a non-voter that has caught up may vote: a lagging one would
         // weaken the quorum until it catches up.
         let last = m.last_log_index.unwrap_or(0);

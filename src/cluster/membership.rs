@@ -89,8 +89,6 @@ pub enum Step {
     /// Add it as a learner and wait until it has caught up (bounded by
     /// the join timeout; on timeout the learner is removed again).
     AddLearner(NodeId, Member),
-    /// Make it a voter.
-    Promote(NodeId),
 }
 
 /// The leader's decision on a join.
@@ -100,7 +98,8 @@ pub enum Admission {
     Steps {
         /// The steps.
         steps: Vec<Step>,
-        /// Whether it ends as a voter.
+        /// Whether a voter slot is free for it: the failure detector
+        /// promotes it once it is caught up and up.
         voter: bool,
     },
     /// Refuse with this reason.
@@ -108,9 +107,12 @@ pub enum Admission {
 }
 
 /// How a leader admits `req`, given the cluster's members and the voter
-/// limit. Admission is idempotent: a joiner whose connection was cut after
-/// it was admitted asks again and gets the same answer with no new steps
-/// beyond the ones still missing.
+/// limit. Admission makes a member a learner, never a voter: promotion is
+/// the failure detector's alone ([`super::detector::promotion`]), so two
+/// deciders can never fill the same free slot twice. Admission is
+/// idempotent: a joiner whose connection was cut after it was admitted
+/// asks again and gets the same answer with no new steps beyond the ones
+/// still missing.
 pub fn admit(known: &BTreeMap<NodeId, Known>, req: &JoinRequest, max_voters: usize) -> Admission {
     let member = Member {
         name: req.name.clone(),
@@ -134,18 +136,13 @@ pub fn admit(known: &BTreeMap<NodeId, Known>, req: &JoinRequest, max_voters: usi
     let voters_now = known.values().filter(|k| k.voter).count();
     if let Some(me) = known.get(&req.incarnation) {
         // Rejoining with the same incarnation: it keeps its place; only a
-        // changed address needs recording. A learner that could be a
-        // voter is promoted (an earlier attempt may have stopped there).
+        // changed address needs recording.
         if me.member != member {
             steps.push(Step::Record(req.incarnation, member));
         }
-        let promote = !me.voter && voters_now < max_voters;
-        if promote {
-            steps.push(Step::Promote(req.incarnation));
-        }
         return Admission::Steps {
             steps,
-            voter: me.voter || promote,
+            voter: me.voter || voters_now < max_voters,
         };
     }
     let mut stale_voters = 0;
@@ -159,11 +156,10 @@ pub fn admit(known: &BTreeMap<NodeId, Known>, req: &JoinRequest, max_voters: usi
     }
     steps.push(Step::Record(req.incarnation, member.clone()));
     steps.push(Step::AddLearner(req.incarnation, member));
-    let voter = voters_now - stale_voters < max_voters;
-    if voter {
-        steps.push(Step::Promote(req.incarnation));
+    Admission::Steps {
+        steps,
+        voter: voters_now - stale_voters < max_voters,
     }
-    Admission::Steps { steps, voter }
 }
 
 /// Exponential backoff with jitter for join attempts and reconnects.

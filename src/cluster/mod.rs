@@ -25,3 +25,7 @@ pub mod types;
 pub use types::{
     ClusterState, Command, Member, MemberState, NodeId, NodeState, Response, Role, TypeConfig,
 };
+
+#[cfg(test)]
+#[path = "sim_tests.rs"]
+mod sim;

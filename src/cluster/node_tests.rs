@@ -307,5 +307,5 @@ async fn a_non_voter_is_promoted_when_a_voter_slot_frees() {
 #[path = "join_cut_tests.rs"]
 mod join_cut;
 
-#[path = "partition_tests.rs"]
-mod partition;
+#[path = "heal_tests.rs"]
+mod heal;

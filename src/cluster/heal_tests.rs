@@ -1,5 +1,6 @@
-//! Partitions and dropped links heal by themselves: nodes run over the
-//! in-memory network, with paused time, and nobody is restarted.
+//! Partitions, dropped links, a join stuck in catch-up and a wiped disk
+//! heal by themselves: nodes run over the in-memory network, with paused
+//! time, and nobody is restarted.
 
 use std::net::IpAddr;
 
@@ -155,4 +156,90 @@ async fn dropped_links_reconnect_on_their_own() {
     }
     assert!(net.open_connections() > 0);
     h.stop(nodes).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_stuck_in_catch_up_is_rolled_back_and_retried() {
+    let mut h = Harness::new();
+    let (net, nodes) = three(&mut h).await;
+    let leader = leader_other_than(&nodes[0], None).await;
+    let lead = nodes.iter().find(|n| id(n) == leader).unwrap();
+    // d reaches the seeds, but the leader cannot replicate to it: the
+    // learner never catches up.
+    let d_addr = mem_addr(4);
+    net.split(&[ip(lead)], &[d_addr.ip()]);
+    let seeds: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let d = h.node("d", d_addr, &seeds).await;
+    let d_id = id(&d);
+    let has_d = |present: bool| {
+        move |m: &openraft::RaftMetrics<NodeId, crate::cluster::Member>| {
+            m.membership_config.membership().get_node(&d_id).is_some() == present
+        }
+    };
+    lead.raft
+        .wait(WAIT)
+        .metrics(has_d(true), "learner added")
+        .await
+        .unwrap();
+    // After the join timeout the half-finished join is rolled back.
+    lead.raft
+        .wait(WAIT)
+        .metrics(has_d(false), "learner removed")
+        .await
+        .unwrap();
+    net.heal();
+    // The joiner's next attempt starts clean and completes.
+    let all = voters(lead, 4).await;
+    assert!(all.contains(&d_id));
+    let [a, b, c] = nodes;
+    h.stop([a, b, c, d]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_voter_back_with_a_wiped_disk_replaces_its_old_self() {
+    let mut h = Harness::new();
+    let net = MemNet::new(7);
+    h.net = Some(net.clone());
+    let seeds: Vec<SocketAddr> = (1..=3).map(mem_addr).collect();
+    let a = h.node("a", seeds[0], &seeds).await;
+    let b = h.node("b", seeds[1], &seeds).await;
+    let c_stop = h.cancel.child_token();
+    let c = h
+        .node_as("c", seeds[2], &seeds, ClusterRole::Member, c_stop.clone())
+        .await;
+    voters(&a, 3).await;
+    let old = id(&c);
+    // c dies and its data dir is wiped.
+    net.crash(ip(&c));
+    c_stop.cancel();
+    c.raft.shutdown().await.unwrap();
+    std::fs::remove_dir_all(h.dir.path().join("c")).unwrap();
+    let c = h.node("c", seeds[2], &seeds).await;
+    assert_ne!(id(&c), old, "a wiped disk is a new incarnation");
+    let new = id(&c);
+    let m = a
+        .raft
+        .wait(WAIT)
+        .metrics(
+            |m| {
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == new)
+            },
+            "the new c votes",
+        )
+        .await
+        .unwrap();
+    let ms = m.membership_config.membership();
+    assert!(ms.get_node(&old).is_none(), "the old c is gone: {ms:?}");
+    assert_eq!(voters(&a, 3).await.len(), 3);
+    for n in [&a, &b, &c] {
+        let mut view = n.view.clone();
+        view.wait_for(|v| !v.state.members.contains_key(&old))
+            .await
+            .unwrap();
+    }
+    member_state(&a, id(&c), NodeState::Up).await;
+    h.stop([a, b, c]).await;
 }
