@@ -49,8 +49,14 @@ pub struct Node {
     cluster: Option<ClusterNode>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
     cancel: CancellationToken,
+    /// Separate from `cancel`: the cluster side outlives SMTP at shutdown
+    /// long enough to say goodbye.
+    cluster_cancel: CancellationToken,
     tracker: TaskTracker,
 }
+
+/// Longest a node spends saying goodbye to its cluster at shutdown.
+const LEAVE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Drop-directory writes at once; each one fsyncs, so a few in parallel
 /// keep the disk busy without piling up threads.
@@ -101,6 +107,7 @@ impl Node {
         }
         let config = Arc::new(config);
         let cancel = CancellationToken::new();
+        let cluster_cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let cluster = match &config.cluster {
             Some(c) => Some(
@@ -108,7 +115,7 @@ impl Node {
                     c,
                     &config.node.name,
                     &config.node.data_dir,
-                    cancel.child_token(),
+                    cluster_cancel.clone(),
                     &tracker,
                 )
                 .await?,
@@ -188,6 +195,7 @@ impl Node {
             cluster,
             stats,
             cancel,
+            cluster_cancel,
             tracker,
         })
     }
@@ -212,10 +220,15 @@ impl Node {
         self.stats.clone()
     }
 
-    /// Stop accepting, answer open sessions with 421, let deliveries in
-    /// hand finish within `grace`, then return.
+    /// Stop accepting, answer open sessions with 421, leave the cluster
+    /// (handing leadership over), let deliveries in hand finish within
+    /// `grace`, then return.
     pub async fn shutdown(self, grace: Duration) {
         self.cancel.cancel();
+        if let Some(c) = &self.cluster {
+            c.leave(grace.min(LEAVE_WITHIN)).await;
+        }
+        self.cluster_cancel.cancel();
         if let Some(c) = &self.cluster {
             if let Err(e) = c.raft.shutdown().await {
                 tracing::warn!(error = %e, "raft did not shut down cleanly");

@@ -76,18 +76,12 @@ fn key(dir: &Path, name: &str, secret: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let good = key(
-        dir.path(),
-        "good.key",
-        "the right cluster secret, long enough",
-    );
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
-    let admin: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
-        let cfg = write_config_admin(dir.path(), name, addrs[i], &addrs, &good, admin[i]);
-        nodes.push(Daemon::start(&cfg).await);
-    }
+    let Three {
+        mut nodes,
+        addrs,
+        admin,
+        ..
+    } = Three::start(dir.path()).await;
     // node-a has the lowest name: it bootstraps; the others are admitted.
     nodes[0]
         .wait_line(|l| l.contains("bootstrapped a new cluster"))
@@ -100,14 +94,15 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
         n.wait_line(|l| l.contains("joined the cluster")).await;
     }
 
-    // ctl sees three members, all up, node-a (the bootstrapper) leading.
-    let rows = nodes_json(admin[1]).await;
-    assert_eq!(rows.len(), 3, "{rows:?}");
-    assert!(
-        rows.iter()
-            .all(|r| r["state"] == "up" && r["vote"] == "voter"),
-        "{rows:?}"
-    );
+    // ctl sees three members, all up and (once promoted) voting, node-a
+    // (the bootstrapper) leading.
+    let rows = nodes_until(admin[1], |rows| {
+        rows.len() == 3
+            && rows
+                .iter()
+                .all(|r| r["state"] == "up" && r["vote"] == "voter")
+    })
+    .await;
     let leaders: Vec<_> = rows.iter().filter(|r| r["leader"] == true).collect();
     assert_eq!(leaders.len(), 1);
     assert_eq!(leaders[0]["name"], "node-a");
@@ -156,6 +151,85 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     }
 }
 
+/// Three nodes node-a, node-b, node-c, started together from the same seeds.
+struct Three {
+    nodes: Vec<Daemon>,
+    configs: Vec<PathBuf>,
+    addrs: Vec<SocketAddr>,
+    admin: Vec<SocketAddr>,
+}
+
+impl Three {
+    async fn start(dir: &Path) -> Three {
+        let good = key(dir, "good.key", "the right cluster secret, long enough");
+        let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+        let admin: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        let mut configs = Vec::new();
+        for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
+            let cfg = write_config_admin(dir, name, addrs[i], &addrs, &good, admin[i]);
+            nodes.push(Daemon::start(&cfg).await);
+            configs.push(cfg);
+        }
+        Three {
+            nodes,
+            configs,
+            addrs,
+            admin,
+        }
+    }
+}
+
+fn sigterm(d: &Daemon) {
+    let pid = d.child.id().unwrap() as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_gracefully_and_a_restart_is_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let Three {
+        mut nodes,
+        configs,
+        admin,
+        ..
+    } = Three::start(dir.path()).await;
+    let voting = |rows: &[serde_json::Value]| {
+        rows.len() == 3
+            && rows
+                .iter()
+                .all(|r| r["state"] == "up" && r["vote"] == "voter")
+    };
+    nodes_until(admin[1], voting).await;
+    // The leader (node-a, which bootstrapped) is stopped with SIGTERM: it
+    // hands over, is published as left — not down — and exits 0.
+    sigterm(&nodes[0]);
+    nodes[0]
+        .wait_line(|l| l.contains("handed leadership over"))
+        .await;
+    let status = nodes[0].child.wait().await.unwrap();
+    assert!(status.success(), "{status}");
+    let rows = nodes_until(admin[1], |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "node-a" && r["state"] == "left")
+            && rows.iter().any(|r| r["leader"] == true)
+    })
+    .await;
+    let leader = rows.iter().find(|r| r["leader"] == true).unwrap();
+    assert_ne!(leader["name"], "node-a", "{rows:?}");
+    // Back with its data dir: the same member, up again.
+    nodes[0] = Daemon::start(&configs[0]).await;
+    nodes[0]
+        .wait_line(|l| l.contains("joined the cluster"))
+        .await;
+    nodes_until(admin[2], voting).await;
+    for mut n in nodes {
+        let _ = n.child.start_kill();
+        n.child.wait().await.unwrap();
+    }
+}
+
 /// Run `mtad ctl --admin http://ADDR ARGS…`; (success, stdout + stderr).
 async fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String) {
     let url = format!("http://{admin}");
@@ -171,6 +245,25 @@ async fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// `ctl nodes` once it shows what `want` accepts (another process: poll).
+async fn nodes_until(
+    admin: SocketAddr,
+    want: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rows = nodes_json(admin).await;
+        if want(&rows) {
+            return rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never as wanted: {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 async fn nodes_json(admin: SocketAddr) -> Vec<serde_json::Value> {

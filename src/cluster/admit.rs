@@ -9,7 +9,7 @@ use openraft::{ChangeMembers, Raft};
 
 use super::membership::{self, Admission, Known, Step};
 use super::rpc::{JoinReply, JoinRequest};
-use super::types::{Command, Member, NodeId, TypeConfig};
+use super::types::{Command, Member, NodeId, NodeState, TypeConfig};
 
 /// Members as the leader's raft membership has them: every node with its
 /// record, and whether it votes.
@@ -32,12 +32,14 @@ pub fn known(raft: &Raft<TypeConfig>) -> BTreeMap<NodeId, Known> {
 /// Admit `req` on this node, which must be the leader. A learner that has
 /// not caught up within `join_timeout` is removed again, so a joiner that
 /// vanished mid-join leaves nothing behind and its next attempt starts
-/// clean.
+/// clean. `back`: the joiner is a member that left and now returns; it is
+/// published up again.
 pub async fn admit(
     raft: &Raft<TypeConfig>,
     req: &JoinRequest,
     max_voters: usize,
     join_timeout: Duration,
+    back: bool,
 ) -> JoinReply {
     let (steps, voter) = match membership::admit(&known(raft), req, max_voters) {
         Admission::Steps { steps, voter } => (steps, voter),
@@ -52,7 +54,18 @@ pub async fn admit(
             return JoinReply::Retry { reason };
         }
     }
-    tracing::info!(node = %req.name, incarnation = req.incarnation, voter, "node admitted");
+    if back {
+        let up = Command::SetState {
+            id: req.incarnation,
+            state: NodeState::Up,
+            at_ms: super::detector::now_ms(),
+            from: Some(NodeState::Left),
+        };
+        if let Err(reason) = write(raft, up).await {
+            return JoinReply::Retry { reason };
+        }
+    }
+    tracing::info!(node = %req.name, incarnation = req.incarnation, voter, back, "node admitted");
     JoinReply::Admitted { voter }
 }
 

@@ -67,13 +67,18 @@ pub fn reconcile(
                         id,
                         state: verdict,
                         at_ms: now_ms,
+                        from: Some(NodeState::Up),
                     });
                 }
             }
+            // Left is not a failure: silence is expected, and only the
+            // node's own rejoin marks it up again.
+            Some(known) if known.state == NodeState::Left => {}
             Some(known) if known.state != verdict => out.push(Command::SetState {
                 id,
                 state: verdict,
                 at_ms: now_ms,
+                from: Some(known.state),
             }),
             Some(_) => {}
         }
@@ -222,7 +227,8 @@ pub async fn run(
     }
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time in ms since the Unix epoch, for state change records.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -283,7 +289,8 @@ mod tests {
             vec![Command::SetState {
                 id: 3,
                 state: NodeState::Down,
-                at_ms: 7
+                at_ms: 7,
+                from: Some(NodeState::Up),
             }]
         );
     }
@@ -319,7 +326,8 @@ mod tests {
             vec![Command::SetState {
                 id: 2,
                 state: NodeState::Suspect,
-                at_ms: 0
+                at_ms: 0,
+                from: Some(NodeState::Up),
             }]
         );
     }
@@ -378,8 +386,26 @@ mod tests {
             vec![Command::SetState {
                 id: 2,
                 state: NodeState::Up,
-                at_ms: 5
+                at_ms: 5,
+                from: Some(NodeState::Down),
             }]
         );
+    }
+
+    #[test]
+    fn a_member_that_left_stays_left_silent_or_not() {
+        let members: BTreeMap<NodeId, Member> = [1, 2, 3]
+            .iter()
+            .map(|&i| (i, member(&format!("n{i}"))))
+            .collect();
+        let st = state(&[
+            (1, NodeState::Up),
+            (2, NodeState::Left),
+            (3, NodeState::Left),
+        ]);
+        // 2 is long silent (stopped), 3 still answers (shutting down).
+        let silence = BTreeMap::from([(2, Duration::from_secs(60)), (3, Duration::ZERO)]);
+        let out = reconcile(1, &members, &st, &silence, Duration::from_secs(60), T, 5);
+        assert_eq!(out, vec![]);
     }
 }

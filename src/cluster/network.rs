@@ -19,12 +19,14 @@ use openraft::raft::{
 use openraft::{RPCTypes, Raft, Vote};
 
 use super::admit;
+use super::detector;
 use super::identity::Identity;
 use super::link::LinkConfig;
 use super::peer::{CallError, PeerClient};
 use super::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
 use super::server::{BoxFuture, Handler};
-use super::types::{Member, NodeId, TypeConfig};
+use super::store::ClusterView;
+use super::types::{Command, Member, NodeId, NodeState, TypeConfig};
 
 /// Why a reply could not be used; surfaces inside openraft's errors.
 #[derive(Debug, thiserror::Error)]
@@ -220,13 +222,23 @@ pub struct JoinSettings {
     pub join_timeout: Duration,
     /// How to reach the leader when forwarding.
     pub link: LinkConfig,
+    /// The replicated state as applied here (a rejoining member that left
+    /// is marked up again).
+    pub view: tokio::sync::watch::Receiver<ClusterView>,
 }
 
 impl JoinSettings {
     async fn handle(&self, raft: &Raft<TypeConfig>, req: JoinRequest) -> JoinReply {
         let m = raft.metrics().borrow().clone();
         if m.current_leader == Some(m.id) {
-            return admit::admit(raft, &req, self.max_voters, self.join_timeout).await;
+            let back = self
+                .view
+                .borrow()
+                .state
+                .members
+                .get(&req.incarnation)
+                .is_some_and(|m| m.state == NodeState::Left);
+            return admit::admit(raft, &req, self.max_voters, self.join_timeout, back).await;
         }
         let leader = m.current_leader.and_then(|id| {
             let node = m.membership_config.membership().get_node(&id)?;
@@ -289,6 +301,30 @@ impl RaftHandler {
     }
 }
 
+impl RaftHandler {
+    /// Records the authenticated caller as left, if this node leads.
+    pub async fn leave(&self, from: &Identity) -> Reply {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(m.id) {
+            return Reply::Unavailable("not the leader".into());
+        }
+        let cmd = Command::SetState {
+            id: from.incarnation,
+            state: NodeState::Left,
+            at_ms: detector::now_ms(),
+            from: None,
+        };
+        match self.raft.client_write(cmd).await {
+            Ok(r) if r.data.is_ok() => {
+                tracing::info!(node = %from.name, "member left");
+                Reply::Left
+            }
+            Ok(_) => Reply::Unavailable(format!("{} is not a member", from.name)),
+            Err(e) => Reply::Unavailable(format!("cannot record the leave: {e}")),
+        }
+    }
+}
+
 /// True when the authenticated caller is the node the raft message speaks
 /// for: a link's identity must not be usable to act as another node.
 fn sent_by(from: &Identity, vote: &Vote<NodeId>) -> bool {
@@ -315,6 +351,7 @@ impl Handler for RaftHandler {
                     impostor()
                 }
                 Request::Status => Reply::Status(this.status().await),
+                Request::Leave => this.leave(&from).await,
                 Request::Join(j) => match &this.join {
                     Some(settings) => Reply::Join(settings.handle(&this.raft, j).await),
                     None => Reply::Unavailable("this node does not admit members".into()),

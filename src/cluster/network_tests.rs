@@ -61,6 +61,7 @@ async fn start_named(id: NodeId, name: &str, listener: TcpListener, dir: &Path) 
         max_voters: 5,
         join_timeout: LONG,
         link: link.clone(),
+        view: view.clone(),
     };
     let handler = RaftHandler::new(link.identity.clone(), raft.clone()).with_join(join);
     let (cancel, server) = serve_on(listener, link, Arc::new(handler));

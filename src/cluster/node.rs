@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use openraft::Raft;
 use tokio::sync::watch;
+use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,14 +21,16 @@ use super::membership::{self, Backoff, SeedView, Start};
 use super::network::{JoinSettings, Network, RaftHandler};
 use super::peer::PeerClient;
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
-use super::server;
+use super::server::{self, Handler};
 use super::store::{self, ClusterView};
 use super::transport::{Tcp, Transport};
-use super::types::{Member, Role, TypeConfig};
+use super::types::{Member, NodeState, Role, TypeConfig};
 use crate::config::{ClusterConfig, ClusterRole};
 
 /// Deadline for one Status or connect to a seed during the join loop.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between attempts to record a leave.
+const LEAVE_RETRY: Duration = Duration::from_millis(50);
 /// Deadline for connect plus handshake on cluster links.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -66,6 +69,12 @@ pub struct ClusterNode {
     pub view: watch::Receiver<ClusterView>,
     /// Where cluster links are accepted.
     pub addr: SocketAddr,
+    handler: RaftHandler,
+    link: LinkConfig,
+    /// Cancelled when the node leaves (or stops): failure detection ends,
+    /// as its writes would keep the followers' leader lease fresh and
+    /// block the handover, and so does re-announcing a stale leave.
+    leaving: CancellationToken,
 }
 
 impl ClusterNode {
@@ -130,12 +139,13 @@ impl ClusterNode {
             max_voters: cfg.max_voters,
             join_timeout: cfg.join_timeout,
             link: link.clone(),
+            view: view.clone(),
         };
         let handler = RaftHandler::new(identity.clone(), raft.clone()).with_join(join);
         tracker.spawn(server::serve(
             listener,
             link.clone(),
-            Arc::new(handler),
+            Arc::new(handler.clone()),
             cancel.clone(),
         ));
         tracing::info!(
@@ -152,15 +162,19 @@ impl ClusterNode {
                 ClusterRole::Witness => Role::Witness,
             },
         };
+        let leaving = cancel.child_token();
         let joiner = Joiner {
             raft: raft.clone(),
-            link,
+            view: view.clone(),
+            leaving: leaving.clone(),
+            handler: handler.clone(),
+            link: link.clone(),
             me,
             // Asking ourselves would only ever say "fresh".
             seeds: cfg.seeds.iter().copied().filter(|s| *s != addr).collect(),
             backoff: Backoff::new(cfg.join_backoff_min, cfg.join_backoff_max),
         };
-        tracker.spawn(joiner.run(cancel.clone()));
+        tracker.spawn(joiner.run());
         // Silence of three heartbeats is suspicious; an election timeout's
         // worth means the member would have lost a leader by now: down.
         let thresholds = Thresholds {
@@ -174,20 +188,100 @@ impl ClusterNode {
             cfg.heartbeat_interval,
             thresholds,
             cfg.max_voters,
-            cancel,
+            leaving.clone(),
         ));
         Ok(ClusterNode {
             identity,
             raft,
             view,
             addr,
+            handler,
+            link,
+            leaving,
         })
+    }
+
+    /// Leave on purpose (SIGTERM): have the leader record this node as
+    /// left, so nobody takes its silence for a failure, then hand
+    /// leadership over if it leads. Bounded by `within`; what does not
+    /// finish in time is left to failure detection. The node stays a
+    /// member and is marked up again when it returns.
+    pub async fn leave(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        // First, so that neither the detector's writes nor our own joiner
+        // (which re-announces a member published as left) undo the leave.
+        self.leaving.cancel();
+        match timeout_at(deadline, self.record_left()).await {
+            Ok(()) => tracing::info!(node = %self.identity.name, "left the cluster"),
+            Err(_) => tracing::warn!(
+                node = %self.identity.name,
+                "could not record the leave in time; the cluster will see this node down"
+            ),
+        }
+        // A leaving node no longer campaigns.
+        let rc = self.raft.runtime_config();
+        rc.elect(false);
+        let me = self.identity.incarnation;
+        let m = self.raft.metrics().borrow().clone();
+        let others_vote = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v != me);
+        if m.current_leader != Some(me) || !others_vote {
+            return;
+        }
+        // openraft 0.9 has no leadership transfer: without heartbeats (and
+        // without the detector's writes, which would keep the followers'
+        // leader lease fresh) they elect a successor while this node still
+        // votes and answers.
+        rc.heartbeat(false);
+        let handed = self
+            .raft
+            .wait(Some(deadline.saturating_duration_since(Instant::now())))
+            .metrics(|m| m.current_leader.is_some_and(|l| l != me), "a successor")
+            .await;
+        match handed {
+            Ok(m) => tracing::info!(successor = ?m.current_leader, "handed leadership over"),
+            Err(_) => tracing::warn!("no successor elected in time; stopping anyway"),
+        }
+    }
+
+    async fn record_left(&self) {
+        loop {
+            let m = self.raft.metrics().borrow().clone();
+            let leader = m.current_leader.and_then(|id| {
+                let node = m.membership_config.membership().get_node(&id)?;
+                Some((id, node.addr.parse::<SocketAddr>().ok()?))
+            });
+            let reply = match leader {
+                Some((id, _)) if id == self.identity.incarnation => {
+                    self.handler.leave(&self.identity).await
+                }
+                Some((id, addr)) => {
+                    let client = PeerClient::new(addr, self.link.clone(), Some(id));
+                    match client.call(Request::Leave, PROBE_TIMEOUT).await {
+                        Ok(r) => r,
+                        Err(e) => Reply::Unavailable(e.to_string()),
+                    }
+                }
+                None => Reply::Unavailable("no leader".into()),
+            };
+            match reply {
+                Reply::Left => return,
+                other => tracing::debug!(answer = ?other, "leave not recorded yet"),
+            }
+            tokio::time::sleep(LEAVE_RETRY).await;
+        }
     }
 }
 
 /// The join loop of a node without cluster state.
 struct Joiner {
     raft: Raft<TypeConfig>,
+    view: watch::Receiver<ClusterView>,
+    leaving: CancellationToken,
+    handler: RaftHandler,
     link: LinkConfig,
     me: Member,
     seeds: Vec<SocketAddr>,
@@ -195,25 +289,54 @@ struct Joiner {
 }
 
 impl Joiner {
-    async fn run(mut self, cancel: CancellationToken) {
+    async fn run(mut self) {
         // A node restarted with cluster state rejoins from what it
-        // persisted: nothing to do. Otherwise keep going until admitted —
-        // not merely until some membership reached us, since a join cut
-        // short after the learner step must come back to be promoted.
-        if self.raft.is_initialized().await.unwrap_or(false) {
-            return;
-        }
+        // persisted, and still tells the leader it is back, so a member
+        // that left is published up again. A node without state keeps
+        // going until admitted — not merely until some membership reached
+        // us, since a join cut short must come back to finish.
+        let mut rejoin = self.raft.is_initialized().await.unwrap_or(false);
         loop {
-            match self.attempt().await {
+            let leaving = self.leaving.clone();
+            let outcome = tokio::select! {
+                _ = leaving.cancelled() => return,
+                o = async { if rejoin { self.rejoin().await } else { self.attempt().await } } => o,
+            };
+            let delay = match outcome {
                 Ok(()) => {
-                    tracing::info!(node = %self.me.name, "joined the cluster");
-                    return;
+                    tracing::info!(node = %self.me.name, rejoin, "joined the cluster");
+                    if !rejoin {
+                        self.backoff.reset();
+                    }
+                    rejoin = true;
+                    // A leave of ours that landed after we came back (it
+                    // was slow to commit) says "left" while we run: say
+                    // again that we are here.
+                    let me = self.link.identity.incarnation;
+                    let left = |v: &ClusterView| {
+                        v.state
+                            .members
+                            .get(&me)
+                            .is_some_and(|m| m.state == NodeState::Left)
+                    };
+                    let mut view = self.view.clone();
+                    tokio::select! {
+                        _ = self.leaving.cancelled() => return,
+                        r = view.wait_for(left) => if r.is_err() {
+                            return; // the state machine is gone: raft stopped
+                        },
+                    }
+                    // Pause first: a view lagging behind our announcement
+                    // still says "left" and must not make us spin.
+                    self.backoff.next(jitter())
                 }
-                Err(why) => tracing::info!(node = %self.me.name, %why, "not in a cluster yet"),
-            }
-            let delay = self.backoff.next(jitter());
+                Err(why) => {
+                    tracing::info!(node = %self.me.name, %why, rejoin, "not in a cluster yet");
+                    self.backoff.next(jitter())
+                }
+            };
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = self.leaving.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -251,6 +374,39 @@ impl Joiner {
         }
     }
 
+    /// Announce a restarted member through our own handler, which admits
+    /// (as leader) or forwards to the leader it follows; then through the
+    /// seeds, for a node the cluster no longer replicates to (evicted).
+    async fn rejoin(&mut self) -> Result<(), String> {
+        let req = self.request()?;
+        let me = self.link.identity.clone();
+        let local = match self.handler.handle(me, Request::Join(req)).await {
+            Reply::Join(JoinReply::Admitted { .. }) => return Ok(()),
+            other => format!("{other:?}"),
+        };
+        let mut problems = vec![format!("here: {local}")];
+        for seed in self.seeds.clone() {
+            match self.join(seed).await {
+                Ok(()) => return Ok(()),
+                Err(e) => problems.push(e),
+            }
+        }
+        Err(problems.join("; "))
+    }
+
+    fn request(&self) -> Result<JoinRequest, String> {
+        Ok(JoinRequest {
+            name: self.me.name.clone(),
+            incarnation: self.link.identity.incarnation,
+            addr: self
+                .me
+                .addr
+                .parse()
+                .map_err(|e| format!("own address: {e}"))?,
+            role: self.me.role,
+        })
+    }
+
     /// Ask a seed for its status; the error says why it is no use, in
     /// words for the log (wrong secret, wrong cluster, refused, …).
     async fn probe(&self, seed: SocketAddr) -> Result<SeedView, String> {
@@ -264,16 +420,7 @@ impl Joiner {
     }
 
     async fn join(&mut self, sponsor: SocketAddr) -> Result<(), String> {
-        let req = JoinRequest {
-            name: self.me.name.clone(),
-            incarnation: self.link.identity.incarnation,
-            addr: self
-                .me
-                .addr
-                .parse()
-                .map_err(|e| format!("own address: {e}"))?,
-            role: self.me.role,
-        };
+        let req = self.request()?;
         let client = PeerClient::new(sponsor, self.link.clone(), None);
         // The sponsor may wait for us to catch up as a learner.
         let deadline = Duration::from_secs(60);

@@ -309,3 +309,6 @@ mod join_cut;
 
 #[path = "heal_tests.rs"]
 mod heal;
+
+#[path = "leave_tests.rs"]
+mod leave;

@@ -47,6 +47,9 @@ pub enum Request {
     Join(JoinRequest),
     /// membership: what the callee knows, for joiners and bootstrap.
     Status,
+    /// membership: the caller is stopping on purpose; the leader records
+    /// it as left (a node may announce only its own leave).
+    Leave,
 }
 
 /// The answer to a `Request`, variant for variant.
@@ -64,6 +67,8 @@ pub enum Reply {
     Join(JoinReply),
     /// To `Status`.
     Status(StatusReply),
+    /// To `Leave`: recorded.
+    Left,
     /// The callee could not handle the request at all (e.g. raft not
     /// running yet); the text says why.
     Unavailable(String),

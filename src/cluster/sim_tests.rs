@@ -1,5 +1,6 @@
-//! A randomized simulation of whole clusters under joins, crashes, wiped
-//! disks, partitions, one-way link failures, link resets and delays.
+//! A randomized simulation of whole clusters under joins, graceful leaves,
+//! crashes, wiped disks, partitions, one-way link failures, link resets and
+//! delays.
 //!
 //! Each schedule is drawn from a seed: how many nodes, the voter limit,
 //! every fault and when it happens, and the network's delays. Nodes are the
@@ -36,6 +37,9 @@ use crate::config::{ClusterConfig, ClusterRole};
 
 /// Virtual time a healed cluster has to converge.
 const CONVERGE: Duration = Duration::from_secs(60);
+/// Real time one schedule may take before it counts as hung (they take
+/// well under a second).
+const HUNG: Duration = Duration::from_secs(120);
 /// Random steps before the midpoint and again before the end.
 const STEPS: usize = 12;
 
@@ -255,9 +259,19 @@ impl Sim {
                     self.start(i).await;
                 }
             }
-            5..=7 => {
+            5..=6 => {
                 let running = self.running();
                 if let Some(i) = self.pick(&running) {
+                    self.crash(i).await;
+                }
+            }
+            7 => {
+                let running = self.running();
+                if let Some(i) = self.pick(&running) {
+                    // SIGTERM: leave (handing leadership over), then stop.
+                    let node = &self.slots[i].run.as_ref().unwrap().node;
+                    node.leave(Duration::from_secs(5)).await;
+                    self.note(format!("{} leaves", self.slots[i].name));
                     self.crash(i).await;
                 }
             }
@@ -486,14 +500,23 @@ fn batch(part: u64) {
     }
     let n = count();
     for seed in part * n..(part + 1) * n {
-        let outcome = std::panic::catch_unwind(|| run(seed));
-        if let Err(e) = outcome {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("seed {seed} failed (MTAD_SIM_SEED={seed} replays it): {msg}");
+        // Its own thread, so a schedule that spins without letting virtual
+        // time pass fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = std::panic::catch_unwind(|| run(seed));
+            let _ = tx.send(outcome.err().map(|e| {
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            }));
+        });
+        let replay = format!("MTAD_SIM_SEED={seed} replays it");
+        match rx.recv_timeout(HUNG) {
+            Ok(None) => {}
+            Ok(Some(msg)) => panic!("seed {seed} failed ({replay}): {msg}"),
+            Err(_) => panic!("seed {seed} hung for {HUNG:?} of real time ({replay})"),
         }
     }
 }

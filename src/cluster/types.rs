@@ -64,6 +64,9 @@ pub enum NodeState {
     Suspect,
     /// Declared down.
     Down,
+    /// Stopped on purpose (SIGTERM): not a failure. It stays a member and
+    /// is up again when it returns and rejoins.
+    Left,
 }
 
 impl fmt::Display for NodeState {
@@ -72,6 +75,7 @@ impl fmt::Display for NodeState {
             NodeState::Up => "up",
             NodeState::Suspect => "suspect",
             NodeState::Down => "down",
+            NodeState::Left => "left",
         })
     }
 }
@@ -101,6 +105,11 @@ pub enum Command {
         state: NodeState,
         /// When it was observed, in ms since the Unix epoch (leader's clock).
         at_ms: u64,
+        /// Only if it is in this state when the command applies: a decision
+        /// made on an older view (a leader that has not applied everything,
+        /// or raced another writer) then changes nothing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<NodeState>,
     },
 }
 
@@ -117,6 +126,9 @@ pub enum Response {
     },
     /// The command named an id that is not a member; nothing changed.
     UnknownMember,
+    /// A conditional state change found the member in another state;
+    /// nothing changed.
+    Stale,
 }
 
 impl Response {
@@ -185,7 +197,13 @@ impl ClusterState {
                 Some(_) => Response::Done,
                 None => Response::UnknownMember,
             },
-            Command::SetState { id, state, at_ms } => match self.members.get_mut(id) {
+            Command::SetState {
+                id,
+                state,
+                at_ms,
+                from,
+            } => match self.members.get_mut(id) {
+                Some(m) if from.is_some_and(|f| f != m.state) => Response::Stale,
                 Some(m) => {
                     // `since_ms` is when the member *entered* its state, so a
                     // repeated report of the same state must not move it.
@@ -281,6 +299,7 @@ mod tests {
             id: 1,
             state: NodeState::Suspect,
             at_ms: 50,
+            from: None,
         });
         let r = s.apply(&Command::Upsert {
             id: 1,
@@ -317,6 +336,7 @@ mod tests {
             id: 1,
             state,
             at_ms,
+            from: None,
         };
         assert_eq!(s.apply(&set(NodeState::Suspect, 100)), Response::Done);
         assert_eq!(s.apply(&set(NodeState::Suspect, 200)), Response::Done);
@@ -329,12 +349,36 @@ mod tests {
     }
 
     #[test]
+    fn a_conditional_state_change_on_another_state_changes_nothing() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Upsert {
+            id: 1,
+            member: member("a", "x:1"),
+        });
+        let set = |state, from| Command::SetState {
+            id: 1,
+            state,
+            at_ms: 5,
+            from,
+        };
+        assert_eq!(s.apply(&set(NodeState::Left, None)), Response::Done);
+        // A detector that decided on an older view, when it was still up.
+        let stale = set(NodeState::Suspect, Some(NodeState::Up));
+        assert_eq!(s.apply(&stale), Response::Stale);
+        assert_eq!(s.members[&1].state, NodeState::Left);
+        let back = set(NodeState::Up, Some(NodeState::Left));
+        assert_eq!(s.apply(&back), Response::Done);
+        assert_eq!(s.members[&1].state, NodeState::Up);
+    }
+
+    #[test]
     fn set_state_unknown_member_changes_nothing() {
         let mut s = ClusterState::default();
         let r = s.apply(&Command::SetState {
             id: 9,
             state: NodeState::Down,
             at_ms: 1,
+            from: None,
         });
         assert_eq!(r, Response::UnknownMember);
         assert!(s.members.is_empty());
@@ -356,6 +400,7 @@ mod tests {
                 id: 3,
                 state: NodeState::Suspect,
                 at_ms: 42,
+                from: None,
             },
         ];
         for c in cmds {

@@ -128,6 +128,7 @@ async fn single_node_raft_recovers_after_restart() {
             id: 2,
             state: NodeState::Suspect,
             at_ms: 77,
+            from: None,
         };
         assert_eq!(write(&raft, set).await, Response::Done);
         let last = raft.metrics().borrow().last_applied.unwrap();

@@ -250,6 +250,7 @@ async fn apply_publishes_state_changes() {
                 id: 9,
                 state: NodeState::Down,
                 at_ms: 1234,
+                from: None,
             }),
         },
     ])
