@@ -184,7 +184,11 @@ impl Node {
                 node: config.node.name.clone(),
                 started: std::time::Instant::now(),
                 stats: stats.clone(),
-                cluster: cluster.as_ref().map(|c| (c.raft.clone(), c.view.clone())),
+                cluster: cluster.as_ref().map(|c| crate::admin::ClusterReadout {
+                    raft: c.raft.clone(),
+                    view: c.view.clone(),
+                    problem: c.problem.clone(),
+                }),
             };
             tracing::info!(address = ?admin_addr, "admin API listening");
             tracker.spawn(crate::admin::serve(listener, state, cancel.child_token()));

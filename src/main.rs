@@ -11,6 +11,9 @@ use clap::{Parser, Subcommand};
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when the node cannot start or fails at run time.
 const EXIT_FAILURE: u8 = 1;
+/// Exit status of `ctl` when the node answered but is not in its cluster
+/// (its join was refused, or has not succeeded yet).
+const EXIT_NOT_IN_CLUSTER: u8 = 2;
 /// How long in-flight work may take to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -107,9 +110,15 @@ fn main() -> ExitCode {
                 }
             };
             match runtime.block_on(mtad::admin::client::run(&admin, &command, json)) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
+                Ok(out) => {
+                    print!("{}", out.text);
+                    match out.warning {
+                        Some(w) => {
+                            eprintln!("mtad ctl: {w}");
+                            ExitCode::from(EXIT_NOT_IN_CLUSTER)
+                        }
+                        None => ExitCode::SUCCESS,
+                    }
                 }
                 Err(e) => {
                     eprintln!("mtad ctl: {e}");

@@ -8,18 +8,8 @@ use std::path::{Path, PathBuf};
 
 use common::daemon::{free_port, Daemon};
 
-/// Write node `name`'s config: SMTP and cluster on free loopback ports.
+/// Write node `name`'s config: SMTP on a free loopback port.
 fn write_config(
-    dir: &Path,
-    name: &str,
-    cluster: SocketAddr,
-    seeds: &[SocketAddr],
-    key: &Path,
-) -> PathBuf {
-    write_config_admin(dir, name, cluster, seeds, key, free_port())
-}
-
-fn write_config_admin(
     dir: &Path,
     name: &str,
     cluster: SocketAddr,
@@ -112,11 +102,24 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     // A fourth node with another secret: both sides name the reason, and
     // the cluster does not admit it.
     let bad = key(dir.path(), "bad.key", "some other secret, also long enough");
-    let cfg = write_config(dir.path(), "node-d", free_port(), &addrs[..1], &bad);
+    let rogue_admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        "node-d",
+        free_port(),
+        &addrs[..1],
+        &bad,
+        rogue_admin,
+    );
     let mut rogue = Daemon::start(&cfg).await;
     rogue
         .wait_line(|l| l.contains("not in a cluster yet") && l.contains("secret"))
         .await;
+    // Its ctl says so too, and exits 2: answered, but not in its cluster.
+    let out = ctl_output(rogue_admin, &["status"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("secrets differ"), "{err}");
     nodes[0]
         .wait_line(|l| l.contains("node-d") || l.contains("secret"))
         .await;
@@ -167,7 +170,7 @@ impl Three {
         let mut nodes = Vec::new();
         let mut configs = Vec::new();
         for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
-            let cfg = write_config_admin(dir, name, addrs[i], &addrs, &good, admin[i]);
+            let cfg = write_config(dir, name, addrs[i], &addrs, &good, admin[i]);
             nodes.push(Daemon::start(&cfg).await);
             configs.push(cfg);
         }
@@ -232,19 +235,23 @@ async fn sigterm_leaves_gracefully_and_a_restart_is_up_again() {
 
 /// Run `mtad ctl --admin http://ADDR ARGS…`; (success, stdout + stderr).
 async fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String) {
-    let url = format!("http://{admin}");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
-        .args(["ctl", "--admin", &url])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
+    let out = ctl_output(admin, args).await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+async fn ctl_output(admin: SocketAddr, args: &[&str]) -> std::process::Output {
+    let url = format!("http://{admin}");
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["ctl", "--admin", &url])
+        .args(args)
+        .output()
+        .await
+        .unwrap()
 }
 
 /// `ctl nodes` once it shows what `want` accepts (another process: poll).

@@ -22,9 +22,19 @@ pub enum Command {
     Evict(String),
 }
 
+/// A successful answer: what to print, and a warning when the node
+/// answered but is not part of its cluster (ctl then exits 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// For stdout.
+    pub text: String,
+    /// For stderr.
+    pub warning: Option<String>,
+}
+
 /// Run `cmd` against the admin API at `base` (e.g. `http://127.0.0.1:8025`);
-/// Ok is the text to print, Err the message for stderr (exit non-zero).
-pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<String, String> {
+/// Err is the message for stderr (exit 1).
+pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String> {
     let (method, path) = match cmd {
         Command::Status => ("GET", "/v1/status".to_string()),
         Command::Nodes => ("GET", "/v1/nodes".to_string()),
@@ -35,20 +45,31 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<String, String
         let why = serde_json::from_str::<Problem>(&body).map_or(body, |p| p.error);
         return Err(format!("{base} answered {code}: {why}"));
     }
-    if json {
-        return Ok(body);
-    }
     let parse_err = |e: serde_json::Error| format!("unexpected answer from {base}: {e}");
-    Ok(match cmd {
-        Command::Status => {
-            let s: Status = serde_json::from_str(&body).map_err(parse_err)?;
+    let status = match cmd {
+        Command::Status => Some(serde_json::from_str::<Status>(&body).map_err(parse_err)?),
+        _ => None,
+    };
+    let warning = status
+        .as_ref()
+        .and_then(|s| s.cluster_problem.clone())
+        .map(|p| format!("{base}: not in its cluster: {p}"));
+    if json {
+        return Ok(Output {
+            text: body,
+            warning,
+        });
+    }
+    let text = match (cmd, status) {
+        (_, Some(s)) => {
             format!(
-                "node {}  mtad {}  up {}s\ncluster: {}{}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
+                "node {}  mtad {}  up {}s\ncluster: {}{}{}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
                 s.node,
                 s.version,
                 s.uptime_s,
                 s.cluster_role,
                 s.leader.map(|l| format!(" (leader {l})")).unwrap_or_default(),
+                s.cluster_problem.map(|p| format!(" — not joined: {p}")).unwrap_or_default(),
                 s.queued,
                 s.delivered,
                 s.deferred,
@@ -56,12 +77,14 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<String, String
                 s.expired
             )
         }
-        Command::Nodes => {
+        (Command::Nodes, _) => {
             let rows: Vec<NodeRow> = serde_json::from_str(&body).map_err(parse_err)?;
             table(&rows)
         }
-        Command::Evict(name) => format!("{name} evicted\n"),
-    })
+        (Command::Evict(name), _) => format!("{name} evicted\n"),
+        (Command::Status, None) => unreachable!("a status answer is parsed above"),
+    };
+    Ok(Output { text, warning })
 }
 
 fn table(rows: &[NodeRow]) -> String {

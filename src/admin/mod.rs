@@ -36,7 +36,18 @@ pub struct AdminState {
     /// Queue counts.
     pub stats: watch::Receiver<Stats>,
     /// The cluster side, if any.
-    pub cluster: Option<(Raft<TypeConfig>, watch::Receiver<ClusterView>)>,
+    pub cluster: Option<ClusterReadout>,
+}
+
+/// What the API reads of the cluster side.
+#[derive(Clone)]
+pub struct ClusterReadout {
+    /// The raft handle (metrics; evict).
+    pub raft: Raft<TypeConfig>,
+    /// The replicated state as applied on this node.
+    pub view: watch::Receiver<ClusterView>,
+    /// Why this node is not (yet) in its cluster; None once it is.
+    pub problem: watch::Receiver<Option<String>>,
 }
 
 /// `GET /v1/status`.
@@ -62,6 +73,10 @@ pub struct Status {
     pub cluster_role: String,
     /// The leader's name, when known.
     pub leader: Option<String>,
+    /// Why this node is not (yet) in its cluster (a refused join says
+    /// why); absent when it is, or runs alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_problem: Option<String>,
 }
 
 /// One row of `GET /v1/nodes`.
@@ -121,15 +136,16 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
 
 async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
     let q = *s.stats.borrow();
-    let (cluster_role, leader) = match &s.cluster {
-        None => ("single".to_string(), None),
-        Some((raft, view)) => {
-            let m = raft.metrics().borrow().clone();
+    let (cluster_role, leader, cluster_problem) = match &s.cluster {
+        None => ("single".to_string(), None, None),
+        Some(c) => {
+            let m = c.raft.metrics().borrow().clone();
             let leader = m.current_leader.and_then(|id| {
-                let v = view.borrow();
+                let v = c.view.borrow();
                 v.state.members.get(&id).map(|ms| ms.member.name.clone())
             });
-            (format!("{:?}", m.state).to_lowercase(), leader)
+            let problem = c.problem.borrow().clone();
+            (format!("{:?}", m.state).to_lowercase(), leader, problem)
         }
     };
     Json(Status {
@@ -143,11 +159,12 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         expired: q.expired,
         cluster_role,
         leader,
+        cluster_problem,
     })
 }
 
 async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
-    let Some((raft, view)) = &s.cluster else {
+    let Some(ClusterReadout { raft, view, .. }) = &s.cluster else {
         return problem(StatusCode::NOT_FOUND, "this node runs alone: no cluster");
     };
     let m = raft.metrics().borrow().clone();
@@ -182,7 +199,7 @@ async fn evict(
     State(s): State<Arc<AdminState>>,
     Path(name): Path<String>,
 ) -> Answer<serde_json::Value> {
-    let Some((raft, _)) = &s.cluster else {
+    let Some(ClusterReadout { raft, .. }) = &s.cluster else {
         return problem(StatusCode::NOT_FOUND, "this node runs alone: no cluster");
     };
     let m = raft.metrics().borrow().clone();

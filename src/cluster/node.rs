@@ -69,6 +69,9 @@ pub struct ClusterNode {
     pub view: watch::Receiver<ClusterView>,
     /// Where cluster links are accepted.
     pub addr: SocketAddr,
+    /// Why this node is not (yet) in its cluster, from its last join or
+    /// rejoin attempt; None once admitted.
+    pub problem: watch::Receiver<Option<String>>,
     handler: RaftHandler,
     link: LinkConfig,
     /// Cancelled when the node leaves (or stops): failure detection ends,
@@ -163,7 +166,12 @@ impl ClusterNode {
             },
         };
         let leaving = cancel.child_token();
+        let initialized = raft.is_initialized().await.unwrap_or(false);
+        let (problem_tx, problem) = watch::channel(
+            (!initialized).then(|| "joining: no answer from the seeds yet".to_string()),
+        );
         let joiner = Joiner {
+            problem: problem_tx,
             raft: raft.clone(),
             view: view.clone(),
             leaving: leaving.clone(),
@@ -195,6 +203,7 @@ impl ClusterNode {
             raft,
             view,
             addr,
+            problem,
             handler,
             link,
             leaving,
@@ -278,6 +287,7 @@ impl ClusterNode {
 
 /// The join loop of a node without cluster state.
 struct Joiner {
+    problem: watch::Sender<Option<String>>,
     raft: Raft<TypeConfig>,
     view: watch::Receiver<ClusterView>,
     leaving: CancellationToken,
@@ -305,6 +315,7 @@ impl Joiner {
             let delay = match outcome {
                 Ok(()) => {
                     tracing::info!(node = %self.me.name, rejoin, "joined the cluster");
+                    self.problem.send_replace(None);
                     if !rejoin {
                         self.backoff.reset();
                     }
@@ -332,6 +343,7 @@ impl Joiner {
                 }
                 Err(why) => {
                     tracing::info!(node = %self.me.name, %why, rejoin, "not in a cluster yet");
+                    self.problem.send_replace(Some(why));
                     self.backoff.next(jitter())
                 }
             };
