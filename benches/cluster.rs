@@ -1,5 +1,6 @@
 //! Cluster timings: a five-node cluster forming from cold start, a node
-//! joining, a killed node detected as down, and its return seen as up.
+//! joining, a killed node detected as down, its return seen as up, and a
+//! leader leaving gracefully (until a successor leads).
 //! Run with `cargo bench --bench cluster`; results go to BENCHMARKS.md.
 //! Everything runs in one process on 127.0.0.1, with the default raft
 //! timings (heartbeat 100 ms, election timeout 500 ms).
@@ -65,6 +66,7 @@ struct Run {
     join: Duration,
     detect: Duration,
     back: Duration,
+    leave: Duration,
 }
 
 async fn one_run() -> Run {
@@ -141,6 +143,16 @@ async fn one_run() -> Run {
     state_of(&nodes[observer], victim_id, NodeState::Up).await;
     let back = t3.elapsed();
 
+    // The leader leaves as on SIGTERM: recorded as left, a successor leads.
+    let t4 = Instant::now();
+    nodes[observer].leave(Duration::from_secs(10)).await;
+    let leave = t4.elapsed();
+    assert_ne!(
+        nodes[observer].raft.metrics().borrow().current_leader,
+        Some(leader),
+        "handed over"
+    );
+
     root.cancel();
     for n in nodes.iter().chain([&f, &back_node]) {
         let _ = n.raft.shutdown().await;
@@ -152,6 +164,7 @@ async fn one_run() -> Run {
         join,
         detect,
         back,
+        leave,
     }
 }
 
@@ -182,4 +195,5 @@ fn main() {
     show("a 6th node joins (non-voter)", |r| r.join);
     show("killed follower published down", |r| r.detect);
     show("returned node published up", |r| r.back);
+    show("leader leaves: recorded, successor leads", |r| r.leave);
 }

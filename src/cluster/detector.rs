@@ -5,7 +5,7 @@
 //! same verdicts. It also records members that raft knows but the state
 //! does not (the bootstrap node admits itself without a join).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use openraft::{Raft, ServerState};
@@ -86,28 +86,28 @@ pub fn reconcile(
     out
 }
 
-/// A non-voter to promote, if the voter set has room: the oldest
-/// incarnation among the members published up. This fills a slot freed
-/// by an eviction, and finishes a join whose promotion was cut short.
+/// Non-voters to promote, as many as the voter set has room for: the
+/// oldest incarnations among the members published up. This makes joined
+/// learners voters (in one membership change, however many joined), and
+/// fills a slot freed by an eviction.
 pub fn promotion(
     voters: &BTreeMap<NodeId, ()>,
     members: &BTreeMap<NodeId, Member>,
     state: &ClusterState,
     max_voters: usize,
-) -> Option<NodeId> {
-    if voters.len() >= max_voters {
-        return None;
-    }
+) -> BTreeSet<NodeId> {
     members
         .keys()
         .filter(|id| !voters.contains_key(id))
-        .find(|id| {
+        .filter(|id| {
             state
                 .members
                 .get(id)
                 .is_some_and(|m| m.state == NodeState::Up)
         })
+        .take(max_voters.saturating_sub(voters.len()))
         .copied()
+        .collect()
 }
 
 /// Run detection on this node until `cancel`: every `period`, if it leads,
@@ -198,13 +198,14 @@ pub async fn run(
             })
             .map(|(id, n)| (*id, n.clone()))
             .collect();
-        if let Some(id) = promotion(&voters, &caught_up, &state, max_voters).filter(|_| settled) {
-            let ids = std::collections::BTreeSet::from([id]);
+        let promote = promotion(&voters, &caught_up, &state, max_voters);
+        if settled && !promote.is_empty() {
+            let names: Vec<&str> = promote.iter().map(|id| members[id].name.as_str()).collect();
             match raft
-                .change_membership(openraft::ChangeMembers::AddVoterIds(ids), true)
+                .change_membership(openraft::ChangeMembers::AddVoterIds(promote), true)
                 .await
             {
-                Ok(_) => tracing::info!(node = %members[&id].name, "promoted to voter"),
+                Ok(_) => tracing::info!(nodes = ?names, "promoted to voter"),
                 Err(e) => tracing::debug!(error = %e, "promotion not possible now"),
             }
         }
@@ -366,10 +367,23 @@ mod tests {
             (4, NodeState::Up),
         ]);
         let voters: BTreeMap<NodeId, ()> = [(1, ()), (2, ())].into();
-        assert_eq!(promotion(&voters, &members, &st, 3), Some(4));
-        assert_eq!(promotion(&voters, &members, &st, 2), None);
+        let none = BTreeSet::new();
+        assert_eq!(promotion(&voters, &members, &st, 3), BTreeSet::from([4]));
+        assert_eq!(promotion(&voters, &members, &st, 2), none);
         let all: BTreeMap<NodeId, ()> = [(1, ()), (2, ()), (3, ()), (4, ())].into();
-        assert_eq!(promotion(&all, &members, &st, 5), None);
+        assert_eq!(promotion(&all, &members, &st, 5), none);
+    }
+
+    #[test]
+    fn learners_that_joined_together_are_promoted_together_up_to_the_limit() {
+        let members: BTreeMap<NodeId, Member> =
+            (1..=6).map(|i| (i, member(&format!("n{i}")))).collect();
+        let st = state(&(1..=6).map(|i| (i, NodeState::Up)).collect::<Vec<_>>());
+        let voters: BTreeMap<NodeId, ()> = [(1, ())].into();
+        assert_eq!(
+            promotion(&voters, &members, &st, 5),
+            BTreeSet::from([2, 3, 4, 5])
+        );
     }
 
     #[test]
