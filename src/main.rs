@@ -75,12 +75,23 @@ fn main() -> ExitCode {
                     Some(c) => format!("cluster {} with {} seed(s)", c.name, c.seeds.len()),
                     None => "single node".to_string(),
                 };
+                let witness = cfg
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| c.role == mtad::config::ClusterRole::Witness);
+                let mail = if witness {
+                    "a witness (no SMTP)".to_string()
+                } else {
+                    format!(
+                        "{} listener(s), {} route(s)",
+                        cfg.smtp.listen.len(),
+                        cfg.routes.len()
+                    )
+                };
                 println!(
-                    "{}: ok: node {}, {} listener(s), {} route(s), {cluster}",
+                    "{}: ok: node {}, {mail}, {cluster}",
                     file.display(),
                     cfg.node.name,
-                    cfg.smtp.listen.len(),
-                    cfg.routes.len()
                 );
                 ExitCode::SUCCESS
             }

@@ -188,6 +188,7 @@ mod example_tests {
             ("node-a.toml", include_str!("../../config/node-a.toml")),
             ("node-b.toml", include_str!("../../config/node-b.toml")),
             ("node-c.toml", include_str!("../../config/node-c.toml")),
+            ("witness.toml", include_str!("../../config/witness.toml")),
         ] {
             let c = load_str(text, file).unwrap_or_else(|e| panic!("{e}"));
             let cluster = c.cluster.expect("a cluster section");

@@ -135,14 +135,18 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
     let smtp = read_smtp(ctx, smtp, &mut accept);
     let delivery = optional(ctx, &mut root, "delivery");
     let delivery = read_delivery(ctx, delivery);
-    let routes = read_routes(ctx, &mut root);
-    check_accept_domains_routed(ctx, &accept, &routes);
-    let log = optional(ctx, &mut root, "log");
-    let log = read_log(ctx, log);
     let cluster = root
         .take("cluster")
         .and_then(|n| ctx.table(&n))
         .map(|f| super::cluster::read_cluster(ctx, f));
+    // A witness only votes: it relays nothing, so it needs no route.
+    let witness = cluster
+        .as_ref()
+        .is_some_and(|c| c.role == super::ClusterRole::Witness);
+    let routes = read_routes(ctx, &mut root, !witness);
+    check_accept_domains_routed(ctx, &accept, &routes);
+    let log = optional(ctx, &mut root, "log");
+    let log = read_log(ctx, log);
     let admin = root
         .take("admin")
         .and_then(|n| ctx.table(&n))
@@ -344,8 +348,11 @@ struct Served {
     domains: HashMap<String, usize>,
 }
 
-fn read_routes(ctx: &mut Ctx<'_>, root: &mut Fields<'_>) -> Vec<Route> {
+fn read_routes(ctx: &mut Ctx<'_>, root: &mut Fields<'_>, required: bool) -> Vec<Route> {
     let Some(n) = root.take("route") else {
+        if !required {
+            return Vec::new();
+        }
         let msg = "at least one [[route]] is required; \
                    a catch-all route has domains = [\"*\"]";
         ctx.error(&None, "route", msg);
