@@ -97,10 +97,9 @@ async fn dead_peer_fails_fast_and_is_reached_once_it_is_up() {
     let (l, addr) = listener().await;
     drop(l);
     let client = PeerClient::new(addr, cfg("cli", 1), None);
-    let t0 = Instant::now();
+    // Refused at once (unreachable), not timed out after LONG.
     let err = client.call(Request::Status, LONG).await.unwrap_err();
     assert!(err.is_unreachable(), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     // Within the backoff, a short call does not even try to connect.
     let err = client
         .call(Request::Status, Duration::from_millis(1))

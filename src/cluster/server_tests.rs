@@ -3,7 +3,6 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use super::*;
 use crate::cluster::peer::tests::{cfg, serve_on, Echo, LONG};
@@ -110,12 +109,11 @@ async fn shutdown_closes_links_and_fails_calls_in_flight() {
         tokio::spawn(async move { c.call(join(), LONG).await })
     };
     started.notified().await;
-    let t0 = Instant::now();
     cancel.cancel();
     task.await.unwrap();
+    // Lost with the link at once, not timed out after LONG.
     let err = slow.await.unwrap().unwrap_err();
     assert!(matches!(err, CallError::LinkLost { .. }), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     // Nobody listens any more.
     let err = client.call(Request::Status, LONG).await.unwrap_err();
     assert!(err.is_unreachable(), "{err}");
