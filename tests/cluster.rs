@@ -123,6 +123,9 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     nodes[0]
         .wait_line(|l| l.contains("node-d") || l.contains("secret"))
         .await;
+    let rows = nodes_json(admin[0]).await;
+    assert_eq!(rows.len(), 3, "the cluster is unchanged: {rows:?}");
+    assert!(rows.iter().all(|r| r["name"] != "node-d"), "{rows:?}");
 
     // node-c dies: the leader publishes it down, ctl shows it, and an
     // operator evicts it.
