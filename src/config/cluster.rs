@@ -94,7 +94,13 @@ fn name(ctx: &mut Ctx<'_>, n: &Node<'_>) -> Option<String> {
     }
 }
 
-fn ms_or(ctx: &mut Ctx<'_>, f: &mut Fields<'_>, key: &'static str, default_ms: u64) -> Duration {
+/// An optional duration with a default in milliseconds.
+pub(super) fn ms_or(
+    ctx: &mut Ctx<'_>,
+    f: &mut Fields<'_>,
+    key: &'static str,
+    default_ms: u64,
+) -> Duration {
     f.take(key)
         .and_then(|n| ctx.duration(&n))
         .unwrap_or(Duration::from_millis(default_ms))

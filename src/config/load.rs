@@ -106,18 +106,7 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Sections of the clustered build; named explicitly so an operator with a
-/// cluster config learns why it is refused instead of seeing "unknown key".
-const NOT_YET: [(&str, &str); 1] = [("group", "[[group]]")];
-
 fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
-    for (key, shown) in NOT_YET {
-        if let Some(n) = root.take(key) {
-            let msg = format!("{shown} is not supported by this version yet");
-            ctx.error(&n.span, &n.path, msg);
-        }
-    }
-
     let node = match root.take("node") {
         Some(n) => ctx.table(&n).map(|f| read_node(ctx, f)),
         None => {
@@ -151,6 +140,7 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         .take("admin")
         .and_then(|n| ctx.table(&n))
         .map(|f| read_admin(ctx, f));
+    let groups = super::group::read_groups(ctx, &mut root, cluster.is_some());
     root.finish(ctx);
 
     Config {
@@ -161,6 +151,7 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         log,
         cluster,
         admin,
+        groups,
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 mod cluster;
+mod group;
 mod load;
 mod reader;
 #[cfg(test)]
@@ -32,6 +33,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[admin]`; absent: no admin API.
     pub admin: Option<AdminConfig>,
+    /// `[[group]]`s, in file order.
+    pub groups: Vec<GroupConfig>,
 }
 
 /// `[admin]`: the admin HTTP API that `mtad ctl` talks to.
@@ -67,6 +70,54 @@ pub struct ClusterConfig {
     pub join_backoff_max: Duration,
     /// A join that has not finished by then is rolled back.
     pub join_timeout: Duration,
+}
+
+/// `[[group]]`: a resource group the cluster places on one node at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupConfig {
+    /// Unique name.
+    pub name: String,
+    /// The virtual IP with its prefix length (None only in a config that
+    /// failed to load).
+    pub vip: Option<ipnet::IpNet>,
+    /// How the VIP is brought up.
+    pub provider: VipProvider,
+    /// Interface the netlink provider adds the VIP to.
+    pub interface: Option<String>,
+    /// Nodes to place it on, in order of preference; empty: any member.
+    pub preferred_nodes: Vec<String>,
+    /// SMTP port served on the VIP.
+    pub smtp_port: u16,
+    /// Move back to a more preferred node when it returns.
+    pub failback: bool,
+    /// How long an owner's grant from each voter lasts.
+    pub lease: Duration,
+    /// Deadline for starting each resource.
+    pub start_timeout: Duration,
+    /// Deadline for stopping each resource; a stop that misses it fences
+    /// the node for the group.
+    pub stop_timeout: Duration,
+    /// Period of health checks.
+    pub check_interval: Duration,
+    /// Deadline of one health check.
+    pub check_timeout: Duration,
+    /// Restarts in place within `restart_window` before failing over.
+    pub max_restarts: u32,
+    /// The window restarts are counted in.
+    pub restart_window: Duration,
+    /// Period of gratuitous ARP / neighbour advertisements (netlink).
+    pub announce_interval: Duration,
+    /// A graceful move lets open SMTP transactions finish this long.
+    pub drain_timeout: Duration,
+}
+
+/// How a group's VIP is brought up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VipProvider {
+    /// Add the address to an interface with rtnetlink and announce it.
+    Netlink,
+    /// The address is already local (e.g. 127.0.0.100): only bind it.
+    Loopback,
 }
 
 /// What a node is in its cluster.

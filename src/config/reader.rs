@@ -219,6 +219,17 @@ impl<'s> Ctx<'s> {
         Some(s.to_string())
     }
 
+    /// A boolean.
+    pub(super) fn boolean(&mut self, n: &Node<'_>) -> Option<bool> {
+        match n.item.value().and_then(|v| v.as_bool()) {
+            Some(b) => Some(b),
+            None => {
+                self.mismatch(n, "true or false");
+                None
+            }
+        }
+    }
+
     /// A string parsed with `FromStr`.
     pub(super) fn parse<T: FromStr>(&mut self, n: &Node<'_>, what: &str) -> Option<T> {
         let s = self.str(n, what)?;

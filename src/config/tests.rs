@@ -621,16 +621,6 @@ fn invalid_log_level() {
 }
 
 #[test]
-fn group_sections_are_not_supported_yet() {
-    one(
-        &with("[[group]]\nname = \"mta\"\n[[group]]\nname = \"b\"\n"),
-        "group",
-        8,
-        "[[group]] is not supported by this version yet",
-    );
-}
-
-#[test]
 fn smtp_tls_is_not_supported_yet() {
     one(
         &with("[smtp.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n"),

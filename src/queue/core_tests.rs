@@ -53,6 +53,7 @@ fn config() -> Config {
         },
         cluster: None,
         admin: None,
+        groups: vec![],
     }
 }
 
