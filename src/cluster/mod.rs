@@ -7,6 +7,7 @@
 pub mod admit;
 pub mod detector;
 pub mod frame;
+pub mod groups;
 pub mod handshake;
 pub mod identity;
 pub mod link;

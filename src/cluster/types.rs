@@ -11,6 +11,8 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+use super::groups::{GroupCommand, GroupState};
+
 /// A raft node id: the node's *incarnation*, a random id made when its data
 /// dir is first created, so a node that returns with a wiped disk is a new id.
 pub type NodeId = u64;
@@ -111,6 +113,8 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<NodeState>,
     },
+    /// A change to a resource group.
+    Group(GroupCommand),
 }
 
 /// The result of applying one log entry.
@@ -155,6 +159,9 @@ pub struct MemberState {
 pub struct ClusterState {
     /// Members by incarnation.
     pub members: BTreeMap<NodeId, MemberState>,
+    /// Resource groups by name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupState>,
 }
 
 impl ClusterState {
@@ -197,6 +204,7 @@ impl ClusterState {
                 Some(_) => Response::Done,
                 None => Response::UnknownMember,
             },
+            Command::Group(g) => g.apply(self.groups.entry(g.group().to_string()).or_default()),
             Command::SetState {
                 id,
                 state,

@@ -1,0 +1,245 @@
+//! Resource groups in the replicated state: who owns each group under
+//! which fencing epoch, and the commands that move it. Applying is pure and
+//! deterministic, like the rest of [`super::types::ClusterState`].
+//!
+//! The life of one epoch: the leader assigns the group to a node (epoch
+//! + 1); the owner collects grants from a majority of voters and brings
+//! its resources online; to take it back the leader revokes the epoch
+//! (voters grant no more for it); the epoch ends when the owner reports
+//! that it stopped (released), or when every grant has certainly run out.
+//! Only then is the next epoch assigned.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{NodeId, Response};
+
+/// The state of a group's resources as its owner last reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupStatus {
+    /// Not running (nobody started it yet under this epoch).
+    #[default]
+    Offline,
+    /// Starting on its owner.
+    Starting,
+    /// Serving on its owner.
+    Online,
+    /// Stopping on its owner.
+    Stopping,
+    /// Its owner gave up after restarts in place failed.
+    Failed,
+}
+
+impl fmt::Display for GroupStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GroupStatus::Offline => "offline",
+            GroupStatus::Starting => "starting",
+            GroupStatus::Online => "online",
+            GroupStatus::Stopping => "stopping",
+            GroupStatus::Failed => "failed",
+        })
+    }
+}
+
+/// One group as the cluster records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// The node that owns it under `epoch`; None: not placed.
+    pub owner: Option<NodeId>,
+    /// Fencing epoch, raised by every assignment.
+    pub epoch: u64,
+    /// The leader took the epoch back: voters grant nothing more for it.
+    pub revoked: bool,
+    /// The owner stopped and will not start again under this epoch: the
+    /// next one may be assigned without waiting for grants to run out.
+    pub released: bool,
+    /// What the owner last reported.
+    pub status: GroupStatus,
+    /// Where an operator asked it to go.
+    pub move_to: Option<NodeId>,
+    /// Nodes where a stop failed: the group is never placed there again
+    /// until they come back clean.
+    pub fenced: BTreeSet<NodeId>,
+    /// When the last transition happened (ms since the epoch).
+    pub since_ms: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// A change to one group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// Not tagged "op": it rides inside `Command`, whose tag that is.
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum GroupCommand {
+    /// Start epoch `epoch` (exactly one above the current) with this
+    /// owner (None: unplaced).
+    Assign {
+        /// The group.
+        group: String,
+        /// The new epoch.
+        epoch: u64,
+        /// Its owner.
+        owner: Option<NodeId>,
+        /// Why, for operators.
+        reason: String,
+        /// When (leader's clock).
+        at_ms: u64,
+    },
+    /// Take epoch `epoch` back from its owner.
+    Revoke {
+        /// The group.
+        group: String,
+        /// The epoch being taken back.
+        epoch: u64,
+        /// Why.
+        reason: String,
+        /// When.
+        at_ms: u64,
+    },
+    /// The owner reports its resources' status; Offline and Failed mean
+    /// it stopped for good under this epoch (released).
+    Report {
+        /// The group.
+        group: String,
+        /// The epoch it reports for.
+        epoch: u64,
+        /// The reporting node, which must be the owner.
+        node: NodeId,
+        /// Its status.
+        status: GroupStatus,
+        /// Why, for operators.
+        reason: String,
+        /// When.
+        at_ms: u64,
+    },
+    /// An operator asks for the group on `to` (None: cancel).
+    Move {
+        /// The group.
+        group: String,
+        /// The destination.
+        to: Option<NodeId>,
+        /// When.
+        at_ms: u64,
+    },
+    /// Keep the group off `node` (a stop failed there), or allow it again.
+    Fence {
+        /// The group.
+        group: String,
+        /// The node.
+        node: NodeId,
+        /// True to fence, false to lift it.
+        fenced: bool,
+        /// Why.
+        reason: String,
+        /// When.
+        at_ms: u64,
+    },
+}
+
+impl GroupCommand {
+    /// The group it changes.
+    pub fn group(&self) -> &str {
+        match self {
+            GroupCommand::Assign { group, .. }
+            | GroupCommand::Revoke { group, .. }
+            | GroupCommand::Report { group, .. }
+            | GroupCommand::Move { group, .. }
+            | GroupCommand::Fence { group, .. } => group,
+        }
+    }
+
+    /// Applies to the group's state (a default one if it is new).
+    /// Commands for another epoch than they expect change nothing: an
+    /// owner's late report or a leader's decision on an older view cannot
+    /// undo a newer epoch.
+    pub fn apply(&self, g: &mut GroupState) -> Response {
+        match self {
+            GroupCommand::Assign {
+                epoch,
+                owner,
+                reason,
+                at_ms,
+                ..
+            } => {
+                if *epoch != g.epoch + 1 {
+                    return Response::Stale;
+                }
+                g.owner = *owner;
+                g.epoch = *epoch;
+                g.revoked = false;
+                g.released = false;
+                g.status = GroupStatus::Offline;
+                if g.move_to.is_some() && g.move_to == *owner {
+                    g.move_to = None;
+                }
+                transition(g, reason, *at_ms);
+            }
+            GroupCommand::Revoke {
+                epoch,
+                reason,
+                at_ms,
+                ..
+            } => {
+                if *epoch != g.epoch || g.owner.is_none() || g.revoked {
+                    return Response::Stale;
+                }
+                g.revoked = true;
+                transition(g, reason, *at_ms);
+            }
+            GroupCommand::Report {
+                epoch,
+                node,
+                status,
+                reason,
+                at_ms,
+                ..
+            } => {
+                if *epoch != g.epoch || g.owner != Some(*node) || g.released {
+                    return Response::Stale;
+                }
+                g.status = *status;
+                g.released = matches!(status, GroupStatus::Offline | GroupStatus::Failed);
+                transition(g, reason, *at_ms);
+            }
+            GroupCommand::Move { to, at_ms, .. } => {
+                g.move_to = *to;
+                let why = match to {
+                    Some(n) => format!("move to {n:x} requested"),
+                    None => "move cancelled".to_string(),
+                };
+                transition(g, &why, *at_ms);
+            }
+            GroupCommand::Fence {
+                node,
+                fenced,
+                reason,
+                at_ms,
+                ..
+            } => {
+                let changed = if *fenced {
+                    g.fenced.insert(*node)
+                } else {
+                    g.fenced.remove(node)
+                };
+                if !changed {
+                    return Response::Stale;
+                }
+                transition(g, reason, *at_ms);
+            }
+        }
+        Response::Done
+    }
+}
+
+fn transition(g: &mut GroupState, reason: &str, at_ms: u64) {
+    g.since_ms = at_ms;
+    g.reason = reason.to_string();
+}
+
+#[cfg(test)]
+#[path = "groups_tests.rs"]
+mod tests;

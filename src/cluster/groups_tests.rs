@@ -1,0 +1,152 @@
+use super::*;
+use crate::cluster::types::{ClusterState, Command};
+
+fn assign(epoch: u64, owner: Option<NodeId>) -> GroupCommand {
+    GroupCommand::Assign {
+        group: "mta".into(),
+        epoch,
+        owner,
+        reason: "placed".into(),
+        at_ms: epoch * 10,
+    }
+}
+
+fn revoke(epoch: u64) -> GroupCommand {
+    GroupCommand::Revoke {
+        group: "mta".into(),
+        epoch,
+        reason: "owner down".into(),
+        at_ms: 5,
+    }
+}
+
+fn report(epoch: u64, node: NodeId, status: GroupStatus) -> GroupCommand {
+    GroupCommand::Report {
+        group: "mta".into(),
+        epoch,
+        node,
+        status,
+        reason: "r".into(),
+        at_ms: 7,
+    }
+}
+
+#[test]
+fn epochs_advance_one_at_a_time() {
+    let mut g = GroupState::default();
+    assert_eq!(assign(1, Some(1)).apply(&mut g), Response::Done);
+    assert_eq!((g.owner, g.epoch), (Some(1), 1));
+    // A duplicate or a skipped epoch (a leader acting on an old view).
+    assert_eq!(assign(1, Some(2)).apply(&mut g), Response::Stale);
+    assert_eq!(assign(3, Some(2)).apply(&mut g), Response::Stale);
+    assert_eq!((g.owner, g.epoch), (Some(1), 1));
+}
+
+#[test]
+fn a_revoked_epoch_ends_when_its_owner_releases_it() {
+    let mut g = GroupState::default();
+    assign(1, Some(1)).apply(&mut g);
+    assert_eq!(
+        report(1, 1, GroupStatus::Online).apply(&mut g),
+        Response::Done
+    );
+    assert!(!g.released);
+    assert_eq!(revoke(1).apply(&mut g), Response::Done);
+    assert!(g.revoked);
+    assert_eq!(revoke(1).apply(&mut g), Response::Stale, "once");
+    assert_eq!(
+        report(1, 1, GroupStatus::Stopping).apply(&mut g),
+        Response::Done
+    );
+    assert_eq!(
+        report(1, 1, GroupStatus::Offline).apply(&mut g),
+        Response::Done
+    );
+    assert!(g.released);
+    // Released is final for the epoch: a late report changes nothing.
+    assert_eq!(
+        report(1, 1, GroupStatus::Online).apply(&mut g),
+        Response::Stale
+    );
+    assert_eq!(g.status, GroupStatus::Offline);
+    assign(2, Some(2)).apply(&mut g);
+    assert!(!g.revoked && !g.released);
+    assert_eq!(g.status, GroupStatus::Offline);
+}
+
+#[test]
+fn only_the_owner_reports_and_only_for_its_epoch() {
+    let mut g = GroupState::default();
+    assign(1, Some(1)).apply(&mut g);
+    assign(2, Some(2)).apply(&mut g);
+    assert_eq!(
+        report(1, 1, GroupStatus::Online).apply(&mut g),
+        Response::Stale
+    );
+    assert_eq!(
+        report(2, 1, GroupStatus::Online).apply(&mut g),
+        Response::Stale
+    );
+    assert_eq!(
+        report(2, 2, GroupStatus::Online).apply(&mut g),
+        Response::Done
+    );
+    assert_eq!(g.status, GroupStatus::Online);
+}
+
+#[test]
+fn a_failed_owner_has_released_the_epoch() {
+    let mut g = GroupState::default();
+    assign(1, Some(1)).apply(&mut g);
+    report(1, 1, GroupStatus::Failed).apply(&mut g);
+    assert!(g.released);
+    assert_eq!(g.status, GroupStatus::Failed);
+}
+
+#[test]
+fn a_move_is_cleared_by_the_assignment_it_asked_for() {
+    let mut g = GroupState::default();
+    assign(1, Some(1)).apply(&mut g);
+    let mv = GroupCommand::Move {
+        group: "mta".into(),
+        to: Some(2),
+        at_ms: 1,
+    };
+    mv.apply(&mut g);
+    assert_eq!(g.move_to, Some(2));
+    assign(2, Some(3)).apply(&mut g);
+    assert_eq!(g.move_to, Some(2), "not there yet");
+    assign(3, Some(2)).apply(&mut g);
+    assert_eq!(g.move_to, None);
+}
+
+#[test]
+fn fencing_is_recorded_and_lifted() {
+    let mut g = GroupState::default();
+    let fence = |fenced| GroupCommand::Fence {
+        group: "mta".into(),
+        node: 4,
+        fenced,
+        reason: "stop timed out".into(),
+        at_ms: 1,
+    };
+    assert_eq!(fence(true).apply(&mut g), Response::Done);
+    assert_eq!(fence(true).apply(&mut g), Response::Stale);
+    assert!(g.fenced.contains(&4));
+    assert_eq!(fence(false).apply(&mut g), Response::Done);
+    assert!(g.fenced.is_empty());
+}
+
+#[test]
+fn group_commands_ride_in_the_log_and_round_trip() {
+    let mut s = ClusterState::default();
+    let cmd = Command::Group(assign(1, Some(9)));
+    let json = serde_json::to_string(&cmd).unwrap();
+    let back: Command = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, cmd);
+    assert_eq!(s.apply(&back), Response::Done);
+    assert_eq!(s.groups["mta"].owner, Some(9));
+    // An older snapshot without groups still reads.
+    let old: ClusterState = serde_json::from_str(r#"{"members":{}}"#).unwrap();
+    assert!(old.groups.is_empty());
+}
