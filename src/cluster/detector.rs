@@ -126,12 +126,41 @@ pub async fn run(
     let mut leading_since: Option<Instant> = None;
     // A joint configuration and when this leader first saw it.
     let mut joint_seen: Option<(Option<openraft::LogId<NodeId>>, Instant)> = None;
+    let mut candidate_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
         let m = raft.metrics().borrow().clone();
+        if m.state == ServerState::Candidate {
+            // openraft draws a node's election timeout once per process and
+            // checks it on a tick: two candidates whose timeouts land on
+            // the same tick split the vote in every term, for ever. A
+            // candidate that has not won for a while re-phases itself by
+            // calling an election after a random pause.
+            let since = *candidate_since.get_or_insert(Instant::now());
+            if since.elapsed() >= t.down_after * 4 {
+                candidate_since = None;
+                let pause = t.down_after.mul_f64(super::membership::jitter());
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                // Someone may have won meanwhile: then an election would
+                // only unseat them.
+                let now = raft.metrics().borrow().clone();
+                if now.state == ServerState::Candidate && now.current_leader.is_none() {
+                    tracing::info!(
+                        term = now.current_term,
+                        "split votes: calling an election off-beat"
+                    );
+                    let _ = raft.trigger().elect().await;
+                }
+            }
+        } else {
+            candidate_since = None;
+        }
         if m.state != ServerState::Leader {
             leading_since = None;
             continue;

@@ -2,8 +2,8 @@
 //! which fencing epoch, and the commands that move it. Applying is pure and
 //! deterministic, like the rest of [`super::types::ClusterState`].
 //!
-//! The life of one epoch: the leader assigns the group to a node (epoch
-//! + 1); the owner collects grants from a majority of voters and brings
+//! The life of one epoch: the leader assigns the group to a node under
+//! the next epoch; the owner collects grants from a majority of voters and brings
 //! its resources online; to take it back the leader revokes the epoch
 //! (voters grant no more for it); the epoch ends when the owner reports
 //! that it stopped (released), or when every grant has certainly run out.

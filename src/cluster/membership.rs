@@ -162,6 +162,15 @@ pub fn admit(known: &BTreeMap<NodeId, Known>, req: &JoinRequest, max_voters: usi
     }
 }
 
+/// A value in [0, 1) for backoff jitter.
+pub fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    match getrandom::fill(&mut b) {
+        Ok(()) => f64::from(u32::from_be_bytes(b)) / (f64::from(u32::MAX) + 1.0),
+        Err(_) => 0.5,
+    }
+}
+
 /// Exponential backoff with jitter for join attempts and reconnects.
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::detector::{self, Thresholds};
 use super::identity::{self, Identity};
 use super::link::LinkConfig;
-use super::membership::{self, Backoff, SeedView, Start};
+use super::membership::{self, jitter, Backoff, SeedView, Start};
 use super::network::{JoinSettings, Network, RaftHandler};
 use super::peer::PeerClient;
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
@@ -450,15 +450,6 @@ impl Joiner {
             Ok(other) => Err(format!("{sponsor} answered {other:?}")),
             Err(e) => Err(format!("join through {sponsor}: {e}")),
         }
-    }
-}
-
-/// A value in [0, 1) for backoff jitter.
-fn jitter() -> f64 {
-    let mut b = [0u8; 4];
-    match getrandom::fill(&mut b) {
-        Ok(()) => f64::from(u32::from_be_bytes(b)) / (f64::from(u32::MAX) + 1.0),
-        Err(_) => 0.5,
     }
 }
 
