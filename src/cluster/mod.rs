@@ -10,6 +10,7 @@ pub mod frame;
 pub mod groups;
 pub mod handshake;
 pub mod identity;
+pub mod lease;
 pub mod link;
 pub mod membership;
 pub mod memnet;

@@ -1,0 +1,177 @@
+//! Group leases, held from a majority of voters — without I/O.
+//!
+//! The owner of a group under epoch E asks every voter for a grant, again
+//! and again. A voter grants only while its applied state says the owner
+//! holds E and E is not revoked, and remembers until when it promised.
+//! The owner counts each grant from the moment it *sent* the request, so
+//! its view of a grant ends no later than the voter's. It holds the lease
+//! while a majority of every voter configuration has unexpired grants.
+//!
+//! To take a group back, the leader revokes E through the log (voters then
+//! grant nothing more for it) and asks voters how long their promises may
+//! last. Once a majority has answered and their promises have run out, no
+//! majority can still back the old owner — any two majorities share a
+//! voter — and the next epoch may start. Leader elections do not touch
+//! any of this: owners keep renewing with the voters while a new leader is
+//! elected, and a new leader learns the promises by asking.
+//!
+//! Promises live in memory. A voter that restarts cannot vouch for what it
+//! promised before, so for one lease length after it starts it answers as
+//! if it had promised up to then.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::groups::GroupState;
+use super::types::NodeId;
+
+/// Longest grant a voter gives, whatever the owner asks for.
+pub const MAX_LEASE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy)]
+struct Promise {
+    until: Instant,
+}
+
+/// A voter's promises.
+#[derive(Debug)]
+pub struct Grants {
+    started: Instant,
+    /// Covers promises this voter may have made before it restarted.
+    grace: Duration,
+    promises: HashMap<String, Promise>,
+}
+
+impl Grants {
+    /// A voter that started at `started`; `grace` is the longest lease it
+    /// could have granted before (its own configured lease).
+    pub fn new(started: Instant, grace: Duration) -> Grants {
+        Grants {
+            started,
+            grace,
+            promises: HashMap::new(),
+        }
+    }
+
+    /// Grant `owner` the group under `epoch` for `ttl` (capped), if this
+    /// voter's applied state `g` agrees; returns the time promised.
+    pub fn grant(
+        &mut self,
+        group: &str,
+        owner: NodeId,
+        epoch: u64,
+        g: Option<&GroupState>,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<Duration, String> {
+        let Some(g) = g else {
+            return Err(format!("no group {group} here yet"));
+        };
+        if g.epoch != epoch || g.owner != Some(owner) {
+            return Err(format!(
+                "{group} is at epoch {} with owner {:?} here, not {epoch} with {owner:x}",
+                g.epoch, g.owner
+            ));
+        }
+        if g.revoked || g.released {
+            return Err(format!("{group} epoch {epoch} is over"));
+        }
+        let ttl = ttl.min(MAX_LEASE);
+        let until = now + ttl;
+        let p = self
+            .promises
+            .entry(group.to_string())
+            .or_insert(Promise { until });
+        p.until = p.until.max(until);
+        Ok(ttl)
+    }
+
+    /// How long from `now` a promise for `group` may still be relied on.
+    pub fn outstanding(&self, group: &str, now: Instant) -> Duration {
+        let promised = self
+            .promises
+            .get(group)
+            .map_or(Duration::ZERO, |p| p.until.saturating_duration_since(now));
+        let grace = (self.started + self.grace).saturating_duration_since(now);
+        promised.max(grace)
+    }
+}
+
+/// The owner's side: the grants it collected.
+#[derive(Debug, Default, Clone)]
+pub struct Holding {
+    /// Per voter: when the request it granted was sent, and for how long.
+    grants: BTreeMap<NodeId, (Instant, Duration)>,
+}
+
+impl Holding {
+    /// `voter` granted the request sent at `sent` for `ttl`.
+    pub fn granted(&mut self, voter: NodeId, sent: Instant, ttl: Duration) {
+        let end = sent + ttl;
+        let e = self.grants.entry(voter).or_insert((sent, ttl));
+        if end > e.0 + e.1 {
+            *e = (sent, ttl);
+        }
+    }
+
+    /// Forget every grant (a new epoch starts from nothing).
+    pub fn clear(&mut self) {
+        self.grants.clear();
+    }
+
+    /// Until when the lease holds: the last instant at which a majority
+    /// of every configuration in `configs` still has unexpired grants.
+    /// None: no majority has granted.
+    pub fn valid_until(&self, configs: &[BTreeSet<NodeId>]) -> Option<Instant> {
+        let mut until: Option<Instant> = None;
+        for voters in configs {
+            let mut ends: Vec<Instant> = voters
+                .iter()
+                .filter_map(|v| self.grants.get(v).map(|(s, t)| *s + *t))
+                .collect();
+            let need = voters.len() / 2 + 1;
+            if ends.len() < need {
+                return None;
+            }
+            // The need-th latest end: after it, fewer than a majority hold.
+            ends.sort_unstable_by(|a, b| b.cmp(a));
+            let end = ends[need - 1];
+            until = Some(until.map_or(end, |u| u.min(end)));
+        }
+        until
+    }
+}
+
+/// When the revoked group is certainly free, from voters' answers: each
+/// is the latest instant its promises may last (the time the answer
+/// arrived plus what the voter said remained). None while some
+/// configuration lacks a majority of answers. `margin` covers clock-rate
+/// differences between machines.
+pub fn free_at(
+    configs: &[BTreeSet<NodeId>],
+    answers: &BTreeMap<NodeId, Instant>,
+    margin: Duration,
+) -> Option<Instant> {
+    let mut free: Option<Instant> = None;
+    for voters in configs {
+        let mut ends: Vec<Instant> = voters
+            .iter()
+            .filter_map(|v| answers.get(v).copied())
+            .collect();
+        let need = voters.len() / 2 + 1;
+        if ends.len() < need {
+            return None;
+        }
+        // Once the need earliest have ended, a majority refuses the owner.
+        ends.sort_unstable();
+        let end = ends[need - 1] + margin;
+        free = Some(free.map_or(end, |f| f.max(end)));
+    }
+    free
+}
+
+#[cfg(test)]
+#[path = "lease_tests.rs"]
+mod tests;
