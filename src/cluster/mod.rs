@@ -18,6 +18,7 @@ pub mod message;
 pub mod network;
 pub mod node;
 pub mod peer;
+pub mod placement;
 pub mod rpc;
 pub mod server;
 pub mod store;

@@ -1,0 +1,175 @@
+//! Where groups go — the leader's decisions, without I/O.
+//!
+//! A group is placed on the first live member of its preferred nodes, else
+//! on the live member with the fewest groups; witnesses never. It moves
+//! only when its owner is down, gone, left, fenced or failed, when an
+//! operator asks, or (with `failback`) when a more preferred node is live
+//! again. Moving is two steps: revoke the epoch, then — once the owner has
+//! released it or every grant has run out — assign the next.
+
+use std::collections::BTreeMap;
+
+use super::groups::{GroupState, GroupStatus};
+use super::types::{ClusterState, NodeId, NodeState, Role};
+
+/// What the leader knows of a group from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// The group's name.
+    pub name: &'a str,
+    /// Node names in order of preference.
+    pub preferred: &'a [String],
+    /// Move back to a more preferred node when it is live again.
+    pub failback: bool,
+}
+
+/// What to do about one group now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Leave it as it is.
+    Keep,
+    /// Start the next epoch with this owner.
+    Assign {
+        /// The new owner.
+        owner: NodeId,
+        /// Why, for operators.
+        reason: String,
+    },
+    /// Take the current epoch back from its owner.
+    Revoke {
+        /// Why.
+        reason: String,
+    },
+    /// Revoked, not released: ask the voters until every grant has
+    /// certainly run out, then decide again with `free`.
+    AwaitGrants,
+}
+
+/// Decide for `p`'s group given the replicated state; `free` says the
+/// voters' grants for a revoked epoch have certainly run out.
+pub fn decide(p: Policy<'_>, state: &ClusterState, free: bool) -> Decision {
+    let g = state.groups.get(p.name).cloned().unwrap_or_default();
+    let Some(owner) = g.owner else {
+        return match best(p, state, &g, None) {
+            Some(n) => Decision::Assign {
+                owner: n,
+                reason: format!("placed on {}", name(state, n)),
+            },
+            None => Decision::Keep,
+        };
+    };
+    if g.revoked || g.released {
+        if !g.released && !free {
+            return Decision::AwaitGrants;
+        }
+        // A node whose resources failed is not given the group straight back.
+        let avoid = (g.status == GroupStatus::Failed).then_some(owner);
+        return match best(p, state, &g, avoid) {
+            Some(n) => Decision::Assign {
+                owner: n,
+                reason: format!("{}; now on {}", g.reason, name(state, n)),
+            },
+            None => Decision::Keep,
+        };
+    }
+    let revoke = |reason: String| Decision::Revoke { reason };
+    let Some(m) = state.members.get(&owner) else {
+        return revoke(format!("owner {owner:x} is no longer a member"));
+    };
+    let who = &m.member.name;
+    match m.state {
+        NodeState::Down => return revoke(format!("owner {who} is down")),
+        NodeState::Left => return revoke(format!("owner {who} left")),
+        NodeState::Up | NodeState::Suspect => {}
+    }
+    if m.member.role == Role::Witness {
+        return revoke(format!("owner {who} is a witness"));
+    }
+    if g.fenced.contains(&owner) {
+        return revoke(format!("owner {who} is fenced"));
+    }
+    if let Some(to) = g.move_to.filter(|t| *t != owner) {
+        if eligible(state, &g, to) {
+            return revoke(format!("moving to {} on request", name(state, to)));
+        }
+    }
+    if p.failback {
+        if let Some(better) = preferred_live(p, state, &g).filter(|b| *b != owner) {
+            let rank = |id| p.preferred.iter().position(|n| *n == name(state, id));
+            if rank(better) < rank(owner) || rank(owner).is_none() {
+                return revoke(format!("failing back to {}", name(state, better)));
+            }
+        }
+    }
+    Decision::Keep
+}
+
+/// The node to place the group on: a requested destination if it can
+/// take it, else the first live preferred node, else the live member with
+/// the fewest groups (then the lowest name).
+fn best(
+    p: Policy<'_>,
+    state: &ClusterState,
+    g: &GroupState,
+    avoid: Option<NodeId>,
+) -> Option<NodeId> {
+    let ok = |id: NodeId| Some(id) != avoid && eligible(state, g, id);
+    if let Some(to) = g.move_to.filter(|t| ok(*t)) {
+        return Some(to);
+    }
+    if let Some(n) = preferred_live(p, state, g).filter(|n| ok(*n)) {
+        return Some(n);
+    }
+    let load = |id: NodeId| {
+        state
+            .groups
+            .values()
+            .filter(|o| o.owner == Some(id) && !o.released)
+            .count()
+    };
+    state
+        .members
+        .keys()
+        .copied()
+        .filter(|id| ok(*id))
+        .min_by_key(|id| (load(*id), name(state, *id)))
+}
+
+fn preferred_live(p: Policy<'_>, state: &ClusterState, g: &GroupState) -> Option<NodeId> {
+    p.preferred.iter().find_map(|want| {
+        state
+            .members
+            .iter()
+            .find(|(id, m)| m.member.name == *want && eligible(state, g, **id))
+            .map(|(id, _)| *id)
+    })
+}
+
+/// A live full member that is not fenced for the group.
+fn eligible(state: &ClusterState, g: &GroupState, id: NodeId) -> bool {
+    state.members.get(&id).is_some_and(|m| {
+        m.state == NodeState::Up && m.member.role == Role::Member && !g.fenced.contains(&id)
+    })
+}
+
+fn name(state: &ClusterState, id: NodeId) -> String {
+    state
+        .members
+        .get(&id)
+        .map_or_else(|| format!("{id:x}"), |m| m.member.name.clone())
+}
+
+/// Groups each node owns now (not released), for `ctl` and tests.
+pub fn owned(state: &ClusterState) -> BTreeMap<NodeId, Vec<String>> {
+    let mut out: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
+    for (name, g) in &state.groups {
+        if let (Some(o), false) = (g.owner, g.released) {
+            out.entry(o).or_default().push(name.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "placement_tests.rs"]
+mod tests;

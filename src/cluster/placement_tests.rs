@@ -1,0 +1,188 @@
+use super::*;
+use crate::cluster::types::{Member, MemberState};
+
+/// Members a=1, b=2, c=3 (all up) and witness w=9.
+fn state() -> ClusterState {
+    let mut s = ClusterState::default();
+    for (id, n, role) in [
+        (1, "a", Role::Member),
+        (2, "b", Role::Member),
+        (3, "c", Role::Member),
+        (9, "w", Role::Witness),
+    ] {
+        s.members.insert(
+            id,
+            MemberState {
+                member: Member {
+                    name: n.into(),
+                    addr: format!("127.0.0.{id}:7400"),
+                    role,
+                },
+                state: NodeState::Up,
+                since_ms: 0,
+            },
+        );
+    }
+    s
+}
+
+fn set_state(s: &mut ClusterState, id: NodeId, st: NodeState) {
+    s.members.get_mut(&id).unwrap().state = st;
+}
+
+fn owned_by<'s>(s: &'s mut ClusterState, group: &str, owner: NodeId) -> &'s mut GroupState {
+    let g = s.groups.entry(group.into()).or_default();
+    g.owner = Some(owner);
+    g.epoch = 1;
+    g
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn assigned(d: Decision) -> NodeId {
+    match d {
+        Decision::Assign { owner, .. } => owner,
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+}
+
+fn policy<'a>(pref: &'a [String], failback: bool) -> Policy<'a> {
+    Policy {
+        name: "mta",
+        preferred: pref,
+        failback,
+    }
+}
+
+#[test]
+fn a_new_group_goes_to_the_first_live_preferred_node() {
+    let pref = names(&["c", "b"]);
+    let mut s = state();
+    assert_eq!(assigned(decide(policy(&pref, false), &s, false)), 3);
+    set_state(&mut s, 3, NodeState::Down);
+    assert_eq!(assigned(decide(policy(&pref, false), &s, false)), 2);
+    set_state(&mut s, 3, NodeState::Suspect);
+    assert_eq!(
+        assigned(decide(policy(&pref, false), &s, false)),
+        2,
+        "suspect is not live enough to start on"
+    );
+}
+
+#[test]
+fn without_preference_the_least_loaded_member_and_never_a_witness() {
+    let none: Vec<String> = vec![];
+    let mut s = state();
+    owned_by(&mut s, "other", 1);
+    let n = assigned(decide(policy(&none, false), &s, false));
+    assert_eq!(n, 2, "b: no groups yet, lowest name among the idle");
+    for id in [1, 2, 3] {
+        set_state(&mut s, id, NodeState::Down);
+    }
+    assert_eq!(decide(policy(&none, false), &s, false), Decision::Keep);
+}
+
+#[test]
+fn a_healthy_or_suspect_owner_keeps_its_group() {
+    let pref = names(&["a"]);
+    let mut s = state();
+    owned_by(&mut s, "mta", 2);
+    assert_eq!(decide(policy(&pref, false), &s, false), Decision::Keep);
+    set_state(&mut s, 2, NodeState::Suspect);
+    assert_eq!(decide(policy(&pref, false), &s, false), Decision::Keep);
+}
+
+#[test]
+fn an_owner_that_is_down_gone_left_or_fenced_is_revoked() {
+    let pref = names(&[]);
+    for (change, why) in [
+        (0, "down"),
+        (1, "no longer a member"),
+        (2, "left"),
+        (3, "fenced"),
+    ] {
+        let mut s = state();
+        owned_by(&mut s, "mta", 2);
+        match change {
+            0 => set_state(&mut s, 2, NodeState::Down),
+            1 => {
+                s.members.remove(&2);
+            }
+            2 => set_state(&mut s, 2, NodeState::Left),
+            _ => {
+                s.groups.get_mut("mta").unwrap().fenced.insert(2);
+            }
+        }
+        match decide(policy(&pref, false), &s, false) {
+            Decision::Revoke { reason } => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{why}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_revoked_epoch_waits_for_release_or_for_grants_to_run_out() {
+    let pref = names(&[]);
+    let mut s = state();
+    set_state(&mut s, 2, NodeState::Down);
+    owned_by(&mut s, "mta", 2).revoked = true;
+    assert_eq!(
+        decide(policy(&pref, false), &s, false),
+        Decision::AwaitGrants
+    );
+    let n = assigned(decide(policy(&pref, false), &s, true));
+    assert!(n == 1 || n == 3, "{n}");
+    s.groups.get_mut("mta").unwrap().released = true;
+    assigned(decide(policy(&pref, false), &s, false));
+}
+
+#[test]
+fn a_failed_owner_is_not_given_the_group_straight_back() {
+    let pref = names(&["b", "a"]);
+    let mut s = state();
+    let g = owned_by(&mut s, "mta", 2);
+    g.status = GroupStatus::Failed;
+    g.released = true;
+    assert_eq!(assigned(decide(policy(&pref, false), &s, false)), 1);
+}
+
+#[test]
+fn an_operator_move_revokes_then_places_on_the_target() {
+    let pref = names(&["a"]);
+    let mut s = state();
+    owned_by(&mut s, "mta", 1).move_to = Some(3);
+    match decide(policy(&pref, false), &s, false) {
+        Decision::Revoke { reason } => assert!(reason.contains("moving to c"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    s.groups.get_mut("mta").unwrap().released = true;
+    assert_eq!(assigned(decide(policy(&pref, false), &s, false)), 3);
+    // A move to a node that cannot take it is ignored.
+    let mut s = state();
+    owned_by(&mut s, "mta", 1).move_to = Some(9);
+    assert_eq!(decide(policy(&pref, false), &s, false), Decision::Keep);
+}
+
+#[test]
+fn failback_only_when_asked() {
+    let pref = names(&["a", "b"]);
+    let mut s = state();
+    owned_by(&mut s, "mta", 2);
+    assert_eq!(decide(policy(&pref, false), &s, false), Decision::Keep);
+    match decide(policy(&pref, true), &s, false) {
+        Decision::Revoke { reason } => assert!(reason.contains("failing back to a")),
+        other => panic!("{other:?}"),
+    }
+    set_state(&mut s, 1, NodeState::Down);
+    assert_eq!(decide(policy(&pref, true), &s, false), Decision::Keep);
+}
+
+#[test]
+fn owned_lists_live_epochs_only() {
+    let mut s = state();
+    owned_by(&mut s, "x", 1);
+    owned_by(&mut s, "y", 1).released = true;
+    assert_eq!(owned(&s), BTreeMap::from([(1, vec!["x".to_string()])]));
+}
