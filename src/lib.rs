@@ -11,5 +11,6 @@ pub mod delivery;
 pub mod dsn;
 pub mod events;
 pub mod queue;
+pub mod resource;
 pub mod smtp;
 pub mod spool;

@@ -1,0 +1,354 @@
+//! One group on one node, the owner's side — a pure state machine.
+//!
+//! It is told what the replicated state says (is the group ours under a
+//! live epoch?), how long its lease holds, and how each resource
+//! operation ended; it answers with what to do: start, stop, check,
+//! report, fence. The rules it keeps:
+//! - resources run only while the lease holds for longer than the stop
+//!   margin; when the lease gets that close to its end they are stopped
+//!   hard, before it can run out (the next owner may start after it);
+//! - one operation at a time, each with a deadline the driver enforces;
+//! - a failed start or check restarts the group in place, at most
+//!   `max_restarts` times within `restart_window`; beyond that the owner
+//!   stops, reports the group failed, and the leader moves it;
+//! - a stop that fails or misses its deadline fences the node for the
+//!   group rather than leave the address ambiguous;
+//! - a revoked epoch is stopped (gracefully when the lease allows) and
+//!   reported offline, which releases it.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::cluster::groups::GroupStatus;
+
+/// Timings and limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Period of health checks while online.
+    pub check_interval: Duration,
+    /// Deadline for starting the resources.
+    pub start_timeout: Duration,
+    /// Restarts allowed within `restart_window`.
+    pub max_restarts: u32,
+    /// The window restarts are counted in.
+    pub restart_window: Duration,
+    /// Stop this long before the lease could run out.
+    pub stop_margin: Duration,
+}
+
+/// Where the group is on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not ours.
+    Idle,
+    /// Ours; waiting for the lease.
+    Waiting,
+    /// Resources starting.
+    Starting,
+    /// Resources running.
+    Online,
+    /// Resources stopping; what comes after.
+    Stopping(After),
+    /// Stopped for good under this epoch (released or failed).
+    Done,
+    /// A stop failed: fenced for this group until the node restarts.
+    Fenced,
+}
+
+/// What follows a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// The epoch is over for us: report offline (release it).
+    Release,
+    /// The lease ran short: wait to hold it again.
+    Wait,
+    /// A failure: start again in place.
+    Restart,
+    /// Too many failures: report failed.
+    Fail,
+}
+
+/// An operation on the group's resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Start them all, in order.
+    Start,
+    /// Stop them all, in reverse order.
+    Stop,
+    /// Check their health.
+    Check,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The replicated state: is the group ours, under which epoch, and is
+    /// that epoch live (neither revoked nor released)?
+    View {
+        /// This node owns it.
+        ours: bool,
+        /// The current epoch.
+        epoch: u64,
+        /// Not revoked or released.
+        live: bool,
+    },
+    /// The lease holds until then (None: no majority).
+    Lease(Option<Instant>),
+    /// An operation ended: Ok, or why not (failed, timed out, panicked).
+    Done(Op, Result<(), String>),
+    /// Time passed (at least until `next_wake`).
+    Tick,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start the resources; give up at `deadline`.
+    Start {
+        /// Deadline.
+        deadline: Instant,
+    },
+    /// Stop them; gracefully (drain) or at once.
+    Stop {
+        /// Drain open sessions first.
+        graceful: bool,
+    },
+    /// Check them.
+    Check,
+    /// Tell the leader.
+    Report(GroupStatus, String),
+    /// Ask the leader to fence this node for the group.
+    Fence(String),
+}
+
+/// The machine.
+#[derive(Debug)]
+pub struct Machine {
+    s: Settings,
+    phase: Phase,
+    epoch: u64,
+    ours: bool,
+    live: bool,
+    lease: Option<Instant>,
+    busy: Option<Op>,
+    next_check: Option<Instant>,
+    restarts: VecDeque<Instant>,
+    /// Why the current stop happened, for the report after it.
+    why: String,
+}
+
+impl Machine {
+    /// A machine for a group that is not (yet) ours.
+    pub fn new(s: Settings) -> Machine {
+        Machine {
+            s,
+            phase: Phase::Idle,
+            epoch: 0,
+            ours: false,
+            live: false,
+            lease: None,
+            busy: None,
+            next_check: None,
+            restarts: VecDeque::new(),
+            why: String::new(),
+        }
+    }
+
+    /// Where it is.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The epoch to keep renewing grants for, if any.
+    pub fn renewing(&self) -> Option<u64> {
+        let active = matches!(
+            self.phase,
+            Phase::Waiting
+                | Phase::Starting
+                | Phase::Online
+                | Phase::Stopping(After::Restart | After::Wait)
+        );
+        (active && self.ours && self.live).then_some(self.epoch)
+    }
+
+    /// When the driver should send a `Tick` next.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let running = matches!(self.phase, Phase::Starting | Phase::Online);
+        let lease_end = self
+            .lease
+            .filter(|_| running)
+            .map(|l| l.checked_sub(self.s.stop_margin).unwrap_or(l));
+        let check = self.next_check.filter(|_| self.phase == Phase::Online);
+        match (lease_end, check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn lease_ok(&self, now: Instant) -> bool {
+        self.lease.is_some_and(|l| l > now + self.s.stop_margin)
+    }
+
+    /// Feed one event; returns what to do, in order.
+    pub fn on(&mut self, ev: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match ev {
+            Event::View { ours, epoch, live } => {
+                if epoch != self.epoch {
+                    // A new epoch starts from scratch (a stop in flight
+                    // still finishes first).
+                    self.epoch = epoch;
+                    self.restarts.clear();
+                    if matches!(self.phase, Phase::Done | Phase::Fenced) {
+                        self.phase = Phase::Idle;
+                    }
+                    self.lease = None;
+                }
+                self.ours = ours;
+                self.live = live;
+            }
+            Event::Lease(until) => self.lease = until,
+            Event::Done(op, result) => {
+                self.busy = None;
+                self.finished(op, result, now, &mut out);
+            }
+            Event::Tick => {}
+        }
+        self.step(now, &mut out);
+        out
+    }
+
+    fn finished(
+        &mut self,
+        op: Op,
+        result: Result<(), String>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        match (op, result) {
+            (Op::Start, Ok(())) if self.phase == Phase::Starting => {
+                self.phase = Phase::Online;
+                self.next_check = Some(now + self.s.check_interval);
+                out.push(Action::Report(
+                    GroupStatus::Online,
+                    "resources started".into(),
+                ));
+            }
+            (Op::Start | Op::Check, Err(why))
+                if matches!(self.phase, Phase::Starting | Phase::Online) =>
+            {
+                self.failure(why, now, out);
+            }
+            (Op::Check, Ok(())) => self.next_check = Some(now + self.s.check_interval),
+            (Op::Stop, Ok(())) => {
+                if let Phase::Stopping(after) = self.phase {
+                    self.phase = match after {
+                        After::Release => {
+                            out.push(Action::Report(GroupStatus::Offline, self.why.clone()));
+                            Phase::Done
+                        }
+                        After::Fail => {
+                            out.push(Action::Report(GroupStatus::Failed, self.why.clone()));
+                            Phase::Done
+                        }
+                        After::Wait | After::Restart => Phase::Waiting,
+                    };
+                }
+            }
+            (Op::Stop, Err(why)) => {
+                self.phase = Phase::Fenced;
+                out.push(Action::Fence(format!("stop failed: {why}")));
+            }
+            // A start that ended after we decided to stop: the stop follows.
+            _ => {}
+        }
+    }
+
+    fn failure(&mut self, why: String, now: Instant, out: &mut Vec<Action>) {
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.s.restart_window)
+        {
+            self.restarts.pop_front();
+        }
+        let after = if self.restarts.len() < self.s.max_restarts as usize {
+            self.restarts.push_back(now);
+            After::Restart
+        } else {
+            After::Fail
+        };
+        let n = self.restarts.len();
+        self.why = match after {
+            After::Restart => format!(
+                "{why}; restarting in place ({n} of {})",
+                self.s.max_restarts
+            ),
+            _ => format!("{why}; restarts exhausted"),
+        };
+        out.push(Action::Report(GroupStatus::Stopping, self.why.clone()));
+        self.phase = Phase::Stopping(after);
+        out.push(Action::Stop { graceful: false });
+        self.busy = Some(Op::Stop);
+    }
+
+    /// Move on from where we are, if no operation is in flight.
+    fn step(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.busy.is_some() {
+            return;
+        }
+        let mine = self.ours && self.live;
+        match self.phase {
+            Phase::Idle if mine => self.phase = Phase::Waiting,
+            Phase::Waiting if !mine => {
+                // Never started under this epoch: releasing needs no stop.
+                self.phase = if self.ours {
+                    out.push(Action::Report(GroupStatus::Offline, "not started".into()));
+                    Phase::Done
+                } else {
+                    Phase::Idle
+                };
+                return;
+            }
+            Phase::Starting | Phase::Online if !mine => {
+                self.why = "the epoch was taken back".into();
+                let graceful = self.lease_ok(now);
+                out.push(Action::Report(GroupStatus::Stopping, self.why.clone()));
+                self.stop(After::Release, graceful, out);
+                return;
+            }
+            Phase::Starting | Phase::Online if !self.lease_ok(now) => {
+                self.why = "lease about to run out".into();
+                self.stop(After::Wait, false, out);
+                return;
+            }
+            Phase::Online if self.next_check.is_some_and(|t| now >= t) => {
+                self.next_check = None;
+                self.busy = Some(Op::Check);
+                out.push(Action::Check);
+                return;
+            }
+            _ => {}
+        }
+        if self.phase == Phase::Waiting && mine && self.lease_ok(now) {
+            self.phase = Phase::Starting;
+            self.busy = Some(Op::Start);
+            let lease_end = self.lease.map_or(now, |l| l - self.s.stop_margin);
+            let deadline = (now + self.s.start_timeout).min(lease_end);
+            out.push(Action::Report(GroupStatus::Starting, "lease held".into()));
+            out.push(Action::Start { deadline });
+        }
+    }
+
+    fn stop(&mut self, after: After, graceful: bool, out: &mut Vec<Action>) {
+        self.phase = Phase::Stopping(after);
+        self.busy = Some(Op::Stop);
+        out.push(Action::Stop { graceful });
+    }
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,239 @@
+use super::*;
+
+const S: Settings = Settings {
+    check_interval: Duration::from_secs(2),
+    start_timeout: Duration::from_secs(10),
+    max_restarts: 2,
+    restart_window: Duration::from_secs(60),
+    stop_margin: Duration::from_millis(100),
+};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn mine(epoch: u64) -> Event {
+    Event::View {
+        ours: true,
+        epoch,
+        live: true,
+    }
+}
+
+fn reports(actions: &[Action]) -> Vec<GroupStatus> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(s, _) => Some(*s),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A machine online under epoch 1 with a lease until t0 + 600 ms.
+fn online(t0: Instant) -> Machine {
+    let mut m = Machine::new(S);
+    assert_eq!(m.on(mine(1), t0), vec![]);
+    assert_eq!(m.phase(), Phase::Waiting);
+    let out = m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    assert!(
+        out.contains(&Action::Start {
+            deadline: t0 + ms(500)
+        }),
+        "{out:?}"
+    );
+    let out = m.on(Event::Done(Op::Start, Ok(())), t0 + ms(10));
+    assert_eq!(reports(&out), [GroupStatus::Online]);
+    assert_eq!(m.phase(), Phase::Online);
+    m
+}
+
+#[test]
+fn nothing_runs_until_the_group_is_ours_and_the_lease_holds() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    let theirs = Event::View {
+        ours: false,
+        epoch: 1,
+        live: true,
+    };
+    assert_eq!(m.on(theirs, t0), vec![]);
+    assert_eq!(m.on(Event::Lease(Some(t0 + ms(600))), t0), vec![]);
+    assert_eq!(m.phase(), Phase::Idle);
+    assert_eq!(m.renewing(), None);
+    online(t0);
+}
+
+#[test]
+fn a_lease_too_short_to_stop_in_time_starts_nothing() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    assert_eq!(m.renewing(), Some(1));
+    assert_eq!(m.on(Event::Lease(Some(t0 + ms(100))), t0), vec![]);
+    assert_eq!(m.phase(), Phase::Waiting);
+}
+
+#[test]
+fn the_start_deadline_never_passes_the_lease() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(Settings {
+        start_timeout: ms(50),
+        ..S
+    });
+    m.on(mine(1), t0);
+    let out = m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    assert!(out.contains(&Action::Start {
+        deadline: t0 + ms(50)
+    }));
+}
+
+#[test]
+fn resources_stop_hard_before_the_lease_can_run_out_and_come_back_with_it() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    assert_eq!(m.next_wake(), Some(t0 + ms(500)));
+    let out = m.on(Event::Tick, t0 + ms(500));
+    assert_eq!(out, vec![Action::Stop { graceful: false }]);
+    assert_eq!(m.renewing(), Some(1), "still ours: keep asking");
+    let out = m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(510));
+    assert!(reports(&out).is_empty(), "not released: {out:?}");
+    assert_eq!(m.phase(), Phase::Waiting);
+    let out = m.on(Event::Lease(Some(t0 + ms(1200))), t0 + ms(700));
+    assert!(matches!(out.last(), Some(Action::Start { .. })), "{out:?}");
+}
+
+#[test]
+fn a_revoked_epoch_is_drained_and_released() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    let revoked = Event::View {
+        ours: true,
+        epoch: 1,
+        live: false,
+    };
+    let out = m.on(revoked, t0 + ms(100));
+    assert_eq!(reports(&out), [GroupStatus::Stopping]);
+    assert!(out.contains(&Action::Stop { graceful: true }));
+    assert_eq!(m.renewing(), None);
+    let out = m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(200));
+    assert_eq!(reports(&out), [GroupStatus::Offline]);
+    assert_eq!(m.phase(), Phase::Done);
+    // A later lease changes nothing under this epoch.
+    assert_eq!(m.on(Event::Lease(Some(t0 + ms(900))), t0 + ms(300)), vec![]);
+}
+
+#[test]
+fn revoked_with_the_lease_nearly_gone_stops_at_once() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    let revoked = Event::View {
+        ours: true,
+        epoch: 1,
+        live: false,
+    };
+    let out = m.on(revoked, t0 + ms(520));
+    assert!(out.contains(&Action::Stop { graceful: false }), "{out:?}");
+}
+
+#[test]
+fn revoked_before_starting_releases_without_a_stop() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    let revoked = Event::View {
+        ours: true,
+        epoch: 1,
+        live: false,
+    };
+    let out = m.on(revoked, t0);
+    assert_eq!(reports(&out), [GroupStatus::Offline]);
+    assert!(!out.iter().any(|a| matches!(a, Action::Stop { .. })));
+}
+
+#[test]
+fn failed_checks_restart_in_place_then_fail_the_group_over() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    let mut now = t0;
+    for round in 0..3 {
+        let lease = Event::Lease(Some(now + ms(600)));
+        m.on(lease, now);
+        now += S.check_interval + ms(10);
+        let lease = Event::Lease(Some(now + ms(600)));
+        let mut out = m.on(lease, now);
+        out.extend(m.on(Event::Tick, now));
+        assert_eq!(out, vec![Action::Check], "round {round}");
+        let out = m.on(Event::Done(Op::Check, Err("no 220".into())), now);
+        assert!(out.contains(&Action::Stop { graceful: false }));
+        let out = m.on(Event::Done(Op::Stop, Ok(())), now);
+        if round < 2 {
+            assert!(matches!(out.last(), Some(Action::Start { .. })), "{out:?}");
+            m.on(Event::Done(Op::Start, Ok(())), now);
+        } else {
+            assert_eq!(reports(&out), [GroupStatus::Failed]);
+            assert_eq!(m.phase(), Phase::Done);
+        }
+    }
+}
+
+#[test]
+fn restarts_outside_the_window_are_forgotten() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    let mut now = t0;
+    for _ in 0..4 {
+        now += S.restart_window + ms(1);
+        m.on(Event::Lease(Some(now + ms(600))), now);
+        m.on(Event::Done(Op::Check, Err("down".into())), now);
+        let out = m.on(Event::Done(Op::Stop, Ok(())), now);
+        assert!(matches!(out.last(), Some(Action::Start { .. })), "{out:?}");
+        m.on(Event::Done(Op::Start, Ok(())), now);
+    }
+}
+
+#[test]
+fn a_start_that_times_out_is_a_failure() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    let out = m.on(
+        Event::Done(Op::Start, Err("timed out".into())),
+        t0 + ms(400),
+    );
+    assert!(out.contains(&Action::Stop { graceful: false }), "{out:?}");
+}
+
+#[test]
+fn a_stop_that_fails_fences_the_node() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    m.on(Event::Tick, t0 + ms(500));
+    let out = m.on(Event::Done(Op::Stop, Err("timed out".into())), t0 + ms(600));
+    assert!(matches!(&out[..], [Action::Fence(_)]), "{out:?}");
+    assert_eq!(m.phase(), Phase::Fenced);
+    assert_eq!(m.renewing(), None);
+    // A new epoch (the fence lifted) starts over.
+    m.on(mine(2), t0 + ms(700));
+    assert_eq!(m.phase(), Phase::Waiting);
+}
+
+#[test]
+fn changes_during_an_operation_wait_for_it() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    let revoked = Event::View {
+        ours: true,
+        epoch: 1,
+        live: false,
+    };
+    assert_eq!(m.on(revoked, t0 + ms(5)), vec![], "the start is in flight");
+    let out = m.on(Event::Done(Op::Start, Ok(())), t0 + ms(10));
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Stop { .. })),
+        "then it stops: {out:?}"
+    );
+}
