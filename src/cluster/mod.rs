@@ -7,6 +7,7 @@
 pub mod admit;
 pub mod detector;
 pub mod frame;
+pub mod group_rpc;
 pub mod groups;
 pub mod handshake;
 pub mod identity;

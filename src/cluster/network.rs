@@ -20,6 +20,7 @@ use openraft::{RPCTypes, Raft, Vote};
 
 use super::admit;
 use super::detector;
+use super::group_rpc::GroupService;
 use super::identity::Identity;
 use super::link::LinkConfig;
 use super::peer::{CallError, PeerClient};
@@ -210,6 +211,7 @@ pub struct RaftHandler {
     me: Identity,
     raft: Raft<TypeConfig>,
     join: Option<Arc<JoinSettings>>,
+    groups: Option<Arc<GroupService>>,
 }
 
 /// How this node answers joins: as leader it admits, as follower it
@@ -275,7 +277,14 @@ impl RaftHandler {
             me,
             raft,
             join: None,
+            groups: None,
         }
+    }
+
+    /// Also answer group calls.
+    pub fn with_groups(mut self, groups: Arc<GroupService>) -> RaftHandler {
+        self.groups = Some(groups);
+        self
     }
 
     /// Also answer joins, with these settings.
@@ -352,6 +361,10 @@ impl Handler for RaftHandler {
                 }
                 Request::Status => Reply::Status(this.status().await),
                 Request::Leave => this.leave(&from).await,
+                Request::Group(g) => match &this.groups {
+                    Some(service) => Reply::Group(service.handle(&from, g).await),
+                    None => Reply::Unavailable("this node runs no groups".into()),
+                },
                 Request::Join(j) => match &this.join {
                     Some(settings) => Reply::Join(settings.handle(&this.raft, j).await),
                     None => Reply::Unavailable("this node does not admit members".into()),

@@ -12,6 +12,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::group_rpc::{GroupReply, GroupRequest};
 use super::types::{NodeId, Role, TypeConfig};
 
 /// What travels in a link's `App` body.
@@ -50,6 +51,8 @@ pub enum Request {
     /// membership: the caller is stopping on purpose; the leader records
     /// it as left (a node may announce only its own leave).
     Leave,
+    /// resource groups: grants, outstanding grants, owners' reports.
+    Group(GroupRequest),
 }
 
 /// The answer to a `Request`, variant for variant.
@@ -69,6 +72,8 @@ pub enum Reply {
     Status(StatusReply),
     /// To `Leave`: recorded.
     Left,
+    /// To `Group`.
+    Group(GroupReply),
     /// The callee could not handle the request at all (e.g. raft not
     /// running yet); the text says why.
     Unavailable(String),

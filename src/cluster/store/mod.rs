@@ -8,7 +8,7 @@
 mod frame;
 mod log;
 #[cfg(test)]
-mod raft_tests;
+pub(crate) mod raft_tests;
 mod sm;
 #[cfg(test)]
 mod tests;

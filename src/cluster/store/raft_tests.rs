@@ -62,7 +62,8 @@ impl RaftNetwork<TypeConfig> for NoNetwork {
     }
 }
 
-const ME: NodeId = 0x5eed;
+/// The single node's id.
+pub(crate) const ME: NodeId = 0x5eed;
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
 fn member(name: &str) -> Member {
@@ -86,6 +87,22 @@ async fn start(dir: &Path) -> (Raft<TypeConfig>, tokio::sync::watch::Receiver<Cl
     let (log, sm) = open(dir).unwrap();
     let view = sm.subscribe();
     let raft = Raft::new(ME, config, NoNetwork, log, sm).await.unwrap();
+    (raft, view)
+}
+
+/// A fresh single-node raft in `dir`, initialized and leading, with
+/// `ME` as its only voter (for tests of what runs on top of raft).
+pub(crate) async fn single_leader(
+    dir: &Path,
+) -> (Raft<TypeConfig>, tokio::sync::watch::Receiver<ClusterView>) {
+    let (raft, view) = start(dir).await;
+    raft.initialize(BTreeMap::from([(ME, member("me"))]))
+        .await
+        .unwrap();
+    raft.wait(WAIT)
+        .state(ServerState::Leader, "leader")
+        .await
+        .unwrap();
     (raft, view)
 }
 

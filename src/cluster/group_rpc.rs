@@ -1,0 +1,166 @@
+//! The cluster calls of resource groups, answered on every node: grants
+//! to owners (as a voter), outstanding grants (to the leader taking a
+//! group back), and owners' reports (as the leader, into the log).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::Raft;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::groups::GroupCommand;
+use super::identity::Identity;
+use super::lease::Grants;
+use super::store::ClusterView;
+use super::types::{Command, NodeId, Response, TypeConfig};
+
+/// A group call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupRequest {
+    /// To a voter: grant the caller `group` under `epoch` for `ttl_ms`.
+    Grant {
+        /// The group.
+        group: String,
+        /// The caller's epoch.
+        epoch: u64,
+        /// How long it asks for.
+        ttl_ms: u64,
+    },
+    /// To a voter, from the leader: how long may grants for `group` still
+    /// last, now that `epoch` is revoked?
+    Outstanding {
+        /// The group.
+        group: String,
+        /// The revoked epoch.
+        epoch: u64,
+    },
+    /// To the leader: record this report or fence, about the caller.
+    Record(GroupCommand),
+}
+
+/// The answer to a [`GroupRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupReply {
+    /// Granted for this long.
+    Granted {
+        /// Milliseconds.
+        ttl_ms: u64,
+    },
+    /// Grants may last this much longer; None: this voter has not applied
+    /// the revoke yet, so it cannot say.
+    Outstanding {
+        /// Milliseconds.
+        remaining_ms: Option<u64>,
+    },
+    /// Written to the log.
+    Recorded,
+    /// Not done, and why.
+    Refused(String),
+}
+
+/// Answers group calls on this node.
+pub struct GroupService {
+    me: Identity,
+    raft: Raft<TypeConfig>,
+    view: watch::Receiver<ClusterView>,
+    grants: Mutex<Grants>,
+}
+
+impl GroupService {
+    /// A service for node `me`; `grace` is the longest lease this node
+    /// could have granted before it (re)started.
+    pub fn new(
+        me: Identity,
+        raft: Raft<TypeConfig>,
+        view: watch::Receiver<ClusterView>,
+        grace: Duration,
+    ) -> Arc<GroupService> {
+        Arc::new(GroupService {
+            me,
+            raft,
+            view,
+            grants: Mutex::new(Grants::new(Instant::now(), grace)),
+        })
+    }
+
+    /// Answer `req` from the authenticated node `from` (this node itself
+    /// for local calls).
+    pub async fn handle(&self, from: &Identity, req: GroupRequest) -> GroupReply {
+        match req {
+            GroupRequest::Grant {
+                group,
+                epoch,
+                ttl_ms,
+            } => self.grant(from, &group, epoch, ttl_ms),
+            GroupRequest::Outstanding { group, epoch } => self.outstanding(&group, epoch),
+            GroupRequest::Record(cmd) => self.record(from, cmd).await,
+        }
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config.membership().voter_ids().collect()
+    }
+
+    fn grant(&self, from: &Identity, group: &str, epoch: u64, ttl_ms: u64) -> GroupReply {
+        if !self.voters().contains(&self.me.incarnation) {
+            return GroupReply::Refused(format!("{} does not vote", self.me.name));
+        }
+        let view = self.view.borrow();
+        let g = view.state.groups.get(group);
+        let ttl = Duration::from_millis(ttl_ms);
+        let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+        match grants.grant(group, from.incarnation, epoch, g, ttl, Instant::now()) {
+            Ok(t) => GroupReply::Granted {
+                ttl_ms: t.as_millis() as u64,
+            },
+            Err(why) => GroupReply::Refused(why),
+        }
+    }
+
+    fn outstanding(&self, group: &str, epoch: u64) -> GroupReply {
+        let view = self.view.borrow();
+        let over =
+            view.state.groups.get(group).is_some_and(|g| {
+                g.epoch > epoch || (g.epoch == epoch && (g.revoked || g.released))
+            });
+        let remaining_ms = over.then(|| {
+            let grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+            // Rounded up: the leader must not wait a moment too little.
+            let left = grants.outstanding(group, Instant::now());
+            left.as_micros().div_ceil(1000) as u64
+        });
+        GroupReply::Outstanding { remaining_ms }
+    }
+
+    async fn record(&self, from: &Identity, cmd: GroupCommand) -> GroupReply {
+        let about_self = match &cmd {
+            GroupCommand::Report { node, .. } | GroupCommand::Fence { node, .. } => {
+                *node == from.incarnation
+            }
+            _ => false,
+        };
+        if !about_self {
+            return GroupReply::Refused(
+                "a node records only reports and fences about itself".into(),
+            );
+        }
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(m.id) {
+            return GroupReply::Refused("not the leader".into());
+        }
+        match self.raft.client_write(Command::Group(cmd)).await {
+            Ok(r) if r.data == Response::Done => GroupReply::Recorded,
+            // Another epoch by now: the report no longer matters.
+            Ok(r) => GroupReply::Refused(format!("not applied: {:?}", r.data)),
+            Err(e) => GroupReply::Refused(format!("cannot write to the cluster log: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "group_rpc_tests.rs"]
+mod tests;

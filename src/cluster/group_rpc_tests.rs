@@ -1,0 +1,136 @@
+use super::*;
+use crate::cluster::groups::GroupStatus;
+use crate::cluster::store::raft_tests::{single_leader, ME};
+
+const TTL_MS: u64 = 600;
+
+fn ident(incarnation: NodeId) -> Identity {
+    Identity {
+        name: format!("n{incarnation:x}"),
+        incarnation,
+    }
+}
+
+fn grant(epoch: u64) -> GroupRequest {
+    GroupRequest::Grant {
+        group: "mta".into(),
+        epoch,
+        ttl_ms: TTL_MS,
+    }
+}
+
+async fn write(raft: &Raft<TypeConfig>, cmd: GroupCommand) {
+    raft.client_write(Command::Group(cmd)).await.unwrap();
+}
+
+fn assign(epoch: u64, owner: NodeId) -> GroupCommand {
+    GroupCommand::Assign {
+        group: "mta".into(),
+        epoch,
+        owner: Some(owner),
+        reason: "t".into(),
+        at_ms: 1,
+    }
+}
+
+#[tokio::test]
+async fn a_voter_grants_the_owner_and_reports_outstanding_after_the_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raft, view) = single_leader(dir.path()).await;
+    let svc = GroupService::new(ident(ME), raft.clone(), view, Duration::ZERO);
+    let owner = ident(7);
+    let refused = svc.handle(&owner, grant(1)).await;
+    assert!(matches!(refused, GroupReply::Refused(_)), "{refused:?}");
+    write(&raft, assign(1, 7)).await;
+    assert_eq!(
+        svc.handle(&owner, grant(1)).await,
+        GroupReply::Granted { ttl_ms: TTL_MS }
+    );
+    let other = svc.handle(&ident(8), grant(1)).await;
+    assert!(matches!(other, GroupReply::Refused(_)), "not the owner");
+    let ask = GroupRequest::Outstanding {
+        group: "mta".into(),
+        epoch: 1,
+    };
+    // Not revoked here yet: the voter cannot say.
+    assert_eq!(
+        svc.handle(&ident(ME), ask.clone()).await,
+        GroupReply::Outstanding { remaining_ms: None }
+    );
+    let revoke = GroupCommand::Revoke {
+        group: "mta".into(),
+        epoch: 1,
+        reason: "t".into(),
+        at_ms: 2,
+    };
+    write(&raft, revoke).await;
+    match svc.handle(&ident(ME), ask).await {
+        GroupReply::Outstanding {
+            remaining_ms: Some(ms),
+        } => assert!(ms > 0 && ms <= TTL_MS, "{ms}"),
+        other => panic!("{other:?}"),
+    }
+    // Revoked: no more grants for the epoch.
+    let late = svc.handle(&owner, grant(1)).await;
+    assert!(matches!(late, GroupReply::Refused(_)), "{late:?}");
+    raft.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_leader_records_reports_only_about_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raft, view) = single_leader(dir.path()).await;
+    let svc = GroupService::new(ident(ME), raft.clone(), view.clone(), Duration::ZERO);
+    write(&raft, assign(1, 7)).await;
+    let report = |node| {
+        GroupRequest::Record(GroupCommand::Report {
+            group: "mta".into(),
+            epoch: 1,
+            node,
+            status: GroupStatus::Online,
+            reason: "started".into(),
+            at_ms: 3,
+        })
+    };
+    let forged = svc.handle(&ident(8), report(7)).await;
+    assert!(matches!(forged, GroupReply::Refused(_)), "{forged:?}");
+    assert_eq!(svc.handle(&ident(7), report(7)).await, GroupReply::Recorded);
+    assert_eq!(
+        view.borrow().state.groups["mta"].status,
+        GroupStatus::Online
+    );
+    let move_req = GroupRequest::Record(GroupCommand::Move {
+        group: "mta".into(),
+        to: Some(7),
+        at_ms: 4,
+    });
+    let refused = svc.handle(&ident(7), move_req).await;
+    assert!(matches!(refused, GroupReply::Refused(_)), "{refused:?}");
+    raft.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_voter_vouches_for_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raft, view) = single_leader(dir.path()).await;
+    write(&raft, assign(1, 7)).await;
+    let revoke = GroupCommand::Revoke {
+        group: "mta".into(),
+        epoch: 1,
+        reason: "t".into(),
+        at_ms: 2,
+    };
+    write(&raft, revoke).await;
+    let svc = GroupService::new(ident(ME), raft.clone(), view, Duration::from_secs(5));
+    let ask = GroupRequest::Outstanding {
+        group: "mta".into(),
+        epoch: 1,
+    };
+    match svc.handle(&ident(ME), ask).await {
+        GroupReply::Outstanding {
+            remaining_ms: Some(ms),
+        } => assert!(ms > 4_000, "{ms}"),
+        other => panic!("{other:?}"),
+    }
+    raft.shutdown().await.unwrap();
+}
