@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::detector::{self, Thresholds};
+use super::group_rpc::GroupService;
+use super::handle::ClusterHandle;
 use super::identity::{self, Identity};
 use super::link::LinkConfig;
 use super::membership::{self, jitter, Backoff, SeedView, Start};
@@ -69,6 +71,8 @@ pub struct ClusterNode {
     pub view: watch::Receiver<ClusterView>,
     /// Where cluster links are accepted.
     pub addr: SocketAddr,
+    /// What group code needs of the cluster.
+    pub handle: ClusterHandle,
     /// Why this node is not (yet) in its cluster, from its last join or
     /// rejoin attempt; None once admitted.
     pub problem: watch::Receiver<Option<String>>,
@@ -144,7 +148,15 @@ impl ClusterNode {
             link: link.clone(),
             view: view.clone(),
         };
-        let handler = RaftHandler::new(identity.clone(), raft.clone()).with_join(join);
+        let groups = GroupService::new(
+            identity.clone(),
+            raft.clone(),
+            view.clone(),
+            cfg.max_group_lease,
+        );
+        let handler = RaftHandler::new(identity.clone(), raft.clone())
+            .with_join(join)
+            .with_groups(groups.clone());
         tracker.spawn(server::serve(
             listener,
             link.clone(),
@@ -198,7 +210,15 @@ impl ClusterNode {
             cfg.max_voters,
             leaving.clone(),
         ));
+        let handle = ClusterHandle::new(
+            identity.clone(),
+            raft.clone(),
+            view.clone(),
+            link.clone(),
+            groups,
+        );
         Ok(ClusterNode {
+            handle,
             identity,
             raft,
             view,

@@ -141,6 +141,10 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         .and_then(|n| ctx.table(&n))
         .map(|f| read_admin(ctx, f));
     let groups = super::group::read_groups(ctx, &mut root, cluster.is_some());
+    let mut cluster = cluster;
+    if let Some(c) = cluster.as_mut() {
+        c.max_group_lease = groups.iter().map(|g| g.lease).max().unwrap_or_default();
+    }
     root.finish(ctx);
 
     Config {

@@ -70,6 +70,9 @@ pub struct ClusterConfig {
     pub join_backoff_max: Duration,
     /// A join that has not finished by then is rolled back.
     pub join_timeout: Duration,
+    /// The longest `lease` of any `[[group]]`: after a restart this node,
+    /// as a voter, vouches for grants it may have given for this long.
+    pub max_group_lease: Duration,
 }
 
 /// `[[group]]`: a resource group the cluster places on one node at a time.

@@ -76,6 +76,20 @@ pub async fn serve(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let never = CancellationToken::new();
+    serve_draining(listener, cfg, accept, never, cancel, tracker).await
+}
+
+/// Like [`serve`], and once `drain` fires, new clients are told 421 (the
+/// service is moving) while open sessions go on until `cancel`.
+pub async fn serve_draining(
+    listener: TcpListener,
+    cfg: Arc<SmtpConfig>,
+    accept: Arc<dyn Accept>,
+    drain: CancellationToken,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     let slots = Arc::new(Semaphore::new(
         cfg.max_connections.min(Semaphore::MAX_PERMITS),
     ));
@@ -97,11 +111,17 @@ pub async fn serve(
         };
         // Never await a permit here: the loop must keep accepting so
         // that excess clients get a 421 instead of a hang in the backlog.
-        let permit = slots.clone().try_acquire_owned().ok();
+        // A draining listener takes no new sessions at all.
+        let permit = if drain.is_cancelled() {
+            None
+        } else {
+            slots.clone().try_acquire_owned().ok()
+        };
+        let draining = drain.is_cancelled();
         tracker.spawn(connection(
             stream,
             peer,
-            permit,
+            permit.ok_or(draining),
             cfg.clone(),
             accept.clone(),
             cancel.clone(),
@@ -111,34 +131,50 @@ pub async fn serve(
     tracing::debug!("smtp listener closed");
 }
 
+/// A session slot, or why there is none (true: the listener drains).
+type Slot = Result<OwnedSemaphorePermit, bool>;
+
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Slot,
     cfg: Arc<SmtpConfig>,
     accept: Arc<dyn Accept>,
     cancel: CancellationToken,
 ) {
     // Replies are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    let Some(_permit) = permit else {
-        tracing::debug!(%peer, "connection refused: too many connections");
-        let reply = format!(
-            "421 4.3.2 {} Too many connections, try again later\r\n",
-            cfg.hostname
-        );
-        if write(&mut stream, reply.as_bytes(), cfg.idle_timeout)
-            .await
-            .is_ok()
-        {
-            linger_close(&mut stream).await;
-        }
-        return;
+    let _permit = match permit {
+        Ok(p) => p,
+        Err(draining) => return refuse(stream, peer, &cfg, draining).await,
     };
     tracing::debug!(%peer, "smtp connect");
     match drive(&mut stream, peer, cfg, accept.as_ref(), &cancel).await {
         Ok(()) => tracing::debug!(%peer, "smtp disconnect"),
         Err(e) => tracing::debug!(%peer, error = %e, "smtp disconnect"),
+    }
+}
+
+/// Turn a client away with 421: too many connections, or moving.
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, draining: bool) {
+    let reply = if draining {
+        tracing::debug!(%peer, "connection refused: the service is moving");
+        format!(
+            "421 4.3.2 {} Service moving to another node, try again shortly\r\n",
+            cfg.hostname
+        )
+    } else {
+        tracing::debug!(%peer, "connection refused: too many connections");
+        format!(
+            "421 4.3.2 {} Too many connections, try again later\r\n",
+            cfg.hostname
+        )
+    };
+    if write(&mut stream, reply.as_bytes(), cfg.idle_timeout)
+        .await
+        .is_ok()
+    {
+        linger_close(&mut stream).await;
     }
 }
 

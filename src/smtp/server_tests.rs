@@ -331,3 +331,47 @@ async fn bind_reports_address_in_use() {
     let err = bind(addr, 16).expect_err("second bind must fail");
     assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
 }
+
+#[tokio::test]
+async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finish() {
+    let memory = Arc::new(Memory::default());
+    let listener = bind("127.0.0.1:0".parse().expect("addr"), 64).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (drain, cancel, tracker) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        TaskTracker::new(),
+    );
+    let task = tokio::spawn(serve_draining(
+        listener,
+        Arc::new(cfg()),
+        memory.clone(),
+        drain.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    let mut open = Client::connect(addr).await;
+    open.expect("220").await;
+    open.send("EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n")
+        .await;
+    open.expect("250-").await;
+    open.expect("250 2.1.0").await;
+    drain.cancel();
+    let mut late = Client::connect(addr).await;
+    late.expect("421 4.3.2 mx.example.test Service moving")
+        .await;
+    assert!(late.closed().await);
+    // The open transaction completes and the message is kept.
+    open.send("RCPT TO:<b@far.test>\r\nDATA\r\n").await;
+    open.expect("250 2.1.5").await;
+    open.expect("354").await;
+    open.send(MESSAGE).await;
+    open.expect("250").await;
+    assert_eq!(memory.messages.lock().expect("lock").len(), 1);
+    // Then the rest are told to go.
+    cancel.cancel();
+    open.expect("421 4.3.2").await;
+    task.await.expect("serve");
+    tracker.close();
+    tracker.wait().await;
+}

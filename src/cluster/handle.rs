@@ -1,0 +1,125 @@
+//! What the group code needs of the cluster: this node, the replicated
+//! state, the voters, and calls to any member (answered locally when the
+//! member is this node), each with a deadline.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::Raft;
+use tokio::sync::watch;
+
+use super::group_rpc::{GroupReply, GroupRequest, GroupService};
+use super::identity::Identity;
+use super::link::LinkConfig;
+use super::peer::PeerClient;
+use super::rpc::{Reply, Request};
+use super::store::ClusterView;
+use super::types::{NodeId, TypeConfig};
+
+/// A cheap-to-clone handle on the running cluster side.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    /// This node.
+    pub me: Identity,
+    /// The raft handle (metrics: leader, voters).
+    pub raft: Raft<TypeConfig>,
+    /// The replicated state as applied here.
+    pub view: watch::Receiver<ClusterView>,
+    link: LinkConfig,
+    local: Arc<GroupService>,
+    clients: Arc<Mutex<HashMap<NodeId, (SocketAddr, PeerClient)>>>,
+}
+
+impl ClusterHandle {
+    /// A handle over these parts.
+    pub fn new(
+        me: Identity,
+        raft: Raft<TypeConfig>,
+        view: watch::Receiver<ClusterView>,
+        link: LinkConfig,
+        local: Arc<GroupService>,
+    ) -> ClusterHandle {
+        ClusterHandle {
+            me,
+            raft,
+            view,
+            link,
+            local,
+            clients: Arc::default(),
+        }
+    }
+
+    /// Every voter configuration in force (two during a membership change).
+    pub fn voter_configs(&self) -> Vec<BTreeSet<NodeId>> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config
+            .membership()
+            .get_joint_config()
+            .iter()
+            .map(|c| c.iter().copied().collect())
+            .collect()
+    }
+
+    /// The leader, if known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// True while this node leads.
+    pub fn leads(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(m.id)
+    }
+
+    /// Make a group call on member `id`, bounded by `timeout`.
+    pub async fn call(
+        &self,
+        id: NodeId,
+        req: GroupRequest,
+        timeout: Duration,
+    ) -> Result<GroupReply, String> {
+        if id == self.me.incarnation {
+            return Ok(self.local.handle(&self.me, req).await);
+        }
+        let client = self.client(id)?;
+        match client.call(Request::Group(req), timeout).await {
+            Ok(Reply::Group(r)) => Ok(r),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Make a group call on the leader.
+    pub async fn to_leader(
+        &self,
+        req: GroupRequest,
+        timeout: Duration,
+    ) -> Result<GroupReply, String> {
+        let leader = self.leader().ok_or("no leader known")?;
+        self.call(leader, req, timeout).await
+    }
+
+    /// One reusable client per member; a new one when its address changes.
+    fn client(&self, id: NodeId) -> Result<PeerClient, String> {
+        let m = self.raft.metrics().borrow().clone();
+        let addr: SocketAddr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .ok_or_else(|| format!("{id:x} is not a member"))?
+            .addr
+            .parse()
+            .map_err(|e| format!("address of {id:x}: {e}"))?;
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        match clients.get(&id) {
+            Some((a, c)) if *a == addr => Ok(c.clone()),
+            _ => {
+                let c = PeerClient::new(addr, self.link.clone(), Some(id));
+                clients.insert(id, (addr, c.clone()));
+                Ok(c)
+            }
+        }
+    }
+}

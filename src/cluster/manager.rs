@@ -1,0 +1,214 @@
+//! The leader's group manager: every tick, while this node leads, it asks
+//! [`placement::decide`] about each configured group and carries the
+//! answer out — assigning the next epoch, revoking the current one, or
+//! asking the voters how long their grants for a revoked epoch may last
+//! and waiting until they have certainly run out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::detector::now_ms;
+use super::group_rpc::{GroupReply, GroupRequest};
+use super::groups::GroupCommand;
+use super::handle::ClusterHandle;
+use super::lease;
+use super::placement::{decide, Decision, Policy};
+use super::types::{Command, NodeId, Response};
+
+/// A group as the leader needs to know it.
+#[derive(Debug, Clone)]
+pub struct GroupPolicy {
+    /// Its name.
+    pub name: String,
+    /// Preferred node names, in order.
+    pub preferred: Vec<String>,
+    /// Move back to a more preferred node.
+    pub failback: bool,
+    /// Its lease length (sets the clock margin).
+    pub lease: Duration,
+}
+
+/// Answers about one revoked epoch: per voter, the latest instant its
+/// grants may last.
+#[derive(Default)]
+struct Revocation {
+    epoch: u64,
+    answers: BTreeMap<NodeId, Instant>,
+    asking: bool,
+}
+
+type Revocations = Arc<Mutex<HashMap<String, Revocation>>>;
+
+/// Run until `cancel`: every `period`, while leading, manage `groups`.
+pub async fn run(
+    cluster: ClusterHandle,
+    groups: Vec<GroupPolicy>,
+    period: Duration,
+    cancel: CancellationToken,
+) {
+    let revocations: Revocations = Arc::default();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !cluster.leads() {
+            // A new leader asks afresh: answers are only good for who asked.
+            lock(&revocations).clear();
+            continue;
+        }
+        for p in &groups {
+            manage(&cluster, p, &revocations, period).await;
+        }
+    }
+}
+
+fn lock(r: &Revocations) -> std::sync::MutexGuard<'_, HashMap<String, Revocation>> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Room for clocks that run at slightly different rates.
+fn margin(lease: Duration) -> Duration {
+    Duration::from_millis(25) + lease / 50
+}
+
+async fn manage(
+    cluster: &ClusterHandle,
+    p: &GroupPolicy,
+    revocations: &Revocations,
+    period: Duration,
+) {
+    let state = cluster.view.borrow().state.clone();
+    let epoch = state.groups.get(&p.name).map_or(0, |g| g.epoch);
+    let free = {
+        let r = lock(revocations);
+        r.get(&p.name)
+            .filter(|r| r.epoch == epoch)
+            .is_some_and(|r| {
+                lease::free_at(&cluster.voter_configs(), &r.answers, margin(p.lease))
+                    .is_some_and(|at| Instant::now() >= at)
+            })
+    };
+    let policy = Policy {
+        name: &p.name,
+        preferred: &p.preferred,
+        failback: p.failback,
+    };
+    let cmd = match decide(policy, &state, free) {
+        Decision::Keep => return,
+        Decision::AwaitGrants => {
+            ask(cluster, &p.name, epoch, revocations, period);
+            return;
+        }
+        Decision::Assign { owner, reason } => GroupCommand::Assign {
+            group: p.name.clone(),
+            epoch: epoch + 1,
+            owner: Some(owner),
+            reason,
+            at_ms: now_ms(),
+        },
+        Decision::Revoke { reason } => GroupCommand::Revoke {
+            group: p.name.clone(),
+            epoch,
+            reason,
+            at_ms: now_ms(),
+        },
+    };
+    let what = format!("{cmd:?}");
+    match cluster.raft.client_write(Command::Group(cmd)).await {
+        Ok(r) if r.data == Response::Done => {
+            let g = cluster.view.borrow().state.groups.get(&p.name).cloned();
+            if let Some(g) = g {
+                tracing::info!(
+                    group = %p.name,
+                    epoch = g.epoch,
+                    owner = ?g.owner.map(|o| format!("{o:x}")),
+                    revoked = g.revoked,
+                    reason = %g.reason,
+                    "group changed"
+                );
+            }
+        }
+        Ok(r) => {
+            tracing::debug!(group = %p.name, result = ?r.data, %what, "group change not applied")
+        }
+        Err(e) => tracing::debug!(group = %p.name, error = %e, "group change not written"),
+    }
+}
+
+/// Ask every voter, in the background, how long its grants for the
+/// revoked `epoch` may last; one round at a time per group.
+fn ask(
+    cluster: &ClusterHandle,
+    group: &str,
+    epoch: u64,
+    revocations: &Revocations,
+    period: Duration,
+) {
+    {
+        let mut r = lock(revocations);
+        let rev = r.entry(group.to_string()).or_default();
+        if rev.epoch != epoch {
+            *rev = Revocation {
+                epoch,
+                ..Revocation::default()
+            };
+        }
+        if rev.asking {
+            return;
+        }
+        rev.asking = true;
+    }
+    let voters: Vec<NodeId> = cluster.voter_configs().into_iter().flatten().collect();
+    let (cluster, group, revocations) = (cluster.clone(), group.to_string(), revocations.clone());
+    tokio::spawn(async move {
+        let asks = voters.iter().map(|&v| {
+            let req = GroupRequest::Outstanding {
+                group: group.clone(),
+                epoch,
+            };
+            let cluster = cluster.clone();
+            async move { (v, cluster.call(v, req, period).await) }
+        });
+        let answers = futures_join_all(asks).await;
+        let mut r = lock(&revocations);
+        let Some(rev) = r.get_mut(&group).filter(|r| r.epoch == epoch) else {
+            return;
+        };
+        rev.asking = false;
+        let now = Instant::now();
+        for (voter, answer) in answers {
+            if let Ok(GroupReply::Outstanding {
+                remaining_ms: Some(ms),
+            }) = answer
+            {
+                // Measured from when the answer arrived: the grants end no
+                // later than that plus what the voter said remained.
+                let end = now + Duration::from_millis(ms);
+                rev.answers.entry(voter).or_insert(end);
+            }
+        }
+    });
+}
+
+/// Await all futures concurrently (a tiny join_all, to avoid a dependency).
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
