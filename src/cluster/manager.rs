@@ -168,15 +168,16 @@ fn ask(
     let voters: Vec<NodeId> = cluster.voter_configs().into_iter().flatten().collect();
     let (cluster, group, revocations) = (cluster.clone(), group.to_string(), revocations.clone());
     tokio::spawn(async move {
-        let asks = voters.iter().map(|&v| {
+        let mut asks = tokio::task::JoinSet::new();
+        for v in voters {
             let req = GroupRequest::Outstanding {
                 group: group.clone(),
                 epoch,
             };
             let cluster = cluster.clone();
-            async move { (v, cluster.call(v, req, period).await) }
-        });
-        let answers = futures_join_all(asks).await;
+            asks.spawn(async move { (v, cluster.call(v, req, period).await) });
+        }
+        let answers = asks.join_all().await;
         let mut r = lock(&revocations);
         let Some(rev) = r.get_mut(&group).filter(|r| r.epoch == epoch) else {
             return;
@@ -195,20 +196,4 @@ fn ask(
             }
         }
     });
-}
-
-/// Await all futures concurrently (a tiny join_all, to avoid a dependency).
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
