@@ -161,6 +161,11 @@ impl Machine {
         self.phase
     }
 
+    /// Whether an operation is in flight.
+    pub fn busy(&self) -> bool {
+        self.busy.is_some()
+    }
+
     /// The epoch to keep renewing grants for, if any.
     pub fn renewing(&self) -> Option<u64> {
         let active = matches!(

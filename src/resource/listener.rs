@@ -1,0 +1,162 @@
+//! The SMTP listener on a group's VIP: bound with IP_FREEBIND and the
+//! configured backlog, serving the node's intake. A graceful stop turns
+//! new clients away with 421 and lets open sessions finish for the drain
+//! time; a hard stop answers them 421 at once. Its health check connects
+//! and expects a greeting.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{OpFuture, Resource};
+use crate::config::SmtpConfig;
+use crate::smtp::{server, Accept};
+
+/// An SMTP listener as a resource.
+#[derive(Clone)]
+pub struct SmtpListener {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: SocketAddr,
+    cfg: Arc<SmtpConfig>,
+    intake: Arc<dyn Accept>,
+    drain: Duration,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    drain: CancellationToken,
+    cancel: CancellationToken,
+    sessions: TaskTracker,
+    accept: JoinHandle<()>,
+}
+
+impl SmtpListener {
+    /// A listener on `addr` handing messages to `intake`; a graceful stop
+    /// waits up to `drain` for open sessions.
+    pub fn new(
+        addr: SocketAddr,
+        cfg: Arc<SmtpConfig>,
+        intake: Arc<dyn Accept>,
+        drain: Duration,
+    ) -> SmtpListener {
+        SmtpListener {
+            inner: Arc::new(Inner {
+                addr,
+                cfg,
+                intake,
+                drain,
+                running: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Resource for SmtpListener {
+    fn name(&self) -> String {
+        format!("smtp {}", self.inner.addr)
+    }
+
+    fn start(&self) -> OpFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            if inner.running().is_some() {
+                return Ok(());
+            }
+            let listener = server::bind(inner.addr, inner.cfg.backlog)
+                .map_err(|e| format!("cannot listen on {}: {e}", inner.addr))?;
+            let (drain, cancel, sessions) = (
+                CancellationToken::new(),
+                CancellationToken::new(),
+                TaskTracker::new(),
+            );
+            let accept = tokio::spawn(server::serve_draining(
+                listener,
+                inner.cfg.clone(),
+                inner.intake.clone(),
+                drain.clone(),
+                cancel.clone(),
+                sessions.clone(),
+            ));
+            tracing::info!(address = %inner.addr, "smtp listening on the group's VIP");
+            *inner.running() = Some(Running {
+                drain,
+                cancel,
+                sessions,
+                accept,
+            });
+            Ok(())
+        })
+    }
+
+    fn stop(&self, graceful: bool) -> OpFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let Some(r) = inner.running().take() else {
+                return Ok(());
+            };
+            r.sessions.close();
+            if graceful {
+                r.drain.cancel();
+                let _ = tokio::time::timeout(inner.drain, r.sessions.wait()).await;
+            }
+            r.cancel.cancel();
+            let _ = r.accept.await;
+            r.sessions.wait().await;
+            tracing::info!(address = %inner.addr, graceful, "smtp on the group's VIP stopped");
+            Ok(())
+        })
+    }
+
+    fn check(&self) -> OpFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let ended = inner.running().as_ref().map(|r| r.accept.is_finished());
+            match ended {
+                None => return Err("not listening".into()),
+                Some(true) => return Err("the accept loop ended".into()),
+                Some(false) => {}
+            }
+            greeting(inner.addr).await
+        })
+    }
+}
+
+/// Connect and read the greeting: 220, or 421 when every session slot is
+/// taken (the listener works; restarting it would not help).
+async fn greeting(addr: SocketAddr) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line)
+        .await
+        .map_err(|e| format!("no greeting from {addr}: {e}"))?;
+    if !(line.starts_with("220") || line.starts_with("421")) {
+        return Err(format!(
+            "unexpected greeting from {addr}: {}",
+            line.trim_end()
+        ));
+    }
+    let _ = r.get_mut().write_all(b"QUIT\r\n").await;
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "listener_tests.rs"]
+mod tests;

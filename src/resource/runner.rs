@@ -1,0 +1,323 @@
+//! The driver of one group on one node: it feeds the pure [`Machine`]
+//! with the replicated state, the lease it collects from the voters, and
+//! the outcome of resource operations, and carries out what it decides.
+//! Operations run in tasks of their own under deadlines; reports to the
+//! leader go out one at a time, in order, from a task of their own; so
+//! nothing here ever waits on a resource or on the network.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::machine::{Action, Event, Machine, Op, Settings};
+use super::{run_op, Resource};
+use crate::cluster::detector::now_ms;
+use crate::cluster::group_rpc::{GroupReply, GroupRequest};
+use crate::cluster::groups::GroupCommand;
+use crate::cluster::handle::ClusterHandle;
+use crate::cluster::lease::Holding;
+use crate::cluster::types::NodeId;
+use crate::config::GroupConfig;
+
+/// Attempts to get one report to the leader (it may be changing).
+const REPORT_TRIES: u32 = 20;
+
+/// One group on this node.
+pub struct GroupRunner {
+    cfg: GroupConfig,
+    resources: Vec<Arc<dyn Resource>>,
+    cluster: ClusterHandle,
+}
+
+impl GroupRunner {
+    /// A runner for `cfg` with its resources in start order.
+    pub fn new(
+        cfg: GroupConfig,
+        resources: Vec<Arc<dyn Resource>>,
+        cluster: ClusterHandle,
+    ) -> GroupRunner {
+        GroupRunner {
+            cfg,
+            resources,
+            cluster,
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            check_interval: self.cfg.check_interval,
+            start_timeout: self.cfg.start_timeout,
+            max_restarts: self.cfg.max_restarts,
+            restart_window: self.cfg.restart_window,
+            // Room to stop before the lease could run out: a quarter of it.
+            stop_margin: self.cfg.lease / 4,
+        }
+    }
+
+    /// This node's view of the group: (ours, epoch, live).
+    fn view(&self) -> Event {
+        let v = self.cluster.view.borrow();
+        let g = v
+            .state
+            .groups
+            .get(&self.cfg.name)
+            .cloned()
+            .unwrap_or_default();
+        Event::View {
+            ours: g.owner == Some(self.cluster.me.incarnation),
+            epoch: g.epoch,
+            live: !g.revoked && !g.released,
+        }
+    }
+
+    /// Run until `cancel`; then stop the resources gracefully and release
+    /// the group, so the leader can place it at once.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut m = Machine::new(self.settings());
+        let (done_tx, mut done) = mpsc::unbounded_channel::<(Op, Result<(), String>)>();
+        let (grant_tx, mut grants) = mpsc::unbounded_channel::<(u64, NodeId, Instant, Duration)>();
+        let (reports, reporter) = self.reporter();
+        let mut view = self.cluster.view.clone();
+        let mut holding = Holding::default();
+        let mut holding_epoch = 0;
+        let mut renew = tokio::time::interval(self.cfg.lease / 4);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = Some(self.view());
+        loop {
+            if let Some(ev) = next.take() {
+                for action in m.on(ev, Instant::now()) {
+                    self.act(action, &m, &done_tx, &reports);
+                }
+            }
+            let wake = m.next_wake();
+            next = Some(tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = view.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.view()
+                }
+                Some((op, result)) = done.recv() => Event::Done(op, result),
+                Some((epoch, voter, sent, ttl)) = grants.recv() => {
+                    if epoch == holding_epoch {
+                        holding.granted(voter, sent, ttl);
+                    }
+                    Event::Lease(holding.valid_until(&self.cluster.voter_configs()))
+                }
+                _ = renew.tick() => {
+                    if let Some(epoch) = m.renewing() {
+                        if epoch != holding_epoch {
+                            holding.clear();
+                            holding_epoch = epoch;
+                        }
+                        self.renew(epoch, &grant_tx);
+                    }
+                    Event::Lease(holding.valid_until(&self.cluster.voter_configs()))
+                }
+                _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => Event::Tick,
+            });
+        }
+        self.shut_down(m, &done_tx, &mut done, &reports).await;
+        // The last report (offline: released) should reach the leader
+        // before the node leaves, but never holds the shutdown for long.
+        drop(reports);
+        let _ = tokio::time::timeout(self.cfg.stop_timeout, reporter).await;
+    }
+
+    fn act(
+        &self,
+        action: Action,
+        m: &Machine,
+        done: &mpsc::UnboundedSender<(Op, Result<(), String>)>,
+        reports: &mpsc::UnboundedSender<GroupCommand>,
+    ) {
+        let group = &self.cfg.name;
+        let epoch = self.epoch();
+        match action {
+            Action::Start { deadline } => {
+                tracing::info!(%group, epoch, "starting the group's resources");
+                self.spawn_op(Op::Start, deadline, false, done);
+            }
+            Action::Stop { graceful } => {
+                tracing::info!(%group, epoch, graceful, phase = ?m.phase(), "stopping the group's resources");
+                let deadline = Instant::now() + self.stop_budget(graceful);
+                self.spawn_op(Op::Stop, deadline, graceful, done);
+            }
+            Action::Check => {
+                let deadline = Instant::now() + self.cfg.check_timeout;
+                self.spawn_op(Op::Check, deadline, false, done);
+            }
+            Action::Report(status, reason) => {
+                tracing::info!(%group, epoch, %status, %reason, "group status");
+                let _ = reports.send(GroupCommand::Report {
+                    group: group.clone(),
+                    epoch,
+                    node: self.cluster.me.incarnation,
+                    status,
+                    reason,
+                    at_ms: now_ms(),
+                });
+            }
+            Action::Fence(reason) => {
+                tracing::error!(%group, epoch, %reason, "fencing this node for the group");
+                let _ = reports.send(GroupCommand::Fence {
+                    group: group.clone(),
+                    node: self.cluster.me.incarnation,
+                    fenced: true,
+                    reason,
+                    at_ms: now_ms(),
+                });
+            }
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        let v = self.cluster.view.borrow();
+        v.state.groups.get(&self.cfg.name).map_or(0, |g| g.epoch)
+    }
+
+    fn stop_budget(&self, graceful: bool) -> Duration {
+        if graceful {
+            self.cfg.drain_timeout + self.cfg.stop_timeout
+        } else {
+            self.cfg.stop_timeout
+        }
+    }
+
+    /// Run `op` over every resource in a task of its own: starts in order
+    /// (the first failure ends it), stops in reverse order (all of them,
+    /// the first failure reported), checks all.
+    fn spawn_op(
+        &self,
+        op: Op,
+        deadline: Instant,
+        graceful: bool,
+        done: &mpsc::UnboundedSender<(Op, Result<(), String>)>,
+    ) {
+        let resources = self.resources.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let result = match op {
+                Op::Start => {
+                    let mut r = Ok(());
+                    for res in &resources {
+                        r = run_op(res.name(), res.start(), deadline).await;
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r
+                }
+                Op::Stop => {
+                    let mut r = Ok(());
+                    for res in resources.iter().rev() {
+                        let one = run_op(res.name(), res.stop(graceful), deadline).await;
+                        r = r.and(one);
+                    }
+                    r
+                }
+                Op::Check => {
+                    let mut r = Ok(());
+                    for res in &resources {
+                        r = r.and(run_op(res.name(), res.check(), deadline).await);
+                    }
+                    r
+                }
+            };
+            let _ = done.send((op, result));
+        });
+    }
+
+    /// Ask every voter for a grant under `epoch`; each answer comes back
+    /// on `grants` with the time the request was sent.
+    fn renew(&self, epoch: u64, grants: &mpsc::UnboundedSender<(u64, NodeId, Instant, Duration)>) {
+        let voters: std::collections::BTreeSet<NodeId> =
+            self.cluster.voter_configs().into_iter().flatten().collect();
+        for voter in voters {
+            let (cluster, grants) = (self.cluster.clone(), grants.clone());
+            let req = GroupRequest::Grant {
+                group: self.cfg.name.clone(),
+                epoch,
+                ttl_ms: self.cfg.lease.as_millis() as u64,
+            };
+            let timeout = self.cfg.lease / 4;
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                match cluster.call(voter, req, timeout).await {
+                    Ok(GroupReply::Granted { ttl_ms }) => {
+                        let _ = grants.send((epoch, voter, sent, Duration::from_millis(ttl_ms)));
+                    }
+                    Ok(other) => {
+                        tracing::debug!(voter = %format!("{voter:x}"), answer = ?other, "no grant")
+                    }
+                    Err(e) => {
+                        tracing::debug!(voter = %format!("{voter:x}"), error = %e, "no grant")
+                    }
+                }
+            });
+        }
+    }
+
+    /// A task that sends reports to the leader one at a time, in order,
+    /// retrying while the leader changes.
+    fn reporter(
+        &self,
+    ) -> (
+        mpsc::UnboundedSender<GroupCommand>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<GroupCommand>();
+        let cluster = self.cluster.clone();
+        let pause = self.cfg.lease / 4;
+        let task = tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                for _ in 0..REPORT_TRIES {
+                    let req = GroupRequest::Record(cmd.clone());
+                    match cluster.to_leader(req, pause * 4).await {
+                        Ok(GroupReply::Recorded) => break,
+                        // Another epoch by now: the report is moot.
+                        Ok(GroupReply::Refused(why)) if why.starts_with("not applied") => break,
+                        other => tracing::debug!(answer = ?other, "report not recorded yet"),
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        });
+        (tx, task)
+    }
+
+    /// At shutdown: as if the leader had revoked the group — let an
+    /// operation in flight finish, stop what runs (gracefully), report
+    /// offline (releasing it), and wait for the stop to end.
+    async fn shut_down(
+        &self,
+        mut m: Machine,
+        done_tx: &mpsc::UnboundedSender<(Op, Result<(), String>)>,
+        done: &mut mpsc::UnboundedReceiver<(Op, Result<(), String>)>,
+        reports: &mpsc::UnboundedSender<GroupCommand>,
+    ) {
+        let revoked = Event::View {
+            ours: true,
+            epoch: self.epoch(),
+            live: false,
+        };
+        let mut pending = m.on(revoked, Instant::now());
+        loop {
+            for action in pending.drain(..) {
+                self.act(action, &m, done_tx, reports);
+            }
+            if !m.busy() {
+                break;
+            }
+            match done.recv().await {
+                Some((op, r)) => pending = m.on(Event::Done(op, r), Instant::now()),
+                None => break,
+            }
+        }
+        tracing::info!(group = %self.cfg.name, phase = ?m.phase(), "group runner stopped");
+    }
+}
