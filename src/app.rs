@@ -15,6 +15,8 @@ use crate::config::{ClusterRole, Config, RouteTarget};
 use crate::delivery::{drop, Destinations, Job, JobResult};
 use crate::events;
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
+use crate::resource::setup::Groups;
+use crate::resource::source::SourceSlot;
 use crate::smtp::{server, Accept, Incoming};
 use crate::spool::{DiskSpool, Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
 
@@ -47,6 +49,7 @@ pub struct Node {
     smtp_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     cluster: Option<ClusterNode>,
+    groups: Option<Groups>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
     cancel: CancellationToken,
     /// Separate from `cancel`: the cluster side outlives SMTP at shutdown
@@ -138,7 +141,9 @@ impl Node {
             cancel.child_token(),
             tracker.clone(),
         );
+        let source = SourceSlot::default();
         let router = Arc::new(Router {
+            source: source.clone(),
             config: config.clone(),
             spool: spool.clone(),
             destinations,
@@ -162,6 +167,15 @@ impl Node {
             queue,
             ids,
             hostname: config.smtp.hostname.clone(),
+        });
+        let groups = cluster.as_ref().map(|c| {
+            crate::resource::setup::start(
+                &config,
+                c,
+                intake.clone(),
+                source,
+                cluster_cancel.clone(),
+            )
         });
         let smtp = Arc::new(config.smtp.clone());
         let mut smtp_addrs = Vec::new();
@@ -197,6 +211,7 @@ impl Node {
             smtp_addrs,
             admin_addr,
             cluster,
+            groups,
             stats,
             cancel,
             cluster_cancel,
@@ -229,6 +244,11 @@ impl Node {
     /// `grace`, then return.
     pub async fn shutdown(self, grace: Duration) {
         self.cancel.cancel();
+        // Groups first: they drain and are released while the cluster
+        // still runs, so the leader places them elsewhere at once.
+        if let Some(g) = self.groups {
+            g.stop(grace).await;
+        }
         if let Some(c) = &self.cluster {
             c.leave(grace.min(LEAVE_WITHIN)).await;
         }
@@ -315,6 +335,9 @@ impl Accept for Intake {
 
 /// Sends each job to its route's kind of delivery.
 struct Router {
+    /// Routes that name no source address leave from this one (a group's
+    /// VIP while it is online here).
+    source: SourceSlot,
     config: Arc<Config>,
     spool: Arc<dyn Spool>,
     destinations: Destinations,
@@ -329,7 +352,10 @@ impl Dispatch for Router {
             return;
         };
         match &r.target {
-            RouteTarget::Smtp(hops) => self.destinations.submit(route, hops, r.source_address, job),
+            RouteTarget::Smtp(hops) => {
+                let source = r.source_address.or_else(|| self.source.get());
+                self.destinations.submit(route, hops, source, job)
+            }
             RouteTarget::DropDir(dir) => {
                 let dir = dir.clone();
                 let spool = self.spool.clone();

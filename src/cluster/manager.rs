@@ -63,6 +63,24 @@ pub async fn run(
             lock(&revocations).clear();
             continue;
         }
+        // Until every member has its record (the failure detector writes
+        // the bootstrapper's on its first round), a placement would pass
+        // over a node that is there.
+        let members: Vec<NodeId> = {
+            let m = cluster.raft.metrics().borrow().clone();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let recorded = {
+            let v = cluster.view.borrow();
+            members.iter().all(|id| v.state.members.contains_key(id))
+        };
+        if !recorded {
+            continue;
+        }
         for p in &groups {
             manage(&cluster, p, &revocations, period).await;
         }

@@ -33,6 +33,7 @@ fn a_group_with_defaults() {
     assert_eq!(g.lease, Duration::from_millis(600));
     assert_eq!(g.max_restarts, 3);
     assert!(g.preferred_nodes.is_empty());
+    assert!(c.smtp.listen.is_empty(), "SMTP is served on the VIP");
 }
 
 #[test]

@@ -119,15 +119,22 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         data_dir: PathBuf::new(),
     });
 
-    let mut accept = Vec::new();
-    let smtp = optional(ctx, &mut root, "smtp");
-    let smtp = read_smtp(ctx, smtp, &mut accept);
-    let delivery = optional(ctx, &mut root, "delivery");
-    let delivery = read_delivery(ctx, delivery);
     let cluster = root
         .take("cluster")
         .and_then(|n| ctx.table(&n))
         .map(|f| super::cluster::read_cluster(ctx, f));
+    let groups = super::group::read_groups(ctx, &mut root, cluster.is_some());
+    let mut cluster = cluster;
+    if let Some(c) = cluster.as_mut() {
+        c.max_group_lease = groups.iter().map(|g| g.lease).max().unwrap_or_default();
+    }
+    let mut accept = Vec::new();
+    let smtp = optional(ctx, &mut root, "smtp");
+    // With groups, SMTP is served on their VIPs: no node address unless
+    // one is configured.
+    let smtp = read_smtp(ctx, smtp, &mut accept, groups.is_empty());
+    let delivery = optional(ctx, &mut root, "delivery");
+    let delivery = read_delivery(ctx, delivery);
     // A witness only votes: it relays nothing, so it needs no route.
     let witness = cluster
         .as_ref()
@@ -140,11 +147,6 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         .take("admin")
         .and_then(|n| ctx.table(&n))
         .map(|f| read_admin(ctx, f));
-    let groups = super::group::read_groups(ctx, &mut root, cluster.is_some());
-    let mut cluster = cluster;
-    if let Some(c) = cluster.as_mut() {
-        c.max_group_lease = groups.iter().map(|g| g.lease).max().unwrap_or_default();
-    }
     root.finish(ctx);
 
     Config {
@@ -210,7 +212,12 @@ struct Placed {
     path: String,
 }
 
-fn read_smtp(ctx: &mut Ctx<'_>, mut f: Fields<'_>, accept: &mut Vec<Placed>) -> SmtpConfig {
+fn read_smtp(
+    ctx: &mut Ctx<'_>,
+    mut f: Fields<'_>,
+    accept: &mut Vec<Placed>,
+    default_listen: bool,
+) -> SmtpConfig {
     let listen = f
         .take("listen")
         .and_then(|n| {
@@ -218,7 +225,13 @@ fn read_smtp(ctx: &mut Ctx<'_>, mut f: Fields<'_>, accept: &mut Vec<Placed>) -> 
             // Port 0 (any free port) is allowed for listening: tests use it.
             ctx.list(&n, what, true, |ctx, e| ctx.socket_addr(e, true))
         })
-        .unwrap_or_else(|| vec![([127, 0, 0, 1], 2525).into()]);
+        .unwrap_or_else(|| {
+            if default_listen {
+                vec![([127, 0, 0, 1], 2525).into()]
+            } else {
+                Vec::new()
+            }
+        });
     let hostname = f
         .take("hostname")
         .and_then(|n| domain(ctx, &n, "a domain name like \"mx.example.test\""))

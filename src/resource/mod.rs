@@ -7,6 +7,7 @@
 pub mod listener;
 pub mod machine;
 pub mod runner;
+pub mod setup;
 pub mod source;
 pub mod vip;
 

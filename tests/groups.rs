@@ -1,0 +1,196 @@
+//! A resource group with a loopback VIP on three real `mtad` processes:
+//! the group is placed on its preferred node, serves SMTP on the VIP, and
+//! when its owner is killed with SIGKILL another node serves the same
+//! address — never two at once — and mail sent before and after is
+//! delivered.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::client::Client;
+use common::daemon::{free_port, Daemon};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn write_config(dir: &Path, i: usize, cluster: &[SocketAddr], vip: SocketAddr) -> PathBuf {
+    let name = NAMES[i];
+    let seeds: Vec<String> = cluster.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = format!(
+        r#"
+[node]
+name = "{name}"
+data_dir = "{data}"
+
+[smtp]
+hostname = "{name}.example.test"
+relay_networks = ["127.0.0.0/8"]
+
+[[route]]
+domains = ["*"]
+drop_dir = "{data}/outbox"
+
+[cluster]
+name = "groups"
+listen = "{listen}"
+seeds = [{seeds}]
+secret_file = "{key}"
+heartbeat_interval = "50ms"
+election_timeout = "300ms"
+join_backoff_min = "20ms"
+join_backoff_max = "300ms"
+
+[[group]]
+name = "mta"
+vip = "{vip_ip}"
+provider = "loopback"
+smtp_port = {vip_port}
+preferred_nodes = ["node-a", "node-b", "node-c"]
+lease = "600ms"
+check_interval = "500ms"
+check_timeout = "400ms"
+
+[log]
+format = "json"
+level = "info"
+"#,
+        data = dir.join(name).display(),
+        listen = cluster[i],
+        seeds = seeds.join(", "),
+        key = dir.join("cluster.key").display(),
+        vip_ip = vip.ip(),
+        vip_port = vip.port(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Who answers on the VIP now: the hostname in its greeting.
+async fn greeter(vip: SocketAddr) -> Option<String> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(vip))
+        .await
+        .ok()?
+        .ok()?;
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line))
+        .await
+        .ok()?
+        .ok()?;
+    // "220 node-b.example.test ESMTP ..."
+    line.starts_with("220")
+        .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
+}
+
+/// Poll the VIP until `want` greets; every greeter seen on the way is
+/// appended to `seen` (so the test can check nobody else answered).
+async fn until_greeted_by(vip: SocketAddr, want: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(who) = greeter(vip).await {
+            if seen.last() != Some(&who) {
+                seen.push(who.clone());
+            }
+            if who.starts_with(want) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{want} never answered on {vip}; seen {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn send(vip: SocketAddr, subject: &str) {
+    let mut c = Client::connect(vip).await.unwrap();
+    let body = format!("Subject: {subject}\r\n\r\nbody\r\n");
+    let reply = c
+        .send("a@example.test", &["b@dest.example"], &body)
+        .await
+        .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+/// Wait until a delivered file in `outbox` contains `subject`.
+async fn delivered(outbox: &Path, subject: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(entries) = std::fs::read_dir(outbox) {
+            for e in entries.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                if text.contains(subject) {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{subject} never reached {}",
+            outbox.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        "group test secret, long enough",
+    )
+    .unwrap();
+    let cluster: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    // A loopback VIP: every 127/8 address is local, so it needs no setup.
+    let vip_ip = "127.0.0.100";
+    let vip: SocketAddr = std::net::TcpListener::bind((vip_ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| write_config(dir.path(), i, &cluster, vip))
+        .collect();
+    let mut nodes = Vec::new();
+    for c in &configs {
+        nodes.push(Daemon::start(c).await);
+    }
+    let mut seen = Vec::new();
+    until_greeted_by(vip, "node-a", &mut seen).await;
+    send(vip, "before the failover").await;
+    delivered(&dir.path().join("node-a/outbox"), "before the failover").await;
+
+    // SIGKILL the owner: node-b, next in preference, takes the VIP over.
+    nodes[0].child.start_kill().unwrap();
+    nodes[0].child.wait().await.unwrap();
+    until_greeted_by(vip, "node-b", &mut seen).await;
+    send(vip, "after the failover").await;
+    delivered(&dir.path().join("node-b/outbox"), "after the failover").await;
+
+    // node-a returns: no failback by default, the VIP stays on node-b.
+    nodes[0] = Daemon::start(&configs[0]).await;
+    nodes[0]
+        .wait_line(|l| l.contains("joined the cluster"))
+        .await;
+    for _ in 0..10 {
+        let who = greeter(vip).await;
+        assert_eq!(who.as_deref(), Some("node-b.example.test"));
+    }
+    assert_eq!(
+        seen,
+        ["node-a.example.test", "node-b.example.test"],
+        "one owner at a time, in order"
+    );
+    for mut n in nodes {
+        let _ = n.child.start_kill();
+        let _ = n.child.wait().await;
+    }
+}
