@@ -199,9 +199,9 @@ impl Node {
                 started: std::time::Instant::now(),
                 stats: stats.clone(),
                 cluster: cluster.as_ref().map(|c| crate::admin::ClusterReadout {
-                    raft: c.raft.clone(),
-                    view: c.view.clone(),
+                    handle: c.handle.clone(),
                     problem: c.problem.clone(),
+                    groups: config.groups.iter().map(|g| g.name.clone()).collect(),
                 }),
             };
             tracing::info!(address = ?admin_addr, "admin API listening");

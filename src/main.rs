@@ -65,6 +65,15 @@ enum CtlCommand {
         /// The member's name.
         name: String,
     },
+    /// Resource groups: owner, epoch, status and the last transition.
+    Groups,
+    /// Move a group to a node gracefully (drain, stop, start there).
+    Move {
+        /// The group.
+        group: String,
+        /// The node's name.
+        node: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -109,6 +118,8 @@ fn main() -> ExitCode {
                 CtlCommand::Status => mtad::admin::client::Command::Status,
                 CtlCommand::Nodes => mtad::admin::client::Command::Nodes,
                 CtlCommand::Evict { name } => mtad::admin::client::Command::Evict(name),
+                CtlCommand::Groups => mtad::admin::client::Command::Groups,
+                CtlCommand::Move { group, node } => mtad::admin::client::Command::Move(group, node),
             };
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

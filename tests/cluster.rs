@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use common::daemon::{free_port, Daemon};
+use common::daemon::{ctl, ctl_output, free_port, Daemon};
 
 /// Write node `name`'s config: SMTP on a free loopback port.
 fn write_config(
@@ -234,27 +234,6 @@ async fn sigterm_leaves_gracefully_and_a_restart_is_up_again() {
         let _ = n.child.start_kill();
         n.child.wait().await.unwrap();
     }
-}
-
-/// Run `mtad ctl --admin http://ADDR ARGS…`; (success, stdout + stderr).
-async fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String) {
-    let out = ctl_output(admin, args).await;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-async fn ctl_output(admin: SocketAddr, args: &[&str]) -> std::process::Output {
-    let url = format!("http://{admin}");
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
-        .args(["ctl", "--admin", &url])
-        .args(args)
-        .output()
-        .await
-        .unwrap()
 }
 
 /// `ctl nodes` once it shows what `want` accepts (another process: poll).

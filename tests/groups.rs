@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::client::Client;
-use common::daemon::{free_port, Daemon};
+use common::daemon::{ctl, free_port, Daemon};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -19,7 +19,13 @@ use tokio::time::Instant;
 const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn write_config(dir: &Path, i: usize, cluster: &[SocketAddr], vip: SocketAddr) -> PathBuf {
+fn write_config(
+    dir: &Path,
+    i: usize,
+    cluster: &[SocketAddr],
+    admin: &[SocketAddr],
+    vip: SocketAddr,
+) -> PathBuf {
     let name = NAMES[i];
     let seeds: Vec<String> = cluster.iter().map(|s| format!("\"{s}\"")).collect();
     let text = format!(
@@ -56,10 +62,14 @@ lease = "600ms"
 check_interval = "500ms"
 check_timeout = "400ms"
 
+[admin]
+listen = "{admin}"
+
 [log]
 format = "json"
 level = "info"
 "#,
+        admin = admin[i],
         data = dir.join(name).display(),
         listen = cluster[i],
         seeds = seeds.join(", "),
@@ -150,6 +160,7 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     )
     .unwrap();
     let cluster: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let admin: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
     // A loopback VIP: every 127/8 address is local, so it needs no setup.
     let vip_ip = "127.0.0.100";
     let vip: SocketAddr = std::net::TcpListener::bind((vip_ip, 0))
@@ -157,7 +168,7 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
         .local_addr()
         .unwrap();
     let configs: Vec<PathBuf> = (0..3)
-        .map(|i| write_config(dir.path(), i, &cluster, vip))
+        .map(|i| write_config(dir.path(), i, &cluster, &admin, vip))
         .collect();
     let mut nodes = Vec::new();
     for c in &configs {
@@ -184,13 +195,39 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
         let who = greeter(vip).await;
         assert_eq!(who.as_deref(), Some("node-b.example.test"));
     }
+    // ctl shows where it is and why, from any node.
+    let rows = groups_json(admin[2]).await;
+    let g = &rows[0];
+    assert_eq!(
+        (g["name"].as_str(), g["owner"].as_str()),
+        (Some("mta"), Some("node-b"))
+    );
+    assert_eq!(g["status"], "online");
+    assert!(g["epoch"].as_u64().unwrap() >= 2, "{g}");
+
+    // An operator moves it to node-c: drained on node-b, started there.
+    let (ok, text) = ctl(admin[0], &["move", "mta", "node-c"]).await;
+    assert!(ok, "{text}");
+    until_greeted_by(vip, "node-c", &mut seen).await;
+    send(vip, "after the move").await;
+    delivered(&dir.path().join("node-c/outbox"), "after the move").await;
     assert_eq!(
         seen,
-        ["node-a.example.test", "node-b.example.test"],
+        [
+            "node-a.example.test",
+            "node-b.example.test",
+            "node-c.example.test"
+        ],
         "one owner at a time, in order"
     );
     for mut n in nodes {
         let _ = n.child.start_kill();
         let _ = n.child.wait().await;
     }
+}
+
+async fn groups_json(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let (ok, text) = ctl(admin, &["groups", "--json"]).await;
+    assert!(ok, "{text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{NodeRow, Problem, Status};
+use super::{GroupRow, NodeRow, Problem, Status};
 
 /// Deadline for one ctl request, connect to last byte.
 pub const DEADLINE: Duration = Duration::from_secs(5);
@@ -20,6 +20,10 @@ pub enum Command {
     Nodes,
     /// Remove a dead member.
     Evict(String),
+    /// Resource groups.
+    Groups,
+    /// Move a group to a node: (group, node).
+    Move(String, String),
 }
 
 /// A successful answer: what to print, and a warning when the node
@@ -39,6 +43,8 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
         Command::Status => ("GET", "/v1/status".to_string()),
         Command::Nodes => ("GET", "/v1/nodes".to_string()),
         Command::Evict(name) => ("POST", format!("/v1/nodes/{name}/evict")),
+        Command::Groups => ("GET", "/v1/groups".to_string()),
+        Command::Move(group, node) => ("POST", format!("/v1/groups/{group}/move/{node}")),
     };
     let (code, body) = request(base, method, &path).await?;
     if !(200..300).contains(&code) {
@@ -63,13 +69,14 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
     let text = match (cmd, status) {
         (_, Some(s)) => {
             format!(
-                "node {}  mtad {}  up {}s\ncluster: {}{}{}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
+                "node {}  mtad {}  up {}s\ncluster: {}{}{}\ngroups owned: {}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
                 s.node,
                 s.version,
                 s.uptime_s,
                 s.cluster_role,
                 s.leader.map(|l| format!(" (leader {l})")).unwrap_or_default(),
                 s.cluster_problem.map(|p| format!(" — not joined: {p}")).unwrap_or_default(),
+                if s.groups.is_empty() { "none".to_string() } else { s.groups.join(", ") },
                 s.queued,
                 s.delivered,
                 s.deferred,
@@ -82,9 +89,42 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
             table(&rows)
         }
         (Command::Evict(name), _) => format!("{name} evicted\n"),
+        (Command::Groups, _) => {
+            let rows: Vec<GroupRow> = serde_json::from_str(&body).map_err(parse_err)?;
+            group_table(&rows)
+        }
+        (Command::Move(group, node), _) => {
+            format!("{group} moving to {node}: it drains, stops and starts there\n")
+        }
         (Command::Status, None) => unreachable!("a status answer is parsed above"),
     };
     Ok(Output { text, warning })
+}
+
+fn group_table(rows: &[GroupRow]) -> String {
+    let mut out = format!(
+        "{:<16} {:<16} {:<6} {:<9} {:<9} {}\n",
+        "GROUP", "OWNER", "EPOCH", "STATUS", "PHASE", "LAST TRANSITION"
+    );
+    for r in rows {
+        let mut last = r.reason.clone();
+        if let Some(t) = &r.move_to {
+            last.push_str(&format!(" (moving to {t})"));
+        }
+        if !r.fenced.is_empty() {
+            last.push_str(&format!(" (fenced: {})", r.fenced.join(", ")));
+        }
+        out.push_str(&format!(
+            "{:<16} {:<16} {:<6} {:<9} {:<9} {}\n",
+            r.name,
+            r.owner.as_deref().unwrap_or("-"),
+            r.epoch,
+            r.status,
+            r.phase,
+            last
+        ));
+    }
+    out
 }
 
 fn table(rows: &[NodeRow]) -> String {

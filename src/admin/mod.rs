@@ -4,6 +4,9 @@
 //! a deadline and answers 504 when it passes.
 
 pub mod client;
+mod groups;
+
+pub use groups::GroupRow;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,14 +16,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use openraft::Raft;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::store::ClusterView;
-use crate::cluster::{NodeState, TypeConfig};
+use crate::cluster::handle::ClusterHandle;
+use crate::cluster::placement;
+use crate::cluster::NodeState;
 use crate::queue::Stats;
 
 /// Longest an admin action may take before it answers 504.
@@ -42,12 +45,12 @@ pub struct AdminState {
 /// What the API reads of the cluster side.
 #[derive(Clone)]
 pub struct ClusterReadout {
-    /// The raft handle (metrics; evict).
-    pub raft: Raft<TypeConfig>,
-    /// The replicated state as applied on this node.
-    pub view: watch::Receiver<ClusterView>,
+    /// Raft metrics, the applied state, calls to the leader.
+    pub handle: ClusterHandle,
     /// Why this node is not (yet) in its cluster; None once it is.
     pub problem: watch::Receiver<Option<String>>,
+    /// The groups this node's configuration defines.
+    pub groups: Vec<String>,
 }
 
 /// `GET /v1/status`.
@@ -77,6 +80,9 @@ pub struct Status {
     /// why); absent when it is, or runs alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_problem: Option<String>,
+    /// Groups this node owns now.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// One row of `GET /v1/nodes`.
@@ -124,6 +130,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}/evict", post(evict))
+        .route("/v1/groups", get(groups::list))
+        .route("/v1/groups/{name}/move/{node}", post(groups::move_to))
         .with_state(Arc::new(state));
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
@@ -136,15 +144,17 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
 
 async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
     let q = *s.stats.borrow();
+    let mut owned = Vec::new();
     let (cluster_role, leader, cluster_problem) = match &s.cluster {
         None => ("single".to_string(), None, None),
         Some(c) => {
-            let m = c.raft.metrics().borrow().clone();
-            let leader = m.current_leader.and_then(|id| {
-                let v = c.view.borrow();
-                v.state.members.get(&id).map(|ms| ms.member.name.clone())
-            });
+            let m = c.handle.raft.metrics().borrow().clone();
+            let v = c.handle.view.borrow();
+            let leader = m
+                .current_leader
+                .and_then(|id| v.state.members.get(&id).map(|ms| ms.member.name.clone()));
             let problem = c.problem.borrow().clone();
+            owned = placement::owned(&v.state).remove(&m.id).unwrap_or_default();
             (format!("{:?}", m.state).to_lowercase(), leader, problem)
         }
     };
@@ -160,13 +170,15 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         cluster_role,
         leader,
         cluster_problem,
+        groups: owned,
     })
 }
 
 async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
-    let Some(ClusterReadout { raft, view, .. }) = &s.cluster else {
+    let Some(ClusterReadout { handle, .. }) = &s.cluster else {
         return problem(StatusCode::NOT_FOUND, "this node runs alone: no cluster");
     };
+    let (raft, view) = (&handle.raft, &handle.view);
     let m = raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -199,9 +211,10 @@ async fn evict(
     State(s): State<Arc<AdminState>>,
     Path(name): Path<String>,
 ) -> Answer<serde_json::Value> {
-    let Some(ClusterReadout { raft, .. }) = &s.cluster else {
+    let Some(ClusterReadout { handle, .. }) = &s.cluster else {
         return problem(StatusCode::NOT_FOUND, "this node runs alone: no cluster");
     };
+    let raft = &handle.raft;
     let m = raft.metrics().borrow().clone();
     if m.current_leader != Some(m.id) {
         return problem(

@@ -137,15 +137,18 @@ impl GroupService {
     }
 
     async fn record(&self, from: &Identity, cmd: GroupCommand) -> GroupReply {
-        let about_self = match &cmd {
+        // Reports and fences speak for the node that sends them; a move is
+        // an operator's request through any node's admin API.
+        let allowed = match &cmd {
             GroupCommand::Report { node, .. } | GroupCommand::Fence { node, .. } => {
                 *node == from.incarnation
             }
-            _ => false,
+            GroupCommand::Move { .. } => true,
+            GroupCommand::Assign { .. } | GroupCommand::Revoke { .. } => false,
         };
-        if !about_self {
+        if !allowed {
             return GroupReply::Refused(
-                "a node records only reports and fences about itself".into(),
+                "a node records only moves, and reports and fences about itself".into(),
             );
         }
         let m = self.raft.metrics().borrow().clone();

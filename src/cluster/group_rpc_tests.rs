@@ -99,13 +99,21 @@ async fn the_leader_records_reports_only_about_the_caller() {
         view.borrow().state.groups["mta"].status,
         GroupStatus::Online
     );
-    let move_req = GroupRequest::Record(GroupCommand::Move {
+    let revoke = GroupRequest::Record(GroupCommand::Revoke {
         group: "mta".into(),
-        to: Some(7),
+        epoch: 1,
+        reason: "forged".into(),
         at_ms: 4,
     });
-    let refused = svc.handle(&ident(7), move_req).await;
+    let refused = svc.handle(&ident(7), revoke).await;
     assert!(matches!(refused, GroupReply::Refused(_)), "{refused:?}");
+    let move_req = GroupRequest::Record(GroupCommand::Move {
+        group: "mta".into(),
+        to: Some(8),
+        at_ms: 5,
+    });
+    assert_eq!(svc.handle(&ident(9), move_req).await, GroupReply::Recorded);
+    assert_eq!(view.borrow().state.groups["mta"].move_to, Some(8));
     raft.shutdown().await.unwrap();
 }
 

@@ -70,3 +70,25 @@ impl Daemon {
             .expect("log line in time")
     }
 }
+
+/// Run `mtad ctl --admin http://ADDR ARGS…` and return its output.
+pub async fn ctl_output(admin: SocketAddr, args: &[&str]) -> std::process::Output {
+    let url = format!("http://{admin}");
+    Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["ctl", "--admin", &url])
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// Run `mtad ctl`; (success, stdout + stderr).
+pub async fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = ctl_output(admin, args).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
