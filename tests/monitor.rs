@@ -1,0 +1,272 @@
+//! The resource monitor never hangs the node: while a resource operation
+//! hangs, `ctl status`, `ctl groups` and `ctl nodes` still answer; an
+//! operation that hangs past its deadline, or panics, is a failure, and
+//! the group fails over to a node whose resources work.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mtad::admin::client::{self, Command};
+use mtad::admin::{AdminState, ClusterReadout};
+use mtad::cluster::manager::{self, GroupPolicy};
+use mtad::cluster::node::ClusterNode;
+use mtad::config::{ClusterConfig, ClusterRole, GroupConfig, VipProvider};
+use mtad::resource::runner::GroupRunner;
+use mtad::resource::{OpFuture, Resource};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// How a test resource behaves on its checks.
+#[derive(Clone, Copy, PartialEq)]
+enum Check {
+    Healthy,
+    /// Hang until the test opens the gate.
+    HangOnGate,
+    /// Hang for ever (the monitor's deadline must end it).
+    HangForever,
+    Panic,
+}
+
+struct TestResource {
+    check: Check,
+    gate: Arc<Notify>,
+    hanging: Arc<Notify>,
+    started: Arc<AtomicBool>,
+}
+
+impl Resource for TestResource {
+    fn name(&self) -> String {
+        "test resource".into()
+    }
+
+    fn start(&self) -> OpFuture {
+        self.started.store(true, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn stop(&self, _graceful: bool) -> OpFuture {
+        self.started.store(false, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn check(&self) -> OpFuture {
+        let (gate, hanging) = (self.gate.clone(), self.hanging.clone());
+        match self.check {
+            Check::Healthy => Box::pin(async { Ok(()) }),
+            Check::HangOnGate => Box::pin(async move {
+                hanging.notify_one();
+                gate.notified().await;
+                Ok(())
+            }),
+            Check::HangForever => Box::pin(async move {
+                hanging.notify_one();
+                std::future::pending().await
+            }),
+            Check::Panic => Box::pin(async { panic!("a bug in the resource") }),
+        }
+    }
+}
+
+fn free() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn group(check_timeout: Duration) -> GroupConfig {
+    GroupConfig {
+        name: "mta".into(),
+        vip: Some("127.0.0.100/32".parse().unwrap()),
+        provider: VipProvider::Loopback,
+        interface: None,
+        preferred_nodes: NAMES.iter().map(|s| s.to_string()).collect(),
+        smtp_port: 25,
+        failback: false,
+        lease: Duration::from_millis(600),
+        start_timeout: Duration::from_secs(5),
+        stop_timeout: Duration::from_secs(5),
+        check_interval: Duration::from_millis(200),
+        check_timeout,
+        max_restarts: 0,
+        restart_window: Duration::from_secs(60),
+        announce_interval: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(1),
+    }
+}
+
+struct Cluster {
+    nodes: Vec<ClusterNode>,
+    started: Vec<Arc<AtomicBool>>,
+    gate: Arc<Notify>,
+    hanging: Arc<Notify>,
+    admin: String,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    /// The group runners, stopped first (as a node does at shutdown).
+    runners: (CancellationToken, TaskTracker),
+    _dir: tempfile::TempDir,
+}
+
+/// Three nodes; node a's resource checks behave as `a_check`, the others
+/// are healthy. Node a serves the admin API.
+async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("key");
+    std::fs::write(&secret, "monitor test secret, long enough").unwrap();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free()).collect();
+    let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+    let runners = (CancellationToken::new(), TaskTracker::new());
+    let (gate, hanging) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let g = group(check_timeout);
+    let mut nodes = Vec::new();
+    let mut started = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let cfg = ClusterConfig {
+            name: "monitor".into(),
+            listen: addrs[i],
+            seeds: addrs.clone(),
+            secret_file: secret.clone(),
+            role: ClusterRole::Member,
+            max_voters: 5,
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout: Duration::from_millis(300),
+            join_backoff_min: Duration::from_millis(20),
+            join_backoff_max: Duration::from_millis(300),
+            join_timeout: Duration::from_secs(10),
+            max_group_lease: g.lease,
+        };
+        let data = dir.path().join(name);
+        let node = ClusterNode::start(&cfg, name, &data, cancel.clone(), &tracker)
+            .await
+            .unwrap();
+        let policy = GroupPolicy {
+            name: g.name.clone(),
+            preferred: g.preferred_nodes.clone(),
+            failback: false,
+            lease: g.lease,
+        };
+        tracker.spawn(manager::run(
+            node.handle.clone(),
+            vec![policy],
+            cfg.heartbeat_interval,
+            cancel.clone(),
+        ));
+        let flag = Arc::new(AtomicBool::new(false));
+        let resource = TestResource {
+            check: if i == 0 { a_check } else { Check::Healthy },
+            gate: gate.clone(),
+            hanging: hanging.clone(),
+            started: flag.clone(),
+        };
+        let runner = GroupRunner::new(g.clone(), vec![Arc::new(resource)], node.handle.clone());
+        runners.1.spawn(runner.run(runners.0.clone()));
+        started.push(flag);
+        nodes.push(node);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    let state = AdminState {
+        node: "a".into(),
+        started: std::time::Instant::now(),
+        stats: watch::channel(Default::default()).1,
+        cluster: Some(ClusterReadout {
+            handle: nodes[0].handle.clone(),
+            problem: nodes[0].problem.clone(),
+            groups: vec!["mta".into()],
+        }),
+    };
+    tracker.spawn(mtad::admin::serve(listener, state, cancel.clone()));
+    Cluster {
+        nodes,
+        started,
+        gate,
+        hanging,
+        admin,
+        cancel,
+        tracker,
+        runners,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    async fn owner_is(&self, name: &str, status: &str) {
+        let mut view = self.nodes[1].view.clone();
+        let id = self
+            .nodes
+            .iter()
+            .find(|n| n.identity.name == name)
+            .unwrap()
+            .identity
+            .incarnation;
+        let wait = view.wait_for(|v| {
+            v.state
+                .groups
+                .get("mta")
+                .is_some_and(|g| g.owner == Some(id) && g.status.to_string() == status)
+        });
+        tokio::time::timeout(common::node::PATIENCE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("mta never {status} on {name}"))
+            .unwrap();
+    }
+
+    async fn stop(self) {
+        self.runners.0.cancel();
+        self.runners.1.close();
+        self.runners.1.wait().await;
+        self.cancel.cancel();
+        for n in &self.nodes {
+            let _ = n.raft.shutdown().await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_answers_while_a_resource_operation_hangs() {
+    // The check deadline is far away: the hang lasts until the gate opens.
+    let c = cluster(Check::HangOnGate, Duration::from_secs(120)).await;
+    c.owner_is("a", "online").await;
+    c.hanging.notified().await;
+    for cmd in [Command::Status, Command::Groups, Command::Nodes] {
+        let out = client::run(&c.admin, &cmd, false).await;
+        let out = out.unwrap_or_else(|e| panic!("{cmd:?} failed while a check hangs: {e}"));
+        assert!(!out.text.is_empty());
+    }
+    let groups = client::run(&c.admin, &Command::Groups, true).await.unwrap();
+    assert!(groups.text.contains("\"online\""), "{}", groups.text);
+    // Still hanging: nothing has finished the check.
+    assert!(c.started[0].load(Ordering::SeqCst));
+    c.gate.notify_one();
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_hangs_past_its_deadline_fails_the_group_over() {
+    let c = cluster(Check::HangForever, Duration::from_millis(300)).await;
+    c.owner_is("a", "online").await;
+    c.owner_is("b", "online").await;
+    assert!(!c.started[0].load(Ordering::SeqCst), "stopped on a");
+    assert!(c.started[1].load(Ordering::SeqCst), "running on b");
+    let g = c.nodes[0].view.borrow().state.groups["mta"].clone();
+    assert!(g.epoch >= 2, "a new epoch on b: {g:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_panics_fails_the_group_over() {
+    let c = cluster(Check::Panic, Duration::from_millis(300)).await;
+    c.owner_is("b", "online").await;
+    assert!(!c.started[0].load(Ordering::SeqCst));
+    c.stop().await;
+}
