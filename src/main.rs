@@ -36,6 +36,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Remove this node's VIPs from their interfaces (systemd runs it
+    /// after the daemon exits, however it exits).
+    Release {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate a configuration file and report every error.
     CheckConfig {
         /// The configuration file.
@@ -147,6 +154,36 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
+        }
+        Command::Release { config } => {
+            let cfg = match mtad::config::load_file(&config) {
+                Ok(cfg) => cfg,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mtad: cannot start the runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            let mut code = ExitCode::SUCCESS;
+            for r in runtime.block_on(mtad::resource::setup::release_vips(&cfg)) {
+                match r {
+                    Ok(done) => println!("{done}"),
+                    Err(e) => {
+                        eprintln!("mtad release: {e}");
+                        code = ExitCode::from(EXIT_FAILURE);
+                    }
+                }
+            }
+            code
         }
         Command::Run { config } => {
             let cfg = match mtad::config::load_file(&config) {

@@ -4,8 +4,10 @@
 //! under a deadline ([`run_op`]), so a hung or panicking resource is a
 //! failure to handle, never a hang of the node or its admin interface.
 
+pub mod announce;
 pub mod listener;
 pub mod machine;
+pub mod netlink;
 pub mod runner;
 pub mod setup;
 pub mod source;

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::listener::SmtpListener;
+use super::netlink::NetlinkVip;
 use super::runner::GroupRunner;
 use super::source::{DeliverySource, SourceSlot};
 use super::vip::LoopbackVip;
@@ -23,7 +24,8 @@ use crate::smtp::Accept;
 /// The running groups of this node.
 pub struct Groups {
     cancel: CancellationToken,
-    runners: Vec<JoinHandle<()>>,
+    /// Cleans up, then runs every runner to its end.
+    task: Option<JoinHandle<()>>,
 }
 
 /// Start the manager and this node's group runners.
@@ -34,13 +36,15 @@ pub fn start(
     source: SourceSlot,
     cluster_cancel: CancellationToken,
 ) -> Groups {
-    let cancel = CancellationToken::new();
-    let mut runners = Vec::new();
+    let none = Groups {
+        cancel: CancellationToken::new(),
+        task: None,
+    };
     let Some(cc) = &config.cluster else {
-        return Groups { cancel, runners };
+        return none;
     };
     if config.groups.is_empty() {
-        return Groups { cancel, runners };
+        return none;
     }
     let policies = config
         .groups
@@ -59,16 +63,40 @@ pub fn start(
         cluster_cancel,
     ));
     if cc.role == ClusterRole::Witness {
-        return Groups { cancel, runners };
+        return none;
     }
     let smtp = Arc::new(config.smtp.clone());
+    let mut pending = Vec::new();
     for g in &config.groups {
         let Some(vip) = g.vip else { continue };
         let resources = resources(g, vip.addr(), smtp.clone(), intake.clone(), &source);
-        let runner = GroupRunner::new(g.clone(), resources, cluster.handle.clone());
-        runners.push(tokio::spawn(runner.run(cancel.child_token())));
+        pending.push(GroupRunner::new(
+            g.clone(),
+            resources,
+            cluster.handle.clone(),
+        ));
     }
-    Groups { cancel, runners }
+    let (config, stop) = (config.clone(), none.cancel.clone());
+    let task = tokio::spawn(async move {
+        // Clean up after a previous life that could not (killed, crashed)
+        // before anything starts.
+        for r in release_vips(&config).await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "cannot remove a VIP left from before");
+            }
+        }
+        let running: Vec<_> = pending
+            .into_iter()
+            .map(|r| tokio::spawn(r.run(stop.child_token())))
+            .collect();
+        for r in running {
+            let _ = r.await;
+        }
+    });
+    Groups {
+        cancel: none.cancel,
+        task: Some(task),
+    }
 }
 
 fn resources(
@@ -78,11 +106,13 @@ fn resources(
     intake: Arc<dyn Accept>,
     source: &SourceSlot,
 ) -> Vec<Arc<dyn Resource>> {
-    let address: Arc<dyn Resource> = match g.provider {
-        VipProvider::Loopback => Arc::new(LoopbackVip::new(vip)),
-        // Until the netlink provider lands, a netlink group is refused at
-        // start with a clear reason rather than silently bound.
-        VipProvider::Netlink => Arc::new(super::vip::Unsupported::new(vip, "netlink")),
+    let address: Arc<dyn Resource> = match (g.provider, g.vip) {
+        (VipProvider::Netlink, Some(net)) => Arc::new(NetlinkVip::new(
+            net,
+            g.interface.clone().unwrap_or_default(),
+            g.announce_interval,
+        )),
+        _ => Arc::new(LoopbackVip::new(vip)),
     };
     let listen = SocketAddr::new(vip, g.smtp_port);
     vec![
@@ -92,17 +122,35 @@ fn resources(
     ]
 }
 
+/// Remove this node's netlink VIPs from their interfaces. A node owns no
+/// group when it starts, nor once its process has died — systemd runs
+/// `mtad release` after the daemon exits for any reason (SIGKILL, crash,
+/// watchdog), since the kernel keeps an address its owner left behind and
+/// would go on answering ARP for it. Returns what was done, per VIP.
+pub async fn release_vips(config: &Config) -> Vec<Result<String, String>> {
+    let mut out = Vec::new();
+    for g in &config.groups {
+        let (VipProvider::Netlink, Some(net), Some(iface)) = (g.provider, g.vip, &g.interface)
+        else {
+            continue;
+        };
+        let vip = NetlinkVip::new(net, iface.clone(), g.announce_interval);
+        out.push(
+            vip.stop(false)
+                .await
+                .map(|()| format!("{net} is not on {iface}")),
+        );
+    }
+    out
+}
+
 impl Groups {
     /// Release every group (drain, stop, report offline), waiting at most
     /// `within` in all.
     pub async fn stop(self, within: Duration) {
         self.cancel.cancel();
-        let all = async {
-            for r in self.runners {
-                let _ = r.await;
-            }
-        };
-        if tokio::time::timeout(within, all).await.is_err() {
+        let Some(task) = self.task else { return };
+        if tokio::time::timeout(within, task).await.is_err() {
             tracing::warn!("groups did not stop in time");
         }
     }

@@ -51,41 +51,6 @@ impl Resource for LoopbackVip {
     }
 }
 
-/// A provider this build cannot run yet: every start fails with why.
-pub struct Unsupported {
-    addr: IpAddr,
-    provider: &'static str,
-}
-
-impl Unsupported {
-    /// The stand-in for `provider` at `addr`.
-    pub fn new(addr: IpAddr, provider: &'static str) -> Unsupported {
-        Unsupported { addr, provider }
-    }
-}
-
-impl Resource for Unsupported {
-    fn name(&self) -> String {
-        format!("vip {}", self.addr)
-    }
-
-    fn start(&self) -> OpFuture {
-        let why = format!(
-            "the {} provider is not available in this build",
-            self.provider
-        );
-        Box::pin(async move { Err(why) })
-    }
-
-    fn stop(&self, _graceful: bool) -> OpFuture {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn check(&self) -> OpFuture {
-        self.start()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,16 @@ fn drain(stdout: ChildStdout) -> mpsc::UnboundedReceiver<String> {
 impl Daemon {
     /// Start `mtad run` and wait for its "mtad ready" log line.
     pub async fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mtad"))
+        Self::start_in(&[], config).await
+    }
+
+    /// Start `mtad run` under `prefix` (e.g. `ip netns exec NS`, which
+    /// execs, so the child is mtad itself).
+    pub async fn start_in(prefix: &[String], config: &Path) -> Daemon {
+        let mut argv: Vec<String> = prefix.to_vec();
+        argv.push(env!("CARGO_BIN_EXE_mtad").into());
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
             .args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::piped())

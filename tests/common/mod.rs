@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod netns;
 pub mod node;
 pub mod peer;
 
