@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,9 @@ struct Revocation {
     epoch: u64,
     answers: BTreeMap<NodeId, Instant>,
     asking: bool,
+    /// When the last round went out: rounds are spaced, so that voters
+    /// that cannot answer yet (or at all) do not make the leader spin.
+    asked: Option<Instant>,
 }
 
 type Revocations = Arc<Mutex<HashMap<String, Revocation>>>;
@@ -51,13 +55,23 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let revocations: Revocations = Arc::default();
+    let answered = Arc::new(Notify::new());
+    let mut view = cluster.view.clone();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Besides the tick, a change of state (say, an owner published down),
+    // voters' answers, and the moment a revoked group is free all wake the
+    // manager at once: every step of a failover is on its critical path.
+    let mut due: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            changed = view.changed() => if changed.is_err() { return },
+            _ = answered.notified() => {}
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
         }
+        due = None;
         if !cluster.leads() {
             // A new leader asks afresh: answers are only good for who asked.
             lock(&revocations).clear();
@@ -82,7 +96,9 @@ pub async fn run(
             continue;
         }
         for p in &groups {
-            manage(&cluster, p, &revocations, period).await;
+            if let Some(at) = manage(&cluster, p, &revocations, &answered, period).await {
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
         }
     }
 }
@@ -96,33 +112,37 @@ fn margin(lease: Duration) -> Duration {
     Duration::from_millis(25) + lease / 50
 }
 
+/// Manage one group; returns when it wants to be looked at again (a
+/// revoked group becoming free).
 async fn manage(
     cluster: &ClusterHandle,
     p: &GroupPolicy,
     revocations: &Revocations,
+    answered: &Arc<Notify>,
     period: Duration,
-) {
+) -> Option<Instant> {
     let state = cluster.view.borrow().state.clone();
     let epoch = state.groups.get(&p.name).map_or(0, |g| g.epoch);
-    let free = {
+    let free_at = {
         let r = lock(revocations);
         r.get(&p.name)
             .filter(|r| r.epoch == epoch)
-            .is_some_and(|r| {
-                lease::free_at(&cluster.voter_configs(), &r.answers, margin(p.lease))
-                    .is_some_and(|at| Instant::now() >= at)
-            })
+            .and_then(|r| lease::free_at(&cluster.voter_configs(), &r.answers, margin(p.lease)))
     };
+    let free = free_at.is_some_and(|at| Instant::now() >= at);
     let policy = Policy {
         name: &p.name,
         preferred: &p.preferred,
         failback: p.failback,
     };
     let cmd = match decide(policy, &state, free) {
-        Decision::Keep => return,
+        Decision::Keep => return None,
         Decision::AwaitGrants => {
-            ask(cluster, &p.name, epoch, revocations, period);
-            return;
+            let next = ask(cluster, &p.name, epoch, revocations, answered, period);
+            return match (free_at, next) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         Decision::Assign { owner, reason } => GroupCommand::Assign {
             group: p.name.clone(),
@@ -158,17 +178,21 @@ async fn manage(
         }
         Err(e) => tracing::debug!(group = %p.name, error = %e, "group change not written"),
     }
+    None
 }
 
 /// Ask every voter, in the background, how long its grants for the
-/// revoked `epoch` may last; one round at a time per group.
+/// revoked `epoch` may last; one round at a time per group, spaced by a
+/// quarter period. Returns when the next round may go out, if this one
+/// could not.
 fn ask(
     cluster: &ClusterHandle,
     group: &str,
     epoch: u64,
     revocations: &Revocations,
+    answered: &Arc<Notify>,
     period: Duration,
-) {
+) -> Option<Instant> {
     {
         let mut r = lock(revocations);
         let rev = r.entry(group.to_string()).or_default();
@@ -179,12 +203,18 @@ fn ask(
             };
         }
         if rev.asking {
-            return;
+            return None;
+        }
+        let spacing = period / 4;
+        if let Some(at) = rev.asked.filter(|at| at.elapsed() < spacing) {
+            return Some(at + spacing);
         }
         rev.asking = true;
+        rev.asked = Some(Instant::now());
     }
     let voters: Vec<NodeId> = cluster.voter_configs().into_iter().flatten().collect();
     let (cluster, group, revocations) = (cluster.clone(), group.to_string(), revocations.clone());
+    let answered = answered.clone();
     tokio::spawn(async move {
         let mut asks = tokio::task::JoinSet::new();
         for v in voters {
@@ -213,5 +243,8 @@ fn ask(
                 rev.answers.entry(voter).or_insert(end);
             }
         }
+        drop(r);
+        answered.notify_one();
     });
+    None
 }

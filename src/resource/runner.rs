@@ -86,10 +86,24 @@ impl GroupRunner {
         let mut renew = tokio::time::interval(self.cfg.lease / 4);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next = Some(self.view());
+        let mut asked: Option<u64> = None;
         loop {
             if let Some(ev) = next.take() {
                 for action in m.on(ev, Instant::now()) {
                     self.act(action, &m, &done_tx, &reports);
+                }
+            }
+            // Newly ours (or a new epoch): ask the voters at once rather
+            // than at the next renewal tick — this is on the failover path.
+            if m.renewing() != asked {
+                asked = m.renewing();
+                if let Some(epoch) = asked {
+                    if epoch != holding_epoch {
+                        holding.clear();
+                        holding_epoch = epoch;
+                    }
+                    self.renew(epoch, &grant_tx);
+                    renew.reset();
                 }
             }
             let wake = m.next_wake();

@@ -1,0 +1,299 @@
+//! Failover time of a VIP group, measured from the client's side: three
+//! nodes and a client in network namespaces on one bridge (the lab of
+//! tests/netns.rs), the netlink provider, default group timings. Each run
+//! SIGKILLs the VIP's owner, runs `mtad release` for it as systemd's
+//! ExecStopPost would, and polls the VIP from the client until a new node
+//! greets with 220; then the killed node is restarted and rejoins. Mail
+//! goes through the VIP all along; at the end every acknowledged message
+//! must have reached the sink.
+//!
+//! Needs root. Run: `cargo bench --bench failover` (RUNS=n to change the
+//! count, default 20). Results go to BENCHMARKS.md.
+
+#[path = "../tests/common/client.rs"]
+#[allow(dead_code)]
+mod client;
+#[path = "../tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use netns::Lab;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const NODES: [(&str, u8); 3] = [("n1", 1), ("n2", 2), ("n3", 3)];
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const SINK: &str = "198.18.0.20:2526";
+
+fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
+    let seeds: Vec<String> = NODES
+        .iter()
+        .map(|(_, l)| format!("\"198.18.0.{l}:7400\""))
+        .collect();
+    let text = format!(
+        r#"
+[node]
+name = "{name}"
+data_dir = "{data}"
+[smtp]
+hostname = "{name}.example.test"
+relay_networks = ["198.18.0.0/15"]
+[delivery]
+retry = ["1s"]
+[[route]]
+domains = ["*"]
+next_hops = ["{SINK}"]
+[cluster]
+name = "bench"
+listen = "198.18.0.{last}:7400"
+seeds = [{seeds}]
+secret_file = "{key}"
+[[group]]
+name = "mta"
+vip = "{VIP}/24"
+provider = "netlink"
+interface = "eth0"
+[log]
+format = "json"
+level = "warn"
+"#,
+        data = dir.join(name).display(),
+        seeds = seeds.join(", "),
+        key = dir.join("cluster.key").display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(lab: &Lab, name: &str, cfg: &Path) -> Child {
+    let mut argv = lab.exec(name);
+    argv.push(env!("CARGO_BIN_EXE_mtad").into());
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(["run", "--config"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn release(lab: &Lab, name: &str, cfg: &Path) {
+    let mut argv = lab.exec(name);
+    argv.push(env!("CARGO_BIN_EXE_mtad").into());
+    let ok = Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(["release", "--config"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mtad release failed on {name}");
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Poll the VIP from inside the client namespace until a node other than
+/// `not` greets; returns it. Runs on the calling thread (in the client ns).
+async fn greeted_by_other(not: &str) -> String {
+    let vip = SocketAddr::from((VIP, 25));
+    loop {
+        let attempt = async {
+            let s = tokio::net::TcpStream::connect(vip).await.ok()?;
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).await.ok()?;
+            let _ = r.get_mut().write_all(b"QUIT\r\n").await;
+            line.starts_with("220")
+                .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
+        };
+        if let Ok(Some(who)) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
+            if !who.starts_with(not) {
+                return who;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A minimal sink counting messages by subject.
+async fn sink(got: Arc<Mutex<std::collections::BTreeSet<u64>>>) {
+    let listener = tokio::net::TcpListener::bind(SINK).await.unwrap();
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let got = got.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut r = BufReader::new(r);
+            let _ = w.write_all(b"220 sink\r\n").await;
+            let (mut line, mut in_data) = (String::new(), false);
+            while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                let reply: &[u8] = if in_data {
+                    if let Some(n) = line.strip_prefix("Subject: m") {
+                        if let Ok(n) = n.trim().parse() {
+                            got.lock().unwrap().insert(n);
+                        }
+                    }
+                    if line == ".\r\n" {
+                        in_data = false;
+                        b"250 ok\r\n"
+                    } else {
+                        b""
+                    }
+                } else if line.to_ascii_uppercase().starts_with("DATA") {
+                    in_data = true;
+                    b"354 go\r\n"
+                } else {
+                    b"250 ok\r\n"
+                };
+                if !reply.is_empty() && w.write_all(reply).await.is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        });
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let names: Vec<&str> = NODES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(["client", "sink"])
+        .collect();
+    let lab = Lab::new(&names, &[1, 2, 3, 10, 20]).expect("network namespaces (run as root)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        "failover bench secret, long enough",
+    )
+    .unwrap();
+    let got = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    {
+        let got = got.clone();
+        lab.within("sink", move || rt().block_on(sink(got)));
+    }
+    let cfgs: Vec<PathBuf> = NODES
+        .iter()
+        .map(|(n, l)| config(dir.path(), n, *l))
+        .collect();
+    let mut procs: Vec<Child> = NODES
+        .iter()
+        .zip(&cfgs)
+        .map(|((n, _), c)| start(&lab, n, c))
+        .collect();
+    let first = lab
+        .within("client", || rt().block_on(greeted_by_other("-")))
+        .join()
+        .unwrap();
+    eprintln!("VIP up on {first}");
+
+    // Mail through the VIP all along; remember what was acknowledged.
+    let (stop, acked) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let sent = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let (stop, acked, sent) = (stop.clone(), acked.clone(), sent.clone());
+        lab.within("client", move || {
+            rt().block_on(async move {
+                let vip = SocketAddr::from((VIP, 25));
+                while !stop.load(Ordering::SeqCst) {
+                    let n = sent.fetch_add(1, Ordering::SeqCst);
+                    let attempt = async {
+                        let mut c = client::Client::connect(vip).await.ok()?;
+                        let body = format!("Subject: m{n}\r\n\r\nx\r\n");
+                        c.send("a@example.test", &["b@dest.example"], &body)
+                            .await
+                            .ok()
+                    };
+                    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                        Ok(Some(r)) if r.starts_with("250") => acked.lock().unwrap().push(n),
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+        })
+    };
+
+    let mut times = Vec::new();
+    let mut owner = first;
+    for run in 0..runs {
+        let name = owner.split('.').next().unwrap().to_string();
+        let i = NODES.iter().position(|(n, _)| *n == name).unwrap();
+        let t0 = Instant::now();
+        procs[i].kill().unwrap();
+        procs[i].wait().unwrap();
+        release(&lab, &name, &cfgs[i]);
+        let next = {
+            let not = name.clone();
+            lab.within("client", move || rt().block_on(greeted_by_other(&not)))
+                .join()
+                .unwrap()
+        };
+        let took = t0.elapsed();
+        eprintln!("run {run}: {name} killed, {next} greets after {took:?}");
+        times.push(took);
+        procs[i] = start(&lab, &name, &cfgs[i]);
+        // Let it rejoin and be published up before the next kill.
+        std::thread::sleep(Duration::from_secs(3));
+        owner = next;
+    }
+    stop.store(true, Ordering::SeqCst);
+    sender.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let have = got.lock().unwrap().clone();
+        let missing: Vec<u64> = acked
+            .iter()
+            .filter(|n| !have.contains(n))
+            .copied()
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for p in &mut procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("| failovers | median | p90 | max | min |\n|---|---|---|---|---|");
+    println!(
+        "| {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
+        times.len(),
+        ms(times[times.len() / 2]),
+        ms(times[times.len() * 9 / 10]),
+        ms(*times.last().unwrap()),
+        ms(times[0])
+    );
+    println!(
+        "messages: {} sent, {} acknowledged, {} acknowledged and not delivered",
+        sent.load(Ordering::SeqCst),
+        acked.len(),
+        missing.len()
+    );
+}
