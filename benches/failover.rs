@@ -59,6 +59,8 @@ name = "mta"
 vip = "{VIP}/24"
 provider = "netlink"
 interface = "eth0"
+[admin]
+listen = "127.0.0.1:8025"
 [log]
 format = "json"
 level = "warn"
@@ -106,26 +108,42 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Poll the VIP from inside the client namespace until a node other than
-/// `not` greets; returns it. Runs on the calling thread (in the client ns).
+/// `not` greets; returns it. A connect sent while nobody holds the VIP can
+/// hang on a lost SYN, so a fresh attempt starts every 5 ms alongside the
+/// ones in flight, and the first 220 wins. Runs on the calling thread.
 async fn greeted_by_other(not: &str) -> String {
     let vip = SocketAddr::from((VIP, 25));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     loop {
-        let attempt = async {
-            let s = tokio::net::TcpStream::connect(vip).await.ok()?;
-            let mut r = BufReader::new(s);
-            let mut line = String::new();
-            r.read_line(&mut line).await.ok()?;
-            let _ = r.get_mut().write_all(b"QUIT\r\n").await;
-            line.starts_with("220")
-                .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
-        };
-        if let Ok(Some(who)) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
-            if !who.starts_with(not) {
-                return who;
+        let (tx, not) = (tx.clone(), not.to_string());
+        tokio::spawn(async move {
+            let attempt = async {
+                let s = tokio::net::TcpStream::connect(vip).await.ok()?;
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                r.read_line(&mut line).await.ok()?;
+                let _ = r.get_mut().write_all(b"QUIT\r\n").await;
+                line.starts_with("220")
+                    .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
+            };
+            if let Ok(Some(who)) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                if !who.starts_with(&not) {
+                    let _ = tx.send(who);
+                }
             }
+        });
+        tokio::select! {
+            Some(who) = rx.recv() => return who,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Whether `name` leads the cluster, per `ctl nodes` on `on`.
+fn leads(lab: &Lab, on: &str, name: &str) -> bool {
+    lab.nodes(on)
+        .iter()
+        .any(|r| r["name"] == name && r["leader"] == true)
 }
 
 /// A minimal sink counting messages by subject.
@@ -201,6 +219,7 @@ fn main() {
         .zip(&cfgs)
         .map(|((n, _), c)| start(&lab, n, c))
         .collect();
+    lab.until_voting("n1", 3);
     let first = lab
         .within("client", || rt().block_on(greeted_by_other("-")))
         .join()
@@ -236,11 +255,14 @@ fn main() {
         })
     };
 
-    let mut times = Vec::new();
+    // (took, the owner also led the cluster)
+    let mut times: Vec<(Duration, bool)> = Vec::new();
     let mut owner = first;
     for run in 0..runs {
         let name = owner.split('.').next().unwrap().to_string();
         let i = NODES.iter().position(|(n, _)| *n == name).unwrap();
+        let other = NODES.iter().find(|(n, _)| *n != name).unwrap().0;
+        let leader = leads(&lab, other, &name);
         let t0 = Instant::now();
         procs[i].kill().unwrap();
         procs[i].wait().unwrap();
@@ -252,11 +274,11 @@ fn main() {
                 .unwrap()
         };
         let took = t0.elapsed();
-        eprintln!("run {run}: {name} killed, {next} greets after {took:?}");
-        times.push(took);
+        eprintln!("run {run}: {name} (leader: {leader}) killed, {next} greets after {took:?}");
+        times.push((took, leader));
         procs[i] = start(&lab, &name, &cfgs[i]);
         // Let it rejoin and be published up before the next kill.
-        std::thread::sleep(Duration::from_secs(3));
+        lab.until_voting(next.split('.').next().unwrap(), 3);
         owner = next;
     }
     stop.store(true, Ordering::SeqCst);
@@ -279,17 +301,30 @@ fn main() {
         let _ = p.kill();
         let _ = p.wait();
     }
-    times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("| failovers | median | p90 | max | min |\n|---|---|---|---|---|");
-    println!(
-        "| {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
-        times.len(),
-        ms(times[times.len() / 2]),
-        ms(times[times.len() * 9 / 10]),
-        ms(*times.last().unwrap()),
-        ms(times[0])
-    );
+    println!("| owner killed | failovers | median | max | min |\n|---|---|---|---|---|");
+    for (label, pick) in [
+        ("any", None),
+        ("a follower", Some(false)),
+        ("the raft leader", Some(true)),
+    ] {
+        let mut v: Vec<Duration> = times
+            .iter()
+            .filter(|(_, l)| pick.is_none_or(|p| p == *l))
+            .map(|(t, _)| *t)
+            .collect();
+        if v.is_empty() {
+            continue;
+        }
+        v.sort();
+        println!(
+            "| {label} | {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            v.len(),
+            ms(v[v.len() / 2]),
+            ms(*v.last().unwrap()),
+            ms(v[0])
+        );
+    }
     println!(
         "messages: {} sent, {} acknowledged, {} acknowledged and not delivered",
         sent.load(Ordering::SeqCst),

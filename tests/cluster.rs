@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use common::daemon::{ctl, ctl_output, free_port, Daemon};
+use common::daemon::{all_voting, ctl, ctl_output, free_port, nodes_json, nodes_until, Daemon};
 
 /// Write node `name`'s config: SMTP on a free loopback port.
 fn write_config(
@@ -201,12 +201,7 @@ async fn sigterm_leaves_gracefully_and_a_restart_is_up_again() {
         admin,
         ..
     } = Three::start(dir.path()).await;
-    let voting = |rows: &[serde_json::Value]| {
-        rows.len() == 3
-            && rows
-                .iter()
-                .all(|r| r["state"] == "up" && r["vote"] == "voter")
-    };
+    let voting = |rows: &[serde_json::Value]| all_voting(rows, 3);
     nodes_until(admin[1], voting).await;
     // The leader (node-a, which bootstrapped) is stopped with SIGTERM: it
     // hands over, is published as left — not down — and exits 0.
@@ -234,29 +229,4 @@ async fn sigterm_leaves_gracefully_and_a_restart_is_up_again() {
         let _ = n.child.start_kill();
         n.child.wait().await.unwrap();
     }
-}
-
-/// `ctl nodes` once it shows what `want` accepts (another process: poll).
-async fn nodes_until(
-    admin: SocketAddr,
-    want: impl Fn(&[serde_json::Value]) -> bool,
-) -> Vec<serde_json::Value> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let rows = nodes_json(admin).await;
-        if want(&rows) {
-            return rows;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never as wanted: {rows:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
-async fn nodes_json(admin: SocketAddr) -> Vec<serde_json::Value> {
-    let (ok, text) = ctl(admin, &["nodes", "--json"]).await;
-    assert!(ok, "{text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }

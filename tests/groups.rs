@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::client::Client;
-use common::daemon::{ctl, free_port, Daemon};
+use common::daemon::{all_voting, ctl, free_port, nodes_until, Daemon};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -180,6 +180,7 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     delivered(&dir.path().join("node-a/outbox"), "before the failover").await;
 
     // SIGKILL the owner: node-b, next in preference, takes the VIP over.
+    nodes_until(admin[1], |rows| all_voting(rows, 3)).await;
     nodes[0].child.start_kill().unwrap();
     nodes[0].child.wait().await.unwrap();
     until_greeted_by(vip, "node-b", &mut seen).await;

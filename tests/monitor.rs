@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::daemon::free_port;
 use mtad::admin::client::{self, Command};
 use mtad::admin::{AdminState, ClusterReadout};
 use mtad::cluster::manager::{self, GroupPolicy};
@@ -74,13 +75,6 @@ impl Resource for TestResource {
     }
 }
 
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn group(check_timeout: Duration) -> GroupConfig {
     GroupConfig {
         name: "mta".into(),
@@ -121,7 +115,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("key");
     std::fs::write(&secret, "monitor test secret, long enough").unwrap();
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free()).collect();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
     let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
     let runners = (CancellationToken::new(), TaskTracker::new());
     let (gate, hanging) = (Arc::new(Notify::new()), Arc::new(Notify::new()));

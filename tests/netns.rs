@@ -301,6 +301,7 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
     // SIGKILL the owner: n2 takes over, and the client's ARP entry follows.
     // The kernel keeps the address a killed process added; under systemd,
     // ExecStopPost runs `mtad release` at once — done here by hand.
+    lab.until_voting("n2", 3);
     nodes[0].child.start_kill().unwrap();
     nodes[0].child.wait().await.unwrap();
     release(&lab, "n1", &config(dir.path(), "n1", 1)).await;
@@ -316,6 +317,7 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
     nodes[0]
         .wait_line(|l| l.contains("joined the cluster"))
         .await;
+    lab.until_voting("n3", 3);
 
     // Cut n2 off from n1 and n3, not from the client: n2 must let the VIP
     // go before n3 (preferred over... n1 returned, so either) takes it.

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 
+use common::daemon::free_port;
 use common::node::{config, eml_files, start, start_on, wait_for};
 use tokio::process::Command;
 
@@ -93,14 +94,6 @@ fn sink_path() -> &'static str {
     } else {
         "smtp-sink"
     }
-}
-
-/// A port nothing listens on right now (bound and released).
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 /// Wait until smtp-sink accepts connections, so the node's first attempt

@@ -34,11 +34,17 @@ fn cfg() -> Arc<SmtpConfig> {
     })
 }
 
+/// A port below the ephemeral range (32768–60999), so no client socket of
+/// a parallel test can take it before the listener binds it.
 fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    loop {
+        let port = 19_000 + NEXT.fetch_add(1, Ordering::Relaxed) % 1_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 fn listener(addr: SocketAddr, drain: Duration) -> SmtpListener {

@@ -9,12 +9,22 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::mpsc;
 
-/// A port nothing listens on right now (bound and released).
+/// A port nothing listens on right now, for a daemon to bind later.
+///
+/// Taken below the kernel's ephemeral range (32768–60999), so the client
+/// side of some other test's connection cannot take it between this check
+/// and the daemon's bind; a per-process counter keeps parallel tests apart.
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % 100) as u16 * 120;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + start.wrapping_add(n) % 12_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 /// A running `mtad run`.
@@ -25,11 +35,16 @@ pub struct Daemon {
 }
 
 /// Read the daemon's log continuously: a full pipe would block its logging.
+/// With `MTAD_TEST_ECHO` set, every line is echoed to stderr too.
 fn drain(stdout: ChildStdout) -> mpsc::UnboundedReceiver<String> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let echo = std::env::var_os("MTAD_TEST_ECHO").is_some();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if echo {
+                eprintln!("{line}");
+            }
             if tx.send(line).is_err() {
                 break;
             }
@@ -100,4 +115,39 @@ pub async fn ctl(admin: SocketAddr, args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// `ctl nodes` once it shows what `want` accepts (another process: poll).
+pub async fn nodes_until(
+    admin: SocketAddr,
+    want: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rows = nodes_json(admin).await;
+        if want(&rows) {
+            return rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never as wanted: {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn nodes_json(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let (ok, text) = ctl(admin, &["nodes", "--json"]).await;
+    assert!(ok, "{text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// `n` members, all up and voting. Until then a cluster still growing from
+/// its first voter cannot elect without that voter (raft's joint consensus
+/// needs the old configuration too), so tests that kill nodes wait for it.
+pub fn all_voting(rows: &[serde_json::Value], n: usize) -> bool {
+    rows.len() == n
+        && rows
+            .iter()
+            .all(|r| r["state"] == "up" && r["vote"] == "voter")
 }

@@ -81,6 +81,38 @@ impl Lab {
         vec!["ip".into(), "netns".into(), "exec".into(), self.ns(name)]
     }
 
+    /// `mtad ctl --json nodes` run on host `name` (empty while it does not
+    /// answer).
+    pub fn nodes(&self, name: &str) -> Vec<serde_json::Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(name), env!("CARGO_BIN_EXE_mtad")])
+            .args(["ctl", "--json", "nodes"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Until host `name` sees `n` members, all up and voting (why: see
+    /// `daemon::all_voting`). Another process: polled.
+    pub fn until_voting(&self, name: &str, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows = self.nodes(name);
+            let ok = rows.len() == n
+                && rows
+                    .iter()
+                    .all(|r| r["state"] == "up" && r["vote"] == "voter");
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cluster never settled: {rows:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The MAC of host `name`'s eth0.
     pub fn mac(&self, name: &str) -> String {
         run(&[
