@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::network::Acks;
+use super::network::{Acks, Signals};
 use super::store::ClusterView;
 use super::types::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
 
@@ -24,6 +24,9 @@ pub struct Thresholds {
     pub suspect_after: Duration,
     /// Silence before a member is down.
     pub down_after: Duration,
+    /// Silence of its leader before a follower calls an election: just past
+    /// raft's leader lease, when the other voters will grant votes again.
+    pub leader_gone_after: Duration,
 }
 
 /// The verdict on a member silent for `silence`.
@@ -115,7 +118,7 @@ pub fn promotion(
 pub async fn run(
     raft: Raft<TypeConfig>,
     view: watch::Receiver<ClusterView>,
-    acks: Acks,
+    signals: Signals,
     period: Duration,
     t: Thresholds,
     max_voters: usize,
@@ -127,22 +130,45 @@ pub async fn run(
     // A joint configuration and when this leader first saw it.
     let mut joint_seen: Option<(Option<openraft::LogId<NodeId>>, Instant)> = None;
     let mut candidate_since: Option<Instant> = None;
+    // The leader this node followed last, and whether it called an election
+    // for that leader's silence already.
+    let mut followed: Option<NodeId> = None;
+    let mut called = false;
+    let mut standing_back = false;
+    let mut gone_jitter = period.mul_f64(super::membership::jitter());
+    let Signals { acks, outlogged } = signals;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
         let m = raft.metrics().borrow().clone();
-        if m.state == ServerState::Candidate {
+        // Outlogged recently: no campaigns of ours, and none of openraft's
+        // (its election timer is fixed per process, so this node would
+        // otherwise go first, and lose, in every term).
+        let outlogged_at = *outlogged.lock().unwrap_or_else(|e| e.into_inner());
+        let back = outlogged_at.is_some_and(|at| at.elapsed() < t.leader_gone_after);
+        if back != standing_back && !cancel.is_cancelled() {
+            standing_back = back;
+            raft.runtime_config().elect(!back);
+            if back {
+                tracing::info!("a voter has a longer log: standing back from elections");
+            }
+        }
+        if standing_back {
+            candidate_since = None;
+        } else if m.state == ServerState::Candidate {
             // openraft draws a node's election timeout once per process and
             // checks it on a tick: two candidates whose timeouts land on
-            // the same tick split the vote in every term, for ever. A
-            // candidate that has not won for a while re-phases itself by
-            // calling an election after a random pause.
+            // the same tick split the vote in every term, for ever; and a
+            // voter that refused a shorter log keeps its old term, so the
+            // candidates of one term block each other. A candidate that has
+            // not won within an election timeout calls another election
+            // after a random pause of up to three heartbeats.
             let since = *candidate_since.get_or_insert(Instant::now());
-            if since.elapsed() >= t.down_after * 4 {
+            if since.elapsed() >= t.down_after {
                 candidate_since = None;
-                let pause = t.down_after.mul_f64(super::membership::jitter());
+                let pause = (period * 3).mul_f64(super::membership::jitter());
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
@@ -161,6 +187,42 @@ pub async fn run(
         } else {
             candidate_since = None;
         }
+        if m.state == ServerState::Follower {
+            let leader = m.current_leader.filter(|l| *l != m.id);
+            if leader != followed {
+                (followed, called) = (leader, false);
+            }
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == m.id);
+            let heard = followed.and_then(|l| lock(&acks).get(&l).copied());
+            // openraft waits out its lease and then a random election
+            // timeout more before it campaigns (1.5–2 s by default); the
+            // other voters grant votes as soon as the lease is over. A
+            // voter that finds its leader silent past the lease (plus a
+            // heartbeat and a jitter, so one goes first) campaigns then:
+            // a dead leader costs one lease, not two.
+            // A follower holding entries past what it has applied probably
+            // has the longest log, which the others will insist on; a
+            // shorter log that campaigns first only costs a round.
+            let ahead = m.last_log_index > m.last_applied.map(|l| l.index);
+            let wait = t.leader_gone_after
+                + if ahead {
+                    gone_jitter / 2
+                } else {
+                    gone_jitter + period
+                };
+            if let Some(at) = heard.filter(|_| voter && !called && !standing_back) {
+                let silent = at.elapsed();
+                if silent >= wait {
+                    (called, gone_jitter) = (true, period.mul_f64(super::membership::jitter()));
+                    tracing::info!(silent = ?silent, "the leader is silent: calling an election");
+                    let _ = raft.trigger().elect().await;
+                }
+            }
+        }
         if m.state != ServerState::Leader {
             leading_since = None;
             continue;
@@ -173,14 +235,20 @@ pub async fn run(
             .nodes()
             .map(|(id, n)| (*id, n.clone()))
             .collect();
-        let silence: BTreeMap<NodeId, Duration> = {
-            let acks = acks.lock().unwrap_or_else(|e| e.into_inner());
-            acks.iter()
-                // An answer from before this term's leadership says
-                // nothing about now.
-                .map(|(id, at)| (*id, now.saturating_duration_since((*at).max(since))))
-                .collect()
-        };
+        let silence: BTreeMap<NodeId, Duration> = lock(&acks)
+            .iter()
+            .map(|(id, at)| {
+                // An answer from before this term's leadership says nothing
+                // about now — except from the leader this node followed:
+                // its silence is why this node leads, so it counts in full.
+                let from = if Some(*id) == followed {
+                    *at
+                } else {
+                    (*at).max(since)
+                };
+                (*id, now.saturating_duration_since(from))
+            })
+            .collect();
         let state = view.borrow().state.clone();
         let voters: BTreeMap<NodeId, ()> = m
             .membership_config
@@ -257,6 +325,10 @@ pub async fn run(
     }
 }
 
+fn lock(acks: &Acks) -> std::sync::MutexGuard<'_, std::collections::HashMap<NodeId, Instant>> {
+    acks.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Wall-clock time in ms since the Unix epoch, for state change records.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -272,6 +344,7 @@ mod tests {
     const T: Thresholds = Thresholds {
         suspect_after: Duration::from_millis(300),
         down_after: Duration::from_millis(1000),
+        leader_gone_after: Duration::from_millis(2100),
     };
 
     fn member(name: &str) -> Member {

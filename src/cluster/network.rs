@@ -48,10 +48,26 @@ pub struct Network {
     cfg: LinkConfig,
     clients: HashMap<NodeId, (String, PeerClient)>,
     acks: Acks,
+    outlogged: Outlogged,
 }
 
 /// When each peer last answered a raft RPC: what failure detection reads.
 pub type Acks = Arc<std::sync::Mutex<HashMap<NodeId, tokio::time::Instant>>>;
+
+/// When a voter last refused this node's candidacy because its own log is
+/// longer. Such a candidate cannot win against that voter, and while it
+/// keeps campaigning the voter — which keeps its old term when it refuses
+/// — can never get ahead of it by a term; so it stands back a while.
+pub type Outlogged = Arc<std::sync::Mutex<Option<tokio::time::Instant>>>;
+
+/// What the network layer observes for the failure detector.
+#[derive(Clone, Default)]
+pub struct Signals {
+    /// When each peer last answered (and each leader last called).
+    pub acks: Acks,
+    /// When this node was last refused for a shorter log.
+    pub outlogged: Outlogged,
+}
 
 impl Network {
     /// A factory for node `me` that opens links with `cfg`.
@@ -61,12 +77,16 @@ impl Network {
             cfg,
             clients: HashMap::new(),
             acks: Acks::default(),
+            outlogged: Outlogged::default(),
         }
     }
 
-    /// The answer times this network records.
-    pub fn acks(&self) -> Acks {
-        self.acks.clone()
+    /// What this network tells the failure detector.
+    pub fn signals(&self) -> Signals {
+        Signals {
+            acks: self.acks.clone(),
+            outlogged: self.outlogged.clone(),
+        }
     }
 }
 
@@ -95,6 +115,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             node: node.clone(),
             client: client.map_err(Arc::new),
             acks: self.acks.clone(),
+            outlogged: self.outlogged.clone(),
         }
     }
 }
@@ -106,6 +127,7 @@ pub struct PeerNetwork {
     node: Member,
     client: Result<PeerClient, Arc<NetError>>,
     acks: Acks,
+    outlogged: Outlogged,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, E>;
@@ -197,9 +219,17 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr<RaftError<NodeId>>> {
+        let mine = rpc.last_log_id;
         let req = Request::Vote(rpc);
         match self.call(req, RPCTypes::Vote, &option).await? {
-            Reply::Vote(r) => r.map_err(|e| self.remote(e)),
+            Reply::Vote(Ok(r)) => {
+                if !r.vote_granted && r.last_log_id > mine {
+                    let mut at = self.outlogged.lock().unwrap_or_else(|e| e.into_inner());
+                    *at = Some(tokio::time::Instant::now());
+                }
+                Ok(r)
+            }
+            Reply::Vote(Err(e)) => Err(self.remote(e)),
             other => Err(wrong("Vote", &other)),
         }
     }
@@ -212,6 +242,9 @@ pub struct RaftHandler {
     raft: Raft<TypeConfig>,
     join: Option<Arc<JoinSettings>>,
     groups: Option<Arc<GroupService>>,
+    /// When each leader last sent entries or a heartbeat here: a follower's
+    /// view of its leader's silence (the failure detector reads it).
+    heard: Acks,
 }
 
 /// How this node answers joins: as leader it admits, as follower it
@@ -278,7 +311,14 @@ impl RaftHandler {
             raft,
             join: None,
             groups: None,
+            heard: Acks::default(),
         }
+    }
+
+    /// Record when leaders were last heard from in `heard`.
+    pub fn with_heard(mut self, heard: Acks) -> RaftHandler {
+        self.heard = heard;
+        self
     }
 
     /// Also answer group calls.
@@ -350,6 +390,10 @@ impl Handler for RaftHandler {
             };
             match req {
                 Request::AppendEntries(r) if sent_by(&from, &r.vote) => {
+                    this.heard
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(from.incarnation, tokio::time::Instant::now());
                     Reply::AppendEntries(this.raft.append_entries(r).await)
                 }
                 Request::Vote(r) if sent_by(&from, &r.vote) => Reply::Vote(this.raft.vote(r).await),

@@ -126,11 +126,14 @@ impl ClusterNode {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             transport,
         };
+        // openraft's leader lease is its largest election timeout: voters
+        // refuse to elect anyone until their leader was silent that long.
+        let raft_lease = cfg.election_timeout * 2;
         let raft_cfg = openraft::Config {
             cluster_name: cfg.name.clone(),
             heartbeat_interval: cfg.heartbeat_interval.as_millis() as u64,
             election_timeout_min: cfg.election_timeout.as_millis() as u64,
-            election_timeout_max: cfg.election_timeout.as_millis() as u64 * 2,
+            election_timeout_max: raft_lease.as_millis() as u64,
             ..Default::default()
         };
         let raft_cfg = raft_cfg
@@ -138,7 +141,7 @@ impl ClusterNode {
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let id = identity.incarnation;
         let network = Network::new(id, link.clone());
-        let acks = network.acks();
+        let signals = network.signals();
         let raft = Raft::new(id, Arc::new(raft_cfg), network, log, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
@@ -155,6 +158,7 @@ impl ClusterNode {
             cfg.max_group_lease,
         );
         let handler = RaftHandler::new(identity.clone(), raft.clone())
+            .with_heard(signals.acks.clone())
             .with_join(join)
             .with_groups(groups.clone());
         tracker.spawn(server::serve(
@@ -200,11 +204,12 @@ impl ClusterNode {
         let thresholds = Thresholds {
             suspect_after: cfg.heartbeat_interval * 3,
             down_after: cfg.election_timeout,
+            leader_gone_after: raft_lease + cfg.heartbeat_interval,
         };
         tracker.spawn(detector::run(
             raft.clone(),
             view.clone(),
-            acks,
+            signals.clone(),
             cfg.heartbeat_interval,
             thresholds,
             cfg.max_voters,

@@ -81,14 +81,19 @@ impl Lab {
         vec!["ip".into(), "netns".into(), "exec".into(), self.ns(name)]
     }
 
+    /// `mtad ARGS…` run on host `name`.
+    pub fn mtad(&self, name: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(name), env!("CARGO_BIN_EXE_mtad")])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// `mtad ctl --json nodes` run on host `name` (empty while it does not
     /// answer).
     pub fn nodes(&self, name: &str) -> Vec<serde_json::Value> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns(name), env!("CARGO_BIN_EXE_mtad")])
-            .args(["ctl", "--json", "nodes"])
-            .output()
-            .unwrap();
+        let out = self.mtad(name, &["ctl", "--json", "nodes"]);
         serde_json::from_slice(&out.stdout).unwrap_or_default()
     }
 
