@@ -13,6 +13,8 @@ use std::time::Duration;
 use common::daemon::free_port;
 use mtad::admin::client::{self, Command};
 use mtad::admin::{AdminState, ClusterReadout};
+use mtad::cluster::group_rpc::{GroupReply, GroupRequest};
+use mtad::cluster::groups::GroupCommand;
 use mtad::cluster::manager::{self, GroupPolicy};
 use mtad::cluster::node::ClusterNode;
 use mtad::config::{ClusterConfig, ClusterRole, GroupConfig, VipProvider};
@@ -33,6 +35,9 @@ enum Check {
     /// Hang for ever (the monitor's deadline must end it).
     HangForever,
     Panic,
+    /// Not a resource at all: node a is a witness whose configuration does
+    /// not define the group (no policy for its manager, no runner).
+    Witness,
 }
 
 struct TestResource {
@@ -60,7 +65,7 @@ impl Resource for TestResource {
     fn check(&self) -> OpFuture {
         let (gate, hanging) = (self.gate.clone(), self.hanging.clone());
         match self.check {
-            Check::Healthy => Box::pin(async { Ok(()) }),
+            Check::Healthy | Check::Witness => Box::pin(async { Ok(()) }),
             Check::HangOnGate => Box::pin(async move {
                 hanging.notify_one();
                 gate.notified().await;
@@ -128,7 +133,11 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             listen: addrs[i],
             seeds: addrs.clone(),
             secret_file: secret.clone(),
-            role: ClusterRole::Member,
+            role: if i == 0 && a_check == Check::Witness {
+                ClusterRole::Witness
+            } else {
+                ClusterRole::Member
+            },
             max_voters: 5,
             heartbeat_interval: Duration::from_millis(50),
             election_timeout: Duration::from_millis(300),
@@ -147,13 +156,20 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             failback: false,
             lease: g.lease,
         };
+        let defines = !(i == 0 && a_check == Check::Witness);
         tracker.spawn(manager::run(
             node.handle.clone(),
-            vec![policy],
+            if defines { vec![policy] } else { Vec::new() },
+            cfg.max_group_lease,
             cfg.heartbeat_interval,
             cancel.clone(),
         ));
         let flag = Arc::new(AtomicBool::new(false));
+        if !defines {
+            started.push(flag);
+            nodes.push(node);
+            continue;
+        }
         let resource = TestResource {
             check: if i == 0 { a_check } else { Check::Healthy },
             gate: gate.clone(),
@@ -263,5 +279,36 @@ async fn a_check_that_panics_fails_the_group_over() {
     let now = c.online_on(|i| i != 0).await;
     assert!(!c.started[0].load(Ordering::SeqCst));
     assert!(c.started[now].load(Ordering::SeqCst));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_that_leads_without_defining_the_group_still_places_and_moves_it() {
+    // a bootstraps, so it leads; only b and c define the group, and their
+    // runners declare it to the cluster.
+    let c = cluster(Check::Witness, Duration::from_millis(300)).await;
+    assert_eq!(
+        c.online_on(|i| i != 0).await,
+        1,
+        "b: first preferred member"
+    );
+    assert!(c.nodes[0].handle.leads(), "the witness leads");
+    let g = c.nodes[0].view.borrow().state.groups["mta"].clone();
+    assert_eq!(g.preferred, NAMES.map(String::from).to_vec());
+    // The witness's manager carries out a move as well.
+    let to = Some(c.nodes[2].identity.incarnation);
+    let at_ms = 0; // only shown to operators
+    let cmd = GroupCommand::Move {
+        group: "mta".into(),
+        to,
+        at_ms,
+    };
+    let reply = c.nodes[1]
+        .handle
+        .to_leader(GroupRequest::Record(cmd), Duration::from_secs(5))
+        .await;
+    assert_eq!(reply, Ok(GroupReply::Recorded));
+    assert_eq!(c.online_on(|i| i == 2).await, 2);
+    assert!(!c.started[1].load(Ordering::SeqCst), "stopped on b");
     c.stop().await;
 }

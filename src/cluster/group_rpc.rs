@@ -138,17 +138,19 @@ impl GroupService {
 
     async fn record(&self, from: &Identity, cmd: GroupCommand) -> GroupReply {
         // Reports and fences speak for the node that sends them; a move is
-        // an operator's request through any node's admin API.
+        // an operator's request through any node's admin API; any member
+        // may declare what its configuration defines.
         let allowed = match &cmd {
             GroupCommand::Report { node, .. } | GroupCommand::Fence { node, .. } => {
                 *node == from.incarnation
             }
-            GroupCommand::Move { .. } => true,
+            GroupCommand::Move { .. } | GroupCommand::Declare { .. } => true,
             GroupCommand::Assign { .. } | GroupCommand::Revoke { .. } => false,
         };
         if !allowed {
             return GroupReply::Refused(
-                "a node records only moves, and reports and fences about itself".into(),
+                "a node records only moves, declarations, and reports and fences about itself"
+                    .into(),
             );
         }
         let m = self.raft.metrics().borrow().clone();

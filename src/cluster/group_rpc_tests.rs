@@ -37,7 +37,7 @@ fn assign(epoch: u64, owner: NodeId) -> GroupCommand {
 async fn a_voter_grants_the_owner_and_reports_outstanding_after_the_revoke() {
     let dir = tempfile::tempdir().unwrap();
     let (raft, view) = single_leader(dir.path()).await;
-    let svc = GroupService::new(ident(ME), raft.clone(), view, Duration::ZERO);
+    let svc = GroupService::new(ident(ME), raft.clone(), view, Duration::from_millis(TTL_MS));
     let owner = ident(7);
     let refused = svc.handle(&owner, grant(1)).await;
     assert!(matches!(refused, GroupReply::Refused(_)), "{refused:?}");

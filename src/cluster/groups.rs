@@ -61,6 +61,14 @@ pub struct GroupState {
     pub status: GroupStatus,
     /// Where an operator asked it to go.
     pub move_to: Option<NodeId>,
+    /// Preferred node names, as the last member to declare the group
+    /// configured them: what a leader that does not define the group
+    /// itself (a witness) places it by.
+    #[serde(default)]
+    pub preferred: Vec<String>,
+    /// Whether it moves back to a more preferred node, likewise.
+    #[serde(default)]
+    pub failback: bool,
     /// Nodes where a stop failed: the group is never placed there again
     /// until they come back clean.
     pub fenced: BTreeSet<NodeId>,
@@ -125,6 +133,16 @@ pub enum GroupCommand {
         /// When.
         at_ms: u64,
     },
+    /// A member defines the group in its configuration like this: known
+    /// to every leader from then on, even one that does not define it.
+    Declare {
+        /// The group.
+        group: String,
+        /// Preferred node names, in order.
+        preferred: Vec<String>,
+        /// Move back to a more preferred node.
+        failback: bool,
+    },
     /// Keep the group off `node` (a stop failed there), or allow it again.
     Fence {
         /// The group.
@@ -148,6 +166,7 @@ impl GroupCommand {
             | GroupCommand::Revoke { group, .. }
             | GroupCommand::Report { group, .. }
             | GroupCommand::Move { group, .. }
+            | GroupCommand::Declare { group, .. }
             | GroupCommand::Fence { group, .. } => group,
         }
     }
@@ -212,6 +231,17 @@ impl GroupCommand {
                     None => "move cancelled".to_string(),
                 };
                 transition(g, &why, *at_ms);
+            }
+            GroupCommand::Declare {
+                preferred,
+                failback,
+                ..
+            } => {
+                if g.preferred == *preferred && g.failback == *failback {
+                    return Response::Stale;
+                }
+                g.preferred = preferred.clone();
+                g.failback = *failback;
             }
             GroupCommand::Fence {
                 node,

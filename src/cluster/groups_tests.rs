@@ -150,3 +150,24 @@ fn group_commands_ride_in_the_log_and_round_trip() {
     let old: ClusterState = serde_json::from_str(r#"{"members":{}}"#).unwrap();
     assert!(old.groups.is_empty());
 }
+
+#[test]
+fn a_declaration_sets_placement_and_leaves_the_epoch_alone() {
+    let mut g = GroupState::default();
+    assert_eq!(assign(1, Some(3)).apply(&mut g), Response::Done);
+    let declare = |preferred: &[&str], failback| GroupCommand::Declare {
+        group: "mta".into(),
+        preferred: preferred.iter().map(|s| s.to_string()).collect(),
+        failback,
+    };
+    assert_eq!(declare(&["b", "a"], true).apply(&mut g), Response::Done);
+    assert_eq!(
+        (g.preferred.clone(), g.failback),
+        (vec!["b".into(), "a".into()], true)
+    );
+    assert_eq!((g.epoch, g.owner), (1, Some(3)));
+    // The same again changes nothing (and writes nothing worth logging).
+    assert_eq!(declare(&["b", "a"], true).apply(&mut g), Response::Stale);
+    assert_eq!(declare(&["a"], false).apply(&mut g), Response::Done);
+    assert_eq!(g.preferred, vec!["a".to_string()]);
+}

@@ -17,7 +17,8 @@
 //!
 //! Promises live in memory. A voter that restarts cannot vouch for what it
 //! promised before, so for one lease length after it starts it answers as
-//! if it had promised up to then.
+//! if it had promised up to then — which is sound only because it never
+//! promises longer than that length: the cap and the grace are one value.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -26,9 +27,6 @@ use tokio::time::Instant;
 
 use super::groups::GroupState;
 use super::types::NodeId;
-
-/// Longest grant a voter gives, whatever the owner asks for.
-pub const MAX_LEASE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 struct Promise {
@@ -39,18 +37,18 @@ struct Promise {
 #[derive(Debug)]
 pub struct Grants {
     started: Instant,
-    /// Covers promises this voter may have made before it restarted.
-    grace: Duration,
+    /// The longest promise this voter makes; for that long after it
+    /// starts it covers promises it may have made before a restart.
+    limit: Duration,
     promises: HashMap<String, Promise>,
 }
 
 impl Grants {
-    /// A voter that started at `started`; `grace` is the longest lease it
-    /// could have granted before (its own configured lease).
-    pub fn new(started: Instant, grace: Duration) -> Grants {
+    /// A voter that started at `started` and promises at most `limit`.
+    pub fn new(started: Instant, limit: Duration) -> Grants {
         Grants {
             started,
-            grace,
+            limit,
             promises: HashMap::new(),
         }
     }
@@ -78,7 +76,7 @@ impl Grants {
         if g.revoked || g.released {
             return Err(format!("{group} epoch {epoch} is over"));
         }
-        let ttl = ttl.min(MAX_LEASE);
+        let ttl = ttl.min(self.limit);
         let until = now + ttl;
         let p = self
             .promises
@@ -94,7 +92,7 @@ impl Grants {
             .promises
             .get(group)
             .map_or(Duration::ZERO, |p| p.until.saturating_duration_since(now));
-        let grace = (self.started + self.grace).saturating_duration_since(now);
+        let grace = (self.started + self.limit).saturating_duration_since(now);
         promised.max(grace)
     }
 }

@@ -47,10 +47,15 @@ struct Revocation {
 
 type Revocations = Arc<Mutex<HashMap<String, Revocation>>>;
 
-/// Run until `cancel`: every `period`, while leading, manage `groups`.
+/// Run until `cancel`: every `period`, while leading, manage `groups` —
+/// and any other group already in the cluster state, which some other
+/// node's configuration defines and declared (a witness may lead without
+/// defining any): those are placed as declared, with `fallback_lease`
+/// setting the clock margin.
 pub async fn run(
     cluster: ClusterHandle,
     groups: Vec<GroupPolicy>,
+    fallback_lease: Duration,
     period: Duration,
     cancel: CancellationToken,
 ) {
@@ -95,7 +100,22 @@ pub async fn run(
         if !recorded {
             continue;
         }
-        for p in &groups {
+        let others: Vec<GroupPolicy> = cluster
+            .view
+            .borrow()
+            .state
+            .groups
+            .iter()
+            .filter(|(name, _)| groups.iter().all(|g| g.name != **name))
+            .map(|(name, g)| GroupPolicy {
+                name: name.clone(),
+                preferred: g.preferred.clone(),
+                failback: g.failback,
+                lease: fallback_lease,
+            })
+            .collect();
+        let all: Vec<GroupPolicy> = groups.iter().cloned().chain(others).collect();
+        for p in &all {
             if let Some(at) = manage(&cluster, p, &revocations, &answered, period).await {
                 due = Some(due.map_or(at, |d| d.min(at)));
             }

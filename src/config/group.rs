@@ -12,6 +12,10 @@ use super::cluster::ms_or;
 use super::reader::{Ctx, Fields, Node};
 use super::{GroupConfig, VipProvider};
 
+/// A group's lease unless configured; also what a voter without groups
+/// grants at most.
+pub(super) const DEFAULT_LEASE: Duration = Duration::from_millis(600);
+
 /// Every `[[group]]`, each checked, names unique.
 pub(super) fn read_groups(
     ctx: &mut Ctx<'_>,
@@ -99,7 +103,7 @@ fn read_group(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> GroupConfig {
         .take("failback")
         .and_then(|n| ctx.boolean(&n))
         .unwrap_or(false);
-    let lease = ms_or(ctx, &mut f, "lease", 600);
+    let lease = ms_or(ctx, &mut f, "lease", DEFAULT_LEASE.as_millis() as u64);
     let start_timeout = ms_or(ctx, &mut f, "start_timeout", 10_000);
     let stop_timeout = ms_or(ctx, &mut f, "stop_timeout", 5_000);
     let check_interval = ms_or(ctx, &mut f, "check_interval", 2_000);
@@ -113,6 +117,10 @@ fn read_group(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> GroupConfig {
         .unwrap_or(3) as u32;
     if lease < Duration::from_millis(100) {
         let msg = "must be at least 100ms: owners renew it four times per lease";
+        ctx.error(&f.span, &f.child_path("lease"), msg);
+    }
+    if lease > Duration::from_secs(60) {
+        let msg = "must be at most 60s: a restarted voter holds failovers back for one lease";
         ctx.error(&f.span, &f.child_path("lease"), msg);
     }
     if check_timeout > check_interval {

@@ -87,6 +87,7 @@ impl GroupRunner {
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next = Some(self.view());
         let mut asked: Option<u64> = None;
+        let declaring = tokio::spawn(declare(self.cluster.clone(), self.cfg.clone()));
         loop {
             if let Some(ev) = next.take() {
                 for action in m.on(ev, Instant::now()) {
@@ -135,6 +136,7 @@ impl GroupRunner {
                 _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => Event::Tick,
             });
         }
+        declaring.abort();
         self.shut_down(m, &done_tx, &mut done, &reports).await;
         // The last report (offline: released) should reach the leader
         // before the node leaves, but never holds the shutdown for long.
@@ -333,5 +335,36 @@ impl GroupRunner {
             }
         }
         tracing::info!(group = %self.cfg.name, phase = ?m.phase(), "group runner stopped");
+    }
+}
+
+/// Tell the cluster how this node's configuration defines the group, once
+/// per start (retried until recorded, or already so): a leader that does
+/// not define the group itself — a witness — then still places it.
+async fn declare(cluster: ClusterHandle, cfg: GroupConfig) {
+    let cmd = GroupCommand::Declare {
+        group: cfg.name.clone(),
+        preferred: cfg.preferred_nodes.clone(),
+        failback: cfg.failback,
+    };
+    let mut pause = cfg.lease / 4;
+    loop {
+        let done = cluster
+            .view
+            .borrow()
+            .state
+            .groups
+            .get(&cfg.name)
+            .is_some_and(|g| g.preferred == cfg.preferred_nodes && g.failback == cfg.failback);
+        if done {
+            return;
+        }
+        let req = GroupRequest::Record(cmd.clone());
+        match cluster.to_leader(req, Duration::from_secs(2)).await {
+            Ok(GroupReply::Recorded) => return,
+            other => tracing::debug!(group = %cfg.name, answer = ?other, "group not declared yet"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }

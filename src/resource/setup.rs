@@ -43,9 +43,8 @@ pub fn start(
     let Some(cc) = &config.cluster else {
         return none;
     };
-    if config.groups.is_empty() {
-        return none;
-    }
+    // Every node runs the manager (it acts only while the node leads), so
+    // that a leader without groups of its own still keeps those of others.
     let policies = config
         .groups
         .iter()
@@ -59,10 +58,11 @@ pub fn start(
     tokio::spawn(manager::run(
         cluster.handle.clone(),
         policies,
+        cc.max_group_lease,
         cc.heartbeat_interval,
         cluster_cancel,
     ));
-    if cc.role == ClusterRole::Witness {
+    if cc.role == ClusterRole::Witness || config.groups.is_empty() {
         return none;
     }
     let smtp = Arc::new(config.smtp.clone());
