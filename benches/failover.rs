@@ -18,62 +18,19 @@ mod client;
 #[allow(dead_code)]
 mod netns;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netns::Lab;
+use netns::{node_config, Lab, NODES, SINK, VIP};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-const NODES: [(&str, u8); 3] = [("n1", 1), ("n2", 2), ("n3", 3)];
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
-const SINK: &str = "198.18.0.20:2526";
-
 fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
-    let seeds: Vec<String> = NODES
-        .iter()
-        .map(|(_, l)| format!("\"198.18.0.{l}:7400\""))
-        .collect();
-    let text = format!(
-        r#"
-[node]
-name = "{name}"
-data_dir = "{data}"
-[smtp]
-hostname = "{name}.example.test"
-relay_networks = ["198.18.0.0/15"]
-[delivery]
-retry = ["1s"]
-[[route]]
-domains = ["*"]
-next_hops = ["{SINK}"]
-[cluster]
-name = "bench"
-listen = "198.18.0.{last}:7400"
-seeds = [{seeds}]
-secret_file = "{key}"
-[[group]]
-name = "mta"
-vip = "{VIP}/24"
-provider = "netlink"
-interface = "eth0"
-[admin]
-listen = "127.0.0.1:8025"
-[log]
-format = "json"
-level = "{level}"
-"#,
-        level = if logs().is_some() { "info" } else { "warn" },
-        data = dir.join(name).display(),
-        seeds = seeds.join(", "),
-        key = dir.join("cluster.key").display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    let level = if logs().is_some() { "info" } else { "warn" };
+    node_config(dir, name, last, "", level)
 }
 
 fn start(lab: &Lab, name: &str, cfg: &Path) -> Child {

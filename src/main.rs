@@ -128,15 +128,8 @@ fn main() -> ExitCode {
                 CtlCommand::Groups => mtad::admin::client::Command::Groups,
                 CtlCommand::Move { group, node } => mtad::admin::client::Command::Move(group, node),
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("mtad: cannot start the runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
+            let Some(runtime) = small_runtime() else {
+                return ExitCode::from(EXIT_FAILURE);
             };
             match runtime.block_on(mtad::admin::client::run(&admin, &command, json)) {
                 Ok(out) => {
@@ -163,15 +156,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("mtad: cannot start the runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
+            let Some(runtime) = small_runtime() else {
+                return ExitCode::from(EXIT_FAILURE);
             };
             let mut code = ExitCode::SUCCESS;
             for r in runtime.block_on(mtad::resource::setup::release_vips(&cfg)) {
@@ -260,4 +246,13 @@ fn raise_fd_limit() {
         }
     }
     tracing::info!(limit = lim.rlim_cur, "open-files limit");
+}
+
+/// A one-thread runtime for the short-lived commands (ctl, release).
+fn small_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("mtad: cannot start the runtime: {e}"))
+        .ok()
 }

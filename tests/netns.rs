@@ -23,65 +23,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::netns::{mac_text, selected, who_has, Lab};
+use common::netns::{mac_text, node_config, selected, who_has, Lab, NODES, SINK, VIP};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-const NODES: [(&str, u8); 3] = [("n1", 1), ("n2", 2), ("n3", 3)];
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-const SINK: &str = "198.18.0.20:2526";
 const PATIENCE: Duration = Duration::from_secs(30);
 
 fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
-    let seeds: Vec<String> = NODES
-        .iter()
-        .map(|(_, l)| format!("\"198.18.0.{l}:7400\""))
-        .collect();
-    let text = format!(
-        r#"
-[node]
-name = "{name}"
-data_dir = "{data}"
-
-[smtp]
-hostname = "{name}.example.test"
-relay_networks = ["198.18.0.0/15"]
-
-[delivery]
-retry = ["1s"]
-
-[[route]]
-domains = ["*"]
-next_hops = ["{SINK}"]
-
-[cluster]
-name = "lab"
-listen = "198.18.0.{last}:7400"
-seeds = [{seeds}]
-secret_file = "{key}"
-
-[[group]]
-name = "mta"
-vip = "{VIP}/24"
-provider = "netlink"
-interface = "eth0"
-preferred_nodes = ["n1", "n2", "n3"]
-announce_interval = "2s"
-
-[admin]
-listen = "127.0.0.1:8025"
-
-[log]
-format = "json"
-level = "info"
-"#,
-        data = dir.join(name).display(),
-        seeds = seeds.join(", "),
-        key = dir.join("cluster.key").display(),
-    );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    let extra = "preferred_nodes = [\"n1\", \"n2\", \"n3\"]\nannounce_interval = \"2s\"";
+    node_config(dir, name, last, extra, "info")
 }
 
 /// What the sink received: (peer address, message text).

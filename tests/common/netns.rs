@@ -12,6 +12,73 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::Duration;
 
+/// The lab's three mtad nodes (name, last octet of their address).
+pub const NODES: [(&str, u8); 3] = [("n1", 1), ("n2", 2), ("n3", 3)];
+/// The group's VIP on the lab's bridge.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// Where the nodes relay to (a sink in its own namespace).
+pub const SINK: &str = "198.18.0.20:2526";
+
+/// Write node `name`'s config (address 198.18.0.`last`) into `dir`: a
+/// member of the lab cluster with one netlink VIP group on eth0, relaying
+/// everything to SINK. `group_extra` adds lines to the `[[group]]`.
+pub fn node_config(
+    dir: &std::path::Path,
+    name: &str,
+    last: u8,
+    group_extra: &str,
+    level: &str,
+) -> std::path::PathBuf {
+    let seeds: Vec<String> = NODES
+        .iter()
+        .map(|(_, l)| format!("\"198.18.0.{l}:7400\""))
+        .collect();
+    let text = format!(
+        r#"
+[node]
+name = "{name}"
+data_dir = "{data}"
+
+[smtp]
+hostname = "{name}.example.test"
+relay_networks = ["198.18.0.0/15"]
+
+[delivery]
+retry = ["1s"]
+
+[[route]]
+domains = ["*"]
+next_hops = ["{SINK}"]
+
+[cluster]
+name = "lab"
+listen = "198.18.0.{last}:7400"
+seeds = [{seeds}]
+secret_file = "{key}"
+
+[[group]]
+name = "mta"
+vip = "{VIP}/24"
+provider = "netlink"
+interface = "eth0"
+{group_extra}
+
+[admin]
+listen = "127.0.0.1:8025"
+
+[log]
+format = "json"
+level = "{level}"
+"#,
+        data = dir.join(name).display(),
+        seeds = seeds.join(", "),
+        key = dir.join("cluster.key").display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Whether the namespace tests are selected.
 pub fn selected() -> bool {
     std::env::var("MTAD_NETNS_TESTS").is_ok_and(|v| v == "1")
