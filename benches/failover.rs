@@ -84,16 +84,7 @@ async fn greeted_by_other(not: &str) -> String {
     loop {
         let (tx, not) = (tx.clone(), not.to_string());
         tokio::spawn(async move {
-            let attempt = async {
-                let s = tokio::net::TcpStream::connect(vip).await.ok()?;
-                let mut r = BufReader::new(s);
-                let mut line = String::new();
-                r.read_line(&mut line).await.ok()?;
-                let _ = r.get_mut().write_all(b"QUIT\r\n").await;
-                line.starts_with("220")
-                    .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
-            };
-            if let Ok(Some(who)) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            if let Some(who) = client::greeter(vip, Duration::from_secs(3)).await {
                 if !who.starts_with(&not) {
                     let _ = tx.send(who);
                 }

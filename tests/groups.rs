@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use common::client::Client;
 use common::daemon::{all_voting, ctl, free_port, nodes_until, Daemon};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -84,19 +82,7 @@ level = "info"
 
 /// Who answers on the VIP now: the hostname in its greeting.
 async fn greeter(vip: SocketAddr) -> Option<String> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(vip))
-        .await
-        .ok()?
-        .ok()?;
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line))
-        .await
-        .ok()?
-        .ok()?;
-    // "220 node-b.example.test ESMTP ..."
-    line.starts_with("220")
-        .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
+    common::client::greeter(vip, Duration::from_secs(4)).await
 }
 
 /// Poll the VIP until `want` greets; every greeter seen on the way is

@@ -90,23 +90,9 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 
 /// From the client: who greets on the VIP's port 25, if anyone.
 fn greeter(lab: &Lab) -> Option<String> {
-    lab.within("client", || {
-        block_on(async {
-            let vip = SocketAddr::from((VIP, 25));
-            let s =
-                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(vip))
-                    .await
-                    .ok()?
-                    .ok()?;
-            let mut r = BufReader::new(s);
-            let mut line = String::new();
-            tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line))
-                .await
-                .ok()?
-                .ok()?;
-            line.starts_with("220")
-                .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
-        })
+    let vip = SocketAddr::from((VIP, 25));
+    lab.within("client", move || {
+        block_on(common::client::greeter(vip, Duration::from_secs(3)))
     })
     .join()
     .unwrap()
