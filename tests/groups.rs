@@ -192,9 +192,22 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     assert_eq!(g["status"], "online");
     assert!(g["epoch"].as_u64().unwrap() >= 2, "{g}");
 
-    // An operator moves it to node-c: drained on node-b, started there.
+    // An operator moves it to node-c: node-b drains — a session open on
+    // it finishes its transaction — then node-c starts.
+    let mut open = Client::connect(vip).await.unwrap();
     let (ok, text) = ctl(admin[0], &["move", "mta", "node-c"]).await;
     assert!(ok, "{text}");
+    let rows = groups_until(admin[2], |g| g["phase"] == "draining").await;
+    assert_eq!(rows[0]["owner"], "node-b", "draining where it was");
+    let body = "Subject: during the drain\r\n\r\nbody\r\n";
+    let reply = open
+        .send("a@example.test", &["b@dest.example"], body)
+        .await
+        .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    let _ = open.command("QUIT\r\n").await;
+    drop(open);
+    delivered(&dir.path().join("node-b/outbox"), "during the drain").await;
     until_greeted_by(vip, "node-c", &mut seen).await;
     send(vip, "after the move").await;
     delivered(&dir.path().join("node-c/outbox"), "after the move").await;
@@ -210,6 +223,22 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     for mut n in nodes {
         let _ = n.child.start_kill();
         let _ = n.child.wait().await;
+    }
+}
+
+/// `ctl groups` once the group satisfies `want` (another process: poll).
+async fn groups_until(
+    admin: SocketAddr,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let rows = groups_json(admin).await;
+        if rows.first().is_some_and(&want) {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "never as wanted: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

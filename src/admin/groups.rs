@@ -29,8 +29,8 @@ pub struct GroupRow {
     /// What the owner last reported: offline, starting, online, stopping
     /// or failed.
     pub status: String,
-    /// Where the epoch is: "unplaced", "assigned", "revoked" (being taken
-    /// back) or "released".
+    /// Where the epoch is: "unplaced", "assigned", "draining" (the owner
+    /// hands it over), "revoked" (being taken back) or "released".
     pub phase: String,
     /// Where an operator asked it to go, if pending.
     pub move_to: Option<String>,
@@ -65,6 +65,7 @@ pub(super) async fn list(State(s): State<Arc<AdminState>>) -> Answer<Vec<GroupRo
                 (None, ..) => "unplaced",
                 (_, _, true) => "released",
                 (_, true, _) => "revoked",
+                _ if g.draining => "draining",
                 _ => "assigned",
             };
             GroupRow {

@@ -145,7 +145,9 @@ impl GroupService {
                 *node == from.incarnation
             }
             GroupCommand::Move { .. } | GroupCommand::Declare { .. } => true,
-            GroupCommand::Assign { .. } | GroupCommand::Revoke { .. } => false,
+            GroupCommand::Assign { .. }
+            | GroupCommand::Revoke { .. }
+            | GroupCommand::Drain { .. } => false,
         };
         if !allowed {
             return GroupReply::Refused(

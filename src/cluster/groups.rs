@@ -59,6 +59,12 @@ pub struct GroupState {
     pub released: bool,
     /// What the owner last reported.
     pub status: GroupStatus,
+    /// The leader asked the owner to hand the group over: it drains (new
+    /// clients get 421, open sessions finish) under its still-live lease,
+    /// then releases the epoch. Not a revoke: voters keep granting, so
+    /// nobody else can start it while the drain lasts.
+    #[serde(default)]
+    pub draining: bool,
     /// Where an operator asked it to go.
     pub move_to: Option<NodeId>,
     /// Preferred node names, as the last member to declare the group
@@ -102,6 +108,17 @@ pub enum GroupCommand {
         /// The group.
         group: String,
         /// The epoch being taken back.
+        epoch: u64,
+        /// Why.
+        reason: String,
+        /// When.
+        at_ms: u64,
+    },
+    /// Ask the owner of epoch `epoch` to hand the group over gracefully.
+    Drain {
+        /// The group.
+        group: String,
+        /// The epoch to hand over.
         epoch: u64,
         /// Why.
         reason: String,
@@ -164,6 +181,7 @@ impl GroupCommand {
         match self {
             GroupCommand::Assign { group, .. }
             | GroupCommand::Revoke { group, .. }
+            | GroupCommand::Drain { group, .. }
             | GroupCommand::Report { group, .. }
             | GroupCommand::Move { group, .. }
             | GroupCommand::Declare { group, .. }
@@ -191,6 +209,7 @@ impl GroupCommand {
                 g.epoch = *epoch;
                 g.revoked = false;
                 g.released = false;
+                g.draining = false;
                 g.status = GroupStatus::Offline;
                 if g.move_to.is_some() && g.move_to == *owner {
                     g.move_to = None;
@@ -207,6 +226,19 @@ impl GroupCommand {
                     return Response::Stale;
                 }
                 g.revoked = true;
+                transition(g, reason, *at_ms);
+            }
+            GroupCommand::Drain {
+                epoch,
+                reason,
+                at_ms,
+                ..
+            } => {
+                let live = g.owner.is_some() && !g.revoked && !g.released;
+                if *epoch != g.epoch || !live || g.draining {
+                    return Response::Stale;
+                }
+                g.draining = true;
                 transition(g, reason, *at_ms);
             }
             GroupCommand::Report {

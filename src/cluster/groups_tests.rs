@@ -171,3 +171,27 @@ fn a_declaration_sets_placement_and_leaves_the_epoch_alone() {
     assert_eq!(declare(&["a"], false).apply(&mut g), Response::Done);
     assert_eq!(g.preferred, vec!["a".to_string()]);
 }
+
+#[test]
+fn a_drain_marks_a_live_epoch_until_the_next_assignment() {
+    let mut g = GroupState::default();
+    let drain = |epoch| GroupCommand::Drain {
+        group: "mta".into(),
+        epoch,
+        reason: "moving".into(),
+        at_ms: 9,
+    };
+    assert_eq!(drain(0).apply(&mut g), Response::Stale, "nothing placed");
+    assert_eq!(assign(1, Some(3)).apply(&mut g), Response::Done);
+    assert_eq!(drain(2).apply(&mut g), Response::Stale, "another epoch");
+    assert_eq!(drain(1).apply(&mut g), Response::Done);
+    assert!(g.draining && !g.revoked, "still live: voters keep granting");
+    assert_eq!(drain(1).apply(&mut g), Response::Stale, "once");
+    assert_eq!(
+        report(1, 3, GroupStatus::Offline).apply(&mut g),
+        Response::Done
+    );
+    assert!(g.released);
+    assert_eq!(assign(2, Some(4)).apply(&mut g), Response::Done);
+    assert!(!g.draining);
+}

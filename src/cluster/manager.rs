@@ -177,6 +177,12 @@ async fn manage(
             reason,
             at_ms: now_ms(),
         },
+        Decision::Drain { reason } => GroupCommand::Drain {
+            group: p.name.clone(),
+            epoch,
+            reason,
+            at_ms: now_ms(),
+        },
     };
     let what = format!("{cmd:?}");
     match cluster.raft.client_write(Command::Group(cmd)).await {

@@ -4,8 +4,10 @@
 //! on the live member with the fewest groups; witnesses never. It moves
 //! only when its owner is down, gone, left, fenced or failed, when an
 //! operator asks, or (with `failback`) when a more preferred node is live
-//! again. Moving is two steps: revoke the epoch, then — once the owner has
-//! released it or every grant has run out — assign the next.
+//! again. A failed owner's epoch is revoked, and the next one assigned
+//! once every grant has run out; a healthy owner that should move is asked
+//! to drain and hand over — it releases the epoch itself, under a lease
+//! that stays live meanwhile — and the next epoch is assigned then.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +39,11 @@ pub enum Decision {
     },
     /// Take the current epoch back from its owner.
     Revoke {
+        /// Why.
+        reason: String,
+    },
+    /// Ask the (healthy) owner to drain and hand the group over.
+    Drain {
         /// Why.
         reason: String,
     },
@@ -88,16 +95,21 @@ pub fn decide(p: Policy<'_>, state: &ClusterState, free: bool) -> Decision {
     if g.fenced.contains(&owner) {
         return revoke(format!("owner {who} is fenced"));
     }
+    if g.draining {
+        // Asked already: the owner releases when its sessions are done.
+        return Decision::Keep;
+    }
+    let drain = |reason: String| Decision::Drain { reason };
     if let Some(to) = g.move_to.filter(|t| *t != owner) {
         if eligible(state, &g, to) {
-            return revoke(format!("moving to {} on request", name(state, to)));
+            return drain(format!("moving to {} on request", name(state, to)));
         }
     }
     if p.failback {
         if let Some(better) = preferred_live(p, state, &g).filter(|b| *b != owner) {
             let rank = |id| p.preferred.iter().position(|n| *n == name(state, id));
             if rank(better) < rank(owner) || rank(owner).is_none() {
-                return revoke(format!("failing back to {}", name(state, better)));
+                return drain(format!("failing back to {}", name(state, better)));
             }
         }
     }

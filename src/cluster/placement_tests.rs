@@ -149,14 +149,23 @@ fn a_failed_owner_is_not_given_the_group_straight_back() {
 }
 
 #[test]
-fn an_operator_move_revokes_then_places_on_the_target() {
+fn an_operator_move_drains_then_places_on_the_target() {
     let pref = names(&["a"]);
     let mut s = state();
     owned_by(&mut s, "mta", 1).move_to = Some(3);
     match decide(policy(&pref, false), &s, false) {
-        Decision::Revoke { reason } => assert!(reason.contains("moving to c"), "{reason}"),
+        Decision::Drain { reason } => assert!(reason.contains("moving to c"), "{reason}"),
         other => panic!("{other:?}"),
     }
+    // Draining: nothing more until the owner releases — unless it dies.
+    s.groups.get_mut("mta").unwrap().draining = true;
+    assert_eq!(decide(policy(&pref, false), &s, false), Decision::Keep);
+    let mut dead = s.clone();
+    set_state(&mut dead, 1, NodeState::Down);
+    assert!(matches!(
+        decide(policy(&pref, false), &dead, false),
+        Decision::Revoke { .. }
+    ));
     s.groups.get_mut("mta").unwrap().released = true;
     assert_eq!(assigned(decide(policy(&pref, false), &s, false)), 3);
     // A move to a node that cannot take it is ignored.
@@ -172,7 +181,7 @@ fn failback_only_when_asked() {
     owned_by(&mut s, "mta", 2);
     assert_eq!(decide(policy(&pref, false), &s, false), Decision::Keep);
     match decide(policy(&pref, true), &s, false) {
-        Decision::Revoke { reason } => assert!(reason.contains("failing back to a")),
+        Decision::Drain { reason } => assert!(reason.contains("failing back to a")),
         other => panic!("{other:?}"),
     }
     set_state(&mut s, 1, NodeState::Down);

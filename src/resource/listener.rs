@@ -30,6 +30,8 @@ struct Inner {
     intake: Arc<dyn Accept>,
     drain: Duration,
     running: Mutex<Option<Running>>,
+    /// Cancelled to cut a drain short (the lease got short).
+    hurry: Mutex<CancellationToken>,
 }
 
 struct Running {
@@ -55,6 +57,7 @@ impl SmtpListener {
                 intake,
                 drain,
                 running: Mutex::new(None),
+                hurry: Mutex::new(CancellationToken::new()),
             }),
         }
     }
@@ -77,6 +80,7 @@ impl Resource for SmtpListener {
             if inner.running().is_some() {
                 return Ok(());
             }
+            *inner.hurry.lock().unwrap_or_else(|e| e.into_inner()) = CancellationToken::new();
             let listener = server::bind(inner.addr, inner.cfg.backlog)
                 .map_err(|e| format!("cannot listen on {}: {e}", inner.addr))?;
             let (drain, cancel, sessions) = (
@@ -112,7 +116,15 @@ impl Resource for SmtpListener {
             r.sessions.close();
             if graceful {
                 r.drain.cancel();
-                let _ = tokio::time::timeout(inner.drain, r.sessions.wait()).await;
+                let hurry = inner
+                    .hurry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                tokio::select! {
+                    _ = tokio::time::timeout(inner.drain, r.sessions.wait()) => {}
+                    _ = hurry.cancelled() => {}
+                }
             }
             r.cancel.cancel();
             let _ = r.accept.await;
@@ -120,6 +132,14 @@ impl Resource for SmtpListener {
             tracing::info!(address = %inner.addr, graceful, "smtp on the group's VIP stopped");
             Ok(())
         })
+    }
+
+    fn hurry(&self) {
+        self.inner
+            .hurry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cancel();
     }
 
     fn check(&self) -> OpFuture {

@@ -13,8 +13,13 @@
 //!   stops, reports the group failed, and the leader moves it;
 //! - a stop that fails or misses its deadline fences the node for the
 //!   group rather than leave the address ambiguous;
-//! - a revoked epoch is stopped (gracefully when the lease allows) and
-//!   reported offline, which releases it.
+//! - a revoked epoch is stopped at once (its lease is no longer renewed,
+//!   and the next owner may start when it runs out) and reported offline,
+//!   which releases it;
+//! - a group the leader asks to hand over (draining) is stopped gracefully
+//!   — new clients refused, open sessions finished — while its lease stays
+//!   live and renewed, then released; should the lease get short during
+//!   the drain, the drain is hurried to a hard stop.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -93,6 +98,8 @@ pub enum Event {
         epoch: u64,
         /// Not revoked or released.
         live: bool,
+        /// The leader asked the owner to hand the group over.
+        draining: bool,
     },
     /// The lease holds until then (None: no majority).
     Lease(Option<Instant>),
@@ -117,6 +124,8 @@ pub enum Action {
     },
     /// Check them.
     Check,
+    /// A graceful stop in flight must end now: the lease got short.
+    Hurry,
     /// Tell the leader.
     Report(GroupStatus, String),
     /// Ask the leader to fence this node for the group.
@@ -131,8 +140,11 @@ pub struct Machine {
     epoch: u64,
     ours: bool,
     live: bool,
+    draining: bool,
     lease: Option<Instant>,
     busy: Option<Op>,
+    /// The stop in flight drains (true until hurried).
+    draining_stop: bool,
     next_check: Option<Instant>,
     restarts: VecDeque<Instant>,
     /// Why the current stop happened, for the report after it.
@@ -148,8 +160,10 @@ impl Machine {
             epoch: 0,
             ours: false,
             live: false,
+            draining: false,
             lease: None,
             busy: None,
+            draining_stop: false,
             next_check: None,
             restarts: VecDeque::new(),
             why: String::new(),
@@ -173,7 +187,7 @@ impl Machine {
             Phase::Waiting
                 | Phase::Starting
                 | Phase::Online
-                | Phase::Stopping(After::Restart | After::Wait)
+                | Phase::Stopping(After::Restart | After::Wait | After::Release)
         );
         (active && self.ours && self.live).then_some(self.epoch)
     }
@@ -183,7 +197,7 @@ impl Machine {
         let running = matches!(self.phase, Phase::Starting | Phase::Online);
         let lease_end = self
             .lease
-            .filter(|_| running)
+            .filter(|_| running || self.draining_stop)
             .map(|l| l.checked_sub(self.s.stop_margin).unwrap_or(l));
         let check = self.next_check.filter(|_| self.phase == Phase::Online);
         match (lease_end, check) {
@@ -200,7 +214,12 @@ impl Machine {
     pub fn on(&mut self, ev: Event, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         match ev {
-            Event::View { ours, epoch, live } => {
+            Event::View {
+                ours,
+                epoch,
+                live,
+                draining,
+            } => {
                 if epoch != self.epoch {
                     // A new epoch starts from scratch (a stop in flight
                     // still finishes first).
@@ -213,10 +232,12 @@ impl Machine {
                 }
                 self.ours = ours;
                 self.live = live;
+                self.draining = draining;
             }
             Event::Lease(until) => self.lease = until,
             Event::Done(op, result) => {
                 self.busy = None;
+                self.draining_stop = false;
                 self.finished(op, result, now, &mut out);
             }
             Event::Tick => {}
@@ -301,13 +322,19 @@ impl Machine {
 
     /// Move on from where we are, if no operation is in flight.
     fn step(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.draining_stop && !(self.ours && self.live && self.lease_ok(now)) {
+            // The drain may not outlast the lease: the next owner could
+            // start once it runs out.
+            self.draining_stop = false;
+            out.push(Action::Hurry);
+        }
         if self.busy.is_some() {
             return;
         }
         let mine = self.ours && self.live;
         match self.phase {
-            Phase::Idle if mine => self.phase = Phase::Waiting,
-            Phase::Waiting if !mine => {
+            Phase::Idle if mine && !self.draining => self.phase = Phase::Waiting,
+            Phase::Waiting if !mine || self.draining => {
                 // Never started under this epoch: releasing needs no stop.
                 self.phase = if self.ours {
                     out.push(Action::Report(GroupStatus::Offline, "not started".into()));
@@ -318,15 +345,22 @@ impl Machine {
                 return;
             }
             Phase::Starting | Phase::Online if !mine => {
+                // Revoked: nobody renews the lease any more, so no drain.
                 self.why = "the epoch was taken back".into();
-                let graceful = self.lease_ok(now);
                 out.push(Action::Report(GroupStatus::Stopping, self.why.clone()));
-                self.stop(After::Release, graceful, out);
+                self.stop(After::Release, false, out);
                 return;
             }
             Phase::Starting | Phase::Online if !self.lease_ok(now) => {
                 self.why = "lease about to run out".into();
                 self.stop(After::Wait, false, out);
+                return;
+            }
+            Phase::Starting | Phase::Online if self.draining => {
+                self.why = "handing over: drained".into();
+                let why = "handing over: draining open sessions";
+                out.push(Action::Report(GroupStatus::Stopping, why.into()));
+                self.stop(After::Release, true, out);
                 return;
             }
             Phase::Online if self.next_check.is_some_and(|t| now >= t) => {
@@ -350,6 +384,7 @@ impl Machine {
     fn stop(&mut self, after: After, graceful: bool, out: &mut Vec<Action>) {
         self.phase = Phase::Stopping(after);
         self.busy = Some(Op::Stop);
+        self.draining_stop = graceful;
         out.push(Action::Stop { graceful });
     }
 }

@@ -12,12 +12,27 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn mine(epoch: u64) -> Event {
+fn view(ours: bool, epoch: u64, live: bool, draining: bool) -> Event {
     Event::View {
-        ours: true,
+        ours,
         epoch,
-        live: true,
+        live,
+        draining,
     }
+}
+
+fn mine(epoch: u64) -> Event {
+    view(true, epoch, true, false)
+}
+
+/// Epoch 1, ours, revoked by the leader.
+fn revoked() -> Event {
+    view(true, 1, false, false)
+}
+
+/// Epoch 1, ours, and the leader asks for a handover.
+fn draining() -> Event {
+    view(true, 1, true, true)
 }
 
 fn reports(actions: &[Action]) -> Vec<GroupStatus> {
@@ -52,11 +67,7 @@ fn online(t0: Instant) -> Machine {
 fn nothing_runs_until_the_group_is_ours_and_the_lease_holds() {
     let t0 = Instant::now();
     let mut m = Machine::new(S);
-    let theirs = Event::View {
-        ours: false,
-        epoch: 1,
-        live: true,
-    };
+    let theirs = view(false, 1, true, false);
     assert_eq!(m.on(theirs, t0), vec![]);
     assert_eq!(m.on(Event::Lease(Some(t0 + ms(600))), t0), vec![]);
     assert_eq!(m.phase(), Phase::Idle);
@@ -104,17 +115,13 @@ fn resources_stop_hard_before_the_lease_can_run_out_and_come_back_with_it() {
 }
 
 #[test]
-fn a_revoked_epoch_is_drained_and_released() {
+fn a_revoked_epoch_stops_at_once_and_is_released() {
+    // Nobody renews a revoked lease: a drain could outlast it.
     let t0 = Instant::now();
     let mut m = online(t0);
-    let revoked = Event::View {
-        ours: true,
-        epoch: 1,
-        live: false,
-    };
-    let out = m.on(revoked, t0 + ms(100));
+    let out = m.on(revoked(), t0 + ms(100));
     assert_eq!(reports(&out), [GroupStatus::Stopping]);
-    assert!(out.contains(&Action::Stop { graceful: true }));
+    assert!(out.contains(&Action::Stop { graceful: false }), "{out:?}");
     assert_eq!(m.renewing(), None);
     let out = m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(200));
     assert_eq!(reports(&out), [GroupStatus::Offline]);
@@ -124,16 +131,36 @@ fn a_revoked_epoch_is_drained_and_released() {
 }
 
 #[test]
-fn revoked_with_the_lease_nearly_gone_stops_at_once() {
+fn a_handover_drains_under_a_renewed_lease_then_releases() {
     let t0 = Instant::now();
     let mut m = online(t0);
-    let revoked = Event::View {
-        ours: true,
-        epoch: 1,
-        live: false,
-    };
-    let out = m.on(revoked, t0 + ms(520));
-    assert!(out.contains(&Action::Stop { graceful: false }), "{out:?}");
+    let out = m.on(draining(), t0 + ms(100));
+    assert_eq!(reports(&out), [GroupStatus::Stopping]);
+    assert!(out.contains(&Action::Stop { graceful: true }), "{out:?}");
+    assert_eq!(m.renewing(), Some(1), "the lease stays live while draining");
+    // Renewed meanwhile: no hurry.
+    assert_eq!(
+        m.on(Event::Lease(Some(t0 + ms(1200))), t0 + ms(700)),
+        vec![]
+    );
+    let out = m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(900));
+    assert_eq!(reports(&out), [GroupStatus::Offline]);
+    assert_eq!(m.phase(), Phase::Done);
+}
+
+#[test]
+fn a_drain_is_hurried_before_the_lease_can_run_out() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    m.on(draining(), t0 + ms(100));
+    assert_eq!(m.next_wake(), Some(t0 + ms(500)));
+    assert_eq!(m.on(Event::Tick, t0 + ms(500)), vec![Action::Hurry]);
+    // Once.
+    assert_eq!(m.on(Event::Tick, t0 + ms(520)), vec![]);
+    // A revoke in the middle of a drain hurries it too.
+    let mut m = online(t0);
+    m.on(draining(), t0 + ms(100));
+    assert_eq!(m.on(revoked(), t0 + ms(150)), vec![Action::Hurry]);
 }
 
 #[test]
@@ -141,11 +168,7 @@ fn revoked_before_starting_releases_without_a_stop() {
     let t0 = Instant::now();
     let mut m = Machine::new(S);
     m.on(mine(1), t0);
-    let revoked = Event::View {
-        ours: true,
-        epoch: 1,
-        live: false,
-    };
+    let revoked = revoked();
     let out = m.on(revoked, t0);
     assert_eq!(reports(&out), [GroupStatus::Offline]);
     assert!(!out.iter().any(|a| matches!(a, Action::Stop { .. })));
@@ -225,15 +248,21 @@ fn changes_during_an_operation_wait_for_it() {
     let mut m = Machine::new(S);
     m.on(mine(1), t0);
     m.on(Event::Lease(Some(t0 + ms(600))), t0);
-    let revoked = Event::View {
-        ours: true,
-        epoch: 1,
-        live: false,
-    };
+    let revoked = revoked();
     assert_eq!(m.on(revoked, t0 + ms(5)), vec![], "the start is in flight");
     let out = m.on(Event::Done(Op::Start, Ok(())), t0 + ms(10));
     assert!(
         out.iter().any(|a| matches!(a, Action::Stop { .. })),
         "then it stops: {out:?}"
     );
+}
+
+#[test]
+fn a_handover_before_starting_releases_without_a_stop() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    let out = m.on(draining(), t0);
+    assert_eq!(reports(&out), [GroupStatus::Offline]);
+    assert!(!out.iter().any(|a| matches!(a, Action::Stop { .. })));
 }

@@ -32,6 +32,9 @@ pub trait Resource: Send + Sync + 'static {
     fn stop(&self, graceful: bool) -> OpFuture;
     /// Is it healthy?
     fn check(&self) -> OpFuture;
+    /// A graceful stop in flight must end now (the lease got short):
+    /// stop waiting for open work.
+    fn hurry(&self) {}
 }
 
 /// Run `op` in its own task until `deadline`. A hang (the deadline

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::machine::{Action, Event, Machine, Op, Settings};
+use super::machine::{Action, Event, Machine, Op, Phase, Settings};
 use super::{run_op, Resource};
 use crate::cluster::detector::now_ms;
 use crate::cluster::group_rpc::{GroupReply, GroupRequest};
@@ -57,8 +57,9 @@ impl GroupRunner {
         }
     }
 
-    /// This node's view of the group: (ours, epoch, live).
-    fn view(&self) -> Event {
+    /// This node's view of the group; a node that is leaving hands its
+    /// groups over as if the leader had asked.
+    fn view(&self, leaving: bool) -> Event {
         let v = self.cluster.view.borrow();
         let g = v
             .state
@@ -70,11 +71,13 @@ impl GroupRunner {
             ours: g.owner == Some(self.cluster.me.incarnation),
             epoch: g.epoch,
             live: !g.revoked && !g.released,
+            draining: g.draining || leaving,
         }
     }
 
-    /// Run until `cancel`; then stop the resources gracefully and release
-    /// the group, so the leader can place it at once.
+    /// Run until `cancel`; then hand the group over as if the leader had
+    /// asked — drain under a lease still renewed, stop, release — so the
+    /// leader can place it at once, and return.
     pub async fn run(self, cancel: CancellationToken) {
         let mut m = Machine::new(self.settings());
         let (done_tx, mut done) = mpsc::unbounded_channel::<(Op, Result<(), String>)>();
@@ -85,7 +88,8 @@ impl GroupRunner {
         let mut holding_epoch = 0;
         let mut renew = tokio::time::interval(self.cfg.lease / 4);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next = Some(self.view());
+        let (mut leaving, mut view_open) = (false, true);
+        let mut next = Some(self.view(leaving));
         let mut asked: Option<u64> = None;
         let declaring = tokio::spawn(declare(self.cluster.clone(), self.cfg.clone()));
         loop {
@@ -94,27 +98,30 @@ impl GroupRunner {
                     self.act(action, &m, &done_tx, &reports);
                 }
             }
+            if leaving
+                && !m.busy()
+                && matches!(m.phase(), Phase::Idle | Phase::Done | Phase::Fenced)
+            {
+                break;
+            }
             // Newly ours (or a new epoch): ask the voters at once rather
             // than at the next renewal tick — this is on the failover path.
             if m.renewing() != asked {
                 asked = m.renewing();
-                if let Some(epoch) = asked {
-                    if epoch != holding_epoch {
-                        holding.clear();
-                        holding_epoch = epoch;
-                    }
-                    self.renew(epoch, &grant_tx);
-                    renew.reset();
-                }
+                self.ask_voters(&m, &mut holding, &mut holding_epoch, &grant_tx);
+                renew.reset();
             }
             let wake = m.next_wake();
             next = Some(tokio::select! {
-                _ = cancel.cancelled() => break,
-                changed = view.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    self.view()
+                _ = cancel.cancelled(), if !leaving => {
+                    leaving = true;
+                    self.view(leaving)
+                }
+                changed = view.changed(), if view_open => {
+                    // The cluster is gone: nothing more to learn; leave.
+                    view_open = changed.is_ok();
+                    leaving |= !view_open;
+                    self.view(leaving)
                 }
                 Some((op, result)) = done.recv() => Event::Done(op, result),
                 Some((epoch, voter, sent, ttl)) = grants.recv() => {
@@ -124,20 +131,14 @@ impl GroupRunner {
                     Event::Lease(holding.valid_until(&self.cluster.voter_configs()))
                 }
                 _ = renew.tick() => {
-                    if let Some(epoch) = m.renewing() {
-                        if epoch != holding_epoch {
-                            holding.clear();
-                            holding_epoch = epoch;
-                        }
-                        self.renew(epoch, &grant_tx);
-                    }
+                    self.ask_voters(&m, &mut holding, &mut holding_epoch, &grant_tx);
                     Event::Lease(holding.valid_until(&self.cluster.voter_configs()))
                 }
                 _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => Event::Tick,
             });
         }
         declaring.abort();
-        self.shut_down(m, &done_tx, &mut done, &reports).await;
+        tracing::info!(group = %self.cfg.name, phase = ?m.phase(), "group runner stopped");
         // The last report (offline: released) should reach the leader
         // before the node leaves, but never holds the shutdown for long.
         drop(reports);
@@ -162,6 +163,12 @@ impl GroupRunner {
                 tracing::info!(%group, epoch, graceful, phase = ?m.phase(), "stopping the group's resources");
                 let deadline = Instant::now() + self.stop_budget(graceful);
                 self.spawn_op(Op::Stop, deadline, graceful, done);
+            }
+            Action::Hurry => {
+                tracing::warn!(%group, epoch, "the lease got short: ending the drain now");
+                for r in &self.resources {
+                    r.hurry();
+                }
             }
             Action::Check => {
                 let deadline = Instant::now() + self.cfg.check_timeout;
@@ -248,6 +255,24 @@ impl GroupRunner {
         });
     }
 
+    /// Renew the lease for the epoch the machine holds, if any (grants of
+    /// an earlier epoch are forgotten).
+    fn ask_voters(
+        &self,
+        m: &Machine,
+        holding: &mut Holding,
+        holding_epoch: &mut u64,
+        grants: &mpsc::UnboundedSender<(u64, NodeId, Instant, Duration)>,
+    ) {
+        if let Some(epoch) = m.renewing() {
+            if epoch != *holding_epoch {
+                holding.clear();
+                *holding_epoch = epoch;
+            }
+            self.renew(epoch, grants);
+        }
+    }
+
     /// Ask every voter for a grant under `epoch`; each answer comes back
     /// on `grants` with the time the request was sent.
     fn renew(&self, epoch: u64, grants: &mpsc::UnboundedSender<(u64, NodeId, Instant, Duration)>) {
@@ -304,37 +329,6 @@ impl GroupRunner {
             }
         });
         (tx, task)
-    }
-
-    /// At shutdown: as if the leader had revoked the group — let an
-    /// operation in flight finish, stop what runs (gracefully), report
-    /// offline (releasing it), and wait for the stop to end.
-    async fn shut_down(
-        &self,
-        mut m: Machine,
-        done_tx: &mpsc::UnboundedSender<(Op, Result<(), String>)>,
-        done: &mut mpsc::UnboundedReceiver<(Op, Result<(), String>)>,
-        reports: &mpsc::UnboundedSender<GroupCommand>,
-    ) {
-        let revoked = Event::View {
-            ours: true,
-            epoch: self.epoch(),
-            live: false,
-        };
-        let mut pending = m.on(revoked, Instant::now());
-        loop {
-            for action in pending.drain(..) {
-                self.act(action, &m, done_tx, reports);
-            }
-            if !m.busy() {
-                break;
-            }
-            match done.recv().await {
-                Some((op, r)) => pending = m.on(Event::Done(op, r), Instant::now()),
-                None => break,
-            }
-        }
-        tracing::info!(group = %self.cfg.name, phase = ?m.phase(), "group runner stopped");
     }
 }
 
