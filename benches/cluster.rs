@@ -37,7 +37,6 @@ fn config(listen: SocketAddr, seeds: &[SocketAddr], secret: &Path) -> ClusterCon
         join_backoff_min: Duration::from_millis(100),
         join_backoff_max: Duration::from_secs(2),
         join_timeout: Duration::from_secs(30),
-        max_group_lease: Duration::ZERO,
     }
 }
 

@@ -144,7 +144,6 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             join_backoff_min: Duration::from_millis(20),
             join_backoff_max: Duration::from_millis(300),
             join_timeout: Duration::from_secs(10),
-            max_group_lease: g.lease,
         };
         let data = dir.path().join(name);
         let node = ClusterNode::start(&cfg, name, &data, cancel.clone(), &tracker)
@@ -160,7 +159,6 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
         tracker.spawn(manager::run(
             node.handle.clone(),
             if defines { vec![policy] } else { Vec::new() },
-            cfg.max_group_lease,
             cfg.heartbeat_interval,
             cancel.clone(),
         ));

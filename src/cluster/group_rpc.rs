@@ -3,6 +3,7 @@
 //! group back), and owners' reports (as the leader, into the log).
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::time::Instant;
 
 use super::groups::GroupCommand;
 use super::identity::Identity;
-use super::lease::Grants;
+use super::lease::{Grants, MAX_LEASE};
 use super::store::ClusterView;
 use super::types::{Command, NodeId, Response, TypeConfig};
 
@@ -67,22 +68,69 @@ pub struct GroupService {
     raft: Raft<TypeConfig>,
     view: watch::Receiver<ClusterView>,
     grants: Mutex<Grants>,
+    longest: Mutex<Longest>,
+}
+
+/// The longest grant this voter ever promised, in a file: a restarted
+/// voter vouches for that long, whatever its configuration says now.
+struct Longest {
+    path: PathBuf,
+    ttl: Duration,
+}
+
+impl Longest {
+    /// What the file says; an unreadable one counts as the most a voter
+    /// ever promises.
+    fn load(path: PathBuf) -> Longest {
+        let ttl = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map(Duration::from_millis).unwrap_or_else(|_| {
+                tracing::warn!(path = %path.display(), "unreadable lease record: assuming the longest lease");
+                MAX_LEASE
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Duration::ZERO,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the lease record: assuming the longest lease");
+                MAX_LEASE
+            }
+        };
+        Longest { path, ttl }
+    }
+
+    /// Make sure a promise of `ttl` is covered after a restart: record it
+    /// (durably) before it is made, if it is the longest yet. Rare: once
+    /// per new, longer lease.
+    fn cover(&mut self, ttl: Duration) -> std::io::Result<()> {
+        if ttl <= self.ttl {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, ttl.as_millis().to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.ttl = ttl;
+        Ok(())
+    }
 }
 
 impl GroupService {
-    /// A service for node `me`; `grace` is the longest lease this node
-    /// could have granted before it (re)started.
+    /// A service for node `me`, recording its longest promise in `record`.
     pub fn new(
         me: Identity,
         raft: Raft<TypeConfig>,
         view: watch::Receiver<ClusterView>,
-        grace: Duration,
+        record: PathBuf,
     ) -> Arc<GroupService> {
+        let longest = Longest::load(record);
         Arc::new(GroupService {
             me,
             raft,
             view,
-            grants: Mutex::new(Grants::new(Instant::now(), grace)),
+            grants: Mutex::new(Grants::new(Instant::now(), longest.ttl)),
+            longest: Mutex::new(longest),
         })
     }
 
@@ -111,7 +159,15 @@ impl GroupService {
         }
         let view = self.view.borrow();
         let g = view.state.groups.get(group);
-        let ttl = Duration::from_millis(ttl_ms);
+        let ttl = Duration::from_millis(ttl_ms).min(MAX_LEASE);
+        let covered = self
+            .longest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cover(ttl);
+        if let Err(e) = covered {
+            return GroupReply::Refused(format!("cannot record the lease length: {e}"));
+        }
         let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
         match grants.grant(group, from.incarnation, epoch, g, ttl, Instant::now()) {
             Ok(t) => GroupReply::Granted {

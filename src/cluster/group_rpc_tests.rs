@@ -37,7 +37,7 @@ fn assign(epoch: u64, owner: NodeId) -> GroupCommand {
 async fn a_voter_grants_the_owner_and_reports_outstanding_after_the_revoke() {
     let dir = tempfile::tempdir().unwrap();
     let (raft, view) = single_leader(dir.path()).await;
-    let svc = GroupService::new(ident(ME), raft.clone(), view, Duration::from_millis(TTL_MS));
+    let svc = GroupService::new(ident(ME), raft.clone(), view, dir.path().join("longest"));
     let owner = ident(7);
     let refused = svc.handle(&owner, grant(1)).await;
     assert!(matches!(refused, GroupReply::Refused(_)), "{refused:?}");
@@ -67,7 +67,7 @@ async fn a_voter_grants_the_owner_and_reports_outstanding_after_the_revoke() {
     match svc.handle(&ident(ME), ask).await {
         GroupReply::Outstanding {
             remaining_ms: Some(ms),
-        } => assert!(ms > 0 && ms <= TTL_MS, "{ms}"),
+        } => assert!(ms <= TTL_MS, "{ms}"),
         other => panic!("{other:?}"),
     }
     // Revoked: no more grants for the epoch.
@@ -80,7 +80,12 @@ async fn a_voter_grants_the_owner_and_reports_outstanding_after_the_revoke() {
 async fn the_leader_records_reports_only_about_the_caller() {
     let dir = tempfile::tempdir().unwrap();
     let (raft, view) = single_leader(dir.path()).await;
-    let svc = GroupService::new(ident(ME), raft.clone(), view.clone(), Duration::ZERO);
+    let svc = GroupService::new(
+        ident(ME),
+        raft.clone(),
+        view.clone(),
+        dir.path().join("longest"),
+    );
     write(&raft, assign(1, 7)).await;
     let report = |node| {
         GroupRequest::Record(GroupCommand::Report {
@@ -118,10 +123,21 @@ async fn the_leader_records_reports_only_about_the_caller() {
 }
 
 #[tokio::test]
-async fn a_restarted_voter_vouches_for_its_grace() {
+async fn a_restarted_voter_vouches_for_the_longest_lease_it_ever_promised() {
     let dir = tempfile::tempdir().unwrap();
     let (raft, view) = single_leader(dir.path()).await;
+    let record = dir.path().join("longest");
     write(&raft, assign(1, 7)).await;
+    let before = GroupService::new(ident(ME), raft.clone(), view.clone(), record.clone());
+    let long = GroupRequest::Grant {
+        group: "mta".into(),
+        epoch: 1,
+        ttl_ms: 5_000,
+    };
+    assert_eq!(
+        before.handle(&ident(7), long).await,
+        GroupReply::Granted { ttl_ms: 5_000 }
+    );
     let revoke = GroupCommand::Revoke {
         group: "mta".into(),
         epoch: 1,
@@ -129,15 +145,18 @@ async fn a_restarted_voter_vouches_for_its_grace() {
         at_ms: 2,
     };
     write(&raft, revoke).await;
-    let svc = GroupService::new(ident(ME), raft.clone(), view, Duration::from_secs(5));
+    // Restarted — the promise forgotten, the record kept: it still
+    // answers as if it had promised 5 s from its start.
+    drop(before);
+    let after = GroupService::new(ident(ME), raft.clone(), view, record);
     let ask = GroupRequest::Outstanding {
         group: "mta".into(),
         epoch: 1,
     };
-    match svc.handle(&ident(ME), ask).await {
+    match after.handle(&ident(ME), ask).await {
         GroupReply::Outstanding {
             remaining_ms: Some(ms),
-        } => assert!(ms > 4_000, "{ms}"),
+        } => assert!(ms > TTL_MS, "{ms}: vouches for the 5 s, not a default"),
         other => panic!("{other:?}"),
     }
     raft.shutdown().await.unwrap();

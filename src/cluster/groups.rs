@@ -75,6 +75,9 @@ pub struct GroupState {
     /// Whether it moves back to a more preferred node, likewise.
     #[serde(default)]
     pub failback: bool,
+    /// Its lease in ms, likewise (0: not declared).
+    #[serde(default)]
+    pub lease_ms: u64,
     /// Nodes where a stop failed: the group is never placed there again
     /// until they come back clean.
     pub fenced: BTreeSet<NodeId>,
@@ -159,6 +162,9 @@ pub enum GroupCommand {
         preferred: Vec<String>,
         /// Move back to a more preferred node.
         failback: bool,
+        /// The lease owners ask for, in ms.
+        #[serde(default)]
+        lease_ms: u64,
     },
     /// Keep the group off `node` (a stop failed there), or allow it again.
     Fence {
@@ -267,13 +273,16 @@ impl GroupCommand {
             GroupCommand::Declare {
                 preferred,
                 failback,
+                lease_ms,
                 ..
             } => {
-                if g.preferred == *preferred && g.failback == *failback {
+                let same = g.preferred == *preferred && g.failback == *failback;
+                if same && g.lease_ms == *lease_ms {
                     return Response::Stale;
                 }
                 g.preferred = preferred.clone();
                 g.failback = *failback;
+                g.lease_ms = *lease_ms;
             }
             GroupCommand::Fence {
                 node,

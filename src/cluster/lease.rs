@@ -16,9 +16,9 @@
 //! elected, and a new leader learns the promises by asking.
 //!
 //! Promises live in memory. A voter that restarts cannot vouch for what it
-//! promised before, so for one lease length after it starts it answers as
-//! if it had promised up to then — which is sound only because it never
-//! promises longer than that length: the cap and the grace are one value.
+//! promised before, so for a while after it starts it answers as if it had
+//! promised up to then: for the longest promise it ever made, which it
+//! records on disk before it first promises that long (see group_rpc).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -27,6 +27,9 @@ use tokio::time::Instant;
 
 use super::groups::GroupState;
 use super::types::NodeId;
+
+/// Longest grant a voter gives, whatever the owner asks for.
+pub const MAX_LEASE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
 struct Promise {
@@ -37,18 +40,19 @@ struct Promise {
 #[derive(Debug)]
 pub struct Grants {
     started: Instant,
-    /// The longest promise this voter makes; for that long after it
-    /// starts it covers promises it may have made before a restart.
-    limit: Duration,
+    /// For this long after it starts, this voter covers promises it may
+    /// have made before a restart.
+    grace: Duration,
     promises: HashMap<String, Promise>,
 }
 
 impl Grants {
-    /// A voter that started at `started` and promises at most `limit`.
-    pub fn new(started: Instant, limit: Duration) -> Grants {
+    /// A voter that started at `started` and may have promised up to
+    /// `grace` before.
+    pub fn new(started: Instant, grace: Duration) -> Grants {
         Grants {
             started,
-            limit,
+            grace,
             promises: HashMap::new(),
         }
     }
@@ -76,7 +80,7 @@ impl Grants {
         if g.revoked || g.released {
             return Err(format!("{group} epoch {epoch} is over"));
         }
-        let ttl = ttl.min(self.limit);
+        let ttl = ttl.min(MAX_LEASE);
         let until = now + ttl;
         let p = self
             .promises
@@ -92,7 +96,7 @@ impl Grants {
             .promises
             .get(group)
             .map_or(Duration::ZERO, |p| p.until.saturating_duration_since(now));
-        let grace = (self.started + self.limit).saturating_duration_since(now);
+        let grace = (self.started + self.grace).saturating_duration_since(now);
         promised.max(grace)
     }
 }

@@ -50,12 +50,10 @@ type Revocations = Arc<Mutex<HashMap<String, Revocation>>>;
 /// Run until `cancel`: every `period`, while leading, manage `groups` —
 /// and any other group already in the cluster state, which some other
 /// node's configuration defines and declared (a witness may lead without
-/// defining any): those are placed as declared, with `fallback_lease`
-/// setting the clock margin.
+/// defining any): those are placed as declared.
 pub async fn run(
     cluster: ClusterHandle,
     groups: Vec<GroupPolicy>,
-    fallback_lease: Duration,
     period: Duration,
     cancel: CancellationToken,
 ) {
@@ -111,7 +109,11 @@ pub async fn run(
                 name: name.clone(),
                 preferred: g.preferred.clone(),
                 failback: g.failback,
-                lease: fallback_lease,
+                // Unknown: the longest, for the widest clock margin.
+                lease: match g.lease_ms {
+                    0 => lease::MAX_LEASE,
+                    ms => Duration::from_millis(ms),
+                },
             })
             .collect();
         let all: Vec<GroupPolicy> = groups.iter().cloned().chain(others).collect();

@@ -155,7 +155,7 @@ impl ClusterNode {
             identity.clone(),
             raft.clone(),
             view.clone(),
-            cfg.max_group_lease,
+            dir.join("longest-lease"),
         );
         let handler = RaftHandler::new(identity.clone(), raft.clone())
             .with_heard(signals.acks.clone())

@@ -28,7 +28,6 @@ fn config(listen: SocketAddr, seeds: &[SocketAddr], secret: &Path) -> ClusterCon
         join_backoff_min: Duration::from_millis(20),
         join_backoff_max: Duration::from_millis(300),
         join_timeout: Duration::from_secs(10),
-        max_group_lease: Duration::ZERO,
     }
 }
 

@@ -168,7 +168,6 @@ impl Sim {
             join_backoff_min: Duration::from_millis(20),
             join_backoff_max: Duration::from_millis(500),
             join_timeout: Duration::from_secs(5),
-            max_group_lease: Duration::ZERO,
         }
     }
 

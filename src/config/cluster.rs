@@ -79,7 +79,6 @@ pub(super) fn read_cluster(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> ClusterConfi
         join_backoff_max,
         join_timeout,
         // Set from the [[group]]s once they are read.
-        max_group_lease: Duration::ZERO,
     }
 }
 

@@ -12,8 +12,7 @@ use super::cluster::ms_or;
 use super::reader::{Ctx, Fields, Node};
 use super::{GroupConfig, VipProvider};
 
-/// A group's lease unless configured; also what a voter without groups
-/// grants at most.
+/// A group's lease unless configured.
 pub(super) const DEFAULT_LEASE: Duration = Duration::from_millis(600);
 
 /// Every `[[group]]`, each checked, names unique.

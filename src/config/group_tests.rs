@@ -126,24 +126,10 @@ fn groups_need_a_cluster() {
 }
 
 #[test]
-fn what_a_voter_promises_at_most() {
-    // Without groups (a witness, say) it still votes on others' leases.
-    let c = load_str(BASE, "g.toml").unwrap_or_else(|e| panic!("{e}"));
-    let cluster = c.cluster.unwrap();
-    assert_eq!(cluster.max_group_lease, Duration::from_millis(600));
-    let g = |name: &str, vip: &str, lease: &str| {
-        format!(
-            "[[group]]\nname = \"{name}\"\nvip = \"{vip}\"\nprovider = \"loopback\"\nlease = \"{lease}\"\n"
-        )
-    };
-    let text = format!(
-        "{BASE}{}{}",
-        g("a", "127.0.0.9", "2s"),
-        g("b", "127.0.0.10", "1s")
+fn a_lease_longer_than_a_voter_promises_is_refused() {
+    let errs = errors(
+        "[[group]]\nname = \"a\"\nvip = \"127.0.0.9\"\nprovider = \"loopback\"\nlease = \"2m\"\n",
     );
-    let c = load_str(&text, "g.toml").unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.cluster.unwrap().max_group_lease, Duration::from_secs(2));
-    let errs = errors(&g("a", "127.0.0.9", "2m"));
     assert!(
         errs.iter()
             .any(|(f, _, m)| f == "group[0].lease" && m.contains("at most 60s")),

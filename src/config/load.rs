@@ -124,17 +124,6 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         .and_then(|n| ctx.table(&n))
         .map(|f| super::cluster::read_cluster(ctx, f));
     let groups = super::group::read_groups(ctx, &mut root, cluster.is_some());
-    let mut cluster = cluster;
-    if let Some(c) = cluster.as_mut() {
-        // What this node promises as a voter at most (and vouches for after
-        // a restart): a node without groups — a witness, say — still votes
-        // on other nodes' leases.
-        c.max_group_lease = groups
-            .iter()
-            .map(|g| g.lease)
-            .max()
-            .unwrap_or(super::group::DEFAULT_LEASE);
-    }
     let mut accept = Vec::new();
     let smtp = optional(ctx, &mut root, "smtp");
     // With groups, SMTP is served on their VIPs: no node address unless

@@ -70,10 +70,6 @@ pub struct ClusterConfig {
     pub join_backoff_max: Duration,
     /// A join that has not finished by then is rolled back.
     pub join_timeout: Duration,
-    /// The longest `lease` of any `[[group]]` (the default lease without
-    /// groups): as a voter this node grants at most this long, and after a
-    /// restart vouches for grants it may have given for this long.
-    pub max_group_lease: Duration,
 }
 
 /// `[[group]]`: a resource group the cluster places on one node at a time.

@@ -340,6 +340,7 @@ async fn declare(cluster: ClusterHandle, cfg: GroupConfig) {
         group: cfg.name.clone(),
         preferred: cfg.preferred_nodes.clone(),
         failback: cfg.failback,
+        lease_ms: cfg.lease.as_millis() as u64,
     };
     let mut pause = cfg.lease / 4;
     loop {
@@ -349,7 +350,11 @@ async fn declare(cluster: ClusterHandle, cfg: GroupConfig) {
             .state
             .groups
             .get(&cfg.name)
-            .is_some_and(|g| g.preferred == cfg.preferred_nodes && g.failback == cfg.failback);
+            .is_some_and(|g| {
+                let mut declared = g.clone();
+                // Stale if nothing would change.
+                cmd.apply(&mut declared) == crate::cluster::types::Response::Stale
+            });
         if done {
             return;
         }

@@ -58,7 +58,6 @@ pub fn start(
     tokio::spawn(manager::run(
         cluster.handle.clone(),
         policies,
-        cc.max_group_lease,
         cc.heartbeat_interval,
         cluster_cancel,
     ));
