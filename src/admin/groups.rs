@@ -92,7 +92,9 @@ pub(super) async fn move_to(
     let Some(ClusterReadout { handle, groups, .. }) = &s.cluster else {
         return problem(StatusCode::NOT_FOUND, "this node runs alone: no groups");
     };
-    if !groups.contains(&group) {
+    // Defined here, or declared by another member (a witness defines none).
+    let known = groups.contains(&group) || handle.view.borrow().state.groups.contains_key(&group);
+    if !known {
         return problem(StatusCode::NOT_FOUND, format!("no group named {group}"));
     }
     let to = {

@@ -195,6 +195,14 @@ impl GroupCommand {
         }
     }
 
+    /// Whether it may bring a group into the state.
+    pub fn creates(&self) -> bool {
+        matches!(
+            self,
+            GroupCommand::Assign { .. } | GroupCommand::Declare { .. }
+        )
+    }
+
     /// Applies to the group's state (a default one if it is new).
     /// Commands for another epoch than they expect change nothing: an
     /// owner's late report or a leader's decision on an older view cannot
@@ -208,7 +216,10 @@ impl GroupCommand {
                 at_ms,
                 ..
             } => {
-                if *epoch != g.epoch + 1 {
+                // Never over a live epoch: only after a revoke or a release
+                // (or onto an unplaced group) — whatever a stale leader saw.
+                let live = g.owner.is_some() && !g.revoked && !g.released;
+                if *epoch != g.epoch + 1 || live {
                     return Response::Stale;
                 }
                 g.owner = *owner;

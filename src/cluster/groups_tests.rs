@@ -40,6 +40,10 @@ fn epochs_advance_one_at_a_time() {
     assert_eq!(assign(1, Some(2)).apply(&mut g), Response::Stale);
     assert_eq!(assign(3, Some(2)).apply(&mut g), Response::Stale);
     assert_eq!((g.owner, g.epoch), (Some(1), 1));
+    // Never over a live epoch: first a revoke (or a release).
+    assert_eq!(assign(2, Some(2)).apply(&mut g), Response::Stale);
+    revoke(1).apply(&mut g);
+    assert_eq!(assign(2, Some(2)).apply(&mut g), Response::Done);
 }
 
 #[test]
@@ -78,6 +82,7 @@ fn a_revoked_epoch_ends_when_its_owner_releases_it() {
 fn only_the_owner_reports_and_only_for_its_epoch() {
     let mut g = GroupState::default();
     assign(1, Some(1)).apply(&mut g);
+    revoke(1).apply(&mut g);
     assign(2, Some(2)).apply(&mut g);
     assert_eq!(
         report(1, 1, GroupStatus::Online).apply(&mut g),
@@ -114,8 +119,10 @@ fn a_move_is_cleared_by_the_assignment_it_asked_for() {
     };
     mv.apply(&mut g);
     assert_eq!(g.move_to, Some(2));
+    revoke(1).apply(&mut g);
     assign(2, Some(3)).apply(&mut g);
     assert_eq!(g.move_to, Some(2), "not there yet");
+    revoke(2).apply(&mut g);
     assign(3, Some(2)).apply(&mut g);
     assert_eq!(g.move_to, None);
 }
@@ -195,4 +202,19 @@ fn a_drain_marks_a_live_epoch_until_the_next_assignment() {
     assert!(g.released);
     assert_eq!(assign(2, Some(4)).apply(&mut g), Response::Done);
     assert!(!g.draining);
+}
+
+#[test]
+fn only_a_placement_or_a_declaration_brings_a_group_into_the_state() {
+    let mut s = ClusterState::default();
+    let typo = GroupCommand::Move {
+        group: "mtaa".into(),
+        to: Some(2),
+        at_ms: 1,
+    };
+    assert_eq!(s.apply(&Command::Group(typo)), Response::Stale);
+    assert_eq!(s.apply(&Command::Group(revoke(1))), Response::Stale);
+    assert!(s.groups.is_empty(), "{:?}", s.groups);
+    assert_eq!(s.apply(&Command::Group(assign(1, Some(9)))), Response::Done);
+    assert!(s.groups.contains_key("mta"));
 }

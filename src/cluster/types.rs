@@ -204,7 +204,15 @@ impl ClusterState {
                 Some(_) => Response::Done,
                 None => Response::UnknownMember,
             },
-            Command::Group(g) => g.apply(self.groups.entry(g.group().to_string()).or_default()),
+            Command::Group(g) => match self.groups.get_mut(g.group()) {
+                Some(state) => g.apply(state),
+                // Only a first placement or a declaration makes a group: a
+                // move or report naming an unknown one must not invent it.
+                None if g.creates() => {
+                    g.apply(self.groups.entry(g.group().to_string()).or_default())
+                }
+                None => Response::Stale,
+            },
             Command::SetState {
                 id,
                 state,

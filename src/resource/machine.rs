@@ -7,7 +7,9 @@
 //! - resources run only while the lease holds for longer than the stop
 //!   margin; when the lease gets that close to its end they are stopped
 //!   hard, before it can run out (the next owner may start after it);
-//! - one operation at a time, each with a deadline the driver enforces;
+//! - one operation at a time, each with a deadline the driver enforces —
+//!   except that a check in flight never holds up a stop: the stop goes
+//!   out at once and the check's late result is ignored;
 //! - a failed start or check restarts the group in place, at most
 //!   `max_restarts` times within `restart_window`; beyond that the owner
 //!   stops, reports the group failed, and the leader moves it;
@@ -235,11 +237,13 @@ impl Machine {
                 self.draining = draining;
             }
             Event::Lease(until) => self.lease = until,
-            Event::Done(op, result) => {
+            // A check overtaken by a stop ends unheard.
+            Event::Done(op, result) if self.busy == Some(op) => {
                 self.busy = None;
                 self.draining_stop = false;
                 self.finished(op, result, now, &mut out);
             }
+            Event::Done(..) => {}
             Event::Tick => {}
         }
         self.step(now, &mut out);
@@ -328,10 +332,14 @@ impl Machine {
             self.draining_stop = false;
             out.push(Action::Hurry);
         }
+        let mine = self.ours && self.live;
+        let must_stop = !mine || !self.lease_ok(now);
+        if self.busy == Some(Op::Check) && self.phase == Phase::Online && must_stop {
+            self.busy = None;
+        }
         if self.busy.is_some() {
             return;
         }
-        let mine = self.ours && self.live;
         match self.phase {
             Phase::Idle if mine && !self.draining => self.phase = Phase::Waiting,
             Phase::Waiting if !mine || self.draining => {

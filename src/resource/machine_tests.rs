@@ -266,3 +266,22 @@ fn a_handover_before_starting_releases_without_a_stop() {
     assert_eq!(reports(&out), [GroupStatus::Offline]);
     assert!(!out.iter().any(|a| matches!(a, Action::Stop { .. })));
 }
+
+#[test]
+fn a_check_in_flight_never_holds_up_the_stop_at_lease_end() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    let lease = Event::Lease(Some(t0 + ms(2600)));
+    m.on(lease, t0 + ms(2000));
+    // The check at 2 s hangs; the lease is not renewed.
+    assert_eq!(m.on(Event::Tick, t0 + ms(2010)), vec![Action::Check]);
+    assert_eq!(m.next_wake(), Some(t0 + ms(2500)));
+    let out = m.on(Event::Tick, t0 + ms(2500));
+    assert_eq!(out, vec![Action::Stop { graceful: false }]);
+    // The check's late answer changes nothing; the stop's does.
+    let late = Event::Done(Op::Check, Err("timed out".into()));
+    assert_eq!(m.on(late, t0 + ms(3000)), vec![]);
+    assert!(m.busy());
+    m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(3010));
+    assert_eq!(m.phase(), Phase::Waiting);
+}

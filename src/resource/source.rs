@@ -1,6 +1,7 @@
 //! The outbound source address: while a group is online here, associations
 //! of routes that name no `source_address` leave from its VIP, so next hops
-//! see the VIP in both directions.
+//! see the VIP in both directions. With several groups online here, mail
+//! leaves from the VIP of the one online longest.
 
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -9,19 +10,23 @@ use super::{OpFuture, Resource};
 
 /// The source address routes use by default; shared with delivery.
 #[derive(Debug, Clone, Default)]
-pub struct SourceSlot(Arc<RwLock<Option<IpAddr>>>);
+pub struct SourceSlot(Arc<RwLock<Vec<IpAddr>>>);
 
 impl SourceSlot {
     /// The address now, if a group is online.
     pub fn get(&self) -> Option<IpAddr> {
-        *self.0.read().unwrap_or_else(|e| e.into_inner())
+        self.0.read().unwrap_or_else(|e| e.into_inner()).first().copied()
     }
 
-    fn set(&self, from: Option<IpAddr>, to: Option<IpAddr>) {
+    fn offered(&self, addr: IpAddr) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).contains(&addr)
+    }
+
+    fn offer(&self, addr: IpAddr, on: bool) {
         let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
-        // With several groups here, only the one that set it clears it.
-        if from.is_none() || *slot == from {
-            *slot = to;
+        slot.retain(|a| *a != addr);
+        if on {
+            slot.push(addr);
         }
     }
 }
@@ -45,17 +50,17 @@ impl Resource for DeliverySource {
     }
 
     fn start(&self) -> OpFuture {
-        self.slot.set(None, Some(self.addr));
+        self.slot.offer(self.addr, true);
         Box::pin(async { Ok(()) })
     }
 
     fn stop(&self, _graceful: bool) -> OpFuture {
-        self.slot.set(Some(self.addr), None);
+        self.slot.offer(self.addr, false);
         Box::pin(async { Ok(()) })
     }
 
     fn check(&self) -> OpFuture {
-        let ok = self.slot.get() == Some(self.addr);
+        let ok = self.slot.offered(self.addr);
         let addr = self.addr;
         Box::pin(async move {
             if ok {
@@ -72,15 +77,19 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_slot_follows_the_group_and_one_group_does_not_clear_another() {
+    async fn the_slot_follows_the_groups_and_two_groups_live_side_by_side() {
         let slot = SourceSlot::default();
         let a = DeliverySource::new(slot.clone(), "198.18.0.100".parse().unwrap());
         let b = DeliverySource::new(slot.clone(), "198.18.0.101".parse().unwrap());
+        assert!(a.check().await.is_err(), "not started");
         a.start().await.unwrap();
         assert_eq!(slot.get(), Some("198.18.0.100".parse().unwrap()));
         a.check().await.unwrap();
         b.start().await.unwrap();
-        assert!(a.check().await.is_err());
+        // Both healthy (one failing would restart it, and then the other).
+        a.check().await.unwrap();
+        b.check().await.unwrap();
+        assert_eq!(slot.get(), Some("198.18.0.100".parse().unwrap()));
         a.stop(true).await.unwrap();
         assert_eq!(slot.get(), Some("198.18.0.101".parse().unwrap()));
         b.stop(false).await.unwrap();
