@@ -23,6 +23,7 @@ fn write_config(
     cluster: &[SocketAddr],
     admin: &[SocketAddr],
     vip: SocketAddr,
+    failback: bool,
 ) -> PathBuf {
     let name = NAMES[i];
     let seeds: Vec<String> = cluster.iter().map(|s| format!("\"{s}\"")).collect();
@@ -56,6 +57,7 @@ vip = "{vip_ip}"
 provider = "loopback"
 smtp_port = {vip_port}
 preferred_nodes = ["node-a", "node-b", "node-c"]
+failback = {failback}
 lease = "600ms"
 check_interval = "500ms"
 check_timeout = "400ms"
@@ -137,8 +139,16 @@ async fn delivered(outbox: &Path, subject: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
+/// Three nodes with a loopback VIP on 127.0.0.100, started.
+struct Three {
+    dir: tempfile::TempDir,
+    nodes: Vec<Daemon>,
+    configs: Vec<PathBuf>,
+    admin: Vec<SocketAddr>,
+    vip: SocketAddr,
+}
+
+async fn three(failback: bool) -> Three {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("cluster.key"),
@@ -148,18 +158,32 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     let cluster: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
     let admin: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
     // A loopback VIP: every 127/8 address is local, so it needs no setup.
-    let vip_ip = "127.0.0.100";
-    let vip: SocketAddr = std::net::TcpListener::bind((vip_ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let vip = SocketAddr::from(([127, 0, 0, 100], free_port().port()));
     let configs: Vec<PathBuf> = (0..3)
-        .map(|i| write_config(dir.path(), i, &cluster, &admin, vip))
+        .map(|i| write_config(dir.path(), i, &cluster, &admin, vip, failback))
         .collect();
     let mut nodes = Vec::new();
     for c in &configs {
         nodes.push(Daemon::start(c).await);
     }
+    Three {
+        dir,
+        nodes,
+        configs,
+        admin,
+        vip,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
+    let Three {
+        dir,
+        mut nodes,
+        configs,
+        admin,
+        vip,
+    } = three(false).await;
     let mut seen = Vec::new();
     until_greeted_by(vip, "node-a", &mut seen).await;
     send(vip, "before the failover").await;
@@ -173,11 +197,10 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     send(vip, "after the failover").await;
     delivered(&dir.path().join("node-b/outbox"), "after the failover").await;
 
-    // node-a returns: no failback by default, the VIP stays on node-b.
+    // node-a returns: no failback by default, the VIP stays on node-b
+    // (with failback, the same return moves it back: see below).
     nodes[0] = Daemon::start(&configs[0]).await;
-    nodes[0]
-        .wait_line(|l| l.contains("joined the cluster"))
-        .await;
+    nodes_until(admin[1], |rows| all_voting(rows, 3)).await;
     for _ in 0..10 {
         let who = greeter(vip).await;
         assert_eq!(who.as_deref(), Some("node-b.example.test"));
@@ -246,4 +269,40 @@ async fn groups_json(admin: SocketAddr) -> Vec<serde_json::Value> {
     let (ok, text) = ctl(admin, &["groups", "--json"]).await;
     assert!(ok, "{text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_failback_the_vip_returns_to_its_preferred_node() {
+    let Three {
+        dir: _dir,
+        mut nodes,
+        configs,
+        admin,
+        vip,
+    } = three(true).await;
+    let mut seen = Vec::new();
+    until_greeted_by(vip, "node-a", &mut seen).await;
+    nodes_until(admin[1], |rows| all_voting(rows, 3)).await;
+    nodes[0].child.start_kill().unwrap();
+    nodes[0].child.wait().await.unwrap();
+    until_greeted_by(vip, "node-b", &mut seen).await;
+    // node-a is back: node-b drains and hands the VIP back to it.
+    nodes[0] = Daemon::start(&configs[0]).await;
+    until_greeted_by(vip, "node-a", &mut seen).await;
+    let g = &groups_json(admin[2]).await[0];
+    assert_eq!(g["owner"], "node-a", "{g}");
+    assert!(g["epoch"].as_u64().unwrap() >= 3, "a, b, then a again: {g}");
+    assert_eq!(
+        seen,
+        [
+            "node-a.example.test",
+            "node-b.example.test",
+            "node-a.example.test"
+        ],
+        "one owner at a time, in order"
+    );
+    for mut n in nodes {
+        let _ = n.child.start_kill();
+        let _ = n.child.wait().await;
+    }
 }

@@ -35,6 +35,8 @@ enum Check {
     /// Hang for ever (the monitor's deadline must end it).
     HangForever,
     Panic,
+    /// The check fails, and so does the stop that follows.
+    BrokenStop,
     /// Not a resource at all: node a is a witness whose configuration does
     /// not define the group (no policy for its manager, no runner).
     Witness,
@@ -58,6 +60,9 @@ impl Resource for TestResource {
     }
 
     fn stop(&self, _graceful: bool) -> OpFuture {
+        if self.check == Check::BrokenStop {
+            return Box::pin(async { Err("the address would not go".to_string()) });
+        }
         self.started.store(false, Ordering::SeqCst);
         Box::pin(async { Ok(()) })
     }
@@ -76,6 +81,7 @@ impl Resource for TestResource {
                 std::future::pending().await
             }),
             Check::Panic => Box::pin(async { panic!("a bug in the resource") }),
+            Check::BrokenStop => Box::pin(async { Err("broken".to_string()) }),
         }
     }
 }
@@ -259,14 +265,17 @@ async fn ctl_answers_while_a_resource_operation_hangs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_that_hangs_past_its_deadline_fails_the_group_over() {
     let c = cluster(Check::HangForever, Duration::from_millis(300)).await;
-    assert_eq!(c.online_on(|i| i == 0).await, 0);
+    // Online on a (the first preferred), whose check then hangs; awaited
+    // through the resource, since the group may be online there only
+    // briefly.
+    c.hanging.notified().await;
     let now = c.online_on(|i| i != 0).await;
     assert!(!c.started[0].load(Ordering::SeqCst), "stopped on a");
     assert!(
         c.started[now].load(Ordering::SeqCst),
         "running where it moved"
     );
-    let g = c.nodes[0].view.borrow().state.groups["mta"].clone();
+    let g = c.nodes[now].view.borrow().state.groups["mta"].clone();
     assert!(g.epoch >= 2, "a new epoch elsewhere: {g:?}");
     c.stop().await;
 }
@@ -277,6 +286,25 @@ async fn a_check_that_panics_fails_the_group_over() {
     let now = c.online_on(|i| i != 0).await;
     assert!(!c.started[0].load(Ordering::SeqCst));
     assert!(c.started[now].load(Ordering::SeqCst));
+    // Placed on a first (preferred), then moved: a later epoch.
+    let g = c.nodes[now].view.borrow().state.groups["mta"].clone();
+    assert!(g.epoch >= 2, "moved, not placed elsewhere first: {g:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_fails_fences_the_node_and_the_group_moves_on() {
+    let c = cluster(Check::BrokenStop, Duration::from_millis(300)).await;
+    let now = c.online_on(|i| i != 0).await;
+    let g = c.nodes[now].view.borrow().state.groups["mta"].clone();
+    let a = c.nodes[0].identity.incarnation;
+    assert!(g.fenced.contains(&a), "a is fenced: {g:?}");
+    // a's resource never stopped; the group moved on once the grants for
+    // a's epoch ran out, and ctl shows the fence for the operator to clear.
+    assert!(c.started[0].load(Ordering::SeqCst));
+    let groups = client::run(&c.admin, &Command::Groups, true).await.unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&groups.text).unwrap();
+    assert_eq!(rows[0]["fenced"], serde_json::json!(["a"]), "{rows}");
     c.stop().await;
 }
 

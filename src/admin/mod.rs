@@ -8,7 +8,6 @@ mod groups;
 
 pub use groups::GroupRow;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,7 +93,8 @@ pub struct NodeRow {
     pub incarnation: u64,
     /// "member" or "witness".
     pub role: String,
-    /// "voter" or "non-voter".
+    /// "voter", "non-voter", or "changing" while a membership change
+    /// between two voter sets is under way and the node is in only one.
     pub vote: String,
     /// up, suspect or down, as the leader published it.
     pub state: String,
@@ -181,7 +181,9 @@ async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
     let (raft, view) = (&handle.raft, &handle.view);
     let m = raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
-    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let configs = membership.get_joint_config();
+    let in_all = |id: &u64| configs.iter().all(|c| c.contains(id));
+    let in_any = |id: &u64| configs.iter().any(|c| c.contains(id));
     let state = view.borrow().state.clone();
     let rows = membership
         .nodes()
@@ -191,8 +193,10 @@ async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
                 name: member.name.clone(),
                 incarnation: *id,
                 role: member.role.to_string(),
-                vote: if voters.contains(id) {
+                vote: if in_all(id) {
                     "voter"
+                } else if in_any(id) {
+                    "changing"
                 } else {
                     "non-voter"
                 }

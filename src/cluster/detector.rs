@@ -139,6 +139,9 @@ pub async fn run(
     let Signals { acks, outlogged } = signals;
     loop {
         tokio::select! {
+            // A leaving node must not campaign again (nor re-enable its
+            // elections): the cancel wins over a tick that is also ready.
+            biased;
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
@@ -176,7 +179,8 @@ pub async fn run(
                 // Someone may have won meanwhile: then an election would
                 // only unseat them.
                 let now = raft.metrics().borrow().clone();
-                if now.state == ServerState::Candidate && now.current_leader.is_none() {
+                let still = now.state == ServerState::Candidate && now.current_leader.is_none();
+                if still && !cancel.is_cancelled() {
                     tracing::info!(
                         term = now.current_term,
                         "split votes: calling an election off-beat"
@@ -216,7 +220,7 @@ pub async fn run(
                 };
             if let Some(at) = heard.filter(|_| voter && !called && !standing_back) {
                 let silent = at.elapsed();
-                if silent >= wait {
+                if silent >= wait && !cancel.is_cancelled() {
                     (called, gone_jitter) = (true, period.mul_f64(super::membership::jitter()));
                     tracing::info!(silent = ?silent, "the leader is silent: calling an election");
                     let _ = raft.trigger().elect().await;

@@ -15,11 +15,18 @@ pub struct SourceSlot(Arc<RwLock<Vec<IpAddr>>>);
 impl SourceSlot {
     /// The address now, if a group is online.
     pub fn get(&self) -> Option<IpAddr> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).first().copied()
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .copied()
     }
 
     fn offered(&self, addr: IpAddr) -> bool {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).contains(&addr)
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&addr)
     }
 
     fn offer(&self, addr: IpAddr, on: bool) {

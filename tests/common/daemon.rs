@@ -35,15 +35,19 @@ pub struct Daemon {
 }
 
 /// Read the daemon's log continuously: a full pipe would block its logging.
-/// With `MTAD_TEST_ECHO` set, every line is echoed to stderr too.
-fn drain(stdout: ChildStdout) -> mpsc::UnboundedReceiver<String> {
+/// With `MTAD_TEST_ECHO=DIR`, every line is also kept in DIR/PID.log.
+fn drain(stdout: ChildStdout, pid: u32) -> mpsc::UnboundedReceiver<String> {
+    use std::io::Write;
     let (tx, rx) = mpsc::unbounded_channel();
-    let echo = std::env::var_os("MTAD_TEST_ECHO").is_some();
+    let mut echo = std::env::var_os("MTAD_TEST_ECHO").and_then(|dir| {
+        let path = Path::new(&dir).join(format!("{pid}.log"));
+        std::fs::File::create(path).ok()
+    });
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if echo {
-                eprintln!("{line}");
+            if let Some(f) = echo.as_mut() {
+                let _ = writeln!(f, "{line}");
             }
             if tx.send(line).is_err() {
                 break;
@@ -72,7 +76,8 @@ impl Daemon {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let lines = drain(child.stdout.take().unwrap());
+        let pid = child.id().unwrap_or(0);
+        let lines = drain(child.stdout.take().unwrap(), pid);
         let mut d = Daemon { child, lines };
         d.wait_line(|l| l.contains("mtad ready")).await;
         d
@@ -142,9 +147,11 @@ pub async fn nodes_json(admin: SocketAddr) -> Vec<serde_json::Value> {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
-/// `n` members, all up and voting. Until then a cluster still growing from
-/// its first voter cannot elect without that voter (raft's joint consensus
-/// needs the old configuration too), so tests that kill nodes wait for it.
+/// `n` members, all up and voting ("changing" while a membership change
+/// between voter sets is under way). Until then a cluster still growing
+/// from its first voter cannot elect without that voter (raft's joint
+/// consensus needs the old configuration too), so tests that kill nodes
+/// wait for it.
 pub fn all_voting(rows: &[serde_json::Value], n: usize) -> bool {
     rows.len() == n
         && rows
