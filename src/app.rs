@@ -51,6 +51,9 @@ pub struct Node {
     cluster: Option<ClusterNode>,
     groups: Option<Groups>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
+    /// The node's own SMTP listeners: stopped first at shutdown, while the
+    /// queue still delivers what the groups' draining sessions accept.
+    smtp_cancel: CancellationToken,
     cancel: CancellationToken,
     /// Separate from `cancel`: the cluster side outlives SMTP at shutdown
     /// long enough to say goodbye.
@@ -178,6 +181,7 @@ impl Node {
             )
         });
         let smtp = Arc::new(config.smtp.clone());
+        let smtp_cancel = cancel.child_token();
         let mut smtp_addrs = Vec::new();
         for (addr, listener) in listeners {
             let local = listener.local_addr().unwrap_or(addr);
@@ -187,7 +191,7 @@ impl Node {
                 listener,
                 smtp.clone(),
                 intake.clone(),
-                cancel.child_token(),
+                smtp_cancel.child_token(),
                 tracker.clone(),
             ));
         }
@@ -213,6 +217,7 @@ impl Node {
             cluster,
             groups,
             stats,
+            smtp_cancel,
             cancel,
             cluster_cancel,
             tracker,
@@ -243,12 +248,14 @@ impl Node {
     /// (handing leadership over), let deliveries in hand finish within
     /// `grace`, then return.
     pub async fn shutdown(self, grace: Duration) {
-        self.cancel.cancel();
-        // Groups first: they drain and are released while the cluster
-        // still runs, so the leader places them elsewhere at once.
+        self.smtp_cancel.cancel();
+        // Then the groups: they drain and are released while the cluster
+        // still runs, so the leader places them elsewhere at once — and
+        // while the queue still delivers what their open sessions accept.
         if let Some(g) = self.groups {
             g.stop(grace).await;
         }
+        self.cancel.cancel();
         if let Some(c) = &self.cluster {
             c.leave(grace.min(LEAVE_WITHIN)).await;
         }

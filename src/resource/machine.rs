@@ -128,8 +128,8 @@ pub enum Action {
     Check,
     /// A graceful stop in flight must end now: the lease got short.
     Hurry,
-    /// Tell the leader.
-    Report(GroupStatus, String),
+    /// Tell the leader: the status of the group under this epoch.
+    Report(u64, GroupStatus, String),
     /// Ask the leader to fence this node for the group.
     Fence(String),
 }
@@ -140,6 +140,9 @@ pub struct Machine {
     s: Settings,
     phase: Phase,
     epoch: u64,
+    /// The epoch the current phase belongs to — what reports speak for. It
+    /// lags `epoch` while a stop of an older epoch is still in flight.
+    held: u64,
     ours: bool,
     live: bool,
     draining: bool,
@@ -160,6 +163,7 @@ impl Machine {
             s,
             phase: Phase::Idle,
             epoch: 0,
+            held: 0,
             ours: false,
             live: false,
             draining: false,
@@ -262,6 +266,7 @@ impl Machine {
                 self.phase = Phase::Online;
                 self.next_check = Some(now + self.s.check_interval);
                 out.push(Action::Report(
+                    self.held,
                     GroupStatus::Online,
                     "resources started".into(),
                 ));
@@ -273,15 +278,29 @@ impl Machine {
             }
             (Op::Check, Ok(())) => self.next_check = Some(now + self.s.check_interval),
             (Op::Stop, Ok(())) => {
+                // A newer epoch that came during the stop starts afresh.
+                let over = if self.held == self.epoch {
+                    Phase::Done
+                } else {
+                    Phase::Idle
+                };
                 if let Phase::Stopping(after) = self.phase {
                     self.phase = match after {
                         After::Release => {
-                            out.push(Action::Report(GroupStatus::Offline, self.why.clone()));
-                            Phase::Done
+                            out.push(Action::Report(
+                                self.held,
+                                GroupStatus::Offline,
+                                self.why.clone(),
+                            ));
+                            over
                         }
                         After::Fail => {
-                            out.push(Action::Report(GroupStatus::Failed, self.why.clone()));
-                            Phase::Done
+                            out.push(Action::Report(
+                                self.held,
+                                GroupStatus::Failed,
+                                self.why.clone(),
+                            ));
+                            over
                         }
                         After::Wait | After::Restart => Phase::Waiting,
                     };
@@ -318,7 +337,11 @@ impl Machine {
             ),
             _ => format!("{why}; restarts exhausted"),
         };
-        out.push(Action::Report(GroupStatus::Stopping, self.why.clone()));
+        out.push(Action::Report(
+            self.held,
+            GroupStatus::Stopping,
+            self.why.clone(),
+        ));
         self.phase = Phase::Stopping(after);
         out.push(Action::Stop { graceful: false });
         self.busy = Some(Op::Stop);
@@ -341,11 +364,18 @@ impl Machine {
             return;
         }
         match self.phase {
-            Phase::Idle if mine && !self.draining => self.phase = Phase::Waiting,
+            Phase::Idle if mine && !self.draining => {
+                self.phase = Phase::Waiting;
+                self.held = self.epoch;
+            }
             Phase::Waiting if !mine || self.draining => {
                 // Never started under this epoch: releasing needs no stop.
                 self.phase = if self.ours {
-                    out.push(Action::Report(GroupStatus::Offline, "not started".into()));
+                    out.push(Action::Report(
+                        self.held,
+                        GroupStatus::Offline,
+                        "not started".into(),
+                    ));
                     Phase::Done
                 } else {
                     Phase::Idle
@@ -355,7 +385,11 @@ impl Machine {
             Phase::Starting | Phase::Online if !mine => {
                 // Revoked: nobody renews the lease any more, so no drain.
                 self.why = "the epoch was taken back".into();
-                out.push(Action::Report(GroupStatus::Stopping, self.why.clone()));
+                out.push(Action::Report(
+                    self.held,
+                    GroupStatus::Stopping,
+                    self.why.clone(),
+                ));
                 self.stop(After::Release, false, out);
                 return;
             }
@@ -367,7 +401,7 @@ impl Machine {
             Phase::Starting | Phase::Online if self.draining => {
                 self.why = "handing over: drained".into();
                 let why = "handing over: draining open sessions";
-                out.push(Action::Report(GroupStatus::Stopping, why.into()));
+                out.push(Action::Report(self.held, GroupStatus::Stopping, why.into()));
                 self.stop(After::Release, true, out);
                 return;
             }
@@ -381,10 +415,15 @@ impl Machine {
         }
         if self.phase == Phase::Waiting && mine && self.lease_ok(now) {
             self.phase = Phase::Starting;
+            self.held = self.epoch;
             self.busy = Some(Op::Start);
             let lease_end = self.lease.map_or(now, |l| l - self.s.stop_margin);
             let deadline = (now + self.s.start_timeout).min(lease_end);
-            out.push(Action::Report(GroupStatus::Starting, "lease held".into()));
+            out.push(Action::Report(
+                self.held,
+                GroupStatus::Starting,
+                "lease held".into(),
+            ));
             out.push(Action::Start { deadline });
         }
     }

@@ -39,7 +39,7 @@ fn reports(actions: &[Action]) -> Vec<GroupStatus> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Report(s, _) => Some(*s),
+            Action::Report(_, s, _) => Some(*s),
             _ => None,
         })
         .collect()
@@ -284,4 +284,19 @@ fn a_check_in_flight_never_holds_up_the_stop_at_lease_end() {
     assert!(m.busy());
     m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(3010));
     assert_eq!(m.phase(), Phase::Waiting);
+}
+
+#[test]
+fn a_late_report_speaks_for_the_epoch_it_stopped() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    m.on(revoked(), t0 + ms(100));
+    // Epoch 2 is ours before the stop of epoch 1 has ended.
+    m.on(mine(2), t0 + ms(150));
+    let out = m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(200));
+    let released = Action::Report(1, GroupStatus::Offline, "the epoch was taken back".into());
+    assert_eq!(out, vec![released], "releases epoch 1, not 2");
+    // And epoch 2 goes ahead.
+    assert_eq!(m.phase(), Phase::Waiting);
+    assert_eq!(m.renewing(), Some(2));
 }

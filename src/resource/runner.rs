@@ -174,7 +174,9 @@ impl GroupRunner {
                 let deadline = Instant::now() + self.cfg.check_timeout;
                 self.spawn_op(Op::Check, deadline, false, done);
             }
-            Action::Report(status, reason) => {
+            // For the epoch the machine acted under, which may be older
+            // than the view's: a late report must not end a newer one.
+            Action::Report(epoch, status, reason) => {
                 tracing::info!(%group, epoch, %status, %reason, "group status");
                 let _ = reports.send(GroupCommand::Report {
                     group: group.clone(),
@@ -212,8 +214,9 @@ impl GroupRunner {
     }
 
     /// Run `op` over every resource in a task of its own: starts in order
-    /// (the first failure ends it), stops in reverse order (all of them,
-    /// the first failure reported), checks all.
+    /// (the first failure ends it) by `deadline`, stops in reverse order
+    /// (all of them, the first failure reported) each within the time to
+    /// `deadline`, checks all by `deadline`.
     fn spawn_op(
         &self,
         op: Op,
@@ -236,10 +239,13 @@ impl GroupRunner {
                     r
                 }
                 Op::Stop => {
+                    // Each resource gets the whole budget: a listener slow to
+                    // drain must not leave the VIP's removal no time at all.
+                    let budget = deadline.saturating_duration_since(Instant::now());
                     let mut r = Ok(());
                     for res in resources.iter().rev() {
-                        let one = run_op(res.name(), res.stop(graceful), deadline).await;
-                        r = r.and(one);
+                        let until = Instant::now() + budget;
+                        r = r.and(run_op(res.name(), res.stop(graceful), until).await);
                     }
                     r
                 }

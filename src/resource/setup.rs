@@ -134,11 +134,12 @@ pub async fn release_vips(config: &Config) -> Vec<Result<String, String>> {
             continue;
         };
         let vip = NetlinkVip::new(net, iface.clone(), g.announce_interval);
-        out.push(
-            vip.stop(false)
-                .await
-                .map(|()| format!("{net} is not on {iface}")),
-        );
+        // Under the group's stop deadline: a hung netlink call must not
+        // hold up the other groups, the node's start, or systemd.
+        let what = format!("vip {net} on {iface}");
+        let deadline = tokio::time::Instant::now() + g.stop_timeout;
+        let done = super::run_op(what, vip.stop(false), deadline).await;
+        out.push(done.map(|()| format!("{net} is not on {iface}")));
     }
     out
 }
