@@ -287,3 +287,34 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
         let _ = n.child.wait().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_netlink_provider_adds_vips_ready_to_use_and_removes_them() {
+    if !selected() {
+        eprintln!("not selected: set MTAD_NETNS_TESTS=1 to run (needs root)");
+        return;
+    }
+    use mtad::resource::netlink::NetlinkVip;
+    use mtad::resource::Resource;
+    let lab = Lab::new(&["h"], &[1]).unwrap_or_else(|e| panic!("lab: {e}"));
+    for vip in ["198.18.0.100/24", "2001:db8::100/64"] {
+        let done = lab.within("h", move || {
+            block_on(async move {
+                let net: ipnet::IpNet = vip.parse().unwrap();
+                let p = NetlinkVip::new(net, "eth0".into(), Duration::from_secs(10));
+                assert!(p.check().await.is_err(), "{vip}: not there yet");
+                p.start().await.unwrap();
+                p.check().await.unwrap();
+                // Usable at once — an IPv6 address still in duplicate
+                // address detection could not be bound.
+                let bound = std::net::TcpListener::bind((net.addr(), 0));
+                assert!(bound.is_ok(), "{vip}: {bound:?}");
+                drop(bound);
+                p.stop(false).await.unwrap();
+                assert!(p.check().await.is_err(), "{vip}: removed");
+                std::net::TcpListener::bind((net.addr(), 0)).is_err()
+            })
+        });
+        assert!(done.join().unwrap(), "{vip}: no longer bindable");
+    }
+}

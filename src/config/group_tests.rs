@@ -136,3 +136,19 @@ fn a_lease_longer_than_a_voter_promises_is_refused() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn a_node_listener_that_would_take_a_groups_port_is_an_error() {
+    let group = "[[group]]\nname = \"mta\"\nvip = \"198.18.0.100/24\"\ninterface = \"eth0\"\n";
+    let text = format!("{BASE}{group}[smtp]\nlisten = [\"0.0.0.0:25\", \"127.0.0.1:2525\"]\n");
+    let Err(ConfigErrors(errs)) = load_str(&text, "g.toml") else {
+        panic!("accepted a wildcard listener on the group's port");
+    };
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].field, "smtp.listen");
+    assert_eq!(errs[0].line, 16);
+    assert!(errs[0].message.contains("group \"mta\""), "{errs:?}");
+    // Another port, or another address, is fine.
+    let text = format!("{BASE}{group}[smtp]\nlisten = [\"0.0.0.0:2525\", \"198.18.0.1:25\"]\n");
+    load_str(&text, "g.toml").unwrap_or_else(|e| panic!("{e}"));
+}

@@ -126,9 +126,7 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
     let groups = super::group::read_groups(ctx, &mut root, cluster.is_some());
     let mut accept = Vec::new();
     let smtp = optional(ctx, &mut root, "smtp");
-    // With groups, SMTP is served on their VIPs: no node address unless
-    // one is configured.
-    let smtp = read_smtp(ctx, smtp, &mut accept, groups.is_empty());
+    let smtp = read_smtp(ctx, smtp, &mut accept, &groups);
     let delivery = optional(ctx, &mut root, "delivery");
     let delivery = read_delivery(ctx, delivery);
     // A witness only votes: it relays nothing, so it needs no route.
@@ -212,22 +210,37 @@ fn read_smtp(
     ctx: &mut Ctx<'_>,
     mut f: Fields<'_>,
     accept: &mut Vec<Placed>,
-    default_listen: bool,
+    groups: &[super::GroupConfig],
 ) -> SmtpConfig {
-    let listen = f
-        .take("listen")
-        .and_then(|n| {
+    let listen = match f.take("listen") {
+        Some(n) => {
             let what = "a non-empty list of socket addresses like [\"127.0.0.1:2525\"]";
             // Port 0 (any free port) is allowed for listening: tests use it.
-            ctx.list(&n, what, true, |ctx, e| ctx.socket_addr(e, true))
-        })
-        .unwrap_or_else(|| {
-            if default_listen {
-                vec![([127, 0, 0, 1], 2525).into()]
-            } else {
-                Vec::new()
+            let listen = ctx
+                .list(&n, what, true, |ctx, e| ctx.socket_addr(e, true))
+                .unwrap_or_default();
+            // A node address that covers a group's VIP and port would keep
+            // the group from ever binding there.
+            for a in &listen {
+                for g in groups {
+                    let Some(vip) = g.vip else { continue };
+                    let covers = a.ip().is_unspecified() || a.ip() == vip.addr();
+                    if covers && a.port() == g.smtp_port {
+                        let msg = format!(
+                            "{a} takes port {} on the VIP of group \"{}\": the group could never listen there",
+                            g.smtp_port, g.name
+                        );
+                        ctx.error(&n.span, &n.path, msg);
+                    }
+                }
             }
-        });
+            listen
+        }
+        // With groups, SMTP is served on their VIPs: no node address
+        // unless one is configured.
+        None if groups.is_empty() => vec![([127, 0, 0, 1], 2525).into()],
+        None => Vec::new(),
+    };
     let hostname = f
         .take("hostname")
         .and_then(|n| domain(ctx, &n, "a domain name like \"mx.example.test\""))

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::Handle;
 use tokio::task::JoinHandle;
@@ -130,11 +130,17 @@ impl Resource for NetlinkVip {
             let handle = connect()?;
             let (index, mac) = link(&handle, &inner.interface).await?;
             let ip = inner.vip.addr();
-            handle
+            let mut add = handle
                 .address()
                 .add(index, ip, inner.vip.prefix_len())
-                .replace()
-                .execute()
+                .replace();
+            if ip.is_ipv6() {
+                // No duplicate address detection: the lease already proves
+                // nobody else holds it, and a tentative address could not
+                // be bound (outbound mail from it would fail meanwhile).
+                add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+            }
+            add.execute()
                 .await
                 .map_err(|e| format!("adding {} to {}: {e}", inner.vip, inner.interface))?;
             tracing::info!(vip = %inner.vip, interface = %inner.interface, "VIP added");

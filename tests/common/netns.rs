@@ -109,7 +109,11 @@ impl Lab {
     /// Hosts `names[i]` at 198.18.0.`addrs[i]`/24 on one bridge.
     pub fn new(names: &[&str], addrs: &[u8]) -> Result<Lab, String> {
         // Short and unique: interface names are at most 15 bytes.
-        let prefix = format!("mt{}", std::process::id() % 100_000);
+        // Unique per lab, so labs of parallel tests never share a name;
+        // short, since veth names end at 15 bytes.
+        static LABS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 26;
+        let prefix = format!("mt{}{}", std::process::id() % 100_000, (b'a' + n) as char);
         let mut lab = Lab {
             prefix,
             hosts: Vec::new(),
