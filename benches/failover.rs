@@ -317,4 +317,5 @@ fn main() {
         acked.len(),
         missing.len()
     );
+    assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
 }

@@ -236,8 +236,11 @@ async fn a_voter_back_with_a_wiped_disk_replaces_its_old_self() {
     assert_eq!(voters(&a, 3).await.len(), 3);
     for n in [&a, &b, &c] {
         let mut view = n.view.clone();
-        view.wait_for(|v| !v.state.members.contains_key(&old))
+        let gone = view.wait_for(|v| !v.state.members.contains_key(&old));
+        // Bounded (in paused time) so a regression fails instead of hanging.
+        tokio::time::timeout(std::time::Duration::from_secs(60), gone)
             .await
+            .expect("the old c leaves every view")
             .unwrap();
     }
     member_state(&a, id(&c), NodeState::Up).await;

@@ -31,11 +31,6 @@ use super::types::NodeId;
 /// Longest grant a voter gives, whatever the owner asks for.
 pub const MAX_LEASE: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy)]
-struct Promise {
-    until: Instant,
-}
-
 /// A voter's promises.
 #[derive(Debug)]
 pub struct Grants {
@@ -43,7 +38,8 @@ pub struct Grants {
     /// For this long after it starts, this voter covers promises it may
     /// have made before a restart.
     grace: Duration,
-    promises: HashMap<String, Promise>,
+    /// Per group: until when this voter promised it.
+    promises: HashMap<String, Instant>,
 }
 
 impl Grants {
@@ -82,11 +78,8 @@ impl Grants {
         }
         let ttl = ttl.min(MAX_LEASE);
         let until = now + ttl;
-        let p = self
-            .promises
-            .entry(group.to_string())
-            .or_insert(Promise { until });
-        p.until = p.until.max(until);
+        let p = self.promises.entry(group.to_string()).or_insert(until);
+        *p = (*p).max(until);
         Ok(ttl)
     }
 
@@ -95,7 +88,7 @@ impl Grants {
         let promised = self
             .promises
             .get(group)
-            .map_or(Duration::ZERO, |p| p.until.saturating_duration_since(now));
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
         let grace = (self.started + self.grace).saturating_duration_since(now);
         promised.max(grace)
     }
@@ -104,18 +97,16 @@ impl Grants {
 /// The owner's side: the grants it collected.
 #[derive(Debug, Default, Clone)]
 pub struct Holding {
-    /// Per voter: when the request it granted was sent, and for how long.
-    grants: BTreeMap<NodeId, (Instant, Duration)>,
+    /// Per voter: until when its grant holds, counted from the moment
+    /// the request was sent.
+    grants: BTreeMap<NodeId, Instant>,
 }
 
 impl Holding {
     /// `voter` granted the request sent at `sent` for `ttl`.
     pub fn granted(&mut self, voter: NodeId, sent: Instant, ttl: Duration) {
-        let end = sent + ttl;
-        let e = self.grants.entry(voter).or_insert((sent, ttl));
-        if end > e.0 + e.1 {
-            *e = (sent, ttl);
-        }
+        let end = self.grants.entry(voter).or_insert(sent + ttl);
+        *end = (*end).max(sent + ttl);
     }
 
     /// Forget every grant (a new epoch starts from nothing).
@@ -127,22 +118,11 @@ impl Holding {
     /// of every configuration in `configs` still has unexpired grants.
     /// None: no majority has granted.
     pub fn valid_until(&self, configs: &[BTreeSet<NodeId>]) -> Option<Instant> {
-        let mut until: Option<Instant> = None;
-        for voters in configs {
-            let mut ends: Vec<Instant> = voters
-                .iter()
-                .filter_map(|v| self.grants.get(v).map(|(s, t)| *s + *t))
-                .collect();
-            let need = voters.len() / 2 + 1;
-            if ends.len() < need {
-                return None;
-            }
-            // The need-th latest end: after it, fewer than a majority hold.
-            ends.sort_unstable_by(|a, b| b.cmp(a));
-            let end = ends[need - 1];
-            until = Some(until.map_or(end, |u| u.min(end)));
-        }
-        until
+        // Per configuration, the need-th latest end: after it, fewer than
+        // a majority hold; the earliest over all configurations counts.
+        majority_marks(configs, |v| self.grants.get(v).copied(), true)?
+            .into_iter()
+            .min()
     }
 }
 
@@ -156,22 +136,34 @@ pub fn free_at(
     answers: &BTreeMap<NodeId, Instant>,
     margin: Duration,
 ) -> Option<Instant> {
-    let mut free: Option<Instant> = None;
-    for voters in configs {
-        let mut ends: Vec<Instant> = voters
-            .iter()
-            .filter_map(|v| answers.get(v).copied())
-            .collect();
-        let need = voters.len() / 2 + 1;
-        if ends.len() < need {
-            return None;
-        }
-        // Once the need earliest have ended, a majority refuses the owner.
-        ends.sort_unstable();
-        let end = ends[need - 1] + margin;
-        free = Some(free.map_or(end, |f| f.max(end)));
-    }
-    free
+    // Per configuration, once the need earliest have ended a majority
+    // refuses the owner; the latest over all configurations counts.
+    let free = majority_marks(configs, |v| answers.get(v).copied(), false)?
+        .into_iter()
+        .max()?;
+    Some(free + margin)
+}
+
+/// For each configuration, the instant a majority of its voters pass:
+/// the need-th earliest of their instants (`latest`: the need-th latest).
+/// None if some configuration has fewer instants than a majority.
+fn majority_marks(
+    configs: &[BTreeSet<NodeId>],
+    at: impl Fn(&NodeId) -> Option<Instant>,
+    latest: bool,
+) -> Option<Vec<Instant>> {
+    configs
+        .iter()
+        .map(|voters| {
+            let mut ends: Vec<Instant> = voters.iter().filter_map(&at).collect();
+            let need = voters.len() / 2 + 1;
+            ends.sort_unstable();
+            if latest {
+                ends.reverse();
+            }
+            ends.get(need - 1).copied()
+        })
+        .collect()
 }
 
 #[cfg(test)]
