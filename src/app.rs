@@ -145,8 +145,18 @@ impl Node {
             tracker.clone(),
         );
         let source = SourceSlot::default();
+        let handover = cluster.as_ref().map(|c| Handover {
+            view: c.handle.view.clone(),
+            me: c.identity.incarnation,
+            vips: config
+                .groups
+                .iter()
+                .filter_map(|g| Some((g.name.clone(), SocketAddr::new(g.vip?.addr(), g.smtp_port))))
+                .collect(),
+        });
         let router = Arc::new(Router {
             source: source.clone(),
+            handover,
             config: config.clone(),
             spool: spool.clone(),
             destinations,
@@ -345,12 +355,42 @@ struct Router {
     /// Routes that name no source address leave from this one (a group's
     /// VIP while it is online here).
     source: SourceSlot,
+    /// While no group is online here, such mail goes to a group's owner.
+    handover: Option<Handover>,
     config: Arc<Config>,
     spool: Arc<dyn Spool>,
     destinations: Destinations,
     results: mpsc::UnboundedSender<JobResult>,
     drops: Arc<Semaphore>,
     tracker: TaskTracker,
+}
+
+/// Where a node that owns no group sends the mail its SMTP routes would
+/// relay from its own address: to the SMTP listener on a group's VIP, whose
+/// owner relays it from the VIP — so next hops only ever see the VIP. This
+/// is how a restarted ex-owner hands over what it had queued, and how mail
+/// accepted on a node's own address leaves. The owner must let members
+/// relay (their addresses in `relay_networks`).
+struct Handover {
+    view: tokio::sync::watch::Receiver<crate::cluster::store::ClusterView>,
+    me: u64,
+    /// Per group: its name and its SMTP address on the VIP.
+    vips: Vec<(String, SocketAddr)>,
+}
+
+impl Handover {
+    /// The SMTP address of a group another node holds now — else of the
+    /// first group: while none is held the attempt fails and is retried,
+    /// rather than the mail leaving from this node's own address.
+    fn target(&self) -> Option<SocketAddr> {
+        let v = self.view.borrow();
+        let held = self.vips.iter().find_map(|(name, addr)| {
+            let g = v.state.groups.get(name)?;
+            let held = g.owner.is_some_and(|o| o != self.me) && !g.revoked && !g.released;
+            held.then_some(*addr)
+        });
+        held.or_else(|| self.vips.first().map(|(_, a)| *a))
+    }
 }
 
 impl Dispatch for Router {
@@ -360,8 +400,15 @@ impl Dispatch for Router {
         };
         match &r.target {
             RouteTarget::Smtp(hops) => {
-                let source = r.source_address.or_else(|| self.source.get());
-                self.destinations.submit(route, hops, source, job)
+                let own = r.source_address.or_else(|| self.source.get());
+                let handover = own
+                    .is_none()
+                    .then(|| self.handover.as_ref()?.target())
+                    .flatten();
+                match handover {
+                    Some(vip) => self.destinations.submit(route, &[vip], None, job),
+                    None => self.destinations.submit(route, hops, own, job),
+                }
             }
             RouteTarget::DropDir(dir) => {
                 let dir = dir.clone();

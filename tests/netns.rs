@@ -114,11 +114,14 @@ fn until_greeted_by(lab: &Lab, want: &str) {
 
 /// From the client: send one message through the VIP.
 fn send(lab: &Lab, subject: &'static str) {
+    send_to(lab, SocketAddr::from((VIP, 25)), subject)
+}
+
+fn send_to(lab: &Lab, to: SocketAddr, subject: &'static str) {
     let reply = lab
         .within("client", move || {
             block_on(async move {
-                let vip = SocketAddr::from((VIP, 25));
-                let mut c = common::client::Client::connect(vip).await.unwrap();
+                let mut c = common::client::Client::connect(to).await.unwrap();
                 let body = format!("Subject: {subject}\r\n\r\nx\r\n");
                 c.send("a@example.test", &["b@dest.example"], &body)
                     .await
@@ -232,6 +235,14 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
         peer.ip(),
         std::net::IpAddr::V4(VIP),
         "outbound from the VIP"
+    );
+    // Mail a node that owns nothing accepts on its own address is handed
+    // to the owner and leaves from the VIP too.
+    send_to(&lab, "198.18.0.3:2525".parse().unwrap(), "handed over");
+    assert_eq!(
+        arrived(&received, "handed over").ip(),
+        std::net::IpAddr::V4(VIP),
+        "never from a node address"
     );
 
     // SIGKILL the owner: n2 takes over, and the client's ARP entry follows.

@@ -40,6 +40,7 @@ name = "{name}"
 data_dir = "{data}"
 
 [smtp]
+listen = ["198.18.0.{last}:2525"]
 hostname = "{name}.example.test"
 relay_networks = ["198.18.0.0/15"]
 
