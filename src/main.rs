@@ -48,6 +48,14 @@ enum Command {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Start a three-node demo cluster on loopback addresses with a built-in
+    /// sink, stream mail to its VIP, kill the VIP's owner midway, restart
+    /// it, and report.
+    Demo {
+        /// How many messages to send.
+        #[arg(long, default_value_t = 200)]
+        messages: u64,
+    },
     /// Talk to a running node's admin API.
     Ctl {
         /// The node's admin API.
@@ -144,6 +152,36 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("mtad ctl: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Demo { messages } => {
+            let exe = match std::env::current_exe() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("mtad demo: cannot find this program: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mtad: cannot start the runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            match runtime.block_on(mtad::demo::run(&exe, messages)) {
+                Ok(report) => {
+                    println!("{report}");
+                    if report.nothing_lost() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("mtad demo: {e}");
                     ExitCode::from(EXIT_FAILURE)
                 }
             }

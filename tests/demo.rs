@@ -1,0 +1,46 @@
+//! `mtad demo` as a newcomer runs it: three nodes, a kill of the VIP's
+//! owner midway, and a report in which every acknowledged message was
+//! delivered.
+
+#[test]
+fn the_demo_fails_over_and_loses_nothing() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["demo", "--messages", "40"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}{err}");
+    assert!(
+        text.contains("the VIP was on node-a at the start"),
+        "{text}"
+    );
+    assert!(text.contains("node-a was killed (SIGKILL)"), "{text}");
+    assert!(text.contains("node-a was restarted and rejoined"), "{text}");
+    let counts = text
+        .lines()
+        .find(|l| l.starts_with("messages:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(counts.starts_with("messages: 40 sent,"), "{counts}");
+    assert!(counts.ends_with("none lost"), "{counts}");
+    // Before the kill every message is acknowledged: at least half.
+    let acked: u64 = counts
+        .split(", ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(acked >= 20, "{counts}");
+    // The directory it names holds the nodes' logs.
+    let dir = text
+        .lines()
+        .last()
+        .unwrap()
+        .trim_start_matches("configs and logs: ");
+    let log = std::fs::read_to_string(std::path::Path::new(dir).join("node-b.log")).unwrap();
+    assert!(log.contains("joined the cluster"));
+    let _ = std::fs::remove_dir_all(dir);
+}
