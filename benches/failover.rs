@@ -74,27 +74,11 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Poll the VIP from inside the client namespace until a node other than
-/// `not` greets; returns it. A connect sent while nobody holds the VIP can
-/// hang on a lost SYN, so a fresh attempt starts every 5 ms alongside the
-/// ones in flight, and the first 220 wins. Runs on the calling thread.
-async fn greeted_by_other(not: &str) -> String {
+/// From inside the client namespace, the node that greets on the VIP
+/// once it is not `not` (see `mtad::demo::greeted_by_other`).
+async fn greeted_by_other(not: Option<&str>) -> String {
     let vip = SocketAddr::from((VIP, 25));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    loop {
-        let (tx, not) = (tx.clone(), not.to_string());
-        tokio::spawn(async move {
-            if let Some(who) = client::greeter(vip, Duration::from_secs(3)).await {
-                if !who.starts_with(&not) {
-                    let _ = tx.send(who);
-                }
-            }
-        });
-        tokio::select! {
-            Some(who) = rx.recv() => return who,
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-        }
-    }
+    mtad::demo::greeted_by_other(vip, not).await.unwrap()
 }
 
 /// Whether `name` leads the cluster, per `ctl nodes` on `on`.
@@ -107,7 +91,7 @@ fn leads(lab: &Lab, on: &str, name: &str) -> bool {
 /// Move the group from `owner` (a greeting name) to the raft leader, if
 /// another node leads; returns the owner after that.
 fn onto_leader(lab: &Lab, owner: String) -> String {
-    let name = owner.split('.').next().unwrap().to_string();
+    let name = owner.clone();
     let rows = lab.nodes(&name);
     let Some(leader) = rows.iter().find(|r| r["leader"] == true) else {
         return owner;
@@ -118,9 +102,11 @@ fn onto_leader(lab: &Lab, owner: String) -> String {
     }
     let out = lab.mtad(&name, &["ctl", "move", "mta", &leader]);
     assert!(out.status.success(), "{out:?}");
-    lab.within("client", move || rt().block_on(greeted_by_other(&name)))
-        .join()
-        .unwrap()
+    lab.within("client", move || {
+        rt().block_on(greeted_by_other(Some(&name)))
+    })
+    .join()
+    .unwrap()
 }
 
 /// A minimal sink counting messages by subject.
@@ -198,7 +184,7 @@ fn main() {
         .collect();
     lab.until_voting("n1", 3);
     let first = lab
-        .within("client", || rt().block_on(greeted_by_other("-")))
+        .within("client", || rt().block_on(greeted_by_other(None)))
         .join()
         .unwrap();
     eprintln!("VIP up on {first}");
@@ -241,7 +227,7 @@ fn main() {
             // both cases are measured.
             owner = onto_leader(&lab, owner);
         }
-        let name = owner.split('.').next().unwrap().to_string();
+        let name = owner.clone();
         let i = NODES.iter().position(|(n, _)| *n == name).unwrap();
         let other = NODES.iter().find(|(n, _)| *n != name).unwrap().0;
         let leader = leads(&lab, other, &name);
@@ -251,16 +237,18 @@ fn main() {
         release(&lab, &name, &cfgs[i]);
         let next = {
             let not = name.clone();
-            lab.within("client", move || rt().block_on(greeted_by_other(&not)))
-                .join()
-                .unwrap()
+            lab.within("client", move || {
+                rt().block_on(greeted_by_other(Some(&not)))
+            })
+            .join()
+            .unwrap()
         };
         let took = t0.elapsed();
         eprintln!("run {run}: {name} (leader: {leader}) killed, {next} greets after {took:?}");
         times.push((took, leader));
         procs[i] = start(&lab, &name, &cfgs[i]);
         // Let it rejoin and be published up before the next kill.
-        lab.until_voting(next.split('.').next().unwrap(), 3);
+        lab.until_voting(&next, 3);
         // A restarted voter holds back its answers about leases for one
         // lease (it may have granted one it forgot): a kill inside that
         // window measures the restart, not the failover.

@@ -278,14 +278,14 @@ fn start(exe: &Path, dir: &Path, name: &str, cfg: &Path) -> Result<Child, String
 /// Poll `vip` until a node other than `not` greets with 220; its name.
 /// A fresh attempt every 5 ms alongside those in flight (a connect sent
 /// while nobody holds the VIP may wait long), bounded by PATIENCE.
-async fn greeted_by_other(vip: SocketAddr, not: Option<&str>) -> Result<String, String> {
+pub async fn greeted_by_other(vip: SocketAddr, not: Option<&str>) -> Result<String, String> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let (tx, not) = (tx.clone(), not.map(str::to_string));
         tokio::spawn(async move {
             // "node-b.demo.test": the node's name comes first.
-            let who = greeter(vip).await;
+            let who = greeter(vip, Duration::from_secs(3)).await;
             if let Some(name) = who.and_then(|w| Some(w.split('.').next()?.to_string())) {
                 if not.is_none_or(|n| name != n) {
                     let _ = tx.send(name);
@@ -302,7 +302,9 @@ async fn greeted_by_other(vip: SocketAddr, not: Option<&str>) -> Result<String, 
     }
 }
 
-async fn greeter(addr: SocketAddr) -> Option<String> {
+/// Who greets on `addr` now: the host name in its `220` line (None: no
+/// connection, no greeting, or another code within `within`).
+pub async fn greeter(addr: SocketAddr, within: Duration) -> Option<String> {
     let attempt = async {
         let mut r = BufReader::new(TcpStream::connect(addr).await.ok()?);
         let mut line = String::new();
@@ -311,10 +313,7 @@ async fn greeter(addr: SocketAddr) -> Option<String> {
         line.starts_with("220")
             .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
     };
-    tokio::time::timeout(Duration::from_secs(3), attempt)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(within, attempt).await.ok().flatten()
 }
 
 /// Send message `n`; true when the server said 250 to its content.

@@ -84,7 +84,7 @@ level = "info"
 
 /// Who answers on the VIP now: the hostname in its greeting.
 async fn greeter(vip: SocketAddr) -> Option<String> {
-    common::client::greeter(vip, Duration::from_secs(4)).await
+    mtad::demo::greeter(vip, Duration::from_secs(4)).await
 }
 
 /// Poll the VIP until `want` greets; every greeter seen on the way is

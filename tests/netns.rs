@@ -92,7 +92,7 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 fn greeter(lab: &Lab) -> Option<String> {
     let vip = SocketAddr::from((VIP, 25));
     lab.within("client", move || {
-        block_on(common::client::greeter(vip, Duration::from_secs(3)))
+        block_on(mtad::demo::greeter(vip, Duration::from_secs(3)))
     })
     .join()
     .unwrap()

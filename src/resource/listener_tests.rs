@@ -57,6 +57,22 @@ async fn line(r: &mut BufReader<TcpStream>) -> String {
     l
 }
 
+/// Connect until the greeting is the drain's 421 (a connection that raced
+/// the drain gets a normal session: it is ended and tried again); the
+/// turned-away connection, its greeting read.
+async fn turned_away(addr: SocketAddr) -> BufReader<TcpStream> {
+    loop {
+        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        let greet = line(&mut c).await;
+        if greet.starts_with("421") {
+            assert!(greet.contains("moving"), "{greet}");
+            return c;
+        }
+        c.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test]
 async fn it_serves_until_stopped_and_binds_exclusively() {
     let addr = free();
@@ -86,17 +102,7 @@ async fn a_graceful_stop_turns_new_clients_away_and_waits_for_open_sessions() {
     assert!(line(&mut open).await.starts_with("220"));
     let stopping = tokio::spawn(l.stop(true));
     // New clients hear that the service moves.
-    let mut late = BufReader::new(loop {
-        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
-        let greet = line(&mut c).await;
-        if greet.starts_with("421") {
-            assert!(greet.contains("moving"), "{greet}");
-            break c.into_inner();
-        }
-        // Raced the drain: a normal session; end it and try again.
-        c.get_mut().write_all(b"QUIT\r\n").await.unwrap();
-        tokio::task::yield_now().await;
-    });
+    let mut late = turned_away(addr).await;
     let mut rest = Vec::new();
     let _ = late.read_to_end(&mut rest).await;
     assert!(
@@ -137,14 +143,7 @@ async fn a_hurried_drain_ends_with_sessions_still_open() {
     assert!(line(&mut open).await.starts_with("220"));
     let stopping = tokio::spawn(l.stop(true));
     // Draining: new clients are turned away...
-    loop {
-        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
-        if line(&mut c).await.starts_with("421") {
-            break;
-        }
-        c.get_mut().write_all(b"QUIT\r\n").await.unwrap();
-        tokio::task::yield_now().await;
-    }
+    turned_away(addr).await;
     assert!(!stopping.is_finished());
     // ...and then the lease gets short: the open session is cut.
     l.hurry();

@@ -75,18 +75,3 @@ fn expect(reply: String, class: char) -> std::io::Result<()> {
         Err(std::io::Error::other(format!("unexpected reply {reply:?}")))
     }
 }
-
-/// Who greets on `addr` now: the host name in its `220` line (None: no
-/// connection, no greeting, or another code within `within`).
-pub async fn greeter(addr: SocketAddr, within: std::time::Duration) -> Option<String> {
-    let attempt = async {
-        let mut r = BufReader::new(TcpStream::connect(addr).await.ok()?);
-        let mut line = String::new();
-        r.read_line(&mut line).await.ok()?;
-        let _ = r.get_mut().write_all(b"QUIT\r\n").await;
-        // "220 node-b.example.test ESMTP ..."
-        line.starts_with("220")
-            .then(|| line.split_whitespace().nth(1).unwrap_or("").to_string())
-    };
-    tokio::time::timeout(within, attempt).await.ok().flatten()
-}
