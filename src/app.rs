@@ -1,7 +1,7 @@
 //! Wires the modules into a running node: spool, queue, delivery and the
 //! SMTP listeners, under one cancellation token and task tracker.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -365,9 +365,10 @@ struct Router {
     tracker: TaskTracker,
 }
 
-/// Where a node that owns no group sends the mail its SMTP routes would
-/// relay from its own address: to the SMTP listener on a group's VIP, whose
-/// owner relays it from the VIP — so next hops only ever see the VIP. This
+/// Where mail goes that SMTP routes would relay from the node's own
+/// address: from the VIP of a group the node holds, else to the SMTP
+/// listener on another group's VIP, whose owner relays it from the VIP —
+/// so next hops only ever see a VIP. This
 /// is how a restarted ex-owner hands over what it had queued, and how mail
 /// accepted on a node's own address leaves. The owner must let members
 /// relay (their addresses in `relay_networks`).
@@ -378,18 +379,34 @@ struct Handover {
     vips: Vec<(String, SocketAddr)>,
 }
 
+/// How mail that would leave from this node's own address goes instead.
+enum Via {
+    /// From the VIP of a group this node holds (its outbound source is
+    /// not up yet: if the address is not either, the attempt fails and is
+    /// retried).
+    From(IpAddr),
+    /// Through the SMTP listener on the VIP of a group another node holds.
+    Through(SocketAddr),
+}
+
 impl Handover {
-    /// The SMTP address of a group another node holds now — else of the
-    /// first group: while none is held the attempt fails and is retried,
-    /// rather than the mail leaving from this node's own address.
-    fn target(&self) -> Option<SocketAddr> {
+    /// Through a group another node holds now — else the first group:
+    /// while none is held the attempt fails and is retried, rather than
+    /// the mail leaving from this node's own address. None without groups.
+    fn via(&self) -> Option<Via> {
         let v = self.view.borrow();
-        let held = self.vips.iter().find_map(|(name, addr)| {
+        let live = |name: &String| {
             let g = v.state.groups.get(name)?;
-            let held = g.owner.is_some_and(|o| o != self.me) && !g.revoked && !g.released;
-            held.then_some(*addr)
-        });
-        held.or_else(|| self.vips.first().map(|(_, a)| *a))
+            (!g.revoked && !g.released).then_some(g.owner?)
+        };
+        let mine = self.vips.iter().find(|(n, _)| live(n) == Some(self.me));
+        if let Some((_, addr)) = mine {
+            return Some(Via::From(addr.ip()));
+        }
+        let other = self.vips.iter().find(|(n, _)| live(n).is_some());
+        other
+            .or(self.vips.first())
+            .map(|(_, addr)| Via::Through(*addr))
     }
 }
 
@@ -401,12 +418,13 @@ impl Dispatch for Router {
         match &r.target {
             RouteTarget::Smtp(hops) => {
                 let own = r.source_address.or_else(|| self.source.get());
-                let handover = own
+                let via = own
                     .is_none()
-                    .then(|| self.handover.as_ref()?.target())
+                    .then(|| self.handover.as_ref()?.via())
                     .flatten();
-                match handover {
-                    Some(vip) => self.destinations.submit(route, &[vip], None, job),
+                match via {
+                    Some(Via::Through(vip)) => self.destinations.submit(route, &[vip], None, job),
+                    Some(Via::From(vip)) => self.destinations.submit(route, hops, Some(vip), job),
                     None => self.destinations.submit(route, hops, own, job),
                 }
             }

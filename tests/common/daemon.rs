@@ -32,6 +32,9 @@ pub struct Daemon {
     /// The process.
     pub child: Child,
     lines: mpsc::UnboundedReceiver<String>,
+    /// Lines read while waiting for another: a later wait may want them
+    /// (a message can be delivered before "mtad ready" is logged).
+    earlier: Vec<String>,
 }
 
 /// Read the daemon's log continuously: a full pipe would block its logging.
@@ -78,19 +81,28 @@ impl Daemon {
             .unwrap();
         let pid = child.id().unwrap_or(0);
         let lines = drain(child.stdout.take().unwrap(), pid);
-        let mut d = Daemon { child, lines };
+        let mut d = Daemon {
+            child,
+            lines,
+            earlier: Vec::new(),
+        };
         d.wait_line(|l| l.contains("mtad ready")).await;
         d
     }
 
-    /// Read log lines until one satisfies `want` and return it; panics if
-    /// the log ends first.
+    /// The first log line not yet returned that satisfies `want` — read
+    /// now, or read earlier while waiting for another; panics if the log
+    /// ends first.
     pub async fn wait_line(&mut self, mut want: impl FnMut(&str) -> bool) -> String {
+        if let Some(i) = self.earlier.iter().position(|l| want(l)) {
+            return self.earlier.remove(i);
+        }
         let wait = async {
             while let Some(line) = self.lines.recv().await {
                 if want(&line) {
                     return line;
                 }
+                self.earlier.push(line);
             }
             panic!("mtad exited before the expected log line");
         };
