@@ -189,8 +189,16 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     send(vip, "before the failover").await;
     delivered(&dir.path().join("node-a/outbox"), "before the failover").await;
 
+    // node-a bootstrapped, so it led; owning the group, it leaves leading
+    // to a node that owns nothing (its failure then costs no election).
+    nodes_until(admin[1], |rows| {
+        all_voting(rows, 3)
+            && rows
+                .iter()
+                .any(|r| r["leader"] == true && r["name"] != "node-a")
+    })
+    .await;
     // SIGKILL the owner: node-b, next in preference, takes the VIP over.
-    nodes_until(admin[1], |rows| all_voting(rows, 3)).await;
     nodes[0].child.start_kill().unwrap();
     nodes[0].child.wait().await.unwrap();
     until_greeted_by(vip, "node-b", &mut seen).await;

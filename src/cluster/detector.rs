@@ -89,6 +89,27 @@ pub fn reconcile(
     out
 }
 
+/// Whether node `me` should leave leading to others: it holds a live group
+/// and a voter that is up holds none. A leader that owns a group makes its
+/// own failure cost an election on top of the failover; a leader that owns
+/// nothing makes it a plain failover (and its own failure costs clients
+/// nothing).
+pub fn abstains(me: NodeId, state: &ClusterState, voters: &BTreeSet<NodeId>) -> bool {
+    let holds = |id: NodeId| {
+        state
+            .groups
+            .values()
+            .any(|g| g.owner == Some(id) && !g.revoked && !g.released)
+    };
+    let up = |id: &NodeId| {
+        state
+            .members
+            .get(id)
+            .is_some_and(|m| m.state == NodeState::Up)
+    };
+    holds(me) && voters.iter().any(|v| *v != me && up(v) && !holds(*v))
+}
+
 /// Non-voters to promote, as many as the voter set has room for: the
 /// oldest incarnations among the members published up. This makes joined
 /// learners voters (in one membership change, however many joined), and
@@ -134,7 +155,12 @@ pub async fn run(
     // for that leader's silence already.
     let mut followed: Option<NodeId> = None;
     let mut called = false;
-    let mut standing_back = false;
+    // This node does not campaign (stands back, or abstains).
+    let mut quiet = false;
+    // Stepping down as leader (since when), and when to try again if
+    // nobody took over last time.
+    let (mut stepping, mut step_again): (Option<Instant>, Option<Instant>) = (None, None);
+    let mut leader_seen = Instant::now();
     let mut gone_jitter = period.mul_f64(super::membership::jitter());
     let Signals { acks, outlogged } = signals;
     loop {
@@ -151,14 +177,23 @@ pub async fn run(
         // otherwise go first, and lose, in every term).
         let outlogged_at = *outlogged.lock().unwrap_or_else(|e| e.into_inner());
         let back = outlogged_at.is_some_and(|at| at.elapsed() < t.leader_gone_after);
-        if back != standing_back && !cancel.is_cancelled() {
-            standing_back = back;
-            raft.runtime_config().elect(!back);
+        if m.current_leader.is_some() {
+            leader_seen = Instant::now();
+        }
+        // An owner leaves campaigns to a voter that owns nothing — unless
+        // the cluster has been leaderless a while (the state it judged by
+        // may be stale): then anyone campaigns.
+        let voter_ids: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let abstain = abstains(m.id, &view.borrow().state, &voter_ids)
+            && leader_seen.elapsed() < t.leader_gone_after * 2;
+        if (back || abstain) != quiet && !cancel.is_cancelled() {
+            quiet = back || abstain;
+            raft.runtime_config().elect(!quiet);
             if back {
                 tracing::info!("a voter has a longer log: standing back from elections");
             }
         }
-        if standing_back {
+        if quiet {
             candidate_since = None;
         } else if m.state == ServerState::Candidate {
             // openraft draws a node's election timeout once per process and
@@ -218,7 +253,7 @@ pub async fn run(
                 } else {
                     gone_jitter + period
                 };
-            if let Some(at) = heard.filter(|_| voter && !called && !standing_back) {
+            if let Some(at) = heard.filter(|_| voter && !called && !quiet) {
                 let silent = at.elapsed();
                 if silent >= wait && !cancel.is_cancelled() {
                     (called, gone_jitter) = (true, period.mul_f64(super::membership::jitter()));
@@ -229,10 +264,37 @@ pub async fn run(
         }
         if m.state != ServerState::Leader {
             leading_since = None;
+            if stepping.take().is_some() && !cancel.is_cancelled() {
+                raft.runtime_config().heartbeat(true);
+            }
             continue;
         }
         let now = Instant::now();
         let since = *leading_since.get_or_insert(now);
+        // A leader that owns a group steps down: without its heartbeats a
+        // voter that owns nothing campaigns after the lease (openraft 0.9
+        // has no leadership transfer). If nobody has after a while, it
+        // leads on and tries again later.
+        if abstain && stepping.is_none() && step_again.is_none_or(|at| now >= at) {
+            tracing::info!(
+                "leading while owning a group: leaving leadership to a voter that owns none"
+            );
+            raft.runtime_config().heartbeat(false);
+            stepping = Some(now);
+        }
+        if let Some(at) = stepping.filter(|at| now - *at > t.leader_gone_after * 3 || !abstain) {
+            if abstain {
+                tracing::warn!(since = ?now - at, "nobody took leadership over; leading on");
+            }
+            raft.runtime_config().heartbeat(true);
+            stepping = None;
+            step_again = Some(now + t.leader_gone_after * 20);
+        }
+        if stepping.is_some() {
+            // Quiet: any write would refresh the followers' leader lease
+            // (and without heartbeats they would all look suspect).
+            continue;
+        }
         let members: BTreeMap<NodeId, Member> = m
             .membership_config
             .membership()
@@ -527,5 +589,31 @@ mod tests {
         let silence = BTreeMap::from([(2, Duration::from_secs(60)), (3, Duration::ZERO)]);
         let out = reconcile(1, &members, &st, &silence, Duration::from_secs(60), T, 5);
         assert_eq!(out, vec![]);
+    }
+
+    #[test]
+    fn an_owner_leaves_leading_to_a_voter_that_owns_nothing() {
+        use crate::cluster::groups::GroupState;
+        let up = NodeState::Up;
+        let mut s = state(&[(1, up), (2, up), (3, up)]);
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        assert!(!abstains(1, &s, &voters), "owns nothing");
+        let held = |owner| GroupState {
+            owner: Some(owner),
+            epoch: 1,
+            ..Default::default()
+        };
+        s.groups.insert("mta".into(), held(1));
+        assert!(abstains(1, &s, &voters));
+        assert!(!abstains(2, &s, &voters));
+        // Every other voter owns a group or is down: it leads if it must.
+        s.groups.insert("other".into(), held(2));
+        s.members.get_mut(&3).unwrap().state = NodeState::Down;
+        assert!(!abstains(1, &s, &voters));
+        s.members.get_mut(&3).unwrap().state = up;
+        assert!(abstains(1, &s, &voters));
+        // A released epoch is not held any more.
+        s.groups.get_mut("mta").unwrap().released = true;
+        assert!(!abstains(1, &s, &voters));
     }
 }
