@@ -197,9 +197,9 @@ impl GroupService {
         // an operator's request through any node's admin API; any member
         // may declare what its configuration defines.
         let allowed = match &cmd {
-            GroupCommand::Report { node, .. } | GroupCommand::Fence { node, .. } => {
-                *node == from.incarnation
-            }
+            GroupCommand::Report { node, .. }
+            | GroupCommand::Fence { node, .. }
+            | GroupCommand::Counting { node, .. } => *node == from.incarnation,
             GroupCommand::Move { .. } | GroupCommand::Declare { .. } => true,
             GroupCommand::Assign { .. }
             | GroupCommand::Revoke { .. }
@@ -207,7 +207,7 @@ impl GroupService {
         };
         if !allowed {
             return GroupReply::Refused(
-                "a node records only moves, declarations, and reports and fences about itself"
+                "a node records only moves, declarations, and reports, fences and counts about itself"
                     .into(),
             );
         }

@@ -78,6 +78,10 @@ pub struct GroupState {
     /// Its lease in ms, likewise (0: not declared).
     #[serde(default)]
     pub lease_ms: u64,
+    /// The log index of the oldest membership the owner may count its
+    /// lease in (see [`super::history`]).
+    #[serde(default)]
+    pub counted_since: u64,
     /// Nodes where a stop failed: the group is never placed there again
     /// until they come back clean.
     pub fenced: BTreeSet<NodeId>,
@@ -144,6 +148,18 @@ pub enum GroupCommand {
         /// When.
         at_ms: u64,
     },
+    /// The owner of `epoch` has applied the membership at log index
+    /// `since`: it no longer counts its lease in older ones.
+    Counting {
+        /// The group.
+        group: String,
+        /// The owner's epoch.
+        epoch: u64,
+        /// The owner.
+        node: NodeId,
+        /// The membership's log index.
+        since: u64,
+    },
     /// An operator asks for the group on `to` (None: cancel).
     Move {
         /// The group.
@@ -189,6 +205,7 @@ impl GroupCommand {
             | GroupCommand::Revoke { group, .. }
             | GroupCommand::Drain { group, .. }
             | GroupCommand::Report { group, .. }
+            | GroupCommand::Counting { group, .. }
             | GroupCommand::Move { group, .. }
             | GroupCommand::Declare { group, .. }
             | GroupCommand::Fence { group, .. } => group,
@@ -272,6 +289,15 @@ impl GroupCommand {
                 g.status = *status;
                 g.released = matches!(status, GroupStatus::Offline | GroupStatus::Failed);
                 transition(g, reason, *at_ms);
+            }
+            GroupCommand::Counting {
+                epoch, node, since, ..
+            } => {
+                let current = *epoch == g.epoch && g.owner == Some(*node) && !g.released;
+                if !current || *since <= g.counted_since {
+                    return Response::Stale;
+                }
+                g.counted_since = *since;
             }
             GroupCommand::Move { to, at_ms, .. } => {
                 g.move_to = *to;

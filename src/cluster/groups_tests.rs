@@ -218,3 +218,77 @@ fn only_a_placement_or_a_declaration_brings_a_group_into_the_state() {
     assert_eq!(s.apply(&Command::Group(assign(1, Some(9)))), Response::Done);
     assert!(s.groups.contains_key("mta"));
 }
+
+fn counting(epoch: u64, node: NodeId, since: u64) -> Command {
+    Command::Group(GroupCommand::Counting {
+        group: "mta".into(),
+        epoch,
+        node,
+        since,
+    })
+}
+
+fn voters(ids: &[NodeId]) -> std::collections::BTreeSet<NodeId> {
+    ids.iter().copied().collect()
+}
+
+/// The owner was placed under three voters and lags while four more
+/// join; its lease may rest on voters 1 and 2 alone. The leader, counting
+/// only the new voters, would see the group free while the owner still
+/// serves — so it counts every configuration since the owner's, until
+/// the owner says it has caught up.
+#[test]
+fn a_lagging_owner_keeps_its_old_configuration_counted() {
+    use crate::cluster::lease::{free_at, Holding};
+    use tokio::time::{Duration, Instant};
+
+    let mut s = ClusterState::default();
+    s.membership_applied(1, vec![voters(&[1, 2, 3])]);
+    assert_eq!(s.apply(&Command::Group(assign(1, Some(1)))), Response::Done);
+    assert_eq!(s.groups["mta"].counted_since, 1);
+    s.membership_applied(7, vec![voters(&[1, 2, 3]), voters(&[3, 4, 5, 6, 7])]);
+    s.membership_applied(8, vec![voters(&[3, 4, 5, 6, 7])]);
+
+    let t0 = Instant::now();
+    let lease = Duration::from_millis(600);
+    let mut owner = Holding::default();
+    owner.granted(1, t0, lease);
+    owner.granted(2, t0, lease);
+    let held = owner.valid_until(&[voters(&[1, 2, 3])]);
+    assert_eq!(held, Some(t0 + lease), "the lagging owner holds");
+    // Voters 4, 5 and 6 never granted anything.
+    let answers = [(4, t0), (5, t0), (6, t0)].into_iter().collect();
+    let newest = [voters(&[3, 4, 5, 6, 7])];
+    assert!(
+        free_at(&newest, &answers, Duration::ZERO).is_some_and(|f| Some(f) < held),
+        "the newest configuration alone would free it early"
+    );
+    let counted = s.voters.since(s.groups["mta"].counted_since);
+    assert!(counted.contains(&voters(&[1, 2, 3])), "{counted:?}");
+    assert_eq!(
+        free_at(&counted, &answers, Duration::ZERO),
+        None,
+        "a majority of the owner's configuration must answer"
+    );
+
+    // Caught up: only the owner of the epoch may say so, only forward,
+    // and never beyond what the log holds.
+    assert_eq!(s.apply(&counting(1, 2, 8)), Response::Stale);
+    assert_eq!(s.apply(&counting(1, 1, 9)), Response::Stale);
+    assert_eq!(s.apply(&counting(1, 1, 8)), Response::Done);
+    assert_eq!(s.apply(&counting(1, 1, 7)), Response::Stale);
+    assert_eq!(s.voters.since(0), vec![voters(&[3, 4, 5, 6, 7])], "pruned");
+}
+
+#[test]
+fn history_is_kept_for_an_owner_in_office_only() {
+    let mut s = ClusterState::default();
+    s.membership_applied(1, vec![voters(&[1])]);
+    s.apply(&Command::Group(assign(1, Some(1))));
+    s.membership_applied(3, vec![voters(&[1, 2, 3])]);
+    assert_eq!(s.voters.since(0).len(), 2, "owner 1 may count in {{1}}");
+    s.apply(&Command::Group(report(1, 1, GroupStatus::Offline)));
+    assert_eq!(s.voters.since(0), vec![voters(&[1, 2, 3])], "released");
+    s.apply(&Command::Group(assign(2, Some(2))));
+    assert_eq!(s.groups["mta"].counted_since, 3);
+}

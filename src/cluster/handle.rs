@@ -62,6 +62,24 @@ impl ClusterHandle {
             .collect()
     }
 
+    /// Every voter configuration the owner of `group` may still count
+    /// its lease in: those since its recorded membership and those in
+    /// force here (see [`super::history`]). A majority of each must
+    /// answer before a revoked group is free.
+    pub fn lease_configs(&self, group: &str) -> Vec<BTreeSet<NodeId>> {
+        let mut configs = {
+            let v = self.view.borrow();
+            let since = v.state.groups.get(group).map_or(0, |g| g.counted_since);
+            v.state.voters.since(since)
+        };
+        for c in self.voter_configs() {
+            if !configs.contains(&c) {
+                configs.push(c);
+            }
+        }
+        configs
+    }
+
     /// The leader, if known.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader

@@ -4,7 +4,7 @@
 //! asking the voters how long their grants for a revoked epoch may last
 //! and waiting until they have certainly run out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,9 +147,10 @@ async fn manage(
     let epoch = state.groups.get(&p.name).map_or(0, |g| g.epoch);
     let free_at = {
         let r = lock(revocations);
-        r.get(&p.name)
-            .filter(|r| r.epoch == epoch)
-            .and_then(|r| lease::free_at(&cluster.voter_configs(), &r.answers, margin(p.lease)))
+        r.get(&p.name).filter(|r| r.epoch == epoch).and_then(|r| {
+            let configs = cluster.lease_configs(&p.name);
+            lease::free_at(&configs, &r.answers, margin(p.lease))
+        })
     };
     let free = free_at.is_some_and(|at| Instant::now() >= at);
     let policy = Policy {
@@ -240,7 +241,7 @@ fn ask(
         rev.asking = true;
         rev.asked = Some(Instant::now());
     }
-    let voters: Vec<NodeId> = cluster.voter_configs().into_iter().flatten().collect();
+    let voters: BTreeSet<NodeId> = cluster.lease_configs(group).into_iter().flatten().collect();
     let (cluster, group, revocations) = (cluster.clone(), group.to_string(), revocations.clone());
     let answered = answered.clone();
     tokio::spawn(async move {

@@ -11,6 +11,7 @@ pub mod group_rpc;
 pub mod groups;
 pub mod handle;
 pub mod handshake;
+pub mod history;
 pub mod identity;
 pub mod lease;
 pub mod link;

@@ -5,13 +5,14 @@
 //! committed commands in the same order and must reach the same state, so
 //! nothing here reads a clock or a random source (times travel in commands).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
 use super::groups::{GroupCommand, GroupState};
+use super::history::VoterHistory;
 
 /// A raft node id: the node's *incarnation*, a random id made when its data
 /// dir is first created, so a node that returns with a wiped disk is a new id.
@@ -162,6 +163,9 @@ pub struct ClusterState {
     /// Resource groups by name.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupState>,
+    /// The voter configurations an owner may still count its lease in.
+    #[serde(default)]
+    pub voters: VoterHistory,
 }
 
 impl ClusterState {
@@ -204,15 +208,7 @@ impl ClusterState {
                 Some(_) => Response::Done,
                 None => Response::UnknownMember,
             },
-            Command::Group(g) => match self.groups.get_mut(g.group()) {
-                Some(state) => g.apply(state),
-                // Only a first placement or a declaration makes a group: a
-                // move or report naming an unknown one must not invent it.
-                None if g.creates() => {
-                    g.apply(self.groups.entry(g.group().to_string()).or_default())
-                }
-                None => Response::Stale,
-            },
+            Command::Group(g) => self.apply_group(g),
             Command::SetState {
                 id,
                 state,
@@ -232,6 +228,50 @@ impl ClusterState {
                 None => Response::UnknownMember,
             },
         }
+    }
+
+    /// The membership at log `index`, with these voter configurations,
+    /// was applied.
+    pub fn membership_applied(&mut self, index: u64, configs: Vec<BTreeSet<NodeId>>) {
+        self.voters.applied(index, configs);
+        self.prune_voters();
+    }
+
+    fn apply_group(&mut self, cmd: &GroupCommand) -> Response {
+        // An owner can only have applied memberships the log already
+        // holds: a claim beyond them would hide configurations.
+        if let GroupCommand::Counting { since, .. } = cmd {
+            if *since > self.voters.last() {
+                return Response::Stale;
+            }
+        }
+        let g = match self.groups.get_mut(cmd.group()) {
+            Some(g) => g,
+            // Only a first placement or a declaration makes a group: a
+            // move or report naming an unknown one must not invent it.
+            None if cmd.creates() => self.groups.entry(cmd.group().to_string()).or_default(),
+            None => return Response::Stale,
+        };
+        let r = cmd.apply(g);
+        if r == Response::Done && matches!(cmd, GroupCommand::Assign { .. }) {
+            // The new owner applies this entry after the membership now
+            // current, so it never counts in an older one.
+            g.counted_since = self.voters.last();
+        }
+        self.prune_voters();
+        r
+    }
+
+    /// Keep the configurations any owner still in office may count in.
+    fn prune_voters(&mut self) {
+        let oldest = self
+            .groups
+            .values()
+            .filter(|g| g.owner.is_some() && !g.released)
+            .map(|g| g.counted_since)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.voters.prune(oldest);
     }
 
     /// The incarnation and record of the member with this name, if any.

@@ -91,6 +91,7 @@ impl GroupRunner {
         let (mut leaving, mut view_open) = (false, true);
         let mut next = Some(self.view(leaving));
         let mut asked: Option<u64> = None;
+        let mut counted = 0;
         let declaring = tokio::spawn(declare(self.cluster.clone(), self.cfg.clone()));
         loop {
             if let Some(ev) = next.take() {
@@ -121,6 +122,7 @@ impl GroupRunner {
                     // The cluster is gone: nothing more to learn; leave.
                     view_open = changed.is_ok();
                     leaving |= !view_open;
+                    self.count_in(&mut counted, &reports);
                     self.view(leaving)
                 }
                 Some((op, result)) = done.recv() => Event::Done(op, result),
@@ -197,6 +199,28 @@ impl GroupRunner {
                     at_ms: now_ms(),
                 });
             }
+        }
+    }
+
+    /// Once this owner has applied a newer membership, tell the leader:
+    /// it counts its lease in that one (and later ones) only, so the
+    /// leader may stop asking older configurations (see
+    /// [`crate::cluster::history`]). `sent`: the last one told.
+    fn count_in(&self, sent: &mut u64, reports: &mpsc::UnboundedSender<GroupCommand>) {
+        let v = self.cluster.view.borrow();
+        let since = v.state.voters.last();
+        let Some(g) = v.state.groups.get(&self.cfg.name) else {
+            return;
+        };
+        let ours = g.owner == Some(self.cluster.me.incarnation) && !g.released;
+        if ours && since > g.counted_since && since > *sent {
+            *sent = since;
+            let _ = reports.send(GroupCommand::Counting {
+                group: self.cfg.name.clone(),
+                epoch: g.epoch,
+                node: self.cluster.me.incarnation,
+                since,
+            });
         }
     }
 

@@ -215,6 +215,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => Response::Done,
                 EntryPayload::Normal(cmd) => self.data.state.apply(&cmd),
                 EntryPayload::Membership(m) => {
+                    let configs = m
+                        .get_joint_config()
+                        .iter()
+                        .map(|c| c.iter().copied().collect())
+                        .collect();
+                    self.data.state.membership_applied(e.log_id.index, configs);
                     self.data.last_membership = StoredMembership::new(Some(e.log_id), m);
                     Response::Done
                 }
