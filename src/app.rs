@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::node::{ClusterError, ClusterNode};
-use crate::config::{ClusterRole, Config, RouteTarget};
+use crate::config::{ClusterRole, Config, Live, RouteTarget};
 use crate::delivery::{drop, Destinations, Job, JobResult};
 use crate::events;
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
@@ -51,6 +51,12 @@ pub struct Node {
     cluster: Option<ClusterNode>,
     groups: Option<Groups>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
+    queue: queue::QueueHandle,
+    /// The configuration a reload changes.
+    live: Live,
+    /// Reloads asked for through the admin API, for whoever runs the node
+    /// (it knows the file).
+    reloads: std::sync::Mutex<Option<mpsc::Receiver<crate::reload::Request>>>,
     /// The node's own SMTP listeners: stopped first at shutdown, while the
     /// queue still delivers what the groups' draining sessions accept.
     smtp_cancel: CancellationToken,
@@ -111,6 +117,7 @@ impl Node {
                 .map_err(|source| StartError::Listen { addr, source })?;
             listeners.push((addr, listener));
         }
+        let live = Live::new(config.clone());
         let config = Arc::new(config);
         let cancel = CancellationToken::new();
         let cluster_cancel = CancellationToken::new();
@@ -137,7 +144,7 @@ impl Node {
         let ids = Arc::new(IdGen::new(floor));
         let (results_tx, results) = mpsc::unbounded_channel();
         let destinations = Destinations::new(
-            Arc::new(config.delivery.clone()),
+            live.delivery(),
             config.smtp.hostname.clone(),
             spool.clone(),
             results_tx.clone(),
@@ -154,10 +161,11 @@ impl Node {
                 .filter_map(|g| Some((g.name.clone(), SocketAddr::new(g.vip?.addr(), g.smtp_port))))
                 .collect(),
         });
+        let readout = destinations.clone();
         let router = Arc::new(Router {
             source: source.clone(),
             handover,
-            config: config.clone(),
+            config: live.config(),
             spool: spool.clone(),
             destinations,
             results: results_tx,
@@ -167,14 +175,21 @@ impl Node {
         let (stats_tx, stats) = tokio::sync::watch::channel(queue::Stats::default());
         let queue = queue::spawn(QueueParts {
             stats: stats_tx,
-            config: config.clone(),
+            config: live.config(),
             spool: spool.clone(),
             dispatch: router,
             results,
             ids: ids.clone(),
             cancel: cancel.child_token(),
             tracker: tracker.clone(),
+            held_file: Some(config.node.data_dir.join("spool").join("held")),
         });
+        let queue_handle = queue.clone();
+        let mail = crate::admin::MailReadout {
+            queue: queue.clone(),
+            spool: spool.clone(),
+            destinations: readout,
+        };
         let intake: Arc<dyn Accept> = Arc::new(Intake {
             spool,
             queue,
@@ -184,13 +199,14 @@ impl Node {
         let groups = cluster.as_ref().map(|c| {
             crate::resource::setup::start(
                 &config,
+                live.smtp(),
                 c,
                 intake.clone(),
                 source,
                 cluster_cancel.clone(),
             )
         });
-        let smtp = Arc::new(config.smtp.clone());
+        let smtp = live.smtp();
         let smtp_cancel = cancel.child_token();
         let mut smtp_addrs = Vec::new();
         for (addr, listener) in listeners {
@@ -205,6 +221,7 @@ impl Node {
                 tracker.clone(),
             ));
         }
+        let (reload_requests, reloads) = mpsc::channel(4);
         let mut admin_addr = None;
         if let Some(listener) = admin {
             admin_addr = listener.local_addr().ok();
@@ -217,6 +234,8 @@ impl Node {
                     problem: c.problem.clone(),
                     groups: config.groups.iter().map(|g| g.name.clone()).collect(),
                 }),
+                mail: Some(mail),
+                reload: Some(reload_requests),
             };
             tracing::info!(address = ?admin_addr, "admin API listening");
             tracker.spawn(crate::admin::serve(listener, state, cancel.child_token()));
@@ -227,6 +246,9 @@ impl Node {
             cluster,
             groups,
             stats,
+            queue: queue_handle,
+            live,
+            reloads: std::sync::Mutex::new(Some(reloads)),
             smtp_cancel,
             cancel,
             cluster_cancel,
@@ -247,6 +269,33 @@ impl Node {
     /// The addresses the SMTP listeners are bound to.
     pub fn smtp_addrs(&self) -> &[SocketAddr] {
         &self.smtp_addrs
+    }
+
+    /// Switch to `new` (already validated) without dropping a connection
+    /// or a message: sessions, associations and routing decisions begun
+    /// before go on as they were. Returns the sections that changed, or
+    /// why nothing did (a change only a restart applies).
+    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, Vec<String>> {
+        self.live.apply(new)
+    }
+
+    /// Reloads asked for through the admin API (once: the caller serves
+    /// them, answering each).
+    pub fn reload_requests(&self) -> Option<mpsc::Receiver<crate::reload::Request>> {
+        self.reloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// The configuration now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.current()
+    }
+
+    /// The queue, for operators' requests.
+    pub fn queue(&self) -> &queue::QueueHandle {
+        &self.queue
     }
 
     /// Outcome counts, updated as they change (tests await them).
@@ -357,7 +406,8 @@ struct Router {
     source: SourceSlot,
     /// While no group is online here, such mail goes to a group's owner.
     handover: Option<Handover>,
-    config: Arc<Config>,
+    /// The routes as a reload leaves them.
+    config: watch::Receiver<Arc<Config>>,
     spool: Arc<dyn Spool>,
     destinations: Destinations,
     results: mpsc::UnboundedSender<JobResult>,
@@ -412,7 +462,8 @@ impl Handover {
 
 impl Dispatch for Router {
     fn dispatch(&self, route: usize, job: Job) {
-        let Some(r) = self.config.routes.get(route) else {
+        let config = self.config.borrow().clone();
+        let Some(r) = config.routes.get(route) else {
             return;
         };
         match &r.target {

@@ -22,6 +22,12 @@ pub enum MessageEvent {
     Bounced,
     /// Too old to retry; a DSN goes to the sender.
     Expired,
+    /// Held by an operator: nothing is dispatched until released.
+    Held,
+    /// Released from a hold.
+    Released,
+    /// Deleted by an operator, with no notice to anyone.
+    Deleted,
 }
 
 impl MessageEvent {
@@ -34,6 +40,9 @@ impl MessageEvent {
             Self::Deferred => "deferred",
             Self::Bounced => "bounced",
             Self::Expired => "expired",
+            Self::Held => "held",
+            Self::Released => "released",
+            Self::Deleted => "deleted",
         }
     }
 }
@@ -158,6 +167,24 @@ pub fn association(
 /// Keeps the log writer thread alive; dropping it flushes what is queued.
 pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
 
+/// The running log: keep it alive while logging (dropping it flushes),
+/// and change its level on a reload.
+pub struct Logging {
+    _guard: LogGuard,
+    set_level: SetLevel,
+}
+
+/// Changes the running log's filter.
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+impl Logging {
+    /// Log at `level` (an `EnvFilter` directive such as `info` or
+    /// `mtad=debug`) from now on.
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        (self.set_level)(level)
+    }
+}
+
 /// Install the global log subscriber: JSON lines or human text on stdout,
 /// filtered by `level` (a tracing filter such as `info`).
 ///
@@ -166,7 +193,7 @@ pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
 /// never stalls the runtime, and a busy node makes one write per batch of
 /// lines instead of one per line. The queue is not lossy: logs are the
 /// audit trail of every message, so when it is full, logging waits.
-pub fn init(format: crate::config::LogFormat, level: &str) -> LogGuard {
+pub fn init(format: crate::config::LogFormat, level: &str) -> Logging {
     use tracing_subscriber::EnvFilter;
     let stdout = std::io::stdout();
     let ansi = std::io::IsTerminal::is_terminal(&stdout);
@@ -177,14 +204,33 @@ pub fn init(format: crate::config::LogFormat, level: &str) -> LogGuard {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
-    let _ = match format {
-        crate::config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+    fn setter<L, S: 'static>(h: tracing_subscriber::reload::Handle<L, S>) -> SetLevel
+    where
+        L: From<EnvFilter> + Send + Sync + 'static,
+    {
+        Box::new(move |level| {
+            let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            h.reload(f).map_err(|e| e.to_string())
+        })
+    }
+    let set_level = match format {
+        crate::config::LogFormat::Json => {
+            let b = builder.json().flatten_event(true).with_current_span(false);
+            let b = b.with_filter_reloading();
+            let h = setter(b.reload_handle());
+            let _ = b.try_init();
+            h
+        }
         // Colour only for a person at a terminal, never into journald or files.
-        crate::config::LogFormat::Text => builder.with_ansi(ansi).try_init(),
+        crate::config::LogFormat::Text => {
+            let b = builder.with_ansi(ansi).with_filter_reloading();
+            let h = setter(b.reload_handle());
+            let _ = b.try_init();
+            h
+        }
     };
-    guard
+    Logging {
+        _guard: guard,
+        set_level,
+    }
 }

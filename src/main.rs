@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use mtad::admin::client;
+use mtad::notify::Notifier;
+use mtad::queue::ops::{Filter, Op, Selector};
 
 /// Exit status for a configuration error (sysexits EX_CONFIG is 78, but
 /// the contract is EX_USAGE-style 64 for "your input is wrong").
@@ -89,6 +92,107 @@ enum CtlCommand {
         /// The node's name.
         node: String,
     },
+    /// Re-read the node's configuration file and apply what can change
+    /// live (as SIGHUP does); an invalid file changes nothing.
+    Reload,
+    /// The queue: what waits, and what to do with it.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Per destination: messages, recipients, deferred, held, oldest,
+    /// associations open and the last error (like qshape).
+    Summary,
+    /// Queued messages, oldest first, fetched page by page.
+    List {
+        /// Only messages for this destination (route name or domain).
+        #[arg(long)]
+        dest: Option<String>,
+        /// Only messages in this state: active, deferred or held.
+        #[arg(long)]
+        state: Option<String>,
+        /// Start after this queue id (as printed at the end of a page).
+        #[arg(long)]
+        after: Option<String>,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// One message: envelope, recipients, attempts, last reply, headers.
+    Show {
+        /// Queue id.
+        id: String,
+    },
+    /// Retry now what waits for a retry (all messages if none is named).
+    Flush(Selection),
+    /// Dispatch nothing for these messages until released (kept across
+    /// restarts).
+    Hold(Selection),
+    /// Release held messages: they are dispatched at once.
+    Release(Selection),
+    /// Remove messages from the queue with no notice to anyone.
+    Delete(Selection),
+    /// Return messages to their senders with a DSN.
+    Bounce(Selection),
+}
+
+/// Which messages an action applies to.
+#[derive(clap::Args)]
+struct Selection {
+    /// Queue ids.
+    ids: Vec<String>,
+    /// Every message for this destination (route name or domain).
+    #[arg(long)]
+    dest: Option<String>,
+    /// Every message in this state: active, deferred or held.
+    #[arg(long)]
+    state: Option<String>,
+    /// Every queued message.
+    #[arg(long)]
+    all: bool,
+    /// Do not ask before deleting or bouncing.
+    #[arg(long)]
+    yes: bool,
+}
+
+impl Selection {
+    fn into_command(self, op: Op) -> (client::Command, bool) {
+        let filter = Filter {
+            dest: self.dest,
+            state: self.state,
+        };
+        // A bare flush means every message, as postqueue -f does.
+        let bare = self.ids.is_empty() && filter == Filter::default();
+        let all = self.all || (op == Op::Flush && bare);
+        let sel = Selector {
+            ids: self.ids,
+            filter,
+            all,
+        };
+        (client::Command::QueueAct(op, sel), self.yes)
+    }
+}
+
+/// Ask on the terminal; never assume yes without one.
+fn confirmed(question: &str) -> Result<bool, String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "{question} — not asked, stdin is not a terminal: add --yes"
+        ));
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| e.to_string())?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 fn main() -> ExitCode {
@@ -129,17 +233,49 @@ fn main() -> ExitCode {
             json,
             command,
         } => {
-            let command = match command {
-                CtlCommand::Status => mtad::admin::client::Command::Status,
-                CtlCommand::Nodes => mtad::admin::client::Command::Nodes,
-                CtlCommand::Evict { name } => mtad::admin::client::Command::Evict(name),
-                CtlCommand::Groups => mtad::admin::client::Command::Groups,
-                CtlCommand::Move { group, node } => mtad::admin::client::Command::Move(group, node),
+            let (command, yes) = match command {
+                CtlCommand::Status => (client::Command::Status, false),
+                CtlCommand::Nodes => (client::Command::Nodes, false),
+                CtlCommand::Evict { name } => (client::Command::Evict(name), false),
+                CtlCommand::Groups => (client::Command::Groups, false),
+                CtlCommand::Move { group, node } => (client::Command::Move(group, node), false),
+                CtlCommand::Reload => (client::Command::Reload, false),
+                CtlCommand::Queue { command } => match command {
+                    QueueCommand::Summary => (client::Command::QueueSummary, false),
+                    QueueCommand::List {
+                        dest,
+                        state,
+                        after,
+                        limit,
+                    } => {
+                        let f = Filter { dest, state };
+                        (client::Command::QueueList(f, after, limit), false)
+                    }
+                    QueueCommand::Show { id } => (client::Command::QueueShow(id), false),
+                    QueueCommand::Flush(s) => s.into_command(Op::Flush),
+                    QueueCommand::Hold(s) => s.into_command(Op::Hold),
+                    QueueCommand::Release(s) => s.into_command(Op::Release),
+                    QueueCommand::Delete(s) => s.into_command(Op::Delete),
+                    QueueCommand::Bounce(s) => s.into_command(Op::Bounce),
+                },
             };
+            if let Some(question) = command.confirmation().filter(|_| !yes) {
+                match confirmed(&question) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        eprintln!("mtad ctl: not confirmed: nothing done");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                    Err(e) => {
+                        eprintln!("mtad ctl: {e}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                }
+            }
             let Some(runtime) = small_runtime() else {
                 return ExitCode::from(EXIT_FAILURE);
             };
-            match runtime.block_on(mtad::admin::client::run(&admin, &command, json)) {
+            match runtime.block_on(client::run(&admin, &command, json)) {
                 Ok(out) => {
                     print!("{}", out.text);
                     match out.warning {
@@ -224,13 +360,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_FAILURE);
                 }
             };
-            runtime.block_on(run(cfg))
+            runtime.block_on(run(cfg, &config))
         }
     }
 }
 
-async fn run(cfg: mtad::config::Config) -> ExitCode {
-    let _log = mtad::events::init(cfg.log.format, &cfg.log.level);
+async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
+    let logging = mtad::events::init(cfg.log.format, &cfg.log.level);
     raise_fd_limit();
     let node = match mtad::app::Node::start(cfg).await {
         Ok(n) => n,
@@ -241,27 +377,70 @@ async fn run(cfg: mtad::config::Config) -> ExitCode {
         }
     };
     tracing::info!("mtad ready");
-    wait_for_signal().await;
+    let notify = Notifier::from_env();
+    notify.ready();
+    if let Some(every) = Notifier::watchdog_interval() {
+        tokio::spawn(watchdog(notify.clone(), node.queue().clone(), every));
+    }
+    let mut requests = node.reload_requests();
+    // SIGTERM and SIGINT stop the node, SIGHUP reloads its configuration.
+    use tokio::signal::unix::SignalKind;
+    let mut term = signal(SignalKind::terminate());
+    let mut int = signal(SignalKind::interrupt());
+    let mut hup = signal(SignalKind::hangup());
+    loop {
+        let asked = async {
+            match requests.as_mut() {
+                Some(r) => r.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = next(&mut term) => break,
+            _ = next(&mut int) => break,
+            _ = next(&mut hup) => {
+                mtad::reload::reload(&node, path, Some(&logging), &notify);
+            }
+            Some(reply) = asked => {
+                let _ = reply.send(mtad::reload::reload(&node, path, Some(&logging), &notify));
+            }
+        }
+    }
     tracing::info!("mtad stopping");
+    notify.stopping();
     node.shutdown(SHUTDOWN_GRACE).await;
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+/// Tell systemd the node is alive twice per watchdog interval — only while
+/// the queue driver answers, so a wedged node is restarted rather than
+/// vouched for.
+async fn watchdog(notify: Notifier, queue: mtad::queue::QueueHandle, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every / 2);
+    loop {
+        tick.tick().await;
+        let probe = queue.list(Filter::default(), None, 1);
+        match tokio::time::timeout(every / 2, probe).await {
+            Ok(Some(_)) => notify.watchdog(),
+            _ => tracing::error!("the queue does not answer: no watchdog notification"),
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A signal to act on, if it could be set up.
+fn signal(kind: tokio::signal::unix::SignalKind) -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind)
+        .map_err(|e| tracing::error!(error = %e, ?kind, "cannot handle a signal"))
+        .ok()
+}
+
+/// The next delivery of `s` (never, without it).
+async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
         }
+        None => std::future::pending().await,
     }
 }
 

@@ -57,7 +57,7 @@ impl Harness {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let dests = Destinations::new(
-            Arc::new(cfg),
+            tokio::sync::watch::channel(Arc::new(cfg)).1,
             "mtad.test".into(),
             Arc::new(spool.0.clone()),
             tx,

@@ -196,6 +196,8 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             problem: nodes[0].problem.clone(),
             groups: vec!["mta".into()],
         }),
+        mail: None,
+        reload: None,
     };
     tracker.spawn(mtad::admin::serve(listener, state, cancel.clone()));
     Cluster {

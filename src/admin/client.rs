@@ -6,7 +6,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{GroupRow, NodeRow, Problem, Status};
+use super::{Acted, GroupRow, NodeRow, Problem, Status};
+use crate::queue::ops::{DestinationRow, Filter, MessageDetail, MessageRow, Op, Page, Selector};
 
 /// Deadline for one ctl request, connect to last byte.
 pub const DEADLINE: Duration = Duration::from_secs(5);
@@ -24,6 +25,41 @@ pub enum Command {
     Groups,
     /// Move a group to a node: (group, node).
     Move(String, String),
+    /// Re-read the node's configuration file.
+    Reload,
+    /// Per-destination queue counts.
+    QueueSummary,
+    /// Queued messages matching the filter, oldest first, after an id,
+    /// at most `limit` (fetched page by page).
+    QueueList(Filter, Option<String>, usize),
+    /// One message in full.
+    QueueShow(String),
+    /// An action on the selected messages.
+    QueueAct(Op, Selector),
+}
+
+impl Command {
+    /// For actions that cannot be undone: the question to ask first.
+    pub fn confirmation(&self) -> Option<String> {
+        let Command::QueueAct(op @ (Op::Delete | Op::Bounce), sel) = self else {
+            return None;
+        };
+        let what = if !sel.ids.is_empty() {
+            format!("{} message(s): {}", sel.ids.len(), sel.ids.join(" "))
+        } else if sel.filter == Filter::default() {
+            "EVERY queued message".to_string()
+        } else {
+            let mut f = Vec::new();
+            f.extend(sel.filter.dest.as_ref().map(|d| format!("destination {d}")));
+            f.extend(sel.filter.state.as_ref().map(|s| format!("state {s}")));
+            format!("every message with {}", f.join(" and "))
+        };
+        let verb = match op {
+            Op::Delete => "Delete (no notice to anyone)",
+            _ => "Bounce (a DSN to each sender)",
+        };
+        Some(format!("{verb} {what}?"))
+    }
 }
 
 /// A successful answer: what to print, and a warning when the node
@@ -39,19 +75,34 @@ pub struct Output {
 /// Run `cmd` against the admin API at `base` (e.g. `http://127.0.0.1:8025`);
 /// Err is the message for stderr (exit 1).
 pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String> {
-    let (method, path) = match cmd {
-        Command::Status => ("GET", "/v1/status".to_string()),
-        Command::Nodes => ("GET", "/v1/nodes".to_string()),
-        Command::Evict(name) => ("POST", format!("/v1/nodes/{name}/evict")),
-        Command::Groups => ("GET", "/v1/groups".to_string()),
-        Command::Move(group, node) => ("POST", format!("/v1/groups/{group}/move/{node}")),
-    };
-    let (code, body) = request(base, method, &path).await?;
-    if !(200..300).contains(&code) {
-        let why = serde_json::from_str::<Problem>(&body).map_or(body, |p| p.error);
-        return Err(format!("{base} answered {code}: {why}"));
-    }
     let parse_err = |e: serde_json::Error| format!("unexpected answer from {base}: {e}");
+    if let Command::QueueList(f, after, limit) = cmd {
+        let page = list(base, f, after.clone(), *limit).await?;
+        let text = match json {
+            true => serde_json::to_string(&page).map_err(parse_err)? + "\n",
+            false => message_table(&page),
+        };
+        return Ok(Output {
+            text,
+            warning: None,
+        });
+    }
+    let (method, path, payload) = match cmd {
+        Command::Status => ("GET", "/v1/status".to_string(), None),
+        Command::Nodes => ("GET", "/v1/nodes".to_string(), None),
+        Command::Evict(name) => ("POST", format!("/v1/nodes/{name}/evict"), None),
+        Command::Groups => ("GET", "/v1/groups".to_string(), None),
+        Command::Move(group, node) => ("POST", format!("/v1/groups/{group}/move/{node}"), None),
+        Command::Reload => ("POST", "/v1/reload".to_string(), None),
+        Command::QueueSummary => ("GET", "/v1/queue/summary".to_string(), None),
+        Command::QueueShow(id) => ("GET", format!("/v1/queue/{}", encode(id)), None),
+        Command::QueueAct(op, sel) => {
+            let body = serde_json::to_string(sel).map_err(|e| e.to_string())?;
+            ("POST", format!("/v1/queue/{}", op_name(*op)), Some(body))
+        }
+        Command::QueueList(..) => unreachable!("listed above"),
+    };
+    let body = call(base, method, &path, payload).await?;
     let status = match cmd {
         Command::Status => Some(serde_json::from_str::<Status>(&body).map_err(parse_err)?),
         _ => None,
@@ -96,9 +147,188 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
         (Command::Move(group, node), _) => {
             format!("{group} moving to {node}: it drains, stops and starts there\n")
         }
-        (Command::Status, None) => unreachable!("a status answer is parsed above"),
+        (Command::Reload, _) => {
+            let o: crate::reload::Outcome = serde_json::from_str(&body).map_err(parse_err)?;
+            match o.changed.is_empty() {
+                true => "reloaded: nothing changed\n".to_string(),
+                false => format!("reloaded: {} changed\n", o.changed.join(", ")),
+            }
+        }
+        (Command::QueueSummary, _) => {
+            let rows: Vec<DestinationRow> = serde_json::from_str(&body).map_err(parse_err)?;
+            summary_table(&rows)
+        }
+        (Command::QueueShow(_), _) => {
+            let d: MessageDetail = serde_json::from_str(&body).map_err(parse_err)?;
+            detail(&d)
+        }
+        (Command::QueueAct(..), _) => {
+            let a: Acted = serde_json::from_str(&body).map_err(parse_err)?;
+            format!("{}: {} message(s) changed\n", op_name(a.op), a.changed)
+        }
+        (Command::Status | Command::QueueList(..), None) => unreachable!("handled above"),
     };
     Ok(Output { text, warning })
+}
+
+/// One request; a non-2xx answer is an error with the API's reason.
+async fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<String, String> {
+    let (code, body) = request(base, method, path, body).await?;
+    if !(200..300).contains(&code) {
+        let why = serde_json::from_str::<Problem>(&body).map_or(body, |p| p.error);
+        return Err(format!("{base} answered {code}: {why}"));
+    }
+    Ok(body)
+}
+
+/// Up to `limit` rows, page by page (each page its own request, so a
+/// million messages never travel in one answer).
+async fn list(
+    base: &str,
+    f: &Filter,
+    mut after: Option<String>,
+    limit: usize,
+) -> Result<Page, String> {
+    let mut all = Page {
+        messages: Vec::new(),
+        next: None,
+    };
+    loop {
+        let want = (limit - all.messages.len()).min(crate::queue::ops::MAX_PAGE);
+        let mut q = vec![format!("limit={want}")];
+        q.extend(f.dest.as_ref().map(|d| format!("dest={}", encode(d))));
+        q.extend(f.state.as_ref().map(|s| format!("state={}", encode(s))));
+        q.extend(after.as_ref().map(|a| format!("after={}", encode(a))));
+        let body = call(base, "GET", &format!("/v1/queue?{}", q.join("&")), None).await?;
+        let page: Page = serde_json::from_str(&body)
+            .map_err(|e| format!("unexpected answer from {base}: {e}"))?;
+        all.messages.extend(page.messages);
+        all.next = page.next;
+        if all.next.is_none() || all.messages.len() >= limit {
+            return Ok(all);
+        }
+        after = all.next.clone();
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Flush => "flush",
+        Op::Hold => "hold",
+        Op::Release => "release",
+        Op::Delete => "delete",
+        Op::Bounce => "bounce",
+    }
+}
+
+/// Percent-encode all but unreserved characters (RFC 3986).
+fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn age(ms: u64) -> String {
+    let now = crate::queue::core::now_ms();
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn message_table(page: &Page) -> String {
+    let mut out = format!(
+        "{:<16} {:<6} {:<8} {:<5} {:<30} {:<22} {}\n",
+        "ID", "AGE", "STATE", "RCPTS", "SENDER", "DESTINATION", "LAST REPLY"
+    );
+    for m in &page.messages {
+        out.push_str(&message_line(m));
+    }
+    if let Some(next) = &page.next {
+        out.push_str(&format!("(more: --after {next})\n"));
+    }
+    out
+}
+
+fn message_line(m: &MessageRow) -> String {
+    let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
+    format!(
+        "{:<16} {:<6} {:<8} {:<5} {:<30} {:<22} {}\n",
+        m.id,
+        age(m.arrived_ms),
+        m.state,
+        m.pending,
+        sender,
+        m.destinations.join(","),
+        m.last_reply.as_deref().unwrap_or("-")
+    )
+}
+
+fn summary_table(rows: &[DestinationRow]) -> String {
+    let mut out = format!(
+        "{:<28} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6}  {}\n",
+        "DESTINATION", "MESSAGES", "RCPTS", "DEFERRED", "HELD", "OLDEST", "ASSOCS", "LAST ERROR"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<28} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6}  {}\n",
+            r.name,
+            r.messages,
+            r.recipients,
+            r.deferred,
+            r.held,
+            age(r.oldest_ms),
+            r.associations,
+            r.last_error.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}
+
+fn detail(d: &MessageDetail) -> String {
+    let m = &d.message;
+    let mut out = format!(
+        "id: {}\nsender: <{}>\narrived: {} ago\nstate: {}\n",
+        m.id,
+        m.sender,
+        age(m.arrived_ms),
+        m.state
+    );
+    if let Some(at) = m.next_attempt_ms {
+        let wait = at.saturating_sub(crate::queue::core::now_ms()) / 1000;
+        out.push_str(&format!("next attempt: in {wait}s\n"));
+    }
+    if let Some(reply) = &m.last_reply {
+        let hop = d.last_hop.as_deref().unwrap_or("-");
+        out.push_str(&format!("last reply: {reply} (from {hop})\n"));
+    }
+    out.push_str("recipients:\n");
+    for r in &d.recipients {
+        out.push_str(&format!(
+            "  {:<40} {:<10} {} attempt(s)\n",
+            r.address, r.state, r.attempts
+        ));
+    }
+    out.push_str("headers:\n");
+    for line in d.headers.lines() {
+        out.push_str(&format!("  {line}\n"));
+    }
+    out
 }
 
 fn group_table(rows: &[GroupRow]) -> String {
@@ -148,7 +378,12 @@ fn table(rows: &[NodeRow]) -> String {
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns status and body.
-async fn request(base: &str, method: &str, path: &str) -> Result<(u16, String), String> {
+async fn request(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<(u16, String), String> {
     let host = base
         .strip_prefix("http://")
         .ok_or_else(|| format!("admin URL must start with http://, got {base}"))?
@@ -157,8 +392,10 @@ async fn request(base: &str, method: &str, path: &str) -> Result<(u16, String), 
         let mut s = TcpStream::connect(host)
             .await
             .map_err(|e| format!("cannot reach the admin API at {base}: {e}"))?;
+        let body = body.unwrap_or_default();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
         );
         s.write_all(req.as_bytes())
             .await

@@ -5,8 +5,10 @@
 
 pub mod client;
 mod groups;
+mod queue;
 
 pub use groups::GroupRow;
+pub use queue::{Acted, MailReadout};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +41,10 @@ pub struct AdminState {
     pub stats: watch::Receiver<Stats>,
     /// The cluster side, if any.
     pub cluster: Option<ClusterReadout>,
+    /// The queue, if this node queues mail.
+    pub mail: Option<MailReadout>,
+    /// Where reloads are asked for, if the node can reload.
+    pub reload: Option<tokio::sync::mpsc::Sender<crate::reload::Request>>,
 }
 
 /// What the API reads of the cluster side.
@@ -132,6 +138,11 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
         .route("/v1/nodes/{name}/evict", post(evict))
         .route("/v1/groups", get(groups::list))
         .route("/v1/groups/{name}/move/{node}", post(groups::move_to))
+        .route("/v1/reload", post(reload))
+        .route("/v1/queue", get(queue::list))
+        .route("/v1/queue/summary", get(queue::summary))
+        .route("/v1/queue/{id}", get(queue::show))
+        .route("/v1/queue/{id}", post(queue::act))
         .with_state(Arc::new(state));
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
@@ -244,6 +255,33 @@ async fn evict(
         Err(_) => problem(
             StatusCode::GATEWAY_TIMEOUT,
             "the cluster did not commit the change in time",
+        ),
+    }
+}
+
+/// `POST /v1/reload`: what changed, or 400 with every reason it did not.
+async fn reload(State(s): State<Arc<AdminState>>) -> Answer<crate::reload::Outcome> {
+    let Some(requests) = &s.reload else {
+        return problem(StatusCode::NOT_FOUND, "this node cannot reload");
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let asked = async {
+        requests.send(tx).await.ok()?;
+        rx.await.ok()
+    };
+    match tokio::time::timeout(ACTION_DEADLINE, asked).await {
+        Ok(Some(o)) if o.errors.is_empty() => Ok(Json(o)),
+        Ok(Some(o)) => problem(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "reload refused, the running configuration stays:\n{}",
+                o.errors.join("\n")
+            ),
+        ),
+        Ok(None) => problem(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"),
+        Err(_) => problem(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the reload did not finish in time",
         ),
     }
 }

@@ -9,11 +9,13 @@ use ipnet::IpNet;
 
 mod cluster;
 mod group;
+mod live;
 mod load;
 mod reader;
 #[cfg(test)]
 mod tests;
 
+pub use live::{needs_restart, Live};
 pub use load::{load_file, load_str, ConfigError, ConfigErrors};
 
 /// The whole node configuration.

@@ -16,7 +16,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use super::client::{Action, Client, Reply, SessionEnd};
 use super::destinations::{Destination, Queued, Shared};
-use super::pool::{self, Next};
+use super::pool::{self, Next, Policy};
 use super::Outcome;
 use crate::events::{self, AssociationEvent as Ev, AssociationReason as Why};
 
@@ -54,6 +54,7 @@ pub(crate) async fn run(shared: Arc<Shared>, dest: Arc<Destination>, mut reason:
             conn,
             client,
             pool: pool::Association::new(Instant::now()),
+            policy: shared.policy(),
         };
         let (why, detail) = session.serve().await;
         dest.set_established(false);
@@ -163,7 +164,7 @@ async fn connect(hop: SocketAddr, source: Option<std::net::IpAddr>) -> io::Resul
 /// Connect to the first next hop that answers and complete greeting and
 /// EHLO/HELO with it.
 async fn establish(shared: &Shared, dest: &Destination) -> Result<(Conn, Client), Unreachable> {
-    let cfg = &shared.cfg;
+    let cfg = shared.cfg();
     let mut last = Unreachable {
         hop: String::new(),
         reply: Reply::local(451, "4.4.0 the route has no next hop"),
@@ -247,13 +248,16 @@ struct Session<'a> {
     conn: Conn,
     client: Client,
     pool: pool::Association,
+    /// The pool policy when the association opened: a reload applies to
+    /// the next ones.
+    policy: Policy,
 }
 
 impl Session<'_> {
     /// Serve the ready queue until the policy, the peer or shutdown ends
     /// the session; returns why, for the close event.
     async fn serve(&mut self) -> (Why, String) {
-        let policy = &self.shared.policy;
+        let policy = self.policy.clone();
         loop {
             if self.shared.cancel.is_cancelled() {
                 self.quit().await;
@@ -317,7 +321,7 @@ impl Session<'_> {
                         Some(end) => format!("{end:?}"),
                         None => return None,
                     },
-                    Err(e) => e.text(self.shared.policy.stall_timeout),
+                    Err(e) => e.text(self.policy.stall_timeout),
                 };
                 Some((Why::Idle, detail))
             }
@@ -339,7 +343,7 @@ impl Session<'_> {
                 return TxEnd::Skipped;
             }
         };
-        let stall = self.shared.policy.stall_timeout;
+        let stall = self.policy.stall_timeout;
         let mut actions = match self.client.start(&q.job.sender, &q.job.recipients, body) {
             Ok(a) => a,
             Err(e) => {
@@ -386,7 +390,7 @@ impl Session<'_> {
     /// The connection stalled or broke with `q` in hand.
     fn broken(&mut self, q: Queued, e: IoFail) -> TxEnd {
         let hop = self.conn.hop.to_string();
-        let stall = self.shared.policy.stall_timeout;
+        let stall = self.policy.stall_timeout;
         match e {
             IoFail::Timeout => {
                 let detail = format!("no progress within {stall:?}");
@@ -415,11 +419,7 @@ impl Session<'_> {
 
     /// Say goodbye; a peer that does not answer QUIT promptly is just closed.
     async fn quit(&mut self) {
-        let limit = self
-            .shared
-            .policy
-            .stall_timeout
-            .min(Duration::from_secs(10));
+        let limit = self.policy.stall_timeout.min(Duration::from_secs(10));
         let bytes = self.client.quit();
         if self.conn.write_within(&bytes, limit).await.is_err() {
             return;

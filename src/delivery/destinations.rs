@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -46,8 +46,9 @@ type Key = (Vec<SocketAddr>, Option<IpAddr>);
 
 /// What every association of every destination needs.
 pub(crate) struct Shared {
-    pub cfg: Arc<DeliveryConfig>,
-    pub policy: Policy,
+    /// `[delivery]` as a reload leaves it: each association keeps what it
+    /// started with.
+    settings: watch::Receiver<Arc<DeliveryConfig>>,
     pub helo_name: String,
     pub spool: Arc<dyn Spool>,
     pub results: UnboundedSender<JobResult>,
@@ -57,6 +58,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// `[delivery]` now.
+    pub fn cfg(&self) -> Arc<DeliveryConfig> {
+        self.settings.borrow().clone()
+    }
+
+    /// The pool policy now.
+    pub fn policy(&self) -> Policy {
+        Policy::from_config(&self.settings.borrow())
+    }
+
     /// A fresh association id for logs.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
@@ -195,18 +206,16 @@ impl Destinations {
     /// A front with no destinations yet; associations are spawned on
     /// `tracker` and stop when `cancel` fires.
     pub fn new(
-        cfg: Arc<DeliveryConfig>,
+        settings: watch::Receiver<Arc<DeliveryConfig>>,
         helo_name: String,
         spool: Arc<dyn Spool>,
         results: UnboundedSender<JobResult>,
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
-        let policy = Policy::from_config(&cfg);
         Self {
             shared: Arc::new(Shared {
-                cfg,
-                policy,
+                settings,
                 helo_name,
                 spool,
                 results,
@@ -234,7 +243,8 @@ impl Destinations {
                 route,
                 requeued: false,
             });
-            while let Some(reason) = self.shared.policy.open(st.jobs.len(), st.associations) {
+            let policy = self.shared.policy();
+            while let Some(reason) = policy.open(st.jobs.len(), st.associations) {
                 st.associations += 1;
                 opens.push(reason);
             }

@@ -2,7 +2,7 @@
 //! go to which route, what is in flight, what is due for retry, and what
 //! is finished. The driver feeds it events and carries out its actions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -49,8 +49,29 @@ pub enum Action {
     },
 }
 
-struct Entry {
-    envelope: Envelope,
+pub(super) struct Entry {
+    pub(super) envelope: Envelope,
+    /// An operator holds it: nothing is dispatched until released.
+    pub(super) held: bool,
+    /// Recipients handed to a route whose result has not come back.
+    pub(super) inflight: BTreeSet<usize>,
+    /// Its keys in `Core::retries`, with the wall-clock time each is due.
+    pub(super) retries: Vec<((Instant, u64), u64)>,
+    /// The last next hop and reply that deferred or failed a recipient,
+    /// and when (ms since the epoch).
+    pub(super) last: Option<(String, String, u64)>,
+}
+
+impl Entry {
+    fn new(envelope: Envelope, held: bool) -> Entry {
+        Entry {
+            envelope,
+            held,
+            inflight: BTreeSet::new(),
+            retries: Vec::new(),
+            last: None,
+        }
+    }
 }
 
 /// Counts of recipient outcomes since start, and what is queued now.
@@ -70,8 +91,10 @@ pub struct Stats {
 
 /// The queue's state.
 pub struct Core {
-    messages: HashMap<QueueId, Entry>,
-    retries: BTreeMap<(Instant, u64), (usize, Job)>,
+    /// By id, so oldest first (ids grow with time): operators page
+    /// through them in that order.
+    pub(super) messages: BTreeMap<QueueId, Entry>,
+    pub(super) retries: BTreeMap<(Instant, u64), (usize, Job)>,
     seq: u64,
     stats: Stats,
 }
@@ -92,7 +115,7 @@ impl Core {
     /// An empty queue.
     pub fn new() -> Self {
         Self {
-            messages: HashMap::new(),
+            messages: BTreeMap::new(),
             retries: BTreeMap::new(),
             seq: 0,
             stats: Stats::default(),
@@ -123,21 +146,88 @@ impl Core {
     }
 
     /// Take in a durable message (new or recovered) and dispatch its
-    /// pending recipients, one job per route.
+    /// pending recipients, one job per route — unless it is `held`.
     pub fn admit(
         &mut self,
         cfg: &Config,
         envelope: Envelope,
+        held: bool,
         now: Instant,
         now_ms: u64,
         out: &mut Vec<Action>,
     ) {
-        let pending: Vec<usize> = (0..envelope.recipients.len())
-            .filter(|&i| envelope.recipients[i].state != RcptState::Done)
-            .collect();
-        let unroutable = route_jobs(cfg, &envelope, &pending, out);
         let id = envelope.id;
-        self.messages.insert(id, Entry { envelope });
+        self.messages.insert(id, Entry::new(envelope, held));
+        if !held {
+            self.send_waiting(cfg, id, now, now_ms, out);
+        }
+    }
+
+    /// Dispatch every pending recipient of `id` that is neither in flight
+    /// nor held, at once (its scheduled retries are cancelled).
+    pub(super) fn send_waiting(
+        &mut self,
+        cfg: &Config,
+        id: QueueId,
+        now: Instant,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(e) = self.messages.get_mut(&id) else {
+            return;
+        };
+        for (key, _) in e.retries.drain(..) {
+            self.retries.remove(&key);
+        }
+        let waiting: Vec<usize> = (0..e.envelope.recipients.len())
+            .filter(|i| e.envelope.recipients[*i].state != RcptState::Done)
+            .filter(|i| !e.inflight.contains(i))
+            .collect();
+        self.send(cfg, id, &waiting, now, now_ms, out);
+    }
+
+    /// Forget `id` and its scheduled retries (results still in flight
+    /// for it are then ignored).
+    pub(super) fn remove(&mut self, id: QueueId) -> Option<Entry> {
+        let e = self.messages.remove(&id)?;
+        for (key, _) in &e.retries {
+            self.retries.remove(key);
+        }
+        Some(e)
+    }
+
+    /// The messages held now.
+    pub fn held(&self) -> Vec<QueueId> {
+        let held = self.messages.iter().filter(|(_, e)| e.held);
+        held.map(|(id, _)| *id).collect()
+    }
+
+    /// Route and dispatch recipients `indices` of `id`; those no route
+    /// serves fail.
+    fn send(
+        &mut self,
+        cfg: &Config,
+        id: QueueId,
+        indices: &[usize],
+        now: Instant,
+        now_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(e) = self.messages.get_mut(&id) else {
+            return;
+        };
+        // Never one that is done meanwhile (an operator bounced it).
+        let recipients = &e.envelope.recipients;
+        let indices: Vec<usize> = (indices.iter().copied())
+            .filter(|i| {
+                recipients
+                    .get(*i)
+                    .is_some_and(|r| r.state != RcptState::Done)
+            })
+            .collect();
+        let unroutable = route_jobs(cfg, &e.envelope, &indices, out);
+        e.inflight
+            .extend(indices.iter().filter(|i| !unroutable.contains(i)));
         self.fail_unroutable(cfg, id, unroutable, now, now_ms, out);
     }
 
@@ -182,7 +272,17 @@ impl Core {
         let Some(entry) = self.messages.get_mut(&result.id) else {
             return;
         };
-        let env = &mut entry.envelope;
+        for r in &result.results {
+            entry.inflight.remove(&r.index);
+        }
+        let Entry {
+            envelope: env,
+            held,
+            last,
+            retries: scheduled,
+            ..
+        } = entry;
+        let held = *held;
         let mut changes = Vec::new();
         let mut bounce = Vec::new();
         let mut retry = Vec::new();
@@ -197,6 +297,9 @@ impl Core {
             };
             let hop = Some(result.next_hop.as_str());
             let reply = Some(r.reply.as_str());
+            if r.outcome != Outcome::Delivered {
+                *last = Some((result.next_hop.clone(), r.reply.clone(), now_ms));
+            }
             let (kind, state) = match r.outcome {
                 Outcome::Delivered => (MessageEvent::Delivered, RcptState::Done),
                 Outcome::Failed => {
@@ -210,13 +313,16 @@ impl Core {
                         bounce.push(failure(&rcpt.address, r, &result.next_hop, true));
                         (MessageEvent::Expired, RcptState::Done)
                     } else {
-                        retry.push((
-                            now + delay,
-                            JobRcpt {
-                                index: r.index,
-                                address: rcpt.address.clone(),
-                            },
-                        ));
+                        // A held message waits for its release instead.
+                        if !held {
+                            retry.push((
+                                (now + delay, due_ms),
+                                JobRcpt {
+                                    index: r.index,
+                                    address: rcpt.address.clone(),
+                                },
+                            ));
+                        }
                         (MessageEvent::Deferred, RcptState::Pending { attempts })
                     }
                 }
@@ -232,11 +338,11 @@ impl Core {
             changes.push((r.index, state));
         }
         // Recipients deferred together are retried together, as one job.
-        let mut groups: BTreeMap<Instant, Vec<JobRcpt>> = BTreeMap::new();
+        let mut groups: BTreeMap<(Instant, u64), Vec<JobRcpt>> = BTreeMap::new();
         for (due, rcpt) in retry {
             groups.entry(due).or_default().push(rcpt);
         }
-        for (due, recipients) in groups {
+        for ((due, due_ms), recipients) in groups {
             self.seq += 1;
             let job = Job {
                 id: env.id,
@@ -244,6 +350,7 @@ impl Core {
                 recipients,
             };
             self.retries.insert((due, self.seq), (result.route, job));
+            scheduled.push(((due, self.seq), due_ms));
         }
         if changes.is_empty() {
             return;
@@ -256,7 +363,7 @@ impl Core {
             finished,
         });
         if finished {
-            self.messages.remove(&result.id);
+            self.remove(result.id);
         }
     }
 
@@ -267,13 +374,14 @@ impl Core {
             if entry.key().0 > now {
                 break;
             }
+            let key = *entry.key();
             let (_, job) = entry.remove();
-            let Some(e) = self.messages.get(&job.id) else {
+            let Some(e) = self.messages.get_mut(&job.id) else {
                 continue;
             };
+            e.retries.retain(|(k, _)| *k != key);
             let indices: Vec<usize> = job.recipients.iter().map(|r| r.index).collect();
-            let unroutable = route_jobs(cfg, &e.envelope, &indices, out);
-            self.fail_unroutable(cfg, job.id, unroutable, now, now_ms, out);
+            self.send(cfg, job.id, &indices, now, now_ms, out);
         }
     }
 }
@@ -350,4 +458,4 @@ pub fn now_ms() -> u64 {
 
 #[cfg(test)]
 #[path = "core_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -5,7 +5,7 @@ use crate::config::{
 use crate::delivery::RcptResult;
 use crate::spool::Recipient;
 
-fn config() -> Config {
+pub(crate) fn config() -> Config {
     let route = |domains: &[&str], target| Route {
         domains: domains.iter().map(|d| d.to_string()).collect(),
         target,
@@ -72,7 +72,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
     }
 }
 
-fn jobs(out: &[Action]) -> Vec<(usize, Vec<usize>)> {
+pub(crate) fn jobs(out: &[Action]) -> Vec<(usize, Vec<usize>)> {
     out.iter()
         .filter_map(|a| match a {
             Action::Dispatch { route, job } => {
@@ -110,7 +110,7 @@ fn recipients_are_grouped_by_route_one_job_each() {
     let mut core = Core::new();
     let mut out = Vec::new();
     let env = envelope(&["x@a.example", "y@b.example", "z@A.EXAMPLE"]);
-    core.admit(&cfg, env, Instant::now(), 0, &mut out);
+    core.admit(&cfg, env, false, Instant::now(), 0, &mut out);
     assert_eq!(jobs(&out), vec![(0, vec![0, 2]), (1, vec![1])]);
 }
 
@@ -120,7 +120,7 @@ fn unroutable_recipients_bounce_at_once() {
     let mut core = Core::new();
     let mut out = Vec::new();
     let env = envelope(&["x@a.example", "y@nowhere.example"]);
-    core.admit(&cfg, env, Instant::now(), 1_000_000, &mut out);
+    core.admit(&cfg, env, false, Instant::now(), 1_000_000, &mut out);
     assert_eq!(jobs(&out), vec![(0, vec![0])]);
     match &out[1] {
         Action::Settle {
@@ -141,7 +141,7 @@ fn delivery_finishes_the_message() {
     let mut core = Core::new();
     let mut out = Vec::new();
     let now = Instant::now();
-    core.admit(&cfg, envelope(&["x@a.example"]), now, 0, &mut out);
+    core.admit(&cfg, envelope(&["x@a.example"]), false, now, 0, &mut out);
     out.clear();
     core.result(
         &cfg,
@@ -165,6 +165,7 @@ fn deferred_recipients_follow_the_retry_schedule() {
     core.admit(
         &cfg,
         envelope(&["x@a.example", "y@a.example"]),
+        false,
         t0,
         0,
         &mut out,
@@ -217,7 +218,7 @@ fn a_permanent_failure_bounces() {
     let mut core = Core::new();
     let mut out = Vec::new();
     let now = Instant::now();
-    core.admit(&cfg, envelope(&["x@a.example"]), now, 0, &mut out);
+    core.admit(&cfg, envelope(&["x@a.example"]), false, now, 0, &mut out);
     out.clear();
     core.result(
         &cfg,
@@ -244,7 +245,7 @@ fn a_deferral_past_the_queue_lifetime_expires() {
     let mut core = Core::new();
     let mut out = Vec::new();
     let now = Instant::now();
-    core.admit(&cfg, envelope(&["x@a.example"]), now, 0, &mut out);
+    core.admit(&cfg, envelope(&["x@a.example"]), false, now, 0, &mut out);
     out.clear();
     // Arrived at 1_000_000 ms, lifetime 1 h; the next retry (60 s) would
     // fall after 1_000_000 + 3_600_000.
@@ -269,7 +270,7 @@ fn recovered_messages_dispatch_only_pending_recipients() {
     let mut out = Vec::new();
     let mut env = envelope(&["x@a.example", "y@a.example"]);
     env.recipients[0].state = RcptState::Done;
-    core.admit(&cfg, env, Instant::now(), 0, &mut out);
+    core.admit(&cfg, env, false, Instant::now(), 0, &mut out);
     assert_eq!(jobs(&out), vec![(0, vec![1])]);
 }
 

@@ -3,21 +3,25 @@
 //! mail and bounces failures. `core` decides; this driver does the I/O.
 
 pub mod core;
+pub mod ops;
 
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::core::Stats;
 use self::core::{now_ms, Action, Core, Failure};
+use self::ops::{DestinationRow, Filter, MessageDetail, Op, Page, Selector};
 use crate::config::Config;
 use crate::delivery::{Job, JobResult};
 use crate::events;
-use crate::spool::{Envelope, IdGen, RcptState, Recipient, Spool};
+use crate::spool::{Envelope, IdGen, QueueId, RcptState, Recipient, Spool};
 
 /// Where the queue sends jobs: one call per job, never blocking.
 pub trait Dispatch: Send + Sync + 'static {
@@ -26,10 +30,19 @@ pub trait Dispatch: Send + Sync + 'static {
     fn dispatch(&self, route: usize, job: Job);
 }
 
-/// Hands durable messages to the queue.
+/// Hands durable messages to the queue, and operators' requests.
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: mpsc::UnboundedSender<Envelope>,
+    ops: mpsc::UnboundedSender<Request>,
+}
+
+/// An operator's request, answered by the driver between two events.
+enum Request {
+    List(Filter, Option<QueueId>, usize, oneshot::Sender<Page>),
+    Show(QueueId, oneshot::Sender<Option<MessageDetail>>),
+    Summary(oneshot::Sender<Vec<DestinationRow>>),
+    Act(Op, Selector, oneshot::Sender<Result<usize, String>>),
 }
 
 impl QueueHandle {
@@ -38,12 +51,40 @@ impl QueueHandle {
         // Fails only after shutdown; the message is safe in the spool.
         let _ = self.tx.send(envelope);
     }
+
+    async fn ask<T>(&self, req: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(req(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// A page of messages matching `f` after `after`, oldest first. None
+    /// once the queue has stopped.
+    pub async fn list(&self, f: Filter, after: Option<QueueId>, limit: usize) -> Option<Page> {
+        self.ask(|tx| Request::List(f, after, limit, tx)).await
+    }
+
+    /// One message, without headers (Some(None): not queued).
+    pub async fn show(&self, id: QueueId) -> Option<Option<MessageDetail>> {
+        self.ask(|tx| Request::Show(id, tx)).await
+    }
+
+    /// Per destination counts.
+    pub async fn summary(&self) -> Option<Vec<DestinationRow>> {
+        self.ask(Request::Summary).await
+    }
+
+    /// Do `op` to the messages `sel` names; how many it changed, or why
+    /// it did nothing. A hold or release answers once it is durable.
+    pub async fn act(&self, op: Op, sel: Selector) -> Option<Result<usize, String>> {
+        self.ask(|tx| Request::Act(op, sel, tx)).await
+    }
 }
 
 /// Everything the queue driver needs.
 pub struct QueueParts {
-    /// The configuration.
-    pub config: Arc<Config>,
+    /// The configuration, as reloads change it.
+    pub config: tokio::sync::watch::Receiver<Arc<Config>>,
     /// The spool messages live in.
     pub spool: Arc<dyn Spool>,
     /// Where jobs go.
@@ -58,43 +99,126 @@ pub struct QueueParts {
     pub tracker: TaskTracker,
     /// Where the driver publishes its counts.
     pub stats: tokio::sync::watch::Sender<Stats>,
+    /// Where the ids of held messages are kept across restarts (None:
+    /// holds last until the node stops).
+    pub held_file: Option<PathBuf>,
 }
 
 /// Start the queue driver; messages recovered from the spool are queued
 /// at once.
 pub fn spawn(parts: QueueParts) -> QueueHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let handle = QueueHandle { tx };
+    let (ops, ops_rx) = mpsc::unbounded_channel();
+    let handle = QueueHandle { tx, ops };
+    let held = HeldFile::new(parts.held_file.clone());
+    let was_held = held.load();
+    let mut core = Core::new();
+    let mut out = Vec::new();
+    let cfg = parts.config.borrow().clone();
     for r in parts.spool.recovered() {
-        handle.admit(r.envelope);
+        let hold = was_held.contains(&r.envelope.id);
+        core.admit(&cfg, r.envelope, hold, Instant::now(), now_ms(), &mut out);
     }
     let driver = Driver {
-        core: Core::new(),
+        core,
         parts,
         handle: handle.clone(),
+        held,
     };
     let tracker = driver.parts.tracker.clone();
-    tracker.spawn(driver.run(rx));
+    tracker.spawn(driver.run(rx, ops_rx, out));
     handle
+}
+
+/// The ids of held messages, one per line in hex, rewritten whole (and
+/// synced) after each hold or release; writes are ordered by version, so
+/// a slow older one never overwrites a newer.
+#[derive(Clone)]
+struct HeldFile {
+    path: Option<PathBuf>,
+    written: Arc<tokio::sync::Mutex<u64>>,
+    version: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HeldFile {
+    fn new(path: Option<PathBuf>) -> HeldFile {
+        HeldFile {
+            path,
+            written: Arc::default(),
+            version: Arc::default(),
+        }
+    }
+
+    fn load(&self) -> HashSet<QueueId> {
+        let Some(path) = &self.path else {
+            return HashSet::new();
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => text.lines().filter_map(ops::parse_id).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the held messages: none is held");
+                HashSet::new()
+            }
+        }
+    }
+
+    /// Write `ids` (taken now, in order with other writes).
+    async fn write(&self, ids: Vec<QueueId>) -> std::io::Result<()> {
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        let version = self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let mut written = self.written.lock().await;
+        if *written > version {
+            return Ok(());
+        }
+        let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        *written = version;
+        Ok(())
+    }
 }
 
 struct Driver {
     core: Core,
     parts: QueueParts,
     handle: QueueHandle,
+    held: HeldFile,
 }
 
 impl Driver {
-    async fn run(mut self, mut new: mpsc::UnboundedReceiver<Envelope>) {
-        let mut out = Vec::new();
+    async fn run(
+        mut self,
+        mut new: mpsc::UnboundedReceiver<Envelope>,
+        mut ops: mpsc::UnboundedReceiver<Request>,
+        mut out: Vec<Action>,
+    ) {
         loop {
+            self.carry_out(&mut out);
             let due = self.core.next_due();
-            let cfg = self.parts.config.clone();
+            let cfg = self.parts.config.borrow().clone();
             tokio::select! {
                 _ = self.parts.cancel.cancelled() => break,
                 Some(env) = new.recv() => {
-                    self.core.admit(&cfg, env, Instant::now(), now_ms(), &mut out);
+                    self.core.admit(&cfg, env, false, Instant::now(), now_ms(), &mut out);
                 }
+                Some(req) = ops.recv() => self.answer(&cfg, req, &mut out),
                 Some(r) = self.parts.results.recv() => {
                     self.core.result(&cfg, r, Instant::now(), now_ms(), &mut out);
                 }
@@ -102,33 +226,74 @@ impl Driver {
                     self.core.due(&cfg, Instant::now(), now_ms(), &mut out);
                 }
             }
-            let stats = self.core.stats();
-            self.parts
-                .stats
-                .send_if_modified(|s| std::mem::replace(s, stats) != stats);
-            for action in out.drain(..) {
-                match action {
-                    Action::Dispatch { route, job } => self.parts.dispatch.dispatch(route, job),
-                    Action::Settle {
-                        envelope,
-                        changes,
-                        bounce,
-                        finished,
-                    } => {
-                        let spool = self.parts.spool.clone();
-                        let ids = self.parts.ids.clone();
-                        let queue = self.handle.clone();
-                        let host = cfg.smtp.hostname.clone();
-                        self.parts.tracker.spawn(async move {
-                            let s = Settle {
-                                spool,
-                                ids,
-                                queue,
-                                host,
-                            };
-                            s.run(envelope, changes, bounce, finished).await
-                        });
+        }
+    }
+
+    fn answer(&mut self, cfg: &Config, req: Request, out: &mut Vec<Action>) {
+        match req {
+            Request::List(f, after, limit, tx) => {
+                let _ = tx.send(self.core.list(cfg, &f, after, limit));
+            }
+            Request::Show(id, tx) => {
+                let _ = tx.send(self.core.show(cfg, id));
+            }
+            Request::Summary(tx) => {
+                let _ = tx.send(self.core.summary(cfg));
+            }
+            Request::Act(op, sel, tx) => {
+                let ids = match self.core.select(cfg, &sel) {
+                    Ok(ids) => ids,
+                    Err(why) => {
+                        let _ = tx.send(Err(why));
+                        return;
                     }
+                };
+                let n = self.core.act(cfg, op, &ids, Instant::now(), now_ms(), out);
+                if !matches!(op, Op::Hold | Op::Release) || n == 0 {
+                    let _ = tx.send(Ok(n));
+                    return;
+                }
+                // Answered once durable: a hold must outlive a restart.
+                let (held, ids) = (self.held.clone(), self.core.held());
+                self.parts.tracker.spawn(async move {
+                    let r = held.write(ids).await;
+                    let _ = tx.send(r.map(|()| n).map_err(|e| {
+                        format!("done, but not recorded on disk (a restart forgets it): {e}")
+                    }));
+                });
+            }
+        }
+    }
+
+    /// Publish the counts and carry out what the core decided.
+    fn carry_out(&mut self, out: &mut Vec<Action>) {
+        let cfg = self.parts.config.borrow().clone();
+        let stats = self.core.stats();
+        self.parts
+            .stats
+            .send_if_modified(|s| std::mem::replace(s, stats) != stats);
+        for action in out.drain(..) {
+            match action {
+                Action::Dispatch { route, job } => self.parts.dispatch.dispatch(route, job),
+                Action::Settle {
+                    envelope,
+                    changes,
+                    bounce,
+                    finished,
+                } => {
+                    let spool = self.parts.spool.clone();
+                    let ids = self.parts.ids.clone();
+                    let queue = self.handle.clone();
+                    let host = cfg.smtp.hostname.clone();
+                    self.parts.tracker.spawn(async move {
+                        let s = Settle {
+                            spool,
+                            ids,
+                            queue,
+                            host,
+                        };
+                        s.run(envelope, changes, bounce, finished).await
+                    });
                 }
             }
         }

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::{OpFuture, Resource};
 use crate::config::SmtpConfig;
 use crate::smtp::{server, Accept};
+use tokio::sync::watch;
 
 /// An SMTP listener as a resource.
 #[derive(Clone)]
@@ -26,7 +27,7 @@ pub struct SmtpListener {
 
 struct Inner {
     addr: SocketAddr,
-    cfg: Arc<SmtpConfig>,
+    cfg: watch::Receiver<Arc<SmtpConfig>>,
     intake: Arc<dyn Accept>,
     drain: Duration,
     running: Mutex<Option<Running>>,
@@ -46,7 +47,7 @@ impl SmtpListener {
     /// waits up to `drain` for open sessions.
     pub fn new(
         addr: SocketAddr,
-        cfg: Arc<SmtpConfig>,
+        cfg: watch::Receiver<Arc<SmtpConfig>>,
         intake: Arc<dyn Accept>,
         drain: Duration,
     ) -> SmtpListener {
@@ -81,7 +82,8 @@ impl Resource for SmtpListener {
                 return Ok(());
             }
             *inner.hurry.lock().unwrap_or_else(|e| e.into_inner()) = CancellationToken::new();
-            let listener = server::bind(inner.addr, inner.cfg.backlog)
+            let backlog = inner.cfg.borrow().backlog;
+            let listener = server::bind(inner.addr, backlog)
                 .map_err(|e| format!("cannot listen on {}: {e}", inner.addr))?;
             let (drain, cancel, sessions) = (
                 CancellationToken::new(),

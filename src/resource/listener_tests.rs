@@ -48,7 +48,12 @@ fn free() -> SocketAddr {
 }
 
 fn listener(addr: SocketAddr, drain: Duration) -> SmtpListener {
-    SmtpListener::new(addr, cfg(), Arc::new(Count(0.into())), drain)
+    SmtpListener::new(
+        addr,
+        tokio::sync::watch::channel(cfg()).1,
+        Arc::new(Count(0.into())),
+        drain,
+    )
 }
 
 async fn line(r: &mut BufReader<TcpStream>) -> String {

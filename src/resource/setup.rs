@@ -20,6 +20,7 @@ use crate::cluster::manager::{self, GroupPolicy};
 use crate::cluster::node::ClusterNode;
 use crate::config::{ClusterRole, Config, GroupConfig, VipProvider};
 use crate::smtp::Accept;
+use tokio::sync::watch;
 
 /// The running groups of this node.
 pub struct Groups {
@@ -31,6 +32,7 @@ pub struct Groups {
 /// Start the manager and this node's group runners.
 pub fn start(
     config: &Config,
+    smtp: watch::Receiver<Arc<crate::config::SmtpConfig>>,
     cluster: &ClusterNode,
     intake: Arc<dyn Accept>,
     source: SourceSlot,
@@ -64,7 +66,6 @@ pub fn start(
     if cc.role == ClusterRole::Witness || config.groups.is_empty() {
         return none;
     }
-    let smtp = Arc::new(config.smtp.clone());
     let mut pending = Vec::new();
     for g in &config.groups {
         let Some(vip) = g.vip else { continue };
@@ -101,7 +102,7 @@ pub fn start(
 fn resources(
     g: &GroupConfig,
     vip: std::net::IpAddr,
-    smtp: Arc<crate::config::SmtpConfig>,
+    smtp: watch::Receiver<Arc<crate::config::SmtpConfig>>,
     intake: Arc<dyn Accept>,
     source: &SourceSlot,
 ) -> Vec<Arc<dyn Resource>> {

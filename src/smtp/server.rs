@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,7 +73,7 @@ fn warn_if_backlog_capped(addr: SocketAddr, backlog: u32) {
 /// (the caller closes and waits on the tracker).
 pub async fn serve(
     listener: TcpListener,
-    cfg: Arc<SmtpConfig>,
+    cfg: watch::Receiver<Arc<SmtpConfig>>,
     accept: Arc<dyn Accept>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -84,15 +86,13 @@ pub async fn serve(
 /// service is moving) while open sessions go on until `cancel`.
 pub async fn serve_draining(
     listener: TcpListener,
-    cfg: Arc<SmtpConfig>,
+    cfg: watch::Receiver<Arc<SmtpConfig>>,
     accept: Arc<dyn Accept>,
     drain: CancellationToken,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(
-        cfg.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -112,17 +112,20 @@ pub async fn serve_draining(
         // Never await a permit here: the loop must keep accepting so
         // that excess clients get a 421 instead of a hang in the backlog.
         // A draining listener takes no new sessions at all.
+        // Each session runs on the configuration current when it began;
+        // a reload applies to the next ones.
+        let now = cfg.borrow().clone();
         let permit = if drain.is_cancelled() {
             None
         } else {
-            slots.clone().try_acquire_owned().ok()
+            Permit::take(&open, now.max_connections)
         };
         let draining = drain.is_cancelled();
         tracker.spawn(connection(
             stream,
             peer,
             permit.ok_or(draining),
-            cfg.clone(),
+            now,
             accept.clone(),
             cancel.clone(),
         ));
@@ -131,8 +134,29 @@ pub async fn serve_draining(
     tracing::debug!("smtp listener closed");
 }
 
+/// One of the listener's sessions, counted while it lives. A counter
+/// rather than a semaphore: the limit may change on a reload.
+struct Permit(Arc<AtomicUsize>);
+
+impl Permit {
+    /// A slot if fewer than `max` sessions are open.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Permit> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Permit(open.clone()))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A session slot, or why there is none (true: the listener drains).
-type Slot = Result<OwnedSemaphorePermit, bool>;
+type Slot = Result<Permit, bool>;
 
 async fn connection(
     mut stream: TcpStream,

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::*;
@@ -71,7 +71,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let task = tokio::spawn(serve(
             listener,
-            Arc::new(cfg),
+            tokio::sync::watch::channel(Arc::new(cfg)).1,
             accept,
             cancel.clone(),
             tracker.clone(),
@@ -344,7 +344,7 @@ async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finis
     );
     let task = tokio::spawn(serve_draining(
         listener,
-        Arc::new(cfg()),
+        tokio::sync::watch::channel(Arc::new(cfg())).1,
         memory.clone(),
         drain.clone(),
         cancel.clone(),

@@ -69,10 +69,16 @@ impl Daemon {
     /// Start `mtad run` under `prefix` (e.g. `ip netns exec NS`, which
     /// execs, so the child is mtad itself).
     pub async fn start_in(prefix: &[String], config: &Path) -> Daemon {
+        Self::start_with(prefix, config, &[]).await
+    }
+
+    /// Start `mtad run` under `prefix` with extra environment variables.
+    pub async fn start_with(prefix: &[String], config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut argv: Vec<String> = prefix.to_vec();
         argv.push(env!("CARGO_BIN_EXE_mtad").into());
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
+            .envs(env.iter().copied())
             .args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::piped())
@@ -88,6 +94,13 @@ impl Daemon {
         };
         d.wait_line(|l| l.contains("mtad ready")).await;
         d
+    }
+
+    /// Send the daemon `signal` (e.g. `libc::SIGHUP`).
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill only sends a signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 
     /// The first log line not yet returned that satisfies `want` — read

@@ -1,0 +1,255 @@
+use super::*;
+use crate::queue::core::tests::{config, jobs};
+use crate::spool::{Envelope, Recipient};
+use std::time::Duration;
+
+fn message(id: u64, rcpts: &[&str]) -> Envelope {
+    Envelope {
+        id: QueueId(id),
+        sender: "s@example.test".into(),
+        recipients: rcpts
+            .iter()
+            .map(|a| Recipient {
+                address: a.to_string(),
+                state: RcptState::Pending { attempts: 0 },
+            })
+            .collect(),
+        arrived_ms: 1_000 + id,
+    }
+}
+
+fn outcome(id: u64, indices: &[usize], outcome: Outcome) -> JobResult {
+    JobResult {
+        id: QueueId(id),
+        route: 0,
+        next_hop: "127.0.0.1:1".into(),
+        results: indices
+            .iter()
+            .map(|&index| RcptResult {
+                index,
+                outcome,
+                reply: "451 4.3.0 try later".into(),
+            })
+            .collect(),
+    }
+}
+
+/// A queue of `n` messages to a.example, every one deferred once.
+fn deferred(n: u64) -> (Core, Instant) {
+    let cfg = config();
+    let mut core = Core::new();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for id in 1..=n {
+        core.admit(&cfg, message(id, &["x@a.example"]), false, now, 0, &mut out);
+        core.result(
+            &cfg,
+            outcome(id, &[0], Outcome::Deferred),
+            now,
+            5_000,
+            &mut out,
+        );
+    }
+    (core, now)
+}
+
+fn ids(page: &Page) -> Vec<String> {
+    page.messages.iter().map(|m| m.id.clone()).collect()
+}
+
+#[test]
+fn listing_pages_oldest_first_until_the_last() {
+    let cfg = config();
+    let (core, _) = deferred(5);
+    let all = Filter::default();
+    let first = core.list(&cfg, &all, None, 2);
+    assert_eq!(ids(&first), ["0000000000000001", "0000000000000002"]);
+    let after = first.next.as_deref().and_then(parse_id);
+    let second = core.list(&cfg, &all, after, 2);
+    assert_eq!(ids(&second), ["0000000000000003", "0000000000000004"]);
+    let last = core.list(&cfg, &all, second.next.as_deref().and_then(parse_id), 2);
+    assert_eq!(ids(&last), ["0000000000000005"]);
+    assert_eq!(last.next, None);
+    let row = &first.messages[0];
+    assert_eq!(row.state, "deferred");
+    assert_eq!(row.attempts, 1);
+    assert_eq!(row.destinations, ["127.0.0.1:1"]);
+    assert_eq!(row.last_reply.as_deref(), Some("451 4.3.0 try later"));
+    assert_eq!(row.next_attempt_ms, Some(5_000 + 60_000));
+}
+
+#[test]
+fn filters_select_by_destination_and_state() {
+    let cfg = config();
+    let (mut core, now) = deferred(2);
+    let mut out = Vec::new();
+    core.admit(&cfg, message(3, &["y@b.example"]), false, now, 0, &mut out);
+    let by = |dest: Option<&str>, state: Option<&str>| {
+        let f = Filter {
+            dest: dest.map(Into::into),
+            state: state.map(Into::into),
+        };
+        ids(&core.list(&cfg, &f, None, 100))
+    };
+    assert_eq!(by(Some("b.example"), None), ["0000000000000003"]);
+    assert_eq!(
+        by(Some("A.EXAMPLE."), None).len(),
+        2,
+        "domains match loosely"
+    );
+    assert_eq!(by(Some("127.0.0.1:1"), None).len(), 2, "and routes by name");
+    assert_eq!(by(None, Some("active")), ["0000000000000003"]);
+    assert_eq!(by(None, Some("deferred")).len(), 2);
+    assert!(by(None, Some("held")).is_empty());
+}
+
+#[test]
+fn hold_stops_dispatch_until_release_and_flush_retries_now() {
+    let cfg = config();
+    let (mut core, now) = deferred(2);
+    let one = [QueueId(1)];
+    let mut out = Vec::new();
+    assert_eq!(core.act(&cfg, Op::Hold, &one, now, 0, &mut out), 1);
+    assert_eq!(core.act(&cfg, Op::Hold, &one, now, 0, &mut out), 0, "once");
+    assert_eq!(core.held(), one);
+    // Its retry is cancelled: when it would be due, only message 2 goes.
+    core.due(&cfg, now + Duration::from_secs(3600), 0, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    out.clear();
+    // A held message is not flushed; a release dispatches it at once.
+    assert_eq!(core.act(&cfg, Op::Flush, &one, now, 0, &mut out), 0);
+    assert_eq!(core.act(&cfg, Op::Release, &one, now, 0, &mut out), 1);
+    assert_eq!(jobs(&out), [(0, vec![0])]);
+    assert!(core.held().is_empty());
+
+    // Flush: a deferred message goes now, not at its retry time.
+    let (mut core, now) = deferred(1);
+    out.clear();
+    assert_eq!(core.act(&cfg, Op::Flush, &one, now, 0, &mut out), 1);
+    assert_eq!(jobs(&out), [(0, vec![0])]);
+    assert_eq!(core.next_due(), None, "the retry it replaced is gone");
+    assert_eq!(
+        core.act(&cfg, Op::Flush, &one, now, 0, &mut out),
+        0,
+        "in flight"
+    );
+}
+
+#[test]
+fn a_deferral_while_held_waits_for_the_release() {
+    let cfg = config();
+    let mut core = Core::new();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    core.admit(&cfg, message(1, &["x@a.example"]), false, now, 0, &mut out);
+    core.act(&cfg, Op::Hold, &[QueueId(1)], now, 0, &mut out);
+    let in_flight = core.list(&cfg, &Filter::default(), None, 10);
+    assert_eq!(in_flight.messages[0].state, "held");
+    core.result(&cfg, outcome(1, &[0], Outcome::Deferred), now, 0, &mut out);
+    assert_eq!(core.next_due(), None, "no retry while held");
+    out.clear();
+    core.act(&cfg, Op::Release, &[QueueId(1)], now, 0, &mut out);
+    assert_eq!(jobs(&out), [(0, vec![0])]);
+}
+
+#[test]
+fn delete_forgets_and_bounce_fails_every_pending_recipient() {
+    let cfg = config();
+    let (mut core, now) = deferred(2);
+    let mut out = Vec::new();
+    assert_eq!(
+        core.act(&cfg, Op::Delete, &[QueueId(1)], now, 0, &mut out),
+        1
+    );
+    assert!(matches!(
+        &out[..],
+        [Action::Settle { finished: true, bounce, .. }] if bounce.is_empty()
+    ));
+    assert_eq!(core.len(), 1);
+    assert_eq!(core.show(&cfg, QueueId(1)), None);
+    out.clear();
+    assert_eq!(
+        core.act(&cfg, Op::Bounce, &[QueueId(2)], now, 0, &mut out),
+        1
+    );
+    match &out[..] {
+        [Action::Settle {
+            finished: true,
+            bounce,
+            ..
+        }] => {
+            assert_eq!(bounce.len(), 1);
+            assert!(bounce[0].reply.starts_with("550 5.0.0"), "{bounce:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(core.is_empty());
+    assert_eq!(core.next_due(), None, "no retry outlives its message");
+}
+
+#[test]
+fn a_selector_names_ids_a_filter_or_all_never_nothing_by_accident() {
+    let cfg = config();
+    let (core, _) = deferred(2);
+    let sel = |ids: &[&str], all: bool| Selector {
+        ids: ids.iter().map(|s| s.to_string()).collect(),
+        filter: Filter::default(),
+        all,
+    };
+    assert!(core.select(&cfg, &sel(&[], false)).is_err());
+    assert_eq!(core.select(&cfg, &sel(&[], true)).unwrap().len(), 2);
+    assert_eq!(core.select(&cfg, &sel(&["1"], false)), Ok(vec![QueueId(1)]));
+    let missing = core.select(&cfg, &sel(&["1", "99"], false)).unwrap_err();
+    assert!(missing.contains("99"), "{missing}");
+    assert!(core.select(&cfg, &sel(&["zz"], false)).is_err());
+}
+
+#[test]
+fn summary_counts_per_destination_with_the_latest_error() {
+    let cfg = config();
+    let (mut core, now) = deferred(3);
+    let mut out = Vec::new();
+    core.admit(
+        &cfg,
+        message(9, &["y@b.example", "z@b.example"]),
+        false,
+        now,
+        0,
+        &mut out,
+    );
+    core.act(&cfg, Op::Hold, &[QueueId(2)], now, 0, &mut out);
+    let rows = core.summary(&cfg);
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["/tmp/x", "127.0.0.1:1"]);
+    let a = &rows[1];
+    assert_eq!((a.messages, a.recipients, a.deferred, a.held), (3, 3, 3, 1));
+    assert_eq!(a.oldest_ms, 1_001);
+    assert_eq!(a.last_error.as_deref(), Some("451 4.3.0 try later"));
+    let b = &rows[0];
+    assert_eq!((b.messages, b.recipients, b.deferred), (1, 2, 0));
+    assert_eq!(b.last_error, None);
+}
+
+#[test]
+fn show_tells_each_recipient_apart() {
+    let cfg = config();
+    let mut core = Core::new();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    core.admit(
+        &cfg,
+        message(1, &["x@a.example", "y@a.example"]),
+        false,
+        now,
+        0,
+        &mut out,
+    );
+    let mut r = outcome(1, &[0], Outcome::Delivered);
+    r.results[0].reply = "250 ok".into();
+    core.result(&cfg, r, now, 7, &mut out);
+    let d = core.show(&cfg, QueueId(1)).unwrap();
+    let states: Vec<&str> = d.recipients.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["done", "in flight"]);
+    assert_eq!(d.message.state, "active");
+    assert_eq!(d.last_hop, None, "a delivery is not an error");
+}

@@ -1,0 +1,66 @@
+//! Reloading the configuration (SIGHUP or `mtad ctl reload`): read the
+//! file again, validate all of it, apply what can change live. An invalid
+//! file, or one that changes what only a restart can, keeps the running
+//! configuration and says why — every error, with file, line and field.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::app::Node;
+use crate::events::Logging;
+use crate::notify::Notifier;
+
+/// A reload asked for through the admin API, with where to answer.
+pub type Request = oneshot::Sender<Outcome>;
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The sections that changed (empty: none did, or it was refused).
+    pub changed: Vec<String>,
+    /// Why it was refused; empty when it was applied.
+    pub errors: Vec<String>,
+}
+
+/// Reload `node` from `path`; the service manager hears RELOADING, then
+/// READY again.
+pub fn reload(node: &Node, path: &Path, logging: Option<&Logging>, notify: &Notifier) -> Outcome {
+    notify.reloading();
+    let outcome = match crate::config::load_file(path) {
+        Err(errors) => Outcome {
+            changed: Vec::new(),
+            errors: errors.0.iter().map(|e| e.to_string()).collect(),
+        },
+        Ok(cfg) => {
+            let level = cfg.log.level.clone();
+            match node.reload(cfg) {
+                Ok(changed) => {
+                    if changed.contains(&"log") {
+                        if let Some(Err(e)) = logging.map(|l| l.set_level(&level)) {
+                            tracing::error!(%level, error = %e, "log level not changed");
+                        }
+                    }
+                    Outcome {
+                        changed: changed.into_iter().map(String::from).collect(),
+                        errors: Vec::new(),
+                    }
+                }
+                Err(errors) => Outcome {
+                    changed: Vec::new(),
+                    errors,
+                },
+            }
+        }
+    };
+    if outcome.errors.is_empty() {
+        tracing::info!(file = %path.display(), changed = ?outcome.changed, "configuration reloaded");
+    } else {
+        for e in &outcome.errors {
+            tracing::error!(file = %path.display(), error = %e, "reload refused: the running configuration stays");
+        }
+    }
+    notify.ready();
+    outcome
+}

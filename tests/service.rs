@@ -1,0 +1,219 @@
+//! mtad as a service: systemd notifications in order (READY only once it
+//! serves, WATCHDOG while alive, RELOADING then READY on SIGHUP, STOPPING
+//! on SIGTERM), and reloads under load — a good file applies to new
+//! sessions while open ones go on, a bad or restart-only one changes
+//! nothing and says why, and no acknowledged message is lost.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::client::Client;
+use common::daemon::{ctl, free_port, Daemon};
+use tokio::net::UnixDatagram;
+
+fn config_text(dir: &Path, smtp: SocketAddr, admin: SocketAddr, rcpts: &str) -> String {
+    format!(
+        r#"
+[node]
+name = "svc"
+data_dir = "{data}"
+
+[smtp]
+listen = ["{smtp}"]
+hostname = "svc.example.test"
+relay_networks = ["127.0.0.0/8"]
+{rcpts}
+
+[[route]]
+domains = ["*"]
+drop_dir = "{data}/outbox"
+
+[admin]
+listen = "{admin}"
+
+[log]
+format = "json"
+level = "info"
+"#,
+        data = dir.join("data").display()
+    )
+}
+
+fn write(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("svc.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn next(sock: &UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(common::node::PATIENCE, sock.recv(&mut buf))
+        .await
+        .expect("a notification in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// The next notification that is not a watchdog ping; counts the pings.
+async fn next_state(sock: &UnixDatagram, pings: &mut usize) -> String {
+    loop {
+        let m = next(sock).await;
+        if m == "WATCHDOG=1" {
+            *pings += 1;
+        } else {
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_reloading_and_stopping_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let config = write(dir.path(), &config_text(dir.path(), smtp, admin, ""));
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "200000"),
+    ];
+    let mut daemon = Daemon::start_with(&[], &config, &env).await;
+    let mut pings = 0;
+    let ready = next_state(&sock, &mut pings).await;
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    // READY came only once the node serves: SMTP answers at once.
+    Client::connect(smtp).await.expect("serving once READY");
+    // Watchdog pings every 100 ms while alive.
+    while pings < 3 {
+        next_state_or_ping(&sock, &mut pings).await;
+    }
+    daemon.signal(libc::SIGHUP);
+    let reloading = next_state(&sock, &mut pings).await;
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert!(next_state(&sock, &mut pings).await.starts_with("READY=1"));
+    daemon.signal(libc::SIGTERM);
+    let stopping = next_state(&sock, &mut pings).await;
+    assert!(stopping.starts_with("STOPPING=1"), "{stopping}");
+    let status = daemon.child.wait().await.unwrap();
+    assert!(status.success(), "{status}");
+}
+
+async fn next_state_or_ping(sock: &UnixDatagram, pings: &mut usize) {
+    let m = next(sock).await;
+    assert_eq!(m, "WATCHDOG=1", "only pings between READY and a signal");
+    *pings += 1;
+}
+
+/// RCPT replies for `n` recipients in a new transaction on `c`.
+async fn rcpts(c: &mut Client, n: usize) -> Vec<String> {
+    assert!(c
+        .command("MAIL FROM:<s@b.example>\r\n")
+        .await
+        .unwrap()
+        .starts_with("250"));
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            c.command(&format!("RCPT TO:<u{i}@a.example>\r\n"))
+                .await
+                .unwrap(),
+        );
+    }
+    c.command("RSET\r\n").await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_apply_to_new_sessions_and_bad_files_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let config = write(dir.path(), &config_text(dir.path(), smtp, admin, ""));
+    let _daemon = Daemon::start(&config).await;
+
+    // Load: a client keeps sending while the reloads happen.
+    let sender = tokio::spawn(async move {
+        let mut c = Client::connect(smtp).await.unwrap();
+        let mut acked = 0;
+        for i in 0..200 {
+            let body = format!("Subject: load {i}\r\n\r\nx\r\n");
+            let r = c
+                .send("s@b.example", &["u@a.example"], &body)
+                .await
+                .unwrap();
+            assert!(r.starts_with("250"), "message {i}: {r}");
+            acked += 1;
+            tokio::task::yield_now().await;
+        }
+        acked
+    });
+    let mut old = Client::connect(smtp).await.unwrap();
+
+    // A good file: at most 2 recipients from now on.
+    write(
+        dir.path(),
+        &config_text(dir.path(), smtp, admin, "max_recipients = 2"),
+    );
+    let (ok, text) = ctl(admin, &["reload"]).await;
+    assert!(ok && text.contains("smtp changed"), "{text}");
+    let mut new = Client::connect(smtp).await.unwrap();
+    let replies = rcpts(&mut new, 3).await;
+    assert!(
+        replies[1].starts_with("250") && replies[2].starts_with("452"),
+        "{replies:?}"
+    );
+    // The session opened before goes on as it began.
+    assert!(rcpts(&mut old, 3)
+        .await
+        .iter()
+        .all(|r| r.starts_with("250")));
+
+    // A bad file: every error with line and field; nothing changes.
+    let bad = config_text(
+        dir.path(),
+        smtp,
+        admin,
+        "max_recipients = \"many\"\nmax_message_size = -1",
+    );
+    write(dir.path(), &bad);
+    let (ok, text) = ctl(admin, &["reload"]).await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("smtp.max_recipients") && text.contains("smtp.max_message_size"),
+        "{text}"
+    );
+    assert!(text.contains("svc.toml:"), "file and line: {text}");
+    let mut after = Client::connect(smtp).await.unwrap();
+    assert!(
+        rcpts(&mut after, 3).await[2].starts_with("452"),
+        "the good reload still holds"
+    );
+
+    // What needs a restart is refused with that reason.
+    let renamed =
+        config_text(dir.path(), smtp, admin, "").replace("name = \"svc\"", "name = \"other\"");
+    write(dir.path(), &renamed);
+    let (ok, text) = ctl(admin, &["reload"]).await;
+    assert!(
+        !ok && text.contains("node.name changed: that needs a restart"),
+        "{text}"
+    );
+
+    // Nothing dropped, nothing lost.
+    let acked = sender.await.unwrap();
+    assert_eq!(acked, 200);
+    let outbox = dir.path().join("data/outbox");
+    let wait = async {
+        while common::node::eml_files(&outbox).len() < acked {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, wait)
+        .await
+        .expect("all delivered");
+}
