@@ -57,6 +57,7 @@ pub fn message(
     next_hop: Option<&str>,
     reply: Option<&str>,
 ) {
+    crate::metrics::recipient(kind, next_hop.unwrap_or(""));
     tracing::info!(
         target: TARGET,
         event = kind.as_str(),
@@ -71,6 +72,7 @@ pub fn message(
 /// Log a message accepted from `client` (an address, or "local" for
 /// messages mtad makes itself, such as DSNs).
 pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, reply: &str) {
+    crate::metrics::received();
     tracing::info!(
         target: TARGET,
         event = MessageEvent::Received.as_str(),
@@ -153,6 +155,7 @@ pub fn association(
     reason: AssociationReason,
     detail: &str,
 ) {
+    crate::metrics::association(kind, destination, reason);
     tracing::info!(
         target: TARGET,
         event = kind.as_str(),

@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod demo;
 pub mod dsn;
 pub mod events;
+pub mod metrics;
 pub mod notify;
 pub mod queue;
 pub mod reload;

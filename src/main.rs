@@ -367,6 +367,7 @@ fn main() -> ExitCode {
 
 async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
     let logging = mtad::events::init(cfg.log.format, &cfg.log.level);
+    mtad::metrics::install();
     raise_fd_limit();
     let node = match mtad::app::Node::start(cfg).await {
         Ok(n) => n,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::client::Client;
-use common::daemon::{all_voting, ctl, free_port, nodes_until, Daemon};
+use common::daemon::{all_voting, ctl, free_port, nodes_until, sample, scrape, Daemon};
 use tokio::time::Instant;
 
 const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -204,6 +204,22 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
     until_greeted_by(vip, "node-b", &mut seen).await;
     send(vip, "after the failover").await;
     delivered(&dir.path().join("node-b/outbox"), "after the failover").await;
+    // The metrics tell the same story.
+    let m = scrape(admin[1]).await;
+    let mta = [("group", "mta")];
+    assert_eq!(
+        sample(
+            &m,
+            "mtad_group_owner",
+            &[("group", "mta"), ("node", "node-b")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample(&m, "mtad_group_online", &mta), Some(1.0));
+    assert_eq!(sample(&m, "mtad_group_failovers_total", &mta), Some(1.0));
+    assert_eq!(sample(&m, "mtad_cluster_has_leader", &[]), Some(1.0));
+    let a_up = [("node", "node-a"), ("state", "up")];
+    assert!(sample(&m, "mtad_cluster_member_state", &a_up).is_some());
 
     // node-a returns: no failback by default, the VIP stays on node-b
     // (with failback, the same return moves it back: see below).

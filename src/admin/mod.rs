@@ -5,6 +5,7 @@
 
 pub mod client;
 mod groups;
+mod metrics;
 mod queue;
 
 pub use groups::GroupRow;
@@ -138,6 +139,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
         .route("/v1/nodes/{name}/evict", post(evict))
         .route("/v1/groups", get(groups::list))
         .route("/v1/groups/{name}/move/{node}", post(groups::move_to))
+        .route("/metrics", get(metrics::scrape))
         .route("/v1/reload", post(reload))
         .route("/v1/queue", get(queue::list))
         .route("/v1/queue/summary", get(queue::summary))

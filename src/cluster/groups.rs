@@ -82,6 +82,10 @@ pub struct GroupState {
     /// lease in (see [`super::history`]).
     #[serde(default)]
     pub counted_since: u64,
+    /// Epochs taken back from a failed or unreachable owner (not handed
+    /// over gracefully).
+    #[serde(default)]
+    pub failovers: u64,
     /// Nodes where a stop failed: the group is never placed there again
     /// until they come back clean.
     pub fenced: BTreeSet<NodeId>,
@@ -238,6 +242,9 @@ impl GroupCommand {
                 let live = g.owner.is_some() && !g.revoked && !g.released;
                 if *epoch != g.epoch + 1 || live {
                     return Response::Stale;
+                }
+                if g.owner.is_some() && g.revoked && !g.released {
+                    g.failovers += 1;
                 }
                 g.owner = *owner;
                 g.epoch = *epoch;

@@ -292,3 +292,15 @@ fn history_is_kept_for_an_owner_in_office_only() {
     s.apply(&Command::Group(assign(2, Some(2))));
     assert_eq!(s.groups["mta"].counted_since, 3);
 }
+
+#[test]
+fn only_an_epoch_taken_back_counts_as_a_failover() {
+    let mut g = GroupState::default();
+    assign(1, Some(1)).apply(&mut g);
+    report(1, 1, GroupStatus::Offline).apply(&mut g);
+    assign(2, Some(2)).apply(&mut g);
+    assert_eq!(g.failovers, 0, "released: a handover");
+    revoke(2).apply(&mut g);
+    assign(3, Some(3)).apply(&mut g);
+    assert_eq!(g.failovers, 1);
+}

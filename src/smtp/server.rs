@@ -173,7 +173,10 @@ async fn connection(
         Err(draining) => return refuse(stream, peer, &cfg, draining).await,
     };
     tracing::debug!(%peer, "smtp connect");
-    match drive(&mut stream, peer, cfg, accept.as_ref(), &cancel).await {
+    crate::metrics::smtp_session(1);
+    let result = drive(&mut stream, peer, cfg, accept.as_ref(), &cancel).await;
+    crate::metrics::smtp_session(-1);
+    match result {
         Ok(()) => tracing::debug!(%peer, "smtp disconnect"),
         Err(e) => tracing::debug!(%peer, error = %e, "smtp disconnect"),
     }
@@ -236,7 +239,10 @@ async fn drive(
             let mut message = None;
             for output in out.drain(..) {
                 match output {
-                    Output::Reply(r) => replies.extend_from_slice(r.as_bytes()),
+                    Output::Reply(r) => {
+                        crate::metrics::smtp_reply(&r);
+                        replies.extend_from_slice(r.as_bytes())
+                    }
                     Output::Deliver(m) => message = Some(m),
                     Output::Close => {}
                 }

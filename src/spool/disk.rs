@@ -378,7 +378,9 @@ impl Writer {
                 Op::Remove(id) => record::encode_remove(&mut self.buf, *id),
             }
         }
+        let started = std::time::Instant::now();
         let base = self.append()?;
+        crate::metrics::spool_commit(batch.len(), started.elapsed());
         self.index(batch, base, &body_at);
         delete_unreferenced(&self.shared, self.active);
         Ok(())
