@@ -34,6 +34,14 @@ pub enum StartError {
     /// The cluster side could not start.
     #[error("{0}")]
     Cluster(#[from] ClusterError),
+    /// The admin token file could not be read, or is empty.
+    #[error("cannot read the admin token from {path}: {why}")]
+    Token {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -54,6 +62,10 @@ pub struct Node {
     queue: queue::QueueHandle,
     /// The configuration a reload changes.
     live: Live,
+    /// True while the node's own listeners turn new clients away.
+    drain: Arc<watch::Sender<bool>>,
+    /// The sessions of the node's own listeners.
+    sessions: TaskTracker,
     /// Reloads asked for through the admin API, for whoever runs the node
     /// (it knows the file).
     reloads: std::sync::Mutex<Option<mpsc::Receiver<crate::reload::Request>>>,
@@ -206,24 +218,42 @@ impl Node {
                 cluster_cancel.clone(),
             )
         });
+        // While an operator drains the node its own listeners turn new
+        // clients away; in a cluster the drain is in the replicated state.
+        let drain = Arc::new(watch::Sender::new(false));
+        if let Some(c) = &cluster {
+            tracker.spawn(follow_drain(
+                c.handle.view.clone(),
+                c.identity.incarnation,
+                drain.clone(),
+                cancel.child_token(),
+            ));
+        }
         let smtp = live.smtp();
+        // The node's own sessions, apart: a stop waits for them to finish.
+        let sessions = TaskTracker::new();
         let smtp_cancel = cancel.child_token();
         let mut smtp_addrs = Vec::new();
         for (addr, listener) in listeners {
             let local = listener.local_addr().unwrap_or(addr);
             smtp_addrs.push(local);
             tracing::info!(address = %local, "smtp listening");
-            tracker.spawn(server::serve(
+            tracker.spawn(server::serve_draining(
                 listener,
                 smtp.clone(),
                 intake.clone(),
+                drain.subscribe(),
                 smtp_cancel.child_token(),
-                tracker.clone(),
+                sessions.clone(),
             ));
         }
         let (reload_requests, reloads) = mpsc::channel(4);
         let mut admin_addr = None;
         if let Some(listener) = admin {
+            let token = match config.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+                Some(path) => Some(read_token(path)?),
+                None => None,
+            };
             admin_addr = listener.local_addr().ok();
             let state = crate::admin::AdminState {
                 node: config.node.name.clone(),
@@ -233,9 +263,15 @@ impl Node {
                     handle: c.handle.clone(),
                     problem: c.problem.clone(),
                     groups: config.groups.iter().map(|g| g.name.clone()).collect(),
+                    quorum_within: config
+                        .cluster
+                        .as_ref()
+                        .map_or(Duration::ZERO, |cc| cc.election_timeout * 2),
                 }),
                 mail: Some(mail),
                 reload: Some(reload_requests),
+                token,
+                drain: drain.clone(),
             };
             tracing::info!(address = ?admin_addr, "admin API listening");
             tracker.spawn(crate::admin::serve(listener, state, cancel.child_token()));
@@ -248,6 +284,8 @@ impl Node {
             stats,
             queue: queue_handle,
             live,
+            drain,
+            sessions,
             reloads: std::sync::Mutex::new(Some(reloads)),
             smtp_cancel,
             cancel,
@@ -303,17 +341,32 @@ impl Node {
         self.stats.clone()
     }
 
-    /// Stop accepting, answer open sessions with 421, leave the cluster
-    /// (handing leadership over), let deliveries in hand finish within
-    /// `grace`, then return.
+    /// Stop gracefully within about `grace` per step: turn new clients
+    /// away with 421, let open sessions finish while the groups are handed
+    /// over (then tell the rest 421), leave the cluster (handing
+    /// leadership over), let deliveries in hand finish, then return.
     pub async fn shutdown(self, grace: Duration) {
+        // New clients get 421 at once; open transactions may finish while
+        // the groups drain and are released — with the cluster still
+        // running, so the leader places them elsewhere at once, and the
+        // queue still delivering what their sessions accept.
+        self.drain.send_replace(true);
+        self.sessions.close();
+        let sessions = async {
+            if tokio::time::timeout(grace, self.sessions.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("shutdown grace expired with SMTP sessions open: they get 421");
+            }
+        };
+        let groups = async {
+            if let Some(g) = self.groups {
+                g.stop(grace).await;
+            }
+        };
+        tokio::join!(sessions, groups);
         self.smtp_cancel.cancel();
-        // Then the groups: they drain and are released while the cluster
-        // still runs, so the leader places them elsewhere at once — and
-        // while the queue still delivers what their open sessions accept.
-        if let Some(g) = self.groups {
-            g.stop(grace).await;
-        }
         self.cancel.cancel();
         if let Some(c) = &self.cluster {
             c.leave(grace.min(LEAVE_WITHIN)).await;
@@ -397,6 +450,37 @@ impl Accept for Intake {
             Ok(id)
         })
     }
+}
+
+/// Keep `drain` equal to whether the cluster drains node `me`.
+async fn follow_drain(
+    mut view: watch::Receiver<crate::cluster::store::ClusterView>,
+    me: u64,
+    drain: Arc<watch::Sender<bool>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let now = view.borrow_and_update().state.draining.contains(&me);
+        drain.send_if_modified(|d| std::mem::replace(d, now) != now);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// The admin token: the file's content without surrounding whitespace.
+fn read_token(path: &std::path::Path) -> Result<String, StartError> {
+    let fail = |why: String| StartError::Token {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(fail("it must hold one token without spaces".into()));
+    }
+    Ok(token.to_string())
 }
 
 /// Sends each job to its route's kind of delivery.

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mtad::admin::client;
@@ -18,7 +17,6 @@ const EXIT_FAILURE: u8 = 1;
 /// (its join was refused, or has not succeeded yet).
 const EXIT_NOT_IN_CLUSTER: u8 = 2;
 /// How long in-flight work may take to finish after SIGTERM.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +65,10 @@ enum Command {
         /// Print the API's JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
+        /// A file holding the admin API's bearer token (`[admin]
+        /// token_file` on the node).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
         #[command(subcommand)]
         command: CtlCommand,
     },
@@ -95,6 +97,16 @@ enum CtlCommand {
     /// Re-read the node's configuration file and apply what can change
     /// live (as SIGHUP does); an invalid file changes nothing.
     Reload,
+    /// Drain a node: it answers new SMTP clients 421, hands its groups to
+    /// other nodes and delivers or hands over its queue (`status` on it
+    /// then says "drained").
+    Drain {
+        /// The node's name.
+        node: String,
+        /// End the drain instead.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// The queue: what waits, and what to do with it.
     Queue {
         #[command(subcommand)]
@@ -231,8 +243,16 @@ fn main() -> ExitCode {
         Command::Ctl {
             admin,
             json,
+            token_file,
             command,
         } => {
+            let token = match token_file.map(std::fs::read_to_string).transpose() {
+                Ok(t) => t.map(|t| t.trim().to_string()),
+                Err(e) => {
+                    eprintln!("mtad ctl: cannot read the token file: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
             let (command, yes) = match command {
                 CtlCommand::Status => (client::Command::Status, false),
                 CtlCommand::Nodes => (client::Command::Nodes, false),
@@ -240,6 +260,9 @@ fn main() -> ExitCode {
                 CtlCommand::Groups => (client::Command::Groups, false),
                 CtlCommand::Move { group, node } => (client::Command::Move(group, node), false),
                 CtlCommand::Reload => (client::Command::Reload, false),
+                CtlCommand::Drain { node, cancel } => {
+                    (client::Command::Drain(node, !cancel), false)
+                }
                 CtlCommand::Queue { command } => match command {
                     QueueCommand::Summary => (client::Command::QueueSummary, false),
                     QueueCommand::List {
@@ -275,7 +298,8 @@ fn main() -> ExitCode {
             let Some(runtime) = small_runtime() else {
                 return ExitCode::from(EXIT_FAILURE);
             };
-            match runtime.block_on(client::run(&admin, &command, json)) {
+            let api = client::Api::new(&admin, token);
+            match runtime.block_on(client::run_with(&api, &command, json)) {
                 Ok(out) => {
                     print!("{}", out.text);
                     match out.warning {
@@ -409,7 +433,8 @@ async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
     }
     tracing::info!("mtad stopping");
     notify.stopping();
-    node.shutdown(SHUTDOWN_GRACE).await;
+    let grace = node.config().node.shutdown_grace;
+    node.shutdown(grace).await;
     ExitCode::SUCCESS
 }
 

@@ -151,6 +151,32 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     let (ok, text) = ctl(admin[2], &["nodes"]).await;
     assert!(!ok && text.contains("cannot reach the admin API"), "{text}");
 
+    // node-b dies too: node-a has no majority left. It still answers at
+    // once, with its last known state and a flag saying so.
+    nodes[1].child.start_kill().unwrap();
+    nodes[1].child.wait().await.unwrap();
+    let lost = async {
+        loop {
+            let out = ctl_output(admin[0], &["--json", "status"]).await;
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if status["quorum"] == false {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, lost)
+        .await
+        .expect("quorum lost");
+    let out = ctl_output(admin[0], &["nodes"]).await;
+    assert_eq!(out.status.code(), Some(2), "answered, but flagged");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no working majority"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("node-b"),
+        "last known state"
+    );
+
     for mut n in nodes.into_iter().chain([rogue]) {
         let _ = n.child.start_kill();
         n.child.wait().await.unwrap();

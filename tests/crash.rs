@@ -23,6 +23,7 @@ fn write_config(dir: &Path, listen: SocketAddr, route: &str) -> std::path::PathB
 [node]
 name = "crash"
 data_dir = "{data}"
+shutdown_grace = "2s"
 
 [smtp]
 listen = ["{listen}"]
@@ -135,8 +136,8 @@ async fn sigterm_stops_cleanly_and_keeps_queued_mail() {
         format!("[[route]]\ndomains = [\"*\"]\nnext_hops = [\"{dead_hop}\"]\ntls = \"none\"");
     let config = write_config(dir.path(), listen, &route);
     let mut daemon = Daemon::start(&config).await;
-    let mut client = Client::connect(listen).await.unwrap();
-    let reply = client
+    let mut idle = Client::connect(listen).await.unwrap();
+    let reply = idle
         .send(
             "a@example.test",
             &["b@dest.example"],
@@ -145,11 +146,45 @@ async fn sigterm_stops_cleanly_and_keeps_queued_mail() {
         .await
         .unwrap();
     assert!(reply.starts_with("250"), "{reply}");
-    let pid = daemon.child.id().unwrap() as i32;
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    // The open session is told the service is going away.
-    let last = client.reply().await.unwrap_or_default();
+    // A transaction is under way when SIGTERM comes.
+    let mut busy = Client::connect(listen).await.unwrap();
+    assert!(busy
+        .command("MAIL FROM:<c@example.test>\r\n")
+        .await
+        .unwrap()
+        .starts_with("250"));
+    assert!(busy
+        .command("RCPT TO:<d@dest.example>\r\n")
+        .await
+        .unwrap()
+        .starts_with("250"));
+    daemon.signal(libc::SIGTERM);
+    // New clients are turned away at once...
+    let turned_away = async {
+        loop {
+            match Client::connect(listen).await {
+                Err(e) if e.to_string().contains("421") => return,
+                // Not yet draining (the signal is being handled): again.
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, turned_away)
+        .await
+        .expect("a new client gets 421");
+    // ...while the open transaction completes and the client leaves.
+    assert!(busy.command("DATA\r\n").await.unwrap().starts_with("354"));
+    let r = busy
+        .command("Subject: in flight\r\n\r\nx\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(
+        r.starts_with("250"),
+        "the transaction in flight completes: {r}"
+    );
+    assert!(busy.command("QUIT\r\n").await.unwrap().starts_with("221"));
+    // The session that stays idle is told to go once the grace is over.
+    let last = idle.reply().await.unwrap_or_default();
     assert!(last.starts_with("421 4.3.2"), "open session got {last:?}");
     let status = tokio::time::timeout(common::node::PATIENCE, daemon.child.wait())
         .await
@@ -163,13 +198,18 @@ async fn sigterm_stops_cleanly_and_keeps_queued_mail() {
         outbox.display()
     );
     let mut daemon = Daemon::start(&write_config(dir.path(), listen, &route)).await;
-    daemon
-        .wait_line(|l| l.contains("\"event\":\"delivered\""))
-        .await;
+    for _ in 0..2 {
+        daemon
+            .wait_line(|l| l.contains("\"event\":\"delivered\""))
+            .await;
+    }
     let files = common::node::eml_files(&outbox);
-    assert_eq!(files.len(), 1);
-    assert!(std::fs::read_to_string(&files[0])
-        .unwrap()
-        .contains("Subject: kept"));
+    let bodies: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    assert_eq!(bodies.len(), 2);
+    assert!(bodies.iter().any(|b| b.contains("Subject: kept")));
+    assert!(bodies.iter().any(|b| b.contains("Subject: in flight")));
     daemon.child.start_kill().unwrap();
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::client::Client;
-use common::daemon::{all_voting, ctl, free_port, nodes_until, sample, scrape, Daemon};
+use common::daemon::{all_voting, ctl, ctl_json, free_port, nodes_until, sample, scrape, Daemon};
 use tokio::time::Instant;
 
 const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -290,9 +290,7 @@ async fn groups_until(
 }
 
 async fn groups_json(admin: SocketAddr) -> Vec<serde_json::Value> {
-    let (ok, text) = ctl(admin, &["groups", "--json"]).await;
-    assert!(ok, "{text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    ctl_json(admin, &["groups"]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,5 +326,46 @@ async fn with_failback_the_vip_returns_to_its_preferred_node() {
     for mut n in nodes {
         let _ = n.child.start_kill();
         let _ = n.child.wait().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_the_owner_hands_its_group_over() {
+    let Three {
+        dir: _dir,
+        mut nodes,
+        admin,
+        vip,
+        ..
+    } = three(false).await;
+    let mut seen = Vec::new();
+    until_greeted_by(vip, "node-a", &mut seen).await;
+    nodes_until(admin[1], |rows| all_voting(rows, 3)).await;
+    // Asked through another node; the drain is in the replicated state.
+    let (ok, text) = ctl(admin[1], &["drain", "node-a"]).await;
+    assert!(ok, "{text}");
+    until_greeted_by(vip, "node-b", &mut seen).await;
+    send(vip, "after the drain").await;
+    let drained = async {
+        loop {
+            let s: serde_json::Value = ctl_json(admin[0], &["status"]).await;
+            if s["drain"] == "drained" {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let s = tokio::time::timeout(Duration::from_secs(60), drained)
+        .await
+        .expect("drained");
+    assert_eq!(s["groups"], serde_json::json!([]), "{s}");
+    // Ending the drain moves nothing back (no failback), but node-a may
+    // take groups again.
+    let (ok, text) = ctl(admin[2], &["drain", "--cancel", "node-a"]).await;
+    assert!(ok, "{text}");
+    let s: serde_json::Value = ctl_json(admin[0], &["status"]).await;
+    assert!(s.get("drain").is_none() || s["drain"].is_null(), "{s}");
+    for n in &mut nodes {
+        let _ = n.child.start_kill();
     }
 }

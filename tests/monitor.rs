@@ -195,9 +195,12 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             handle: nodes[0].handle.clone(),
             problem: nodes[0].problem.clone(),
             groups: vec!["mta".into()],
+            quorum_within: std::time::Duration::from_secs(1),
         }),
         mail: None,
         reload: None,
+        token: None,
+        drain: Default::default(),
     };
     tracker.spawn(mtad::admin::serve(listener, state, cancel.clone()));
     Cluster {

@@ -51,9 +51,7 @@ level = "info"
 }
 
 async fn json(admin: SocketAddr, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (ok, text) = ctl(admin, &all).await;
+    let (ok, text) = ctl(admin, &[&["--json"], args].concat()).await;
     assert!(ok, "ctl {args:?}: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }

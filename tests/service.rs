@@ -217,3 +217,90 @@ async fn reloads_apply_to_new_sessions_and_bad_files_change_nothing() {
         .await
         .expect("all delivered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_wants_its_token_when_one_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let text = config_text(dir.path(), smtp, admin, "").replace(
+        &format!("[admin]\nlisten = \"{admin}\""),
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"",
+            token.display()
+        ),
+    );
+    let _daemon = Daemon::start(&write(dir.path(), &text)).await;
+    let (ok, out) = ctl(admin, &["status"]).await;
+    assert!(!ok && out.contains("401") && out.contains("token"), "{out}");
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "s3cret-tokem").unwrap();
+    let (ok, out) = ctl(admin, &["--token-file", wrong.to_str().unwrap(), "status"]).await;
+    assert!(!ok && out.contains("401"), "{out}");
+    let (ok, out) = ctl(admin, &["--token-file", token.to_str().unwrap(), "status"]).await;
+    assert!(ok && out.contains("node svc"), "{out}");
+}
+
+/// The first reply line of a new connection to `smtp`.
+async fn greeting(smtp: SocketAddr) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let s = tokio::net::TcpStream::connect(smtp).await.unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_turns_clients_away_until_the_drain_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let config = write(dir.path(), &config_text(dir.path(), smtp, admin, ""));
+    let _daemon = Daemon::start(&config).await;
+    let mut open = Client::connect(smtp).await.unwrap();
+
+    let (ok, text) = ctl(admin, &["drain", "svc"]).await;
+    assert!(ok && text.contains("svc draining"), "{text}");
+    assert!(
+        greeting(smtp).await.starts_with("421 4.3.2"),
+        "new clients are turned away"
+    );
+    // A session open before the drain still hands in its mail, which is
+    // delivered; then the node reports itself drained.
+    let r = open
+        .send(
+            "s@b.example",
+            &["u@a.example"],
+            "Subject: late\r\n\r\nx\r\n",
+        )
+        .await
+        .unwrap();
+    assert!(r.starts_with("250"), "{r}");
+    let drained = async {
+        loop {
+            let (_, text) = ctl(admin, &["status"]).await;
+            if text.contains("mail: drained") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, drained)
+        .await
+        .expect("drained");
+    assert_eq!(
+        common::node::eml_files(&dir.path().join("data/outbox")).len(),
+        1
+    );
+    let (ok, text) = ctl(admin, &["drain", "other"]).await;
+    assert!(!ok && text.contains("not other"), "{text}");
+
+    let (ok, text) = ctl(admin, &["drain", "--cancel", "svc"]).await;
+    assert!(ok, "{text}");
+    assert!(greeting(smtp).await.starts_with("220"));
+    let (_, text) = ctl(admin, &["status"]).await;
+    assert!(!text.contains("mail:"), "{text}");
+}

@@ -27,6 +27,8 @@ pub enum Command {
     Move(String, String),
     /// Re-read the node's configuration file.
     Reload,
+    /// Drain a node (true) or end its drain (false).
+    Drain(String, bool),
     /// Per-destination queue counts.
     QueueSummary,
     /// Queued messages matching the filter, oldest first, after an id,
@@ -75,9 +77,32 @@ pub struct Output {
 /// Run `cmd` against the admin API at `base` (e.g. `http://127.0.0.1:8025`);
 /// Err is the message for stderr (exit 1).
 pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String> {
+    run_with(&Api::new(base, None), cmd, json).await
+}
+
+/// An admin API: its base URL and the bearer token it wants, if any.
+#[derive(Debug, Clone)]
+pub struct Api {
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    /// The API at `base`, sending `token` with every request.
+    pub fn new(base: &str, token: Option<String>) -> Api {
+        Api {
+            base: base.to_string(),
+            token,
+        }
+    }
+}
+
+/// Like [`run`], with a token.
+pub async fn run_with(api: &Api, cmd: &Command, json: bool) -> Result<Output, String> {
+    let base = api.base.as_str();
     let parse_err = |e: serde_json::Error| format!("unexpected answer from {base}: {e}");
     if let Command::QueueList(f, after, limit) = cmd {
-        let page = list(base, f, after.clone(), *limit).await?;
+        let page = list(api, f, after.clone(), *limit).await?;
         let text = match json {
             true => serde_json::to_string(&page).map_err(parse_err)? + "\n",
             false => message_table(&page),
@@ -94,6 +119,8 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
         Command::Groups => ("GET", "/v1/groups".to_string(), None),
         Command::Move(group, node) => ("POST", format!("/v1/groups/{group}/move/{node}"), None),
         Command::Reload => ("POST", "/v1/reload".to_string(), None),
+        Command::Drain(name, true) => ("POST", format!("/v1/nodes/{name}/drain"), None),
+        Command::Drain(name, false) => ("POST", format!("/v1/nodes/{name}/undrain"), None),
         Command::QueueSummary => ("GET", "/v1/queue/summary".to_string(), None),
         Command::QueueShow(id) => ("GET", format!("/v1/queue/{}", encode(id)), None),
         Command::QueueAct(op, sel) => {
@@ -102,7 +129,7 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
         }
         Command::QueueList(..) => unreachable!("listed above"),
     };
-    let body = call(base, method, &path, payload).await?;
+    let (body, no_quorum) = call(api, method, &path, payload).await?;
     let status = match cmd {
         Command::Status => Some(serde_json::from_str::<Status>(&body).map_err(parse_err)?),
         _ => None,
@@ -110,7 +137,11 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
     let warning = status
         .as_ref()
         .and_then(|s| s.cluster_problem.clone())
-        .map(|p| format!("{base}: not in its cluster: {p}"));
+        .map(|p| format!("{base}: not in its cluster: {p}"))
+        .or_else(|| {
+            no_quorum
+                .then(|| format!("{base} sees no working majority: this is its last known state"))
+        });
     if json {
         return Ok(Output {
             text: body,
@@ -120,13 +151,14 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
     let text = match (cmd, status) {
         (_, Some(s)) => {
             format!(
-                "node {}  mtad {}  up {}s\ncluster: {}{}{}\ngroups owned: {}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
+                "node {}  mtad {}  up {}s\ncluster: {}{}{}{}\ngroups owned: {}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
                 s.node,
                 s.version,
                 s.uptime_s,
                 s.cluster_role,
                 s.leader.map(|l| format!(" (leader {l})")).unwrap_or_default(),
                 s.cluster_problem.map(|p| format!(" — not joined: {p}")).unwrap_or_default(),
+                s.drain.map(|d| format!("\nmail: {d} (ctl drain --cancel ends it)")).unwrap_or_default(),
                 if s.groups.is_empty() { "none".to_string() } else { s.groups.join(", ") },
                 s.queued,
                 s.delivered,
@@ -147,6 +179,11 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
         (Command::Move(group, node), _) => {
             format!("{group} moving to {node}: it drains, stops and starts there\n")
         }
+        (Command::Drain(name, true), _) => format!(
+            "{name} draining: it takes no new mail and hands its groups and queue on; \
+             `status` on it says \"drained\" when done\n"
+        ),
+        (Command::Drain(name, false), _) => format!("{name} no longer drained\n"),
         (Command::Reload, _) => {
             let o: crate::reload::Outcome = serde_json::from_str(&body).map_err(parse_err)?;
             match o.changed.is_empty() {
@@ -172,28 +209,31 @@ pub async fn run(base: &str, cmd: &Command, json: bool) -> Result<Output, String
 }
 
 /// One request; a non-2xx answer is an error with the API's reason.
+/// Also says whether the node answered without a working majority.
 async fn call(
-    base: &str,
+    api: &Api,
     method: &str,
     path: &str,
     body: Option<String>,
-) -> Result<String, String> {
-    let (code, body) = request(base, method, path, body).await?;
+) -> Result<(String, bool), String> {
+    let base = api.base.as_str();
+    let (code, no_quorum, body) = request(api, method, path, body).await?;
     if !(200..300).contains(&code) {
         let why = serde_json::from_str::<Problem>(&body).map_or(body, |p| p.error);
         return Err(format!("{base} answered {code}: {why}"));
     }
-    Ok(body)
+    Ok((body, no_quorum))
 }
 
 /// Up to `limit` rows, page by page (each page its own request, so a
 /// million messages never travel in one answer).
 async fn list(
-    base: &str,
+    api: &Api,
     f: &Filter,
     mut after: Option<String>,
     limit: usize,
 ) -> Result<Page, String> {
+    let base = api.base.as_str();
     let mut all = Page {
         messages: Vec::new(),
         next: None,
@@ -204,7 +244,7 @@ async fn list(
         q.extend(f.dest.as_ref().map(|d| format!("dest={}", encode(d))));
         q.extend(f.state.as_ref().map(|s| format!("state={}", encode(s))));
         q.extend(after.as_ref().map(|a| format!("after={}", encode(a))));
-        let body = call(base, "GET", &format!("/v1/queue?{}", q.join("&")), None).await?;
+        let (body, _) = call(api, "GET", &format!("/v1/queue?{}", q.join("&")), None).await?;
         let page: Page = serde_json::from_str(&body)
             .map_err(|e| format!("unexpected answer from {base}: {e}"))?;
         all.messages.extend(page.messages);
@@ -377,13 +417,20 @@ fn table(rows: &[NodeRow]) -> String {
     out
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns status and body.
+/// One HTTP/1.1 request with `Connection: close`; returns the status,
+/// whether the node flagged its answer as its last known state, and the
+/// body.
 async fn request(
-    base: &str,
+    api: &Api,
     method: &str,
     path: &str,
     body: Option<String>,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, bool, String), String> {
+    let base = api.base.as_str();
+    let auth = match &api.token {
+        Some(t) => format!("Authorization: Bearer {t}\r\n"),
+        None => String::new(),
+    };
     let host = base
         .strip_prefix("http://")
         .ok_or_else(|| format!("admin URL must start with http://, got {base}"))?
@@ -394,7 +441,7 @@ async fn request(
             .map_err(|e| format!("cannot reach the admin API at {base}: {e}"))?;
         let body = body.unwrap_or_default();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes())
@@ -416,5 +463,9 @@ async fn request(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("malformed status line from {base}"))?;
-    Ok((code, body.to_string()))
+    let no_quorum = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with(&format!("{}:", super::NO_QUORUM))
+    });
+    Ok((code, no_quorum, body.to_string()))
 }

@@ -46,6 +46,11 @@ pub struct AdminState {
     pub mail: Option<MailReadout>,
     /// Where reloads are asked for, if the node can reload.
     pub reload: Option<tokio::sync::mpsc::Sender<crate::reload::Request>>,
+    /// The bearer token every request must carry, if one is configured.
+    pub token: Option<String>,
+    /// Whether an operator drains this node (set here for a node alone,
+    /// from the replicated state in a cluster).
+    pub drain: Arc<watch::Sender<bool>>,
 }
 
 /// What the API reads of the cluster side.
@@ -57,7 +62,28 @@ pub struct ClusterReadout {
     pub problem: watch::Receiver<Option<String>>,
     /// The groups this node's configuration defines.
     pub groups: Vec<String>,
+    /// A leader that heard from no majority for this long has lost its
+    /// quorum (two election timeouts).
+    pub quorum_within: Duration,
 }
+
+impl ClusterReadout {
+    /// Whether this node sees a working majority: as the leader, one
+    /// acknowledged it lately; otherwise, it follows a leader.
+    pub fn quorum(&self) -> bool {
+        let m = self.handle.raft.metrics().borrow().clone();
+        if m.current_leader == Some(m.id) {
+            let within = self.quorum_within.as_millis() as u64;
+            m.millis_since_quorum_ack.is_some_and(|ms| ms <= within)
+        } else {
+            m.current_leader.is_some()
+        }
+    }
+}
+
+/// The header on every answer of a node that sees no working majority:
+/// what it answers is its last known state.
+pub const NO_QUORUM: &str = "mtad-no-quorum";
 
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,6 +115,14 @@ pub struct Status {
     /// Groups this node owns now.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Whether the node sees a working majority (absent for a single
+    /// node); without one, cluster fields are its last known state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<bool>,
+    /// "draining" while an operator drains the node, "drained" once it
+    /// owns no group and its queue is empty; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<String>,
 }
 
 /// One row of `GET /v1/nodes`.
@@ -137,6 +171,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}/evict", post(evict))
+        .route("/v1/nodes/{name}/drain", post(drain))
+        .route("/v1/nodes/{name}/undrain", post(undrain))
         .route("/v1/groups", get(groups::list))
         .route("/v1/groups/{name}/move/{node}", post(groups::move_to))
         .route("/metrics", get(metrics::scrape))
@@ -145,6 +181,14 @@ pub async fn serve(listener: TcpListener, state: AdminState, cancel: Cancellatio
         .route("/v1/queue/summary", get(queue::summary))
         .route("/v1/queue/{id}", get(queue::show))
         .route("/v1/queue/{id}", post(queue::act))
+        .layer(axum::middleware::from_fn_with_state(
+            state.cluster.clone().map(Arc::new),
+            flag_no_quorum,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.token.clone().map(Arc::new),
+            authorize,
+        ))
         .with_state(Arc::new(state));
     let shutdown = async move { cancel.cancelled().await };
     if let Err(e) = axum::serve(listener, app)
@@ -183,7 +227,13 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         cluster_role,
         leader,
         cluster_problem,
-        groups: owned,
+        groups: owned.clone(),
+        quorum: s.cluster.as_ref().map(|c| c.quorum()),
+        drain: match *s.drain.borrow() {
+            false => None,
+            true if owned.is_empty() && q.queued == 0 => Some("drained".into()),
+            true => Some("draining".into()),
+        },
     })
 }
 
@@ -284,6 +334,96 @@ async fn reload(State(s): State<Arc<AdminState>>) -> Answer<crate::reload::Outco
         Err(_) => problem(
             StatusCode::GATEWAY_TIMEOUT,
             "the reload did not finish in time",
+        ),
+    }
+}
+
+/// With a token configured, refuse (401) a request without it.
+async fn authorize(
+    State(token): State<Option<Arc<String>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Some(token) = token {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.as_bytes(), token.as_bytes()) {
+            let error = "missing or wrong bearer token (mtad ctl --token-file FILE)".to_string();
+            return (StatusCode::UNAUTHORIZED, Json(Problem { error })).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compare in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Mark every answer of a node without a working majority.
+async fn flag_no_quorum(
+    State(cluster): State<Option<Arc<ClusterReadout>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut res = next.run(req).await;
+    if cluster.is_some_and(|c| !c.quorum()) {
+        let v = axum::http::HeaderValue::from_static("last known state");
+        res.headers_mut().insert(NO_QUORUM, v);
+    }
+    res
+}
+
+/// `POST /v1/nodes/{name}/drain`: the node takes no new mail (421), hands
+/// its groups to other nodes, and delivers or hands over its queue;
+/// `status` on it then says "drained".
+async fn drain(state: State<Arc<AdminState>>, name: Path<String>) -> Answer<serde_json::Value> {
+    set_drain(state, name, true).await
+}
+
+/// `POST /v1/nodes/{name}/undrain`: end a drain.
+async fn undrain(state: State<Arc<AdminState>>, name: Path<String>) -> Answer<serde_json::Value> {
+    set_drain(state, name, false).await
+}
+
+async fn set_drain(
+    State(s): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    draining: bool,
+) -> Answer<serde_json::Value> {
+    let done = || {
+        Ok(Json(
+            serde_json::json!({ "node": name, "draining": draining }),
+        ))
+    };
+    let Some(ClusterReadout { handle, .. }) = &s.cluster else {
+        if name != s.node {
+            return problem(
+                StatusCode::NOT_FOUND,
+                format!("this node is {}, not {name}", s.node),
+            );
+        }
+        s.drain.send_replace(draining);
+        return done();
+    };
+    let id = handle.view.borrow().state.by_name(&name).map(|(id, _)| id);
+    let Some(node) = id else {
+        return problem(StatusCode::NOT_FOUND, format!("no member named {name}"));
+    };
+    let req = crate::cluster::group_rpc::GroupRequest::SetDrain { node, draining };
+    match handle.to_leader(req, ACTION_DEADLINE).await {
+        Ok(crate::cluster::group_rpc::GroupReply::Recorded) => done(),
+        // Already so.
+        Ok(crate::cluster::group_rpc::GroupReply::Refused(why)) if why.contains("Stale") => done(),
+        Ok(other) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("{other:?}")),
+        Err(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the leader did not take the drain: {e}"),
         ),
     }
 }

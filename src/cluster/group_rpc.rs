@@ -40,6 +40,14 @@ pub enum GroupRequest {
     },
     /// To the leader: record this report or fence, about the caller.
     Record(GroupCommand),
+    /// To the leader, from an operator through any node: drain `node` (or
+    /// end its drain).
+    SetDrain {
+        /// The member.
+        node: NodeId,
+        /// True to drain.
+        draining: bool,
+    },
 }
 
 /// The answer to a [`GroupRequest`].
@@ -145,6 +153,9 @@ impl GroupService {
             } => self.grant(from, &group, epoch, ttl_ms),
             GroupRequest::Outstanding { group, epoch } => self.outstanding(&group, epoch),
             GroupRequest::Record(cmd) => self.record(from, cmd).await,
+            GroupRequest::SetDrain { node, draining } => {
+                self.write(Command::Drain { id: node, draining }).await
+            }
         }
     }
 
@@ -211,11 +222,16 @@ impl GroupService {
                     .into(),
             );
         }
+        self.write(Command::Group(cmd)).await
+    }
+
+    /// Write `cmd` to the log, as the leader.
+    async fn write(&self, cmd: Command) -> GroupReply {
         let m = self.raft.metrics().borrow().clone();
         if m.current_leader != Some(m.id) {
             return GroupReply::Refused("not the leader".into());
         }
-        match self.raft.client_write(Command::Group(cmd)).await {
+        match self.raft.client_write(cmd).await {
             Ok(r) if r.data == Response::Done => GroupReply::Recorded,
             // Another epoch by now: the report no longer matters.
             Ok(r) => GroupReply::Refused(format!("not applied: {:?}", r.data)),

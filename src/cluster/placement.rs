@@ -100,6 +100,10 @@ pub fn decide(p: Policy<'_>, state: &ClusterState, free: bool) -> Decision {
         return Decision::Keep;
     }
     let drain = |reason: String| Decision::Drain { reason };
+    // An operator drains the owner: hand over, if anyone can take it.
+    if state.draining.contains(&owner) && best(p, state, &g, Some(owner)).is_some() {
+        return drain(format!("owner {who} is draining"));
+    }
     if let Some(to) = g.move_to.filter(|t| *t != owner) {
         if eligible(state, &g, to) {
             return drain(format!("moving to {} on request", name(state, to)));
@@ -157,10 +161,13 @@ fn preferred_live(p: Policy<'_>, state: &ClusterState, g: &GroupState) -> Option
     })
 }
 
-/// A live full member that is not fenced for the group.
+/// A live full member that is not fenced for the group nor draining.
 fn eligible(state: &ClusterState, g: &GroupState, id: NodeId) -> bool {
     state.members.get(&id).is_some_and(|m| {
-        m.state == NodeState::Up && m.member.role == Role::Member && !g.fenced.contains(&id)
+        m.state == NodeState::Up
+            && m.member.role == Role::Member
+            && !g.fenced.contains(&id)
+            && !state.draining.contains(&id)
     })
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::cluster::types::{Member, MemberState};
+use crate::cluster::types::{Command, Member, MemberState, Response};
 
 /// Members a=1, b=2, c=3 (all up) and witness w=9.
 fn state() -> ClusterState {
@@ -194,4 +194,56 @@ fn owned_lists_live_epochs_only() {
     owned_by(&mut s, "x", 1);
     owned_by(&mut s, "y", 1).released = true;
     assert_eq!(owned(&s), BTreeMap::from([(1, vec!["x".to_string()])]));
+}
+
+#[test]
+fn a_draining_owner_hands_over_and_gets_nothing_new() {
+    let pref = names(&["a", "b"]);
+    let mut s = state();
+    owned_by(&mut s, "mta", 1);
+    assert_eq!(
+        s.apply(&Command::Drain {
+            id: 1,
+            draining: true
+        }),
+        Response::Done
+    );
+    assert!(matches!(
+        decide(policy(&pref, false), &s, false),
+        Decision::Drain { reason } if reason.contains("draining")
+    ));
+    // Once released, the next preferred node that is not draining.
+    s.groups.get_mut("mta").unwrap().released = true;
+    assert_eq!(assigned(decide(policy(&pref, false), &s, false)), 2);
+    // With nobody else to take it, the owner keeps serving.
+    for id in [2, 3] {
+        s.apply(&Command::Drain { id, draining: true });
+    }
+    let g = owned_by(&mut s, "mta", 1);
+    g.released = false;
+    assert!(matches!(
+        decide(policy(&pref, false), &s, false),
+        Decision::Keep
+    ));
+    assert_eq!(
+        s.apply(&Command::Drain {
+            id: 7,
+            draining: true
+        }),
+        Response::UnknownMember
+    );
+    assert_eq!(
+        s.apply(&Command::Drain {
+            id: 1,
+            draining: false
+        }),
+        Response::Done
+    );
+    assert_eq!(
+        s.apply(&Command::Drain {
+            id: 1,
+            draining: false
+        }),
+        Response::Stale
+    );
 }

@@ -116,6 +116,14 @@ pub enum Command {
     },
     /// A change to a resource group.
     Group(GroupCommand),
+    /// An operator drains a member (it takes no new mail and hands its
+    /// groups away) or ends the drain.
+    Drain {
+        /// The member's incarnation.
+        id: NodeId,
+        /// True to drain, false to end it.
+        draining: bool,
+    },
 }
 
 /// The result of applying one log entry.
@@ -166,6 +174,9 @@ pub struct ClusterState {
     /// The voter configurations an owner may still count its lease in.
     #[serde(default)]
     pub voters: VoterHistory,
+    /// Members an operator drains: no group is placed on them.
+    #[serde(default)]
+    pub draining: BTreeSet<NodeId>,
 }
 
 impl ClusterState {
@@ -204,10 +215,26 @@ impl ClusterState {
                     None => Response::Done,
                 }
             }
-            Command::Remove { id } => match self.members.remove(id) {
-                Some(_) => Response::Done,
-                None => Response::UnknownMember,
-            },
+            Command::Remove { id } => {
+                self.draining.remove(id);
+                match self.members.remove(id) {
+                    Some(_) => Response::Done,
+                    None => Response::UnknownMember,
+                }
+            }
+            Command::Drain { id, draining } => {
+                if !self.members.contains_key(id) {
+                    return Response::UnknownMember;
+                }
+                let changed = match draining {
+                    true => self.draining.insert(*id),
+                    false => self.draining.remove(id),
+                };
+                match changed {
+                    true => Response::Done,
+                    false => Response::Stale,
+                }
+            }
             Command::Group(g) => self.apply_group(g),
             Command::SetState {
                 id,

@@ -117,6 +117,7 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
     let node = node.unwrap_or_else(|| NodeConfig {
         name: String::new(),
         data_dir: PathBuf::new(),
+        shutdown_grace: Duration::from_secs(30),
     });
 
     let cluster = root
@@ -156,12 +157,23 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
 }
 
 fn read_admin(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> super::AdminConfig {
-    let listen = f
-        .take("listen")
-        .and_then(|n| ctx.socket_addr(&n, true))
+    let node = f.take("listen");
+    let listen = node
+        .as_ref()
+        .and_then(|n| ctx.socket_addr(n, true))
         .unwrap_or_else(|| ([127, 0, 0, 1], 8025).into());
+    let token_file = f
+        .take("token_file")
+        .and_then(|n| ctx.string(&n, "a file path like \"/etc/mtad/admin.token\""))
+        .map(PathBuf::from);
+    // Anyone who reaches the API can move groups and delete mail: off
+    // the machine, only with the token.
+    if let Some(n) = node.filter(|_| !listen.ip().is_loopback() && token_file.is_none()) {
+        let msg = "an admin address off loopback needs a token: set admin.token_file";
+        ctx.error(&n.span, &n.path, msg);
+    }
     f.finish(ctx);
-    super::AdminConfig { listen }
+    super::AdminConfig { listen, token_file }
 }
 
 /// An optional table: absent reads as all defaults.
@@ -192,10 +204,12 @@ fn read_node(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> NodeConfig {
         .require(ctx, "data_dir")
         .and_then(|n| ctx.string(&n, "a directory path like \"./var/node-a\""))
         .unwrap_or_default();
+    let shutdown_grace = duration_or(ctx, &mut f, "shutdown_grace", 30);
     f.finish(ctx);
     NodeConfig {
         name,
         data_dir: data_dir.into(),
+        shutdown_grace,
     }
 }
 

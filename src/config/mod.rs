@@ -42,9 +42,11 @@ pub struct Config {
 /// `[admin]`: the admin HTTP API that `mtad ctl` talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
-    /// Where it listens; loopback by default, since it has no
-    /// authentication yet.
+    /// Where it listens; loopback by default.
     pub listen: SocketAddr,
+    /// A file holding the bearer token every request must carry; required
+    /// off loopback.
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[cluster]`: this node's cluster and how it joins it.
@@ -138,6 +140,9 @@ pub struct NodeConfig {
     pub name: String,
     /// Spool and cluster state live below this directory.
     pub data_dir: PathBuf,
+    /// On SIGTERM: how long open SMTP transactions and group handovers
+    /// may take before the node stops anyway.
+    pub shutdown_grace: Duration,
 }
 
 /// `[smtp]`: the inbound listener and its limits.

@@ -95,7 +95,8 @@ fn minimal_file_gets_defaults() {
         c.node,
         NodeConfig {
             name: "n1".into(),
-            data_dir: "./d".into()
+            data_dir: "./d".into(),
+            shutdown_grace: Duration::from_secs(30),
         }
     );
     let s = &c.smtp;
@@ -722,4 +723,22 @@ fn load_file_reads_and_names_the_file() {
             .starts_with(&format!("{}: cannot read", missing.display())),
         "{e}"
     );
+}
+
+#[test]
+fn an_admin_address_off_loopback_needs_a_token() {
+    let base =
+        "[node]\nname = \"n\"\ndata_dir = \"d\"\n[[route]]\ndomains = [\"*\"]\ndrop_dir = \"o\"\n";
+    let open = format!("{base}[admin]\nlisten = \"0.0.0.0:8025\"\n");
+    let e = load_str(&open, "t.toml").unwrap_err().0;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(
+        (e[0].line, e[0].field.as_str()),
+        (8, "admin.listen"),
+        "{e:?}"
+    );
+    assert!(e[0].message.contains("token_file"), "{e:?}");
+    let guarded = format!("{open}token_file = \"/etc/mtad/admin.token\"\n");
+    let c = load_str(&guarded, "t.toml").unwrap();
+    assert!(c.admin.unwrap().token_file.is_some());
 }

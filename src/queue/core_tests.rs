@@ -16,6 +16,7 @@ pub(crate) fn config() -> Config {
         node: NodeConfig {
             name: "n".into(),
             data_dir: "/nonexistent".into(),
+            shutdown_grace: Duration::from_secs(30),
         },
         smtp: SmtpConfig {
             listen: vec![],

@@ -36,7 +36,7 @@ struct Inner {
 }
 
 struct Running {
-    drain: CancellationToken,
+    drain: watch::Sender<bool>,
     cancel: CancellationToken,
     sessions: TaskTracker,
     accept: JoinHandle<()>,
@@ -86,7 +86,7 @@ impl Resource for SmtpListener {
             let listener = server::bind(inner.addr, backlog)
                 .map_err(|e| format!("cannot listen on {}: {e}", inner.addr))?;
             let (drain, cancel, sessions) = (
-                CancellationToken::new(),
+                watch::Sender::new(false),
                 CancellationToken::new(),
                 TaskTracker::new(),
             );
@@ -94,7 +94,7 @@ impl Resource for SmtpListener {
                 listener,
                 inner.cfg.clone(),
                 inner.intake.clone(),
-                drain.clone(),
+                drain.subscribe(),
                 cancel.clone(),
                 sessions.clone(),
             ));
@@ -117,7 +117,7 @@ impl Resource for SmtpListener {
             };
             r.sessions.close();
             if graceful {
-                r.drain.cancel();
+                r.drain.send_replace(true);
                 let hurry = inner
                     .hurry
                     .lock()

@@ -78,17 +78,17 @@ pub async fn serve(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let never = CancellationToken::new();
+    let never = watch::channel(false).1;
     serve_draining(listener, cfg, accept, never, cancel, tracker).await
 }
 
-/// Like [`serve`], and once `drain` fires, new clients are told 421 (the
+/// Like [`serve`], and while `drain` is true, new clients are told 421 (the
 /// service is moving) while open sessions go on until `cancel`.
 pub async fn serve_draining(
     listener: TcpListener,
     cfg: watch::Receiver<Arc<SmtpConfig>>,
     accept: Arc<dyn Accept>,
-    drain: CancellationToken,
+    drain: watch::Receiver<bool>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -115,12 +115,12 @@ pub async fn serve_draining(
         // Each session runs on the configuration current when it began;
         // a reload applies to the next ones.
         let now = cfg.borrow().clone();
-        let permit = if drain.is_cancelled() {
+        let draining = *drain.borrow();
+        let permit = if draining {
             None
         } else {
             Permit::take(&open, now.max_connections)
         };
-        let draining = drain.is_cancelled();
         tracker.spawn(connection(
             stream,
             peer,

@@ -338,7 +338,7 @@ async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finis
     let listener = bind("127.0.0.1:0".parse().expect("addr"), 64).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (drain, cancel, tracker) = (
-        CancellationToken::new(),
+        tokio::sync::watch::Sender::new(false),
         CancellationToken::new(),
         TaskTracker::new(),
     );
@@ -346,7 +346,7 @@ async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finis
         listener,
         tokio::sync::watch::channel(Arc::new(cfg())).1,
         memory.clone(),
-        drain.clone(),
+        drain.subscribe(),
         cancel.clone(),
         tracker.clone(),
     ));
@@ -356,7 +356,7 @@ async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finis
         .await;
     open.expect("250-").await;
     open.expect("250 2.1.0").await;
-    drain.cancel();
+    drain.send_replace(true);
     let mut late = Client::connect(addr).await;
     late.expect("421 4.3.2 mx.example.test Service moving")
         .await;
@@ -368,6 +368,10 @@ async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finis
     open.send(MESSAGE).await;
     open.expect("250").await;
     assert_eq!(memory.messages.lock().expect("lock").len(), 1);
+    // A drain that ends takes clients again.
+    drain.send_replace(false);
+    let mut back = Client::connect(addr).await;
+    back.expect("220").await;
     // Then the rest are told to go.
     cancel.cancel();
     open.expect("421 4.3.2").await;

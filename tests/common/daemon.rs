@@ -166,10 +166,24 @@ pub async fn nodes_until(
     }
 }
 
+/// `ctl --json ARGS…` parsed, also when the node flags it as its last
+/// known state (exit 2: no leader right now).
+pub async fn ctl_json<T: serde::de::DeserializeOwned>(admin: SocketAddr, args: &[&str]) -> T {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = ctl_output(admin, &all).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0 | 2)),
+        "{args:?}: {text}{stderr}"
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}{stderr}"))
+}
+
+/// `ctl nodes --json`.
 pub async fn nodes_json(admin: SocketAddr) -> Vec<serde_json::Value> {
-    let (ok, text) = ctl(admin, &["nodes", "--json"]).await;
-    assert!(ok, "{text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    ctl_json(admin, &["nodes"]).await
 }
 
 /// `n` members, all up and voting ("changing" while a membership change
