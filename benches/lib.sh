@@ -17,6 +17,8 @@ HOST=127.0.0.1
 # The issue fixes these; override only if something else holds them.
 PORT=${BENCH_PORT:-2525}
 SINK_PORT=${BENCH_SINK_PORT:-2526}
+# mtad's admin API (queue.sh lists the queue through it).
+ADMIN_PORT=${BENCH_ADMIN_PORT:-8025}
 SENDER=bench@example.test
 # A domain that no MTA here considers local, so every message is relayed.
 RCPT=sink@dest.example
@@ -127,6 +129,9 @@ max_associations = 20
 domains = ["*"]
 next_hops = ["$HOST:$SINK_PORT"]
 tls = "none"
+
+[admin]
+listen = "$HOST:$ADMIN_PORT"
 
 [log]
 format = "json"
