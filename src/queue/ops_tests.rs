@@ -253,3 +253,38 @@ fn show_tells_each_recipient_apart() {
     assert_eq!(d.message.state, "active");
     assert_eq!(d.last_hop, None, "a delivery is not an error");
 }
+
+/// The million-message queue: every page is at most MAX_PAGE
+/// rows, a walk by cursor visits each message once, in order, and a page
+/// from deep in the queue starts right after the cursor. (How fast is
+/// measured in benches/queue.rs, not here.)
+#[test]
+fn a_million_messages_list_in_pages() {
+    let cfg = config();
+    let mut core = Core::new();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    let n: u64 = 1_000_000;
+    for id in 1..=n {
+        core.admit(&cfg, message(id, &["x@a.example"]), false, now, 0, &mut out);
+        out.clear();
+    }
+    let all = Filter::default();
+    let deep = core.list(&cfg, &all, Some(QueueId(n - 10)), 100_000);
+    assert_eq!(deep.messages.len(), 10);
+    assert_eq!(deep.messages[0].id, QueueId(n - 9).to_string());
+    let (mut after, mut seen, mut pages) = (None, 0u64, 0);
+    loop {
+        let page = core.list(&cfg, &all, after, usize::MAX);
+        assert!(page.messages.len() <= MAX_PAGE);
+        let first = parse_id(&page.messages[0].id).unwrap();
+        assert_eq!(first, QueueId(seen + 1), "no gap, no repeat");
+        seen += page.messages.len() as u64;
+        pages += 1;
+        match page.next.as_deref().and_then(parse_id) {
+            Some(id) => after = Some(id),
+            None => break,
+        }
+    }
+    assert_eq!((seen, pages), (n, 1000));
+}
