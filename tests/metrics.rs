@@ -5,52 +5,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use common::client::Client;
-use common::daemon::{free_port, sample, scrape, Daemon};
+use common::daemon::{free_port, relay_config, sample, scrape, Daemon};
 use common::peer::{Behavior, Peer};
 use prometheus_parse::Value;
-
-fn write_config(
-    dir: &Path,
-    smtp: SocketAddr,
-    admin: SocketAddr,
-    hop: SocketAddr,
-) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[node]
-name = "m"
-data_dir = "{data}"
-
-[smtp]
-listen = ["{smtp}"]
-hostname = "m.example.test"
-relay_networks = ["127.0.0.0/8"]
-
-[delivery]
-retry = ["1h"]
-
-[[route]]
-domains = ["a.example"]
-next_hops = ["{hop}"]
-
-[[route]]
-domains = ["*"]
-drop_dir = "{data}/outbox"
-
-[admin]
-listen = "{admin}"
-"#,
-        data = dir.join("data").display()
-    );
-    let path = dir.join("m.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened() {
@@ -65,7 +25,7 @@ async fn metrics_count_what_happened() {
     })
     .await;
     let (smtp, admin) = (free_port(), free_port());
-    let _daemon = Daemon::start(&write_config(dir.path(), smtp, admin, peer.addr)).await;
+    let _daemon = Daemon::start(&relay_config(dir.path(), "m", smtp, admin, peer.addr)).await;
 
     let mut c = Client::connect(smtp).await.unwrap();
     let mut send = async |to: &str| {

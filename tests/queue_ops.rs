@@ -5,50 +5,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 
 use common::client::Client;
-use common::daemon::{ctl, ctl_output, free_port, Daemon};
+use common::daemon::{ctl, ctl_output, free_port, relay_config, Daemon};
 use common::peer::{Behavior, Peer};
 use serde_json::Value;
-
-fn write_config(dir: &Path, smtp: SocketAddr, admin: SocketAddr, hop: SocketAddr) -> PathBuf {
-    let data = dir.join("data");
-    let text = format!(
-        r#"
-[node]
-name = "q"
-data_dir = "{data}"
-
-[smtp]
-listen = ["{smtp}"]
-hostname = "q.example.test"
-relay_networks = ["127.0.0.0/8"]
-
-[delivery]
-retry = ["1h"]
-
-[[route]]
-domains = ["a.example"]
-next_hops = ["{hop}"]
-
-[[route]]
-domains = ["*"]
-drop_dir = "{data}/outbox"
-
-[admin]
-listen = "{admin}"
-
-[log]
-format = "json"
-level = "info"
-"#,
-        data = data.display()
-    );
-    let path = dir.join("q.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 async fn json(admin: SocketAddr, args: &[&str]) -> Value {
     let (ok, text) = ctl(admin, &[&["--json"], args].concat()).await;
@@ -96,7 +57,7 @@ async fn an_operator_inspects_and_acts_on_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start(Behavior::rcpt_reply("451 4.2.0 mailbox busy")).await;
     let (smtp, admin) = (free_port(), free_port());
-    let config = write_config(dir.path(), smtp, admin, peer.addr);
+    let config = relay_config(dir.path(), "q", smtp, admin, peer.addr);
     let mut daemon = Daemon::start(&config).await;
 
     let mut c = Client::connect(smtp).await.unwrap();

@@ -59,8 +59,13 @@ pub(crate) fn config() -> Config {
 }
 
 fn envelope(rcpts: &[&str]) -> Envelope {
+    message(1, rcpts)
+}
+
+/// Message `id` (arrived at 1,000,000 + id ms) to `rcpts`, all pending.
+pub(crate) fn message(id: u64, rcpts: &[&str]) -> Envelope {
     Envelope {
-        id: QueueId(1),
+        id: QueueId(id),
         sender: "s@example.test".into(),
         recipients: rcpts
             .iter()
@@ -69,7 +74,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
                 state: RcptState::Pending { attempts: 0 },
             })
             .collect(),
-        arrived_ms: 1_000_000,
+        arrived_ms: 1_000_000 + id,
     }
 }
 

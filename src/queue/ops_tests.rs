@@ -1,22 +1,6 @@
 use super::*;
-use crate::queue::core::tests::{config, jobs};
-use crate::spool::{Envelope, Recipient};
+use crate::queue::core::tests::{config, jobs, message};
 use std::time::Duration;
-
-fn message(id: u64, rcpts: &[&str]) -> Envelope {
-    Envelope {
-        id: QueueId(id),
-        sender: "s@example.test".into(),
-        recipients: rcpts
-            .iter()
-            .map(|a| Recipient {
-                address: a.to_string(),
-                state: RcptState::Pending { attempts: 0 },
-            })
-            .collect(),
-        arrived_ms: 1_000 + id,
-    }
-}
 
 fn outcome(id: u64, indices: &[usize], outcome: Outcome) -> JobResult {
     JobResult {
@@ -223,7 +207,7 @@ fn summary_counts_per_destination_with_the_latest_error() {
     assert_eq!(names, ["/tmp/x", "127.0.0.1:1"]);
     let a = &rows[1];
     assert_eq!((a.messages, a.recipients, a.deferred, a.held), (3, 3, 3, 1));
-    assert_eq!(a.oldest_ms, 1_001);
+    assert_eq!(a.oldest_ms, 1_000_001);
     assert_eq!(a.last_error.as_deref(), Some("451 4.3.0 try later"));
     let b = &rows[0];
     assert_eq!((b.messages, b.recipients, b.deferred), (1, 2, 0));

@@ -227,3 +227,50 @@ pub fn sample(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)
             _ => None,
         })
 }
+
+/// A single node `name` under `dir`: SMTP on `smtp` relaying for
+/// loopback, mail for a.example to `hop` (retried only after an hour, so
+/// what it defers stays queued), everything else into `data/outbox`, the
+/// admin API on `admin`. Returns the file's path.
+pub fn relay_config(
+    dir: &Path,
+    name: &str,
+    smtp: SocketAddr,
+    admin: SocketAddr,
+    hop: SocketAddr,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+[node]
+name = "{name}"
+data_dir = "{data}"
+
+[smtp]
+listen = ["{smtp}"]
+hostname = "{name}.example.test"
+relay_networks = ["127.0.0.0/8"]
+
+[delivery]
+retry = ["1h"]
+
+[[route]]
+domains = ["a.example"]
+next_hops = ["{hop}"]
+
+[[route]]
+domains = ["*"]
+drop_dir = "{data}/outbox"
+
+[admin]
+listen = "{admin}"
+
+[log]
+format = "json"
+level = "info"
+"#,
+        data = dir.join("data").display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
