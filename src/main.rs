@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mtad::admin::client;
-use mtad::notify::Notifier;
+use mtad::notify;
 use mtad::queue::ops::{Filter, Op, Selector};
 
 /// Exit status for a configuration error (sysexits EX_CONFIG is 78, but
@@ -402,10 +402,9 @@ async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
         }
     };
     tracing::info!("mtad ready");
-    let notify = Notifier::from_env();
-    notify.ready();
-    if let Some(every) = Notifier::watchdog_interval() {
-        tokio::spawn(watchdog(notify.clone(), node.queue().clone(), every));
+    notify::ready();
+    if let Some(every) = notify::watchdog_interval() {
+        tokio::spawn(watchdog(node.queue().clone(), every));
     }
     let mut requests = node.reload_requests();
     // SIGTERM and SIGINT stop the node, SIGHUP reloads its configuration.
@@ -424,15 +423,15 @@ async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
             _ = next(&mut term) => break,
             _ = next(&mut int) => break,
             _ = next(&mut hup) => {
-                mtad::reload::reload(&node, path, Some(&logging), &notify);
+                mtad::reload::reload(&node, path, &logging);
             }
             Some(reply) = asked => {
-                let _ = reply.send(mtad::reload::reload(&node, path, Some(&logging), &notify));
+                let _ = reply.send(mtad::reload::reload(&node, path, &logging));
             }
         }
     }
     tracing::info!("mtad stopping");
-    notify.stopping();
+    notify::stopping();
     let grace = node.config().node.shutdown_grace;
     node.shutdown(grace).await;
     ExitCode::SUCCESS
@@ -441,13 +440,13 @@ async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
 /// Tell systemd the node is alive twice per watchdog interval — only while
 /// the queue driver answers, so a wedged node is restarted rather than
 /// vouched for.
-async fn watchdog(notify: Notifier, queue: mtad::queue::QueueHandle, every: std::time::Duration) {
+async fn watchdog(queue: mtad::queue::QueueHandle, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every / 2);
     loop {
         tick.tick().await;
         let probe = queue.list(Filter::default(), None, 1);
         match tokio::time::timeout(every / 2, probe).await {
-            Ok(Some(_)) => notify.watchdog(),
+            Ok(Some(_)) => notify::watchdog(),
             _ => tracing::error!("the queue does not answer: no watchdog notification"),
         }
     }

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::app::Node;
 use crate::events::Logging;
-use crate::notify::Notifier;
+use crate::notify;
 
 /// A reload asked for through the admin API, with where to answer.
 pub type Request = oneshot::Sender<Outcome>;
@@ -26,8 +26,8 @@ pub struct Outcome {
 
 /// Reload `node` from `path`; the service manager hears RELOADING, then
 /// READY again.
-pub fn reload(node: &Node, path: &Path, logging: Option<&Logging>, notify: &Notifier) -> Outcome {
-    notify.reloading();
+pub fn reload(node: &Node, path: &Path, logging: &Logging) -> Outcome {
+    notify::reloading();
     let outcome = match crate::config::load_file(path) {
         Err(errors) => Outcome {
             changed: Vec::new(),
@@ -38,7 +38,7 @@ pub fn reload(node: &Node, path: &Path, logging: Option<&Logging>, notify: &Noti
             match node.reload(cfg) {
                 Ok(changed) => {
                     if changed.contains(&"log") {
-                        if let Some(Err(e)) = logging.map(|l| l.set_level(&level)) {
+                        if let Err(e) = logging.set_level(&level) {
                             tracing::error!(%level, error = %e, "log level not changed");
                         }
                     }
@@ -61,6 +61,6 @@ pub fn reload(node: &Node, path: &Path, logging: Option<&Logging>, notify: &Noti
             tracing::error!(file = %path.display(), error = %e, "reload refused: the running configuration stays");
         }
     }
-    notify.ready();
+    notify::ready();
     outcome
 }

@@ -54,7 +54,7 @@ async fn next(sock: &UnixDatagram) -> String {
         .await
         .expect("a notification in time")
         .unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
 }
 
 /// The next notification that is not a watchdog ping; counts the pings.
