@@ -134,7 +134,7 @@ async fn reloads_apply_to_new_sessions_and_bad_files_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (smtp, admin) = (free_port(), free_port());
     let config = write(dir.path(), &config_text(dir.path(), smtp, admin, ""));
-    let _daemon = Daemon::start(&config).await;
+    let mut daemon = Daemon::start(&config).await;
 
     // Load: a client keeps sending while the reloads happen.
     let sender = tokio::spawn(async move {
@@ -154,14 +154,14 @@ async fn reloads_apply_to_new_sessions_and_bad_files_change_nothing() {
     });
     let mut old = Client::connect(smtp).await.unwrap();
 
-    // A good file: at most 2 recipients from now on.
-    write(
-        dir.path(),
-        &config_text(dir.path(), smtp, admin, "max_recipients = 2"),
-    );
+    // A good file: at most 2 recipients from now on, and debug logs.
+    let good = config_text(dir.path(), smtp, admin, "max_recipients = 2")
+        .replace("level = \"info\"", "level = \"debug\"");
+    write(dir.path(), &good);
     let (ok, text) = ctl(admin, &["reload"]).await;
-    assert!(ok && text.contains("smtp changed"), "{text}");
+    assert!(ok && text.contains("smtp, log changed"), "{text}");
     let mut new = Client::connect(smtp).await.unwrap();
+    daemon.wait_line(|l| l.contains("smtp connect")).await;
     let replies = rcpts(&mut new, 3).await;
     assert!(
         replies[1].starts_with("250") && replies[2].starts_with("452"),
