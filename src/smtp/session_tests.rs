@@ -432,9 +432,28 @@ fn relay_tricks_are_refused_from_outsiders() {
         "@example.test:u@example.test",
         "@hop.test,@example.test:u@far.test",
         "u@[192.0.2.77]",
+        "u@[IPv6:2001:db8::1]",
+        "U@FAR.TEST",
+        "u@far.test.",
+        "u@example.test.far.test",
+        "u@EXAMPLE.TEST.far.test.",
     ] {
         let r = last(OUTSIDER, &format!("{TX}RCPT TO:<{to}>\r\n"));
         assert_eq!(r, "554 5.7.1 Relay access denied", "{to}");
+    }
+    // An unquoted second @ is no address at all.
+    let r = last(
+        OUTSIDER,
+        &format!("{TX}RCPT TO:<u@far.test@example.test>\r\n"),
+    );
+    assert_eq!(r, "501 5.1.3 Bad recipient address syntax");
+}
+
+#[test]
+fn an_accepted_domain_matches_in_any_case_and_with_a_trailing_dot() {
+    for to in ["u@EXAMPLE.TEST", "u@example.test.", "u@Example.Test."] {
+        let r = last(OUTSIDER, &format!("{TX}RCPT TO:<{to}>\r\n"));
+        assert_eq!(r, "250 2.1.5 Ok", "{to}");
     }
 }
 
