@@ -34,6 +34,9 @@ pub enum StartError {
     /// The cluster side could not start.
     #[error("{0}")]
     Cluster(#[from] ClusterError),
+    /// The STARTTLS certificate or key could not be loaded.
+    #[error("cannot offer STARTTLS: {0}")]
+    Tls(String),
     /// The admin token file could not be read, or is empty.
     #[error("cannot read the admin token from {path}: {why}")]
     Token {
@@ -128,6 +131,9 @@ impl Node {
             let listener = server::bind(addr, config.smtp.backlog)
                 .map_err(|source| StartError::Listen { addr, source })?;
             listeners.push((addr, listener));
+        }
+        if let Some(t) = &config.smtp.tls {
+            crate::smtp::tls::acceptor(t).map_err(StartError::Tls)?;
         }
         let live = Live::new(config.clone());
         let config = Arc::new(config);

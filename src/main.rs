@@ -211,6 +211,11 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig { file } => match mtad::config::load_file(&file) {
             Ok(cfg) => {
+                let tls = cfg.smtp.tls.as_ref().map(mtad::smtp::tls::acceptor);
+                if let Some(Err(e)) = tls {
+                    eprintln!("{}: smtp.tls: {e}", file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 let cluster = match &cfg.cluster {
                     Some(c) => format!("cluster {} with {} seed(s)", c.name, c.seeds.len()),
                     None => "single node".to_string(),

@@ -35,7 +35,14 @@ pub fn reload(node: &Node, path: &Path, logging: &Logging) -> Outcome {
         },
         Ok(cfg) => {
             let level = cfg.log.level.clone();
-            match node.reload(cfg) {
+            // A certificate that does not load would leave new sessions
+            // without STARTTLS: keep the running one instead.
+            let tls = cfg.smtp.tls.as_ref().map(crate::smtp::tls::acceptor);
+            let applied = match tls {
+                Some(Err(e)) => Err(vec![format!("smtp.tls: {e}")]),
+                _ => node.reload(cfg),
+            };
+            match applied {
                 Ok(changed) => {
                     if changed.contains(&"log") {
                         if let Err(e) = logging.set_level(&level) {

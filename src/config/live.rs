@@ -58,6 +58,11 @@ impl Live {
         let mut changed = Vec::new();
         if old.smtp != new.smtp {
             changed.push("smtp");
+        }
+        // Published even when equal if it names a certificate: listeners
+        // reload the certificate for a new configuration, and a renewed
+        // certificate comes with the same file names.
+        if old.smtp != new.smtp || new.smtp.tls.is_some() {
             self.smtp.send_replace(Arc::new(new.smtp.clone()));
         }
         if old.delivery != new.delivery {

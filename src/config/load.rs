@@ -304,18 +304,26 @@ fn read_smtp(
             })
         })
         .unwrap_or_default();
-    if let Some(n) = f.take("tls") {
-        if let Some(mut t) = ctx.table(&n) {
-            let msg = "STARTTLS is not supported by this version; remove [smtp.tls]";
-            ctx.error(&t.span, &t.path, msg);
-            for key in ["cert", "key"] {
-                if let Some(n) = t.require(ctx, key) {
-                    ctx.string(&n, "a file path like \"/etc/mtad/cert.pem\"");
-                }
-            }
-            t.finish(ctx);
+    let tls = f.take("tls").and_then(|n| ctx.table(&n)).map(|mut t| {
+        let mut path = |ctx: &mut Ctx<'_>, key: &'static str, example: &str| {
+            t.require(ctx, key)
+                .and_then(|n| ctx.string(&n, &format!("a file path like \"{example}\"")))
+                .map(PathBuf::from)
+                .unwrap_or_default()
+        };
+        let cert = path(ctx, "cert", "/etc/mtad/cert.pem");
+        let key = path(ctx, "key", "/etc/mtad/key.pem");
+        let require_tls = t
+            .take("require_tls")
+            .and_then(|n| ctx.boolean(&n))
+            .unwrap_or(false);
+        t.finish(ctx);
+        super::InboundTls {
+            cert,
+            key,
+            require_tls,
         }
-    }
+    });
     f.finish(ctx);
     SmtpConfig {
         listen,
@@ -328,6 +336,7 @@ fn read_smtp(
         idle_timeout,
         relay_networks,
         accept_domains,
+        tls,
     }
 }
 

@@ -168,6 +168,20 @@ pub struct SmtpConfig {
     pub relay_networks: Vec<IpNet>,
     /// Domains anyone may send to.
     pub accept_domains: Vec<String>,
+    /// `[smtp.tls]`: STARTTLS offered with this certificate; None: not
+    /// offered.
+    pub tls: Option<InboundTls>,
+}
+
+/// `[smtp.tls]`: the certificate STARTTLS presents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Clients in `relay_networks` must start TLS before MAIL.
+    pub require_tls: bool,
 }
 
 /// `[delivery]`: associations, retries and expiry.

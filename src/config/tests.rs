@@ -622,17 +622,19 @@ fn invalid_log_level() {
 }
 
 #[test]
-fn smtp_tls_is_not_supported_yet() {
-    one(
-        &with("[smtp.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n"),
-        "smtp.tls",
-        8,
-        "STARTTLS is not supported by this version",
-    );
-    // Its keys are still checked, so fixing the file is one pass.
-    let errs = errors(&with("[smtp.tls]\ncert = 1\n"));
+fn smtp_tls_names_its_certificate_and_key() {
+    let c = ok(&with(
+        "[smtp.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nrequire_tls = true\n",
+    ));
+    let t = c.smtp.tls.unwrap();
+    assert_eq!((t.cert, t.key), ("c.pem".into(), "k.pem".into()));
+    assert!(t.require_tls);
+    let errs = errors(&with("[smtp.tls]\ncert = 1\nrequire_tls = \"yes\"\n"));
     let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-    assert_eq!(fields, ["smtp.tls", "smtp.tls.key", "smtp.tls.cert"]);
+    assert_eq!(
+        fields,
+        ["smtp.tls.key", "smtp.tls.cert", "smtp.tls.require_tls"]
+    );
 }
 
 #[test]

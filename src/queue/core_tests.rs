@@ -29,6 +29,7 @@ pub(crate) fn config() -> Config {
             idle_timeout: Duration::from_secs(60),
             relay_networks: vec![],
             accept_domains: vec![],
+            tls: None,
         },
         delivery: DeliveryConfig {
             association_threshold: 50,

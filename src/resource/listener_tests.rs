@@ -31,6 +31,7 @@ fn cfg() -> Arc<SmtpConfig> {
         idle_timeout: Duration::from_secs(30),
         relay_networks: vec!["127.0.0.0/8".parse().unwrap()],
         accept_domains: vec![],
+        tls: None,
     })
 }
 

@@ -7,6 +7,7 @@ mod address;
 mod data;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 use std::future::Future;
 use std::net::IpAddr;

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +94,7 @@ pub async fn serve_draining(
     tracker: TaskTracker,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
+    let mut tls = TlsCache::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -121,17 +123,41 @@ pub async fn serve_draining(
         } else {
             Permit::take(&open, now.max_connections)
         };
+        let acceptor = tls.get(&now);
         tracker.spawn(connection(
             stream,
             peer,
             permit.ok_or(draining),
             now,
+            acceptor,
             accept.clone(),
             cancel.clone(),
         ));
     }
     drop(listener);
     tracing::debug!("smtp listener closed");
+}
+
+/// The STARTTLS acceptor for the configuration in force, rebuilt when a
+/// reload brings a new one (a renewed certificate).
+#[derive(Default)]
+struct TlsCache {
+    built_for: Option<Arc<SmtpConfig>>,
+    acceptor: Option<TlsAcceptor>,
+}
+
+impl TlsCache {
+    fn get(&mut self, cfg: &Arc<SmtpConfig>) -> Option<TlsAcceptor> {
+        if !self.built_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, cfg)) {
+            self.acceptor = cfg.tls.as_ref().and_then(|t| {
+                super::tls::acceptor(t)
+                    .map_err(|e| tracing::error!(error = %e, "STARTTLS not offered"))
+                    .ok()
+            });
+            self.built_for = Some(cfg.clone());
+        }
+        self.acceptor.clone()
+    }
 }
 
 /// One of the listener's sessions, counted while it lives. A counter
@@ -163,6 +189,7 @@ async fn connection(
     peer: SocketAddr,
     permit: Slot,
     cfg: Arc<SmtpConfig>,
+    tls: Option<TlsAcceptor>,
     accept: Arc<dyn Accept>,
     cancel: CancellationToken,
 ) {
@@ -174,7 +201,28 @@ async fn connection(
     };
     tracing::debug!(%peer, "smtp connect");
     crate::metrics::smtp_session(1);
-    let result = drive(&mut stream, peer, cfg, accept.as_ref(), &cancel).await;
+    let idle = cfg.idle_timeout;
+    let mut session = Session::new(cfg, peer.ip());
+    if tls.is_none() {
+        session.without_tls();
+    }
+    let result = async {
+        write(&mut stream, session.greeting().as_bytes(), idle).await?;
+        let end = drive(&mut stream, &mut session, accept.as_ref(), &cancel, idle).await?;
+        match (end, tls) {
+            (End::StartTls, Some(acceptor)) => {
+                let handshake = tokio::time::timeout(idle, acceptor.accept(stream)).await;
+                let mut stream = handshake
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))??;
+                session.tls_started();
+                tracing::debug!(%peer, "smtp tls started");
+                drive(&mut stream, &mut session, accept.as_ref(), &cancel, idle).await?;
+                Ok(())
+            }
+            _ => Ok::<(), io::Error>(()),
+        }
+    }
+    .await;
     crate::metrics::smtp_session(-1);
     match result {
         Ok(()) => tracing::debug!(%peer, "smtp disconnect"),
@@ -205,18 +253,23 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, drain
     }
 }
 
-/// Run one session to its end. Ok means an orderly end (QUIT, 421, or the
-/// client closing); Err a broken or unresponsive connection.
-async fn drive(
-    stream: &mut TcpStream,
-    peer: SocketAddr,
-    cfg: Arc<SmtpConfig>,
+/// How a stretch of a session over one stream ended.
+enum End {
+    /// QUIT, 421, or the client closing.
+    Closed,
+    /// STARTTLS was accepted: the handshake comes next.
+    StartTls,
+}
+
+/// Run `session` over `stream` until it ends or asks for TLS. Err is a
+/// broken or unresponsive connection.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    session: &mut Session,
     accept: &dyn Accept,
     cancel: &CancellationToken,
-) -> io::Result<()> {
-    let idle = cfg.idle_timeout;
-    let mut session = Session::new(cfg, peer.ip());
-    write(stream, session.greeting().as_bytes(), idle).await?;
+    idle: Duration,
+) -> io::Result<End> {
     let mut rbuf = vec![0u8; READ_BUF];
     let mut out = Vec::new();
     let mut replies = Vec::new();
@@ -228,13 +281,14 @@ async fn drive(
             _ = cancel.cancelled() => session.shutdown(&mut out),
             read = tokio::time::timeout(idle, stream.read(&mut rbuf)) => match read {
                 Err(_elapsed) => session.timeout(&mut out),
-                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(0)) => return Ok(End::Closed),
                 Ok(Ok(n)) => session.feed(&rbuf[..n], &mut out),
                 Ok(Err(e)) => return Err(e),
             },
         }
         // A Deliver is always the last output of a round; storing it and
         // reporting the result may release pipelined input and yield more.
+        let mut starttls = false;
         while !out.is_empty() {
             let mut message = None;
             for output in out.drain(..) {
@@ -244,6 +298,7 @@ async fn drive(
                         replies.extend_from_slice(r.as_bytes())
                     }
                     Output::Deliver(m) => message = Some(m),
+                    Output::StartTls => starttls = true,
                     Output::Close => {}
                 }
             }
@@ -256,15 +311,22 @@ async fn drive(
             write(stream, &replies, idle).await?;
             replies.clear();
         }
+        if starttls {
+            return Ok(End::StartTls);
+        }
         if session.is_closed() {
             linger_close(stream).await;
-            return Ok(());
+            return Ok(End::Closed);
         }
     }
 }
 
 /// Write all of `bytes`, giving up on a client that stops reading.
-async fn write(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+async fn write<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    limit: Duration,
+) -> io::Result<()> {
     match tokio::time::timeout(limit, stream.write_all(bytes)).await {
         Ok(result) => result,
         Err(_elapsed) => Err(io::Error::new(
@@ -277,7 +339,7 @@ async fn write(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Res
 /// Send FIN, then read and discard what the client still sends for a short
 /// while: closing with unread input would make the kernel send RST, which
 /// can destroy our last reply before the client reads it.
-async fn linger_close(stream: &mut TcpStream) {
+async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
     if stream.shutdown().await.is_err() {
         return;
     }

@@ -53,6 +53,7 @@ fn cfg() -> SmtpConfig {
         idle_timeout: Duration::from_secs(30),
         relay_networks: vec!["127.0.0.0/8".parse().expect("net")],
         accept_domains: vec![],
+        tls: None,
     }
 }
 

@@ -21,7 +21,7 @@ pub const MAX_ERRORS: u32 = 10;
 
 /// Verbs we recognise but do not offer; they get 502 rather than 500.
 const NOT_OFFERED: &[&str] = &[
-    "EXPN", "BDAT", "AUTH", "STARTTLS", "ETRN", "ATRN", "BURL", "LHLO", "TURN",
+    "EXPN", "BDAT", "AUTH", "ETRN", "ATRN", "BURL", "LHLO", "TURN",
 ];
 /// MAIL parameters we advertise (BODY=7BIT is the default and harmless).
 const MAIL_FLAGS_OFFERED: u64 = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
@@ -35,6 +35,9 @@ pub enum Output {
     Deliver(Incoming),
     /// Close the connection after sending the replies before it.
     Close,
+    /// Send the replies before it, then run the TLS handshake and call
+    /// [`Session::tls_started`]; read nothing in plaintext meanwhile.
+    StartTls,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,8 @@ enum Mode {
     Data(DataReceiver),
     /// A message was handed out; input is buffered until `stored`.
     Storing,
+    /// STARTTLS was accepted: nothing more is read until the handshake.
+    Handshake,
     /// Nothing more will be read or written.
     Closed,
 }
@@ -75,6 +80,10 @@ pub struct Session {
     errors: u32,
     /// Commands since the last accepted MAIL (or the start).
     idle_commands: usize,
+    /// The connection is encrypted.
+    tls: bool,
+    /// STARTTLS is offered (configured, and its certificate loaded).
+    offer_tls: bool,
 }
 
 impl Session {
@@ -83,6 +92,7 @@ impl Session {
         // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
         let client_ip = client_ip.to_canonical();
         let may_relay = cfg.relay_networks.iter().any(|n| n.contains(&client_ip));
+        let cfg_tls = cfg.tls.is_some();
         Self {
             cfg,
             client_ip,
@@ -93,7 +103,31 @@ impl Session {
             buf: Vec::new(),
             errors: 0,
             idle_commands: 0,
+            tls: false,
+            offer_tls: cfg_tls,
         }
+    }
+
+    /// The handshake after STARTTLS (or on an implicit-TLS listener)
+    /// succeeded: the session starts over, as RFC 3207 §4.2 requires — no
+    /// HELO, no transaction, and nothing the client sent in plaintext.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.tx = None;
+        self.buf.clear();
+        self.mode = Mode::Command;
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Do not offer STARTTLS after all (the certificate could not be
+    /// loaded: better plaintext than no mail).
+    pub fn without_tls(&mut self) {
+        self.offer_tls = false;
     }
 
     /// The 220 banner to send on connect.
@@ -114,7 +148,7 @@ impl Session {
     /// Consume client input, appending what to do to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<Output>) {
         match self.mode {
-            Mode::Closed => return,
+            Mode::Closed | Mode::Handshake => return,
             Mode::Storing => {
                 self.buf.extend_from_slice(input);
                 return;
@@ -124,7 +158,7 @@ impl Session {
         if self.buf.is_empty() {
             // Common case: no copy of the input at all.
             let used = self.process(input, out);
-            if !self.is_closed() {
+            if !self.is_closed() && !matches!(self.mode, Mode::Handshake) {
                 self.buf.extend_from_slice(&input[used..]);
             }
         } else {
@@ -178,7 +212,7 @@ impl Session {
     fn process_buffered(&mut self, out: &mut Vec<Output>) {
         let mut buf = std::mem::take(&mut self.buf);
         let used = self.process(&buf, out);
-        if !self.is_closed() {
+        if !self.is_closed() && !matches!(self.mode, Mode::Handshake) {
             buf.drain(..used);
             self.buf = buf;
         }
@@ -191,7 +225,7 @@ impl Session {
         loop {
             let rest = &input[pos..];
             match &mut self.mode {
-                Mode::Closed | Mode::Storing => return pos,
+                Mode::Closed | Mode::Storing | Mode::Handshake => return pos,
                 Mode::Data(rx) => {
                     let (used, outcome) = rx.feed(rest);
                     pos += used;
@@ -212,7 +246,8 @@ impl Session {
                     match window.iter().position(|&b| b == b'\n') {
                         Some(lf) => {
                             pos += lf + 1;
-                            self.command(&rest[..=lf], out);
+                            let pipelined = pos < input.len();
+                            self.command(&rest[..=lf], pipelined, out);
                         }
                         None if rest.len() >= MAX_LINE => {
                             pos += MAX_LINE;
@@ -250,8 +285,9 @@ impl Session {
         }
     }
 
-    /// Handle one complete command line (terminator included).
-    fn command(&mut self, line: &[u8], out: &mut Vec<Output>) {
+    /// Handle one complete command line (terminator included);
+    /// `pipelined`: more input followed it.
+    fn command(&mut self, line: &[u8], pipelined: bool, out: &mut Vec<Output>) {
         let verb = verb(line);
         let is_tx_verb = ["MAIL", "RCPT", "DATA", "QUIT"]
             .iter()
@@ -265,6 +301,9 @@ impl Session {
                     out,
                 );
             }
+        }
+        if verb.eq_ignore_ascii_case(b"STARTTLS") {
+            return self.starttls(line, pipelined, out);
         }
         if NOT_OFFERED
             .iter()
@@ -319,9 +358,13 @@ impl Session {
                 self.helo = Some(host.into_owned());
                 self.tx = None;
                 let (h, max) = (&self.cfg.hostname, self.cfg.max_message_size);
+                let starttls = match self.offer_tls && !self.tls {
+                    true => "250-STARTTLS\r\n",
+                    false => "",
+                };
                 let reply = format!(
                     "250-{h}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n\
-                     250 ENHANCEDSTATUSCODES\r\n"
+                     {starttls}250 ENHANCEDSTATUSCODES\r\n"
                 );
                 self.errors = 0;
                 out.push(Output::Reply(reply));
@@ -356,6 +399,36 @@ impl Session {
         }
     }
 
+    /// STARTTLS (RFC 3207): only when offered, once, without arguments,
+    /// and with nothing pipelined behind it — commands sent in plaintext
+    /// after STARTTLS would otherwise run as if they came over TLS (the
+    /// command-injection flaw of CVE-2011-0411), so such a client is
+    /// refused and disconnected.
+    fn starttls(&mut self, line: &[u8], pipelined: bool, out: &mut Vec<Output>) {
+        if !self.offer_tls {
+            return self.error("502 5.5.1 Command not implemented", out);
+        }
+        if self.tls {
+            return self.error("503 5.5.1 Error: TLS already active", out);
+        }
+        let args = line[8..].iter().any(|b| !b.is_ascii_whitespace());
+        if args {
+            return self.error("501 5.5.4 Syntax: STARTTLS", out);
+        }
+        if self.helo.is_none() {
+            return self.error("503 5.5.1 Error: send EHLO first", out);
+        }
+        if pipelined {
+            let host = &self.cfg.hostname;
+            let reply = format!("554 5.5.1 {host} Error: command pipelining after STARTTLS\r\n");
+            return self.close(reply, out);
+        }
+        out.push(Output::Reply("220 2.0.0 Ready to start TLS\r\n".into()));
+        out.push(Output::StartTls);
+        self.mode = Mode::Handshake;
+        self.buf.clear();
+    }
+
     fn mail(
         &mut self,
         from: smtp_proto::MailFrom<Cow<'_, str>>,
@@ -367,6 +440,10 @@ impl Session {
         }
         if self.tx.is_some() {
             return self.error("503 5.5.1 Error: nested MAIL command", out);
+        }
+        let tls_required = self.cfg.tls.as_ref().is_some_and(|t| t.require_tls);
+        if tls_required && self.may_relay && !self.tls {
+            return self.error("530 5.7.0 Must issue a STARTTLS command first", out);
         }
         let sender = match raw_path.map(address::parse) {
             Some(Ok(None)) => String::new(),
@@ -506,3 +583,7 @@ fn printable(s: &str) -> String {
 #[cfg(test)]
 #[path = "session_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "session_tls_tests.rs"]
+mod tls_tests;

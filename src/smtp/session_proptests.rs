@@ -45,6 +45,7 @@ fn check(out: &[Output]) -> Result<(), TestCaseError> {
             }
             Output::Deliver(m) => prop_assert!(!m.recipients.is_empty()),
             Output::Close => {}
+            Output::StartTls => prop_assert!(false, "STARTTLS is not configured here"),
         }
     }
     Ok(())

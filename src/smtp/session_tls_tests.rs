@@ -1,0 +1,141 @@
+//! STARTTLS in the session machine (RFC 3207).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::tests::{cfg, OUTSIDER, RELAY};
+use super::*;
+use crate::config::InboundTls;
+
+fn tls_cfg(require_tls: bool) -> Arc<SmtpConfig> {
+    let mut c = (*cfg()).clone();
+    c.tls = Some(InboundTls {
+        cert: "c.pem".into(),
+        key: "k.pem".into(),
+        require_tls,
+    });
+    Arc::new(c)
+}
+
+fn feed(s: &mut Session, input: &str) -> Vec<Output> {
+    let mut out = Vec::new();
+    s.feed(input.as_bytes(), &mut out);
+    out
+}
+
+fn texts(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Reply(r) => Some(r.trim_end().to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn session(require_tls: bool, ip: IpAddr) -> Session {
+    Session::new(tls_cfg(require_tls), ip)
+}
+
+#[test]
+fn starttls_is_offered_only_when_configured_and_not_yet_active() {
+    let mut s = session(false, OUTSIDER);
+    let ehlo = texts(&feed(&mut s, "EHLO c.test\r\n")).join("\n");
+    assert!(ehlo.contains("250-STARTTLS"), "{ehlo}");
+    let out = feed(&mut s, "STARTTLS\r\n");
+    assert_eq!(texts(&out), ["220 2.0.0 Ready to start TLS"]);
+    assert_eq!(out.last(), Some(&Output::StartTls));
+    s.tls_started();
+    assert!(s.is_tls());
+    // The session starts over: HELO forgotten, STARTTLS no longer offered.
+    assert_eq!(
+        texts(&feed(&mut s, "MAIL FROM:<a@b.test>\r\n")),
+        ["503 5.5.1 Error: send HELO/EHLO first"]
+    );
+    let ehlo = texts(&feed(&mut s, "EHLO c.test\r\n")).join("\n");
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert_eq!(
+        texts(&feed(&mut s, "STARTTLS\r\n")),
+        ["503 5.5.1 Error: TLS already active"]
+    );
+
+    let mut plain = Session::new(cfg(), OUTSIDER);
+    let ehlo = texts(&feed(&mut plain, "EHLO c.test\r\n")).join("\n");
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert_eq!(
+        texts(&feed(&mut plain, "STARTTLS\r\n")),
+        ["502 5.5.1 Command not implemented"]
+    );
+    let mut unloaded = session(false, OUTSIDER);
+    unloaded.without_tls();
+    assert!(!texts(&feed(&mut unloaded, "EHLO c.test\r\n"))
+        .join("")
+        .contains("STARTTLS"));
+}
+
+#[test]
+fn starttls_wants_ehlo_first_and_no_arguments() {
+    let mut s = session(false, OUTSIDER);
+    assert_eq!(
+        texts(&feed(&mut s, "STARTTLS\r\n")),
+        ["503 5.5.1 Error: send EHLO first"]
+    );
+    feed(&mut s, "EHLO c.test\r\n");
+    assert_eq!(
+        texts(&feed(&mut s, "STARTTLS now\r\n")),
+        ["501 5.5.4 Syntax: STARTTLS"]
+    );
+    assert_eq!(feed(&mut s, "starttls\r\n").last(), Some(&Output::StartTls));
+}
+
+/// CVE-2011-0411: commands pipelined behind STARTTLS in plaintext must
+/// never run as if they had come over TLS.
+#[test]
+fn plaintext_pipelined_after_starttls_is_discarded_and_the_client_refused() {
+    let mut s = session(false, RELAY);
+    feed(&mut s, "EHLO c.test\r\n");
+    let out = feed(
+        &mut s,
+        "STARTTLS\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@far.test>\r\n",
+    );
+    assert_eq!(
+        texts(&out),
+        ["554 5.5.1 mx.example.test Error: command pipelining after STARTTLS"]
+    );
+    assert_eq!(out.last(), Some(&Output::Close));
+    assert!(s.is_closed());
+
+    // Bytes arriving after the 220 (a later packet) are never read as
+    // commands either: the handshake owns the stream, and a session that
+    // starts TLS forgets them.
+    let mut s = session(false, RELAY);
+    feed(&mut s, "EHLO c.test\r\n");
+    assert_eq!(feed(&mut s, "STARTTLS\r\n").last(), Some(&Output::StartTls));
+    assert!(feed(&mut s, "MAIL FROM:<evil@x.test>\r\n").is_empty());
+    s.tls_started();
+    let out = feed(&mut s, "RCPT TO:<v@far.test>\r\n");
+    assert_eq!(texts(&out), ["503 5.5.1 Error: need MAIL command"]);
+}
+
+#[test]
+fn require_tls_holds_relaying_clients_to_starttls() {
+    let mut s = session(true, RELAY);
+    feed(&mut s, "EHLO c.test\r\n");
+    assert_eq!(
+        texts(&feed(&mut s, "MAIL FROM:<a@b.test>\r\n")),
+        ["530 5.7.0 Must issue a STARTTLS command first"]
+    );
+    feed(&mut s, "STARTTLS\r\n");
+    s.tls_started();
+    feed(&mut s, "EHLO c.test\r\n");
+    assert_eq!(
+        texts(&feed(&mut s, "MAIL FROM:<a@b.test>\r\n")),
+        ["250 2.1.0 Ok"]
+    );
+    // Outsiders sending to accepted domains are not held to it.
+    let mut o = session(true, OUTSIDER);
+    feed(&mut o, "EHLO c.test\r\n");
+    assert_eq!(
+        texts(&feed(&mut o, "MAIL FROM:<a@b.test>\r\n")),
+        ["250 2.1.0 Ok"]
+    );
+}

@@ -1,0 +1,235 @@
+//! Inbound STARTTLS against a running `mtad run`, with a certificate made
+//! by the test (rcgen) and a rustls client that trusts only its CA: mail
+//! goes through TLS, the session starts over after the handshake, plaintext
+//! pipelined behind STARTTLS is refused, and a reload picks up a renewed
+//! certificate.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::daemon::{ctl, free_port, Daemon};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// A CA, and a certificate for mx.example.test it signed (written as
+/// cert.pem and key.pem under `dir`, with `serial`).
+struct Pki {
+    ca: CertificateDer<'static>,
+}
+
+fn issue(dir: &Path, serial: u64) -> Pki {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(vec!["mx.example.test".to_string()]).unwrap();
+    leaf.serial_number = Some(serial.into());
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem() + &ca.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    Pki {
+        ca: ca.der().clone(),
+    }
+}
+
+fn config(dir: &Path, smtp: SocketAddr, admin: SocketAddr) -> PathBuf {
+    let text = format!(
+        r#"
+[node]
+name = "tls"
+data_dir = "{data}"
+
+[smtp]
+listen = ["{smtp}"]
+hostname = "mx.example.test"
+relay_networks = ["127.0.0.0/8"]
+
+[smtp.tls]
+cert = "{dir}/cert.pem"
+key = "{dir}/key.pem"
+require_tls = true
+
+[[route]]
+domains = ["*"]
+drop_dir = "{data}/outbox"
+
+[admin]
+listen = "{admin}"
+"#,
+        dir = dir.display(),
+        data = dir.join("data").display()
+    );
+    let path = dir.join("tls.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One reply (all its lines).
+async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.unwrap() == 0 {
+            return all;
+        }
+        all.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return all;
+        }
+    }
+}
+
+async fn say<S: AsyncRead + AsyncWrite + Unpin>(s: &mut BufReader<S>, line: &str) -> String {
+    s.get_mut().write_all(line.as_bytes()).await.unwrap();
+    reply(s).await
+}
+
+/// Connect, EHLO, STARTTLS and the handshake, trusting only `ca`; returns
+/// the TLS stream and the serial of the certificate the server showed.
+async fn starttls(
+    smtp: SocketAddr,
+    ca: &CertificateDer<'static>,
+) -> (
+    BufReader<tokio_rustls::client::TlsStream<TcpStream>>,
+    Vec<u8>,
+) {
+    let mut plain = BufReader::new(TcpStream::connect(smtp).await.unwrap());
+    assert!(reply(&mut plain).await.starts_with("220"));
+    let ehlo = say(&mut plain, "EHLO client.test\r\n").await;
+    assert!(ehlo.contains("250-STARTTLS"), "{ehlo}");
+    assert!(say(&mut plain, "STARTTLS\r\n")
+        .await
+        .starts_with("220 2.0.0"));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let name = ServerName::try_from("mx.example.test").unwrap();
+    let tls = connector
+        .connect(name, plain.into_inner())
+        .await
+        .expect("handshake");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let serial = serial_of(&leaf);
+    (BufReader::new(tls), serial)
+}
+
+/// The serial number of a DER certificate (a small positive integer here).
+fn serial_of(cert: &CertificateDer<'_>) -> Vec<u8> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version,
+    // serialNumber INTEGER, ... } ... }: walk the few headers by hand.
+    let d = cert.as_ref();
+    let skip_header = |at: usize| -> (usize, usize) {
+        let len = d[at + 1];
+        if len & 0x80 == 0 {
+            (at + 2, len as usize)
+        } else {
+            let n = (len & 0x7f) as usize;
+            let l = d[at + 2..at + 2 + n]
+                .iter()
+                .fold(0usize, |a, b| a << 8 | *b as usize);
+            (at + 2 + n, l)
+        }
+    };
+    let (tbs, _) = skip_header(0);
+    let (inner, _) = skip_header(tbs);
+    let (version_end, vlen) = skip_header(inner);
+    let (serial, slen) = skip_header(version_end + vlen);
+    d[serial..serial + slen].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_goes_through_starttls_and_injection_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = issue(dir.path(), 1);
+    let (smtp, admin) = (free_port(), free_port());
+    let _daemon = Daemon::start(&config(dir.path(), smtp, admin)).await;
+
+    // A relaying client must start TLS first (require_tls).
+    let mut plain = BufReader::new(TcpStream::connect(smtp).await.unwrap());
+    reply(&mut plain).await;
+    say(&mut plain, "EHLO client.test\r\n").await;
+    let r = say(&mut plain, "MAIL FROM:<a@b.example>\r\n").await;
+    assert!(r.starts_with("530 5.7.0"), "{r}");
+
+    let (mut tls, serial) = starttls(smtp, &pki.ca).await;
+    assert_eq!(serial, [1]);
+    // The session started over: EHLO again, STARTTLS no longer offered.
+    let r = say(&mut tls, "MAIL FROM:<a@b.example>\r\n").await;
+    assert!(r.starts_with("503"), "{r}");
+    let ehlo = say(&mut tls, "EHLO client.test\r\n").await;
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    for (line, want) in [
+        ("MAIL FROM:<a@b.example>\r\n", "250"),
+        ("RCPT TO:<c@d.example>\r\n", "250"),
+        ("DATA\r\n", "354"),
+        ("Subject: over tls\r\n\r\nsecret\r\n.\r\n", "250"),
+        ("QUIT\r\n", "221"),
+    ] {
+        let r = say(&mut tls, line).await;
+        assert!(r.starts_with(want), "{line:?}: {r}");
+    }
+    let outbox = dir.path().join("data/outbox");
+    let wait = async {
+        while common::node::eml_files(&outbox).is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, wait)
+        .await
+        .expect("delivered");
+
+    // CVE-2011-0411: commands pipelined in plaintext behind STARTTLS.
+    let mut evil = BufReader::new(TcpStream::connect(smtp).await.unwrap());
+    reply(&mut evil).await;
+    say(&mut evil, "EHLO client.test\r\n").await;
+    let r = say(&mut evil, "STARTTLS\r\nMAIL FROM:<evil@x.example>\r\n").await;
+    assert!(r.starts_with("554 5.5.1"), "{r}");
+    assert_eq!(reply(&mut evil).await, "", "and the connection is closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_picks_up_a_renewed_certificate_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = issue(dir.path(), 1);
+    let (smtp, admin) = (free_port(), free_port());
+    let _daemon = Daemon::start(&config(dir.path(), smtp, admin)).await;
+    assert_eq!(starttls(smtp, &first.ca).await.1, [1]);
+
+    let renewed = issue(dir.path(), 2);
+    let (ok, text) = ctl(admin, &["reload"]).await;
+    assert!(ok, "{text}");
+    assert_eq!(
+        starttls(smtp, &renewed.ca).await.1,
+        [2],
+        "the new certificate"
+    );
+
+    std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
+    let (ok, text) = ctl(admin, &["reload"]).await;
+    assert!(!ok && text.contains("key.pem"), "{text}");
+    assert_eq!(
+        starttls(smtp, &renewed.ca).await.1,
+        [2],
+        "the running one stays"
+    );
+
+    // check-config says so too, with the file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .arg("check-config")
+        .arg(dir.path().join("tls.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key.pem"));
+}
