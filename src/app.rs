@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::node::{ClusterError, ClusterNode};
 use crate::config::{ClusterRole, Config, Live, RouteTarget};
+use crate::delivery::tls::OutboundTls;
 use crate::delivery::{drop, Destinations, Job, JobResult};
 use crate::events;
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
@@ -411,8 +412,10 @@ impl Intake {
             [one] => format!("\r\n\tfor <{one}>"),
             _ => String::new(),
         };
+        // RFC 3848: ESMTPS says the message came over TLS.
+        let with = if m.tls { "ESMTPS" } else { "ESMTP" };
         format!(
-            "Received: from {helo} ([{}])\r\n\tby {} (mtad) with ESMTP id {id}{rcpt};\r\n\t{date}\r\n",
+            "Received: from {helo} ([{}])\r\n\tby {} (mtad) with {with} id {id}{rcpt};\r\n\t{date}\r\n",
             m.client_ip, self.hostname
         )
     }
@@ -563,10 +566,15 @@ impl Dispatch for Router {
                     .is_none()
                     .then(|| self.handover.as_ref()?.via())
                     .flatten();
+                let tls = OutboundTls::of(r);
+                let d = &self.destinations;
                 match via {
-                    Some(Via::Through(vip)) => self.destinations.submit(route, &[vip], None, job),
-                    Some(Via::From(vip)) => self.destinations.submit(route, hops, Some(vip), job),
-                    None => self.destinations.submit(route, hops, own, job),
+                    // To a cluster member's VIP: inside the cluster.
+                    Some(Via::Through(vip)) => {
+                        d.submit(route, &[vip], None, &OutboundTls::NONE, job)
+                    }
+                    Some(Via::From(vip)) => d.submit(route, hops, Some(vip), &tls, job),
+                    None => d.submit(route, hops, own, &tls, job),
                 }
             }
             RouteTarget::DropDir(dir) => {

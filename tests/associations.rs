@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::peer::{Behavior, Fault, Peer};
 use common::{Events, MemSpool};
 use mtad::config::DeliveryConfig;
+use mtad::delivery::tls::OutboundTls;
 use mtad::delivery::{Destinations, Job, JobRcpt, JobResult, Outcome};
 use mtad::spool::QueueId;
 use tokio::sync::mpsc;
@@ -98,7 +99,7 @@ impl Harness {
             sender: "sender@src.test".into(),
             recipients,
         };
-        self.dests.submit(0, hops, source, job);
+        self.dests.submit(0, hops, source, &OutboundTls::NONE, job);
     }
 
     /// The next `n` results, sorted by queue id.
@@ -401,7 +402,8 @@ async fn unreadable_message_is_deferred() {
             address: "a@dest.test".into(),
         }],
     };
-    h.dests.submit(0, &[peer.addr], None, job);
+    h.dests
+        .submit(0, &[peer.addr], None, &OutboundTls::NONE, job);
     let r = h.results(1).await;
     assert_eq!(outcomes(&r[0]), [Outcome::Deferred]);
     assert!(r[0].results[0].reply.starts_with("451 4.3.0 "), "{r:?}");

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::daemon::{ctl, free_port, Daemon};
+use common::daemon::{ctl, ctl_json, free_port, Daemon};
+use common::peer::{Behavior, Peer};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -23,6 +24,7 @@ struct Pki {
 }
 
 fn issue(dir: &Path, serial: u64) -> Pki {
+    std::fs::create_dir_all(dir).unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
@@ -32,6 +34,7 @@ fn issue(dir: &Path, serial: u64) -> Pki {
     let cert = leaf.signed_by(&key, &ca).unwrap();
     std::fs::write(dir.join("cert.pem"), cert.pem() + &ca.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     Pki {
         ca: ca.der().clone(),
     }
@@ -232,4 +235,134 @@ async fn a_reload_picks_up_a_renewed_certificate_and_refuses_a_broken_one() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("key.pem"));
+}
+
+/// A node relaying by route: a.example must use verified TLS (our CA,
+/// our name), b.example opportunistic TLS, c.example verified TLS against
+/// the system's roots (which do not know our CA), d.example verified TLS
+/// to a next hop that offers none.
+fn sender_config(
+    dir: &Path,
+    smtp: SocketAddr,
+    admin: SocketAddr,
+    tls_hop: SocketAddr,
+    plain_hop: SocketAddr,
+) -> PathBuf {
+    let ca = dir.join("pki/ca.pem");
+    let text = format!(
+        r#"
+[node]
+name = "sender"
+data_dir = "{data}"
+
+[smtp]
+listen = ["{smtp}"]
+hostname = "sender.example.test"
+relay_networks = ["127.0.0.0/8"]
+
+[delivery]
+retry = ["1h"]
+
+[[route]]
+domains = ["a.example"]
+next_hops = ["{tls_hop}"]
+tls = "required"
+tls_ca = "{ca}"
+tls_name = "mx.example.test"
+
+[[route]]
+domains = ["b.example"]
+next_hops = ["{tls_hop}"]
+
+[[route]]
+domains = ["c.example"]
+next_hops = ["{tls_hop}"]
+tls = "required"
+tls_name = "mx.example.test"
+
+[[route]]
+domains = ["d.example"]
+next_hops = ["{plain_hop}"]
+tls = "required"
+
+[admin]
+listen = "{admin}"
+"#,
+        data = dir.join("sender").display(),
+        ca = ca.display(),
+    );
+    let path = dir.join("sender.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_get_the_tls_they_ask_for_and_never_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    issue(&pki_dir, 7);
+    let (rx_smtp, rx_admin) = (free_port(), free_port());
+    let _receiver = Daemon::start(&config(&pki_dir, rx_smtp, rx_admin)).await;
+    let plain = Peer::start(Behavior::default()).await;
+    let (smtp, admin) = (free_port(), free_port());
+    let _sender = Daemon::start(&sender_config(dir.path(), smtp, admin, rx_smtp, plain.addr)).await;
+
+    let mut c = common::client::Client::connect(smtp).await.unwrap();
+    for to in ["u@a.example", "u@b.example", "u@c.example", "u@d.example"] {
+        let body = format!("Subject: to {to}\r\n\r\nx\r\n");
+        let r = c.send("s@sender.example.test", &[to], &body).await.unwrap();
+        assert!(r.starts_with("250"), "{to}: {r}");
+    }
+    // a and b arrive, over TLS (the receiver says ESMTPS).
+    let outbox = pki_dir.join("data/outbox");
+    let wait = async {
+        while common::node::eml_files(&outbox).len() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, wait)
+        .await
+        .expect("two delivered");
+    for f in common::node::eml_files(&outbox) {
+        let m = std::fs::read_to_string(f).unwrap();
+        assert!(m.contains("with ESMTPS"), "{m}");
+        assert!(
+            m.contains("to u@a.example") || m.contains("to u@b.example"),
+            "{m}"
+        );
+    }
+    // c and d wait, each with the reason, and nothing went in plaintext.
+    let waiting = async {
+        loop {
+            let page: serde_json::Value = ctl_json(admin, &["queue", "list"]).await;
+            let rows = page["messages"].as_array().cloned().unwrap_or_default();
+            let replies: Vec<String> = rows
+                .iter()
+                .filter_map(|r| r["last_reply"].as_str().map(String::from))
+                .collect();
+            if replies.len() == 2 {
+                return replies;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let replies = tokio::time::timeout(common::node::PATIENCE, waiting)
+        .await
+        .expect("two deferred");
+    assert!(
+        replies
+            .iter()
+            .any(|r| r.starts_with("451 4.7.5") && r.contains("TLS failed")),
+        "{replies:?}"
+    );
+    assert!(
+        replies
+            .iter()
+            .any(|r| r.starts_with("451 4.7.4") && r.contains("not offered")),
+        "{replies:?}"
+    );
+    assert!(
+        plain.messages().is_empty(),
+        "a required route went in plaintext"
+    );
 }

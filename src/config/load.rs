@@ -491,12 +491,28 @@ fn read_route(ctx: &mut Ctx<'_>, mut f: Fields<'_>, index: usize, served: &mut S
             Some(tls)
         })
         .unwrap_or(TlsPolicy::Opportunistic);
+    let mut smtp_only = |ctx: &mut Ctx<'_>, key: &'static str, what: &str| {
+        let n = f.take(key)?;
+        if !is_smtp {
+            ctx.error(&n.span, &n.path, format!("{key} only applies to next_hops"));
+        }
+        ctx.string(&n, what)
+    };
+    let tls_ca = smtp_only(
+        ctx,
+        "tls_ca",
+        "a file path like \"/etc/mtad/next-hop-ca.pem\"",
+    )
+    .map(PathBuf::from);
+    let tls_name = smtp_only(ctx, "tls_name", "a host name like \"smtp.example.net\"");
     f.finish(ctx);
     Route {
         domains,
         target,
         source_address,
         tls,
+        tls_ca,
+        tls_name,
     }
 }
 

@@ -218,6 +218,12 @@ pub struct Route {
     pub source_address: Option<IpAddr>,
     /// Outbound TLS policy.
     pub tls: TlsPolicy,
+    /// With `tls = "required"`: PEM certificates of the authorities the
+    /// next hop's certificate must chain to (None: the system's roots).
+    pub tls_ca: Option<PathBuf>,
+    /// With `tls = "required"`: the name the next hop's certificate must
+    /// carry (None: the next hop's IP address).
+    pub tls_name: Option<String>,
 }
 
 /// Where a route delivers.
@@ -230,13 +236,15 @@ pub enum RouteTarget {
 }
 
 /// Outbound TLS policy of a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TlsPolicy {
     /// Never STARTTLS.
     None,
-    /// STARTTLS when offered.
+    /// STARTTLS when offered, without checking the certificate (RFC 7435
+    /// opportunistic security); if it fails, plaintext on a new
+    /// connection.
     Opportunistic,
-    /// Defer unless STARTTLS succeeds.
+    /// STARTTLS with a verified certificate, or defer: never plaintext.
     Required,
 }
 

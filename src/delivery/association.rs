@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{sleep_until, timeout, Instant};
 
-use super::client::{Action, Client, Reply, SessionEnd};
+use super::client::{Action, Client, Reply, SessionEnd, WantTls};
 use super::destinations::{Destination, Queued, Shared};
 use super::pool::{self, Next, Policy};
 use super::Outcome;
@@ -81,9 +81,31 @@ struct Unreachable {
     reply: Reply,
 }
 
+/// The connection to a next hop: TCP, or TLS after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf).await,
+            Stream::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(bytes).await,
+            Stream::Tls(s) => s.write_all(bytes).await,
+        }
+    }
+}
+
 /// A connection to a next hop with its read buffer.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     hop: SocketAddr,
     buf: Vec<u8>,
 }
@@ -161,73 +183,141 @@ async fn connect(hop: SocketAddr, source: Option<std::net::IpAddr>) -> io::Resul
     Ok(stream)
 }
 
-/// Connect to the first next hop that answers and complete greeting and
-/// EHLO/HELO with it.
+/// Connect to the first next hop that answers and complete greeting,
+/// EHLO/HELO and — as the route asks — STARTTLS with it. An opportunistic
+/// handshake that fails is retried once in plaintext on a new connection;
+/// a required one defers.
 async fn establish(shared: &Shared, dest: &Destination) -> Result<(Conn, Client), Unreachable> {
-    let cfg = shared.cfg();
     let mut last = Unreachable {
         hop: String::new(),
         reply: Reply::local(451, "4.4.0 the route has no next hop"),
     };
     for &hop in &dest.hops {
-        let fail = |text: String| Unreachable {
-            hop: hop.to_string(),
-            reply: Reply::local(451, text),
-        };
-        let stream = match timeout(cfg.connect_timeout, connect(hop, dest.source)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                last = fail(format!("4.4.1 connect to {hop} failed: {}", os_error(&e)));
-                continue;
-            }
-            Err(_) => {
-                last = fail(format!("4.4.1 connect to {hop} timed out"));
-                continue;
-            }
-        };
-        let mut conn = Conn {
-            stream,
-            hop,
-            buf: vec![0; 16 * 1024],
-        };
-        let mut client = Client::new(shared.helo_name.clone());
-        last = 'session: loop {
-            let actions = match conn.read_within(&mut client, cfg.stall_timeout).await {
-                Ok(a) => a,
-                Err(IoFail::Timeout) => {
-                    break fail(format!(
-                        "4.4.2 no reply from {hop} within {:?}",
-                        cfg.stall_timeout
-                    ));
+        let mut want = dest.tls.want();
+        loop {
+            match session(shared, dest, hop, want).await {
+                Ok(c) => return Ok(c),
+                Err(Failed::Handshake(why)) if want == WantTls::IfOffered => {
+                    tracing::warn!(%hop, error = %why, "TLS failed; plaintext for this association");
+                    want = WantTls::No;
                 }
-                Err(IoFail::Lost(e)) => {
-                    break fail(format!("4.4.2 {hop}: {e} before the session began"))
+                Err(Failed::Handshake(why)) => {
+                    let text = format!("4.7.5 {hop}: TLS failed: {why}");
+                    last = Unreachable {
+                        hop: hop.to_string(),
+                        reply: Reply::local(451, text),
+                    };
+                    break;
                 }
-            };
-            for a in actions {
-                match a {
-                    Action::Send(b) => {
-                        if let Err(e) = conn.write_within(&b, cfg.stall_timeout).await {
-                            break 'session fail(format!(
-                                "4.4.2 {hop}: {}",
-                                e.text(cfg.stall_timeout)
-                            ));
-                        }
-                    }
-                    Action::Established(_) => return Ok((conn, client)),
-                    Action::Closed(SessionEnd::Refused(r)) => {
-                        break 'session Unreachable {
-                            hop: hop.to_string(),
-                            reply: r,
-                        }
-                    }
-                    Action::Closed(end) => break 'session fail(format!("4.5.0 {hop}: {end:?}")),
-                    Action::Done(_) => {}
+                Err(Failed::Other(u)) => {
+                    last = u;
+                    break;
                 }
             }
-        };
+        }
     }
     Err(last)
+}
+
+/// Why one attempt at a session failed.
+enum Failed {
+    /// The TLS handshake after STARTTLS.
+    Handshake(String),
+    /// Anything else: connect, greeting, EHLO, a refusal.
+    Other(Unreachable),
+}
+
+/// One attempt: connect to `hop`, greeting, EHLO, STARTTLS as `want` says.
+async fn session(
+    shared: &Shared,
+    dest: &Destination,
+    hop: SocketAddr,
+    want: WantTls,
+) -> Result<(Conn, Client), Failed> {
+    let cfg = shared.cfg();
+    let fail = |text: String| {
+        Failed::Other(Unreachable {
+            hop: hop.to_string(),
+            reply: Reply::local(451, text),
+        })
+    };
+    let stream = match timeout(cfg.connect_timeout, connect(hop, dest.source)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(fail(format!(
+                "4.4.1 connect to {hop} failed: {}",
+                os_error(&e)
+            )))
+        }
+        Err(_) => return Err(fail(format!("4.4.1 connect to {hop} timed out"))),
+    };
+    let mut conn = Conn {
+        stream: Stream::Plain(stream),
+        hop,
+        buf: vec![0; 16 * 1024],
+    };
+    let mut client = Client::with_tls(shared.helo_name.clone(), want);
+    let mut pending: std::collections::VecDeque<Action> = Default::default();
+    loop {
+        if pending.is_empty() {
+            match conn.read_within(&mut client, cfg.stall_timeout).await {
+                Ok(a) => pending.extend(a),
+                Err(IoFail::Timeout) => {
+                    let stall = cfg.stall_timeout;
+                    return Err(fail(format!("4.4.2 no reply from {hop} within {stall:?}")));
+                }
+                Err(IoFail::Lost(e)) => {
+                    return Err(fail(format!("4.4.2 {hop}: {e} before the session began")))
+                }
+            }
+        }
+        while let Some(a) = pending.pop_front() {
+            match a {
+                Action::Send(b) => {
+                    if let Err(e) = conn.write_within(&b, cfg.stall_timeout).await {
+                        return Err(fail(format!("4.4.2 {hop}: {}", e.text(cfg.stall_timeout))));
+                    }
+                }
+                Action::StartTls => {
+                    conn = handshake(shared, dest, conn, cfg.stall_timeout)
+                        .await
+                        .map_err(Failed::Handshake)?;
+                    pending.extend(client.tls_started());
+                }
+                Action::Established(_) => return Ok((conn, client)),
+                Action::Closed(SessionEnd::Refused(r)) => {
+                    return Err(Failed::Other(Unreachable {
+                        hop: hop.to_string(),
+                        reply: r,
+                    }))
+                }
+                Action::Closed(end) => return Err(fail(format!("4.5.0 {hop}: {end:?}"))),
+                Action::Done(_) => {}
+            }
+        }
+    }
+}
+
+/// The TLS handshake on `conn`, within `limit`.
+async fn handshake(
+    shared: &Shared,
+    dest: &Destination,
+    conn: Conn,
+    limit: Duration,
+) -> Result<Conn, String> {
+    let connector = shared.connectors.get(&dest.tls)?;
+    let name = dest.tls.server_name(conn.hop)?;
+    let Stream::Plain(tcp) = conn.stream else {
+        return Err("TLS is already on".into());
+    };
+    match timeout(limit, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => Ok(Conn {
+            stream: Stream::Tls(Box::new(tls)),
+            ..conn
+        }),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no handshake within {limit:?}")),
+    }
 }
 
 /// How a transaction ended for the driver.
@@ -366,7 +456,8 @@ impl Session<'_> {
                         self.shared.report(&q, &hop, d.results);
                     }
                     Action::Closed(e) => end = Some(e),
-                    Action::Established(_) => {}
+                    // Only while establishing.
+                    Action::Established(_) | Action::StartTls => {}
                 }
             }
             match (done, end) {

@@ -10,7 +10,9 @@ use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use smtp_proto::response::parser::ResponseReceiver;
-use smtp_proto::{EhloResponse, Error as ProtoError, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE};
+use smtp_proto::{
+    EhloResponse, Error as ProtoError, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_START_TLS,
+};
 
 use super::{JobRcpt, Outcome, RcptResult};
 
@@ -77,6 +79,20 @@ pub struct Capabilities {
     pub size: Option<usize>,
     /// RFC 6152 8BITMIME.
     pub eight_bit_mime: bool,
+    /// RFC 3207 STARTTLS.
+    pub starttls: bool,
+}
+
+/// Whether the session should switch to TLS with STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WantTls {
+    /// Never.
+    No,
+    /// When the server offers it; otherwise go on in plaintext.
+    IfOffered,
+    /// Always: a server that does not offer it or refuses it ends the
+    /// session (the mail waits; it never goes in plaintext).
+    Must,
 }
 
 /// A finished transaction.
@@ -109,6 +125,9 @@ pub enum Action {
     Send(Bytes),
     /// Greeting and EHLO/HELO are done: jobs can be started.
     Established(Capabilities),
+    /// The server agreed to STARTTLS: run the TLS handshake on the
+    /// connection, then call [`Client::tls_started`].
+    StartTls,
     /// The transaction in hand has finished.
     Done(TxDone),
     /// The session is over; close the connection.
@@ -190,6 +209,10 @@ enum State {
     Greeting,
     Ehlo,
     Helo,
+    /// STARTTLS sent; waiting for its 220.
+    StartTls,
+    /// The driver runs the handshake.
+    Handshake,
     Ready,
     Tx(Box<Tx>),
     Quit,
@@ -206,6 +229,9 @@ pub struct Client {
     caps: Capabilities,
     /// A transaction failed part-way: the server may still hold its state.
     needs_rset: bool,
+    want_tls: WantTls,
+    /// The connection is encrypted.
+    tls: bool,
 }
 
 impl fmt::Debug for Client {
@@ -218,8 +244,14 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// A session that waits for the server greeting.
+    /// A session that waits for the server greeting, in plaintext.
     pub fn new(helo_name: impl Into<String>) -> Self {
+        Self::with_tls(helo_name, WantTls::No)
+    }
+
+    /// A session that waits for the server greeting and switches to TLS
+    /// as `want` says.
+    pub fn with_tls(helo_name: impl Into<String>, want: WantTls) -> Self {
         Self {
             helo_name: helo_name.into(),
             state: State::Greeting,
@@ -227,7 +259,28 @@ impl Client {
             raw: Vec::new(),
             caps: Capabilities::default(),
             needs_rset: false,
+            want_tls: want,
+            tls: false,
         }
+    }
+
+    /// The handshake after STARTTLS succeeded: the session starts over
+    /// with EHLO (RFC 3207 §4.2: forget what the server said before).
+    pub fn tls_started(&mut self) -> Vec<Action> {
+        if !matches!(self.state, State::Handshake) {
+            return Vec::new();
+        }
+        self.tls = true;
+        self.caps = Capabilities::default();
+        self.rx.reset();
+        self.raw.clear();
+        self.state = State::Ehlo;
+        vec![send(format!("EHLO {}\r\n", self.helo_name))]
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// The server's extensions, once established.
@@ -380,14 +433,39 @@ impl Client {
                         pipelining: ehlo.capabilities & EXT_PIPELINING != 0,
                         size: (ehlo.capabilities & EXT_SIZE != 0).then_some(ehlo.size),
                         eight_bit_mime: ehlo.capabilities & EXT_8BIT_MIME != 0,
+                        starttls: ehlo.capabilities & EXT_START_TLS != 0,
                     };
                 }
-                self.state = State::Ready;
-                out.push(Action::Established(self.caps));
+                match (self.want_tls, self.tls, self.caps.starttls) {
+                    (WantTls::No, ..) | (_, true, _) => self.established(out),
+                    (_, false, true) => {
+                        self.state = State::StartTls;
+                        out.push(send("STARTTLS\r\n".to_string()));
+                    }
+                    (WantTls::IfOffered, false, false) => self.established(out),
+                    (WantTls::Must, false, false) => self.tls_refused("not offered", out),
+                }
+            }
+            // Without EHLO there is no STARTTLS.
+            State::Ehlo if reply.code / 100 == 5 && self.want_tls == WantTls::Must => {
+                self.tls_refused(&format!("EHLO refused: {reply}"), out)
             }
             State::Ehlo if reply.code / 100 == 5 => {
                 self.state = State::Helo;
                 out.push(send(format!("HELO {}\r\n", self.helo_name)));
+            }
+            State::StartTls if reply.code == 220 => {
+                self.state = State::Handshake;
+                out.push(Action::StartTls);
+            }
+            State::StartTls if self.want_tls == WantTls::Must || reply.code == 421 => {
+                self.tls_refused(&format!("refused: {reply}"), out)
+            }
+            // Still in the EHLO state: go on without TLS.
+            State::StartTls => self.established(out),
+            State::Handshake => {
+                let detail = format!("reply during the TLS handshake: {reply}");
+                self.close(SessionEnd::Protocol(detail), out);
             }
             State::Helo if reply.is_positive() => {
                 self.state = State::Ready;
@@ -405,6 +483,21 @@ impl Client {
             State::Quit => self.close(SessionEnd::Quit, out),
             State::Closed => {}
         }
+    }
+
+    fn established(&mut self, out: &mut Vec<Action>) {
+        self.state = State::Ready;
+        out.push(Action::Established(self.caps));
+    }
+
+    /// The route requires TLS and this server will not give it: the
+    /// session ends as refused, with a 4xx so the mail waits.
+    fn tls_refused(&mut self, why: &str, out: &mut Vec<Action>) {
+        let reply = Reply::local(
+            451,
+            format!("4.7.4 TLS required by the route; STARTTLS {why}"),
+        );
+        self.close(SessionEnd::Refused(reply), out);
     }
 
     fn on_tx_reply(&mut self, mut tx: Box<Tx>, reply: Reply, out: &mut Vec<Action>) {

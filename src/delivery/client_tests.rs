@@ -118,6 +118,7 @@ fn pipelined_transaction_goes_out_in_one_write() {
         pipelining: true,
         size: Some(100000),
         eight_bit_mime: true,
+        starttls: false,
     };
     assert_eq!(a, vec![Action::Established(caps)]);
     let a = c
@@ -566,4 +567,98 @@ fn rset_refused_defers_and_closes() {
         t.events.last(),
         Some(Action::Closed(SessionEnd::Closing(_)))
     ));
+}
+
+const EHLO_TLS: &[u8] = b"250-mx.test hello\r\n250-PIPELINING\r\n250 STARTTLS\r\n";
+
+fn written(a: &[Action]) -> String {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refused_text(a: &[Action]) -> String {
+    match a.last() {
+        Some(Action::Closed(SessionEnd::Refused(r))) => r.text.clone(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn starttls_when_offered_then_ehlo_again_over_tls() {
+    for want in [WantTls::IfOffered, WantTls::Must] {
+        let mut c = Client::with_tls("h", want);
+        c.receive(GREET);
+        assert_eq!(written(&c.receive(EHLO_TLS)), "STARTTLS\r\n");
+        assert_eq!(c.receive(b"220 2.0.0 go ahead\r\n"), vec![Action::StartTls]);
+        assert!(c.receive(b"").is_empty());
+        assert_eq!(written(&c.tls_started()), "EHLO h\r\n");
+        assert!(c.is_tls());
+        // The server offers STARTTLS again (some do): not twice.
+        let a = c.receive(EHLO_TLS);
+        assert!(
+            matches!(a[..], [Action::Established(caps)] if caps.pipelining),
+            "{a:?}"
+        );
+    }
+}
+
+#[test]
+fn without_starttls_opportunistic_goes_on_and_required_defers() {
+    let mut c = Client::with_tls("h", WantTls::IfOffered);
+    c.receive(GREET);
+    assert!(matches!(c.receive(EHLO_PIPE)[..], [Action::Established(_)]));
+    assert!(!c.is_tls());
+
+    let mut c = Client::with_tls("h", WantTls::Must);
+    c.receive(GREET);
+    let t = refused_text(&c.receive(EHLO_PIPE));
+    assert!(
+        t.starts_with("451 4.7.4") && t.contains("not offered"),
+        "{t}"
+    );
+
+    // Refused STARTTLS: plaintext for opportunistic, a deferral otherwise.
+    let mut c = Client::with_tls("h", WantTls::IfOffered);
+    c.receive(GREET);
+    c.receive(EHLO_TLS);
+    assert!(matches!(
+        c.receive(b"454 4.7.0 TLS not available\r\n")[..],
+        [Action::Established(_)]
+    ));
+    let mut c = Client::with_tls("h", WantTls::Must);
+    c.receive(GREET);
+    c.receive(EHLO_TLS);
+    let t = refused_text(&c.receive(b"454 4.7.0 TLS not available\r\n"));
+    assert!(t.starts_with("451 4.7.4") && t.contains("454"), "{t}");
+    // No EHLO, no STARTTLS: a required route does not fall back to HELO.
+    let mut c = Client::with_tls("h", WantTls::Must);
+    c.receive(GREET);
+    assert!(refused_text(&c.receive(b"502 5.5.1 no EHLO\r\n")).starts_with("451 4.7.4"));
+    // A plaintext route never asks.
+    let mut c = Client::new("h");
+    c.receive(GREET);
+    assert!(matches!(c.receive(EHLO_TLS)[..], [Action::Established(_)]));
+}
+
+/// A reply smuggled in plaintext behind the 220 (the client-side twin of
+/// CVE-2011-0411) ends the session instead of being read as if over TLS.
+#[test]
+fn a_reply_injected_behind_the_220_ends_the_session() {
+    let mut c = Client::with_tls("h", WantTls::Must);
+    c.receive(GREET);
+    c.receive(EHLO_TLS);
+    let a = c.receive(b"220 2.0.0 go ahead\r\n250 injected\r\n");
+    assert_eq!(a[0], Action::StartTls);
+    assert!(
+        matches!(a.last(), Some(Action::Closed(SessionEnd::Protocol(_)))),
+        "{a:?}"
+    );
+    assert!(
+        c.tls_started().is_empty(),
+        "no handshake for a closed session"
+    );
 }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::pool::{Next, Policy};
+use super::tls::{Connectors, OutboundTls};
 use super::{association, Job, JobResult, Outcome, RcptResult};
 use crate::config::DeliveryConfig;
 use crate::spool::Spool;
@@ -42,7 +43,7 @@ pub struct Destinations {
     map: Arc<Mutex<HashMap<Key, Arc<Destination>>>>,
 }
 
-type Key = (Vec<SocketAddr>, Option<IpAddr>);
+type Key = (Vec<SocketAddr>, Option<IpAddr>, OutboundTls);
 
 /// What every association of every destination needs.
 pub(crate) struct Shared {
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     /// started with.
     settings: watch::Receiver<Arc<DeliveryConfig>>,
     pub helo_name: String,
+    /// TLS connectors, built once per kind.
+    pub connectors: Connectors,
     pub spool: Arc<dyn Spool>,
     pub results: UnboundedSender<JobResult>,
     pub cancel: CancellationToken,
@@ -115,6 +118,8 @@ pub(crate) struct Destination {
     pub name: String,
     pub hops: Vec<SocketAddr>,
     pub source: Option<IpAddr>,
+    /// The route's TLS settings.
+    pub tls: OutboundTls,
     state: Mutex<QueueState>,
     /// One permit per submitted job: wakes an idle association.
     pub work: Notify,
@@ -217,6 +222,7 @@ impl Destinations {
             shared: Arc::new(Shared {
                 settings,
                 helo_name,
+                connectors: Connectors::default(),
                 spool,
                 results,
                 cancel,
@@ -227,14 +233,22 @@ impl Destinations {
         }
     }
 
-    /// Queue a job for the destination (`next_hops`, `source`) that `route`
-    /// chose; opens associations as the pool policy says. Its result comes
-    /// back on the results channel, unless the node shuts down first.
-    pub fn submit(&self, route: usize, next_hops: &[SocketAddr], source: Option<IpAddr>, job: Job) {
+    /// Queue a job for the destination (`next_hops`, `source`, `tls`)
+    /// that `route` chose; opens associations as the pool policy says. Its
+    /// result comes back on the results channel, unless the node shuts
+    /// down first.
+    pub fn submit(
+        &self,
+        route: usize,
+        next_hops: &[SocketAddr],
+        source: Option<IpAddr>,
+        tls: &OutboundTls,
+        job: Job,
+    ) {
         if self.shared.cancel.is_cancelled() {
             return;
         }
-        let dest = self.destination(next_hops, source);
+        let dest = self.destination(next_hops, source, tls);
         let mut opens = Vec::new();
         {
             let mut st = dest.lock();
@@ -268,9 +282,14 @@ impl Destinations {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn destination(&self, next_hops: &[SocketAddr], source: Option<IpAddr>) -> Arc<Destination> {
+    fn destination(
+        &self,
+        next_hops: &[SocketAddr],
+        source: Option<IpAddr>,
+        tls: &OutboundTls,
+    ) -> Arc<Destination> {
         let mut map = self.lock_map();
-        let key = (next_hops.to_vec(), source);
+        let key = (next_hops.to_vec(), source, tls.clone());
         map.entry(key)
             .or_insert_with(|| {
                 let mut name = next_hops
@@ -283,6 +302,7 @@ impl Destinations {
                     name,
                     hops: next_hops.to_vec(),
                     source,
+                    tls: tls.clone(),
                     state: Mutex::default(),
                     work: Notify::new(),
                 })

@@ -11,6 +11,8 @@ pub(crate) fn config() -> Config {
         target,
         source_address: None,
         tls: TlsPolicy::None,
+        tls_ca: None,
+        tls_name: None,
     };
     Config {
         node: NodeConfig {

@@ -30,6 +30,8 @@ pub struct Incoming {
     pub client_ip: IpAddr,
     /// What the client said in EHLO/HELO.
     pub helo: String,
+    /// Whether it came over TLS.
+    pub tls: bool,
 }
 
 /// Where the server hands messages: the node stores them durably and

@@ -276,6 +276,7 @@ impl Session {
                     body,
                     client_ip: self.client_ip,
                     helo: self.helo.clone().unwrap_or_default(),
+                    tls: self.tls,
                 }));
             }
             DataOutcome::BareLineEnding => {
