@@ -68,6 +68,8 @@ pub struct Node {
     live: Live,
     /// True while the node's own listeners turn new clients away.
     drain: Arc<watch::Sender<bool>>,
+    /// Stops keeping `drain` in step with the cluster's drain.
+    drain_follow: CancellationToken,
     /// The sessions of the node's own listeners.
     sessions: TaskTracker,
     /// Reloads asked for through the admin API, for whoever runs the node
@@ -228,12 +230,15 @@ impl Node {
         // While an operator drains the node its own listeners turn new
         // clients away; in a cluster the drain is in the replicated state.
         let drain = Arc::new(watch::Sender::new(false));
+        // Stopped first at shutdown: leaving changes the view, and the
+        // drain must not be lifted then.
+        let drain_follow = CancellationToken::new();
         if let Some(c) = &cluster {
             tracker.spawn(follow_drain(
                 c.handle.view.clone(),
                 c.identity.incarnation,
                 drain.clone(),
-                cancel.child_token(),
+                drain_follow.clone(),
             ));
         }
         let smtp = live.smtp();
@@ -292,6 +297,7 @@ impl Node {
             queue: queue_handle,
             live,
             drain,
+            drain_follow,
             sessions,
             reloads: std::sync::Mutex::new(Some(reloads)),
             smtp_cancel,
@@ -357,6 +363,7 @@ impl Node {
         // the groups drain and are released — with the cluster still
         // running, so the leader places them elsewhere at once, and the
         // queue still delivering what their sessions accept.
+        self.drain_follow.cancel();
         self.drain.send_replace(true);
         self.sessions.close();
         let sessions = async {

@@ -11,6 +11,8 @@ pub mod delivery;
 pub mod demo;
 pub mod dsn;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

@@ -67,11 +67,41 @@ impl ClusterHandle {
     /// force here (see [`super::history`]). A majority of each must
     /// answer before a revoked group is free.
     pub fn lease_configs(&self, group: &str) -> Vec<BTreeSet<NodeId>> {
-        let mut configs = {
+        let since = {
             let v = self.view.borrow();
-            let since = v.state.groups.get(group).map_or(0, |g| g.counted_since);
-            v.state.voters.since(since)
+            v.state.groups.get(group).map_or(0, |g| g.counted_since)
         };
+        self.configs_since(since)
+    }
+
+    /// The voter configurations an owner counts its lease in: those of
+    /// the memberships applied since the one current at log index `since`
+    /// — committed, so every leader counts them too — never one merely
+    /// appended here, which a new leader may not have.
+    pub fn applied_configs_since(&self, since: u64) -> Vec<BTreeSet<NodeId>> {
+        let applied = self.view.borrow().state.voters.since(since);
+        match applied.is_empty() {
+            // A state from before the history was kept.
+            true => self.voter_configs(),
+            false => applied,
+        }
+    }
+
+    /// Whether this node has applied every membership in its log: until
+    /// then its history may miss one an owner counts in, and no revoked
+    /// group may be freed.
+    pub fn membership_applied(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let effective = m.membership_config.log_id().map_or(0, |l| l.index);
+        let last = self.view.borrow().state.voters.last();
+        // 0: a state from before the history was kept; nothing to wait for.
+        last == 0 || last >= effective
+    }
+
+    /// The voter configurations applied since the membership current at
+    /// log index `since`, and those in force here.
+    pub fn configs_since(&self, since: u64) -> Vec<BTreeSet<NodeId>> {
+        let mut configs = self.view.borrow().state.voters.since(since);
         for c in self.voter_configs() {
             if !configs.contains(&c) {
                 configs.push(c);

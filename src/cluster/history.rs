@@ -1,14 +1,24 @@
 //! The voter configurations the cluster went through, kept as long as an
 //! owner may still count its lease in one of them.
 //!
-//! An owner counts its lease in the voter configurations it has applied,
-//! which may lag behind the leader's. The leader, to know a revoked group
-//! is free, must then hear from a majority of every configuration the
-//! owner may still count in — not just its own, or the two majorities
-//! need not share a voter. Each group records the oldest membership its
-//! owner may count in (`GroupState::counted_since`: set at assignment,
-//! raised by the owner as it applies newer ones), and the leader counts
-//! every configuration from that one on.
+//! The rule that keeps two owners apart across membership changes:
+//! - the **owner** holds its lease while a majority of *any one* voter
+//!   configuration it counts in has unexpired grants. It counts in the
+//!   memberships it has applied (committed ones only) from a floor on: the
+//!   one current at its assignment, raised when it tells the leader
+//!   (`GroupCommand::Counting`) — which it does only once it already
+//!   holds a majority in the newer membership, so a change never costs
+//!   it the lease;
+//! - the **leader** frees a revoked group only once a majority of *every*
+//!   configuration from the recorded floor on (and the one in force) has
+//!   said its grants ran out, and only after applying every membership in
+//!   its log, so its history misses none.
+//!
+//! The owner's configuration is always among the leader's, and two
+//! majorities of one configuration share a voter, who cannot both grant
+//! and have run out. Each group records its floor in
+//! `GroupState::counted_since`; this history keeps the configurations
+//! from the oldest floor of any owner in office on.
 
 use std::collections::{BTreeMap, BTreeSet};
 

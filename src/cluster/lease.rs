@@ -120,48 +120,69 @@ impl Holding {
     pub fn valid_until(&self, configs: &[BTreeSet<NodeId>]) -> Option<Instant> {
         // Per configuration, the need-th latest end: after it, fewer than
         // a majority hold; the earliest over all configurations counts.
-        majority_marks(configs, |v| self.grants.get(v).copied(), true)?
+        marks(configs, |v| self.grants.get(v).copied(), true, majority)?
             .into_iter()
             .min()
+    }
+
+    /// Until when the lease holds in at least one of `configs`: enough
+    /// for an owner when the leader, to free the group, needs a majority
+    /// of *every* configuration the owner may count in — two majorities of
+    /// one configuration share a voter (see [`super::history`]).
+    pub fn valid_in_any(&self, configs: &[BTreeSet<NodeId>]) -> Option<Instant> {
+        configs
+            .iter()
+            .filter_map(|c| self.valid_until(std::slice::from_ref(c)))
+            .max()
     }
 }
 
 /// When the revoked group is certainly free, from voters' answers: each
 /// is the latest instant its promises may last (the time the answer
 /// arrived plus what the voter said remained). None while some
-/// configuration lacks a majority of answers. `margin` covers clock-rate
+/// configuration lacks enough answers. `margin` covers clock-rate
 /// differences between machines.
 pub fn free_at(
     configs: &[BTreeSet<NodeId>],
     answers: &BTreeMap<NodeId, Instant>,
     margin: Duration,
 ) -> Option<Instant> {
-    // Per configuration, once the need earliest have ended a majority
-    // refuses the owner; the latest over all configurations counts.
-    let free = majority_marks(configs, |v| answers.get(v).copied(), false)?
-        .into_iter()
-        .max()?;
+    // Per configuration of n voters, once n - majority + 1 of them have
+    // run out, the rest are too few to form a majority for the owner;
+    // the latest over all configurations counts.
+    let free = marks(
+        configs,
+        |v| answers.get(v).copied(),
+        false,
+        |n| n - majority(n) + 1,
+    )?
+    .into_iter()
+    .max()?;
     Some(free + margin)
 }
 
-/// For each configuration, the instant a majority of its voters pass:
-/// the need-th earliest of their instants (`latest`: the need-th latest).
-/// None if some configuration has fewer instants than a majority.
-fn majority_marks(
+fn majority(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// For each configuration, the instant `k(n)` of its n voters pass: the
+/// k-th earliest of their instants (`latest`: the k-th latest). None if
+/// some configuration has fewer instants than that.
+fn marks(
     configs: &[BTreeSet<NodeId>],
     at: impl Fn(&NodeId) -> Option<Instant>,
     latest: bool,
+    k: impl Fn(usize) -> usize,
 ) -> Option<Vec<Instant>> {
     configs
         .iter()
         .map(|voters| {
             let mut ends: Vec<Instant> = voters.iter().filter_map(&at).collect();
-            let need = voters.len() / 2 + 1;
             ends.sort_unstable();
             if latest {
                 ends.reverse();
             }
-            ends.get(need - 1).copied()
+            ends.get(k(voters.len()).checked_sub(1)?).copied()
         })
         .collect()
 }

@@ -157,9 +157,9 @@ proptest! {
     /// owner's lease has ended by the time the leader deems the group free.
     #[test]
     fn the_old_owner_never_holds_past_free(
-        voters in prop::collection::vec(voter(), 3..=5),
+        voters in prop::collection::vec(voter(), 1..=6),
         sends in prop::collection::vec((0u64..2500, any::<u32>()), 1..40),
-        restarted in prop::collection::vec(any::<bool>(), 5),
+        restarted in prop::collection::vec(any::<bool>(), 6),
     ) {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
@@ -205,4 +205,42 @@ proptest! {
             prop_assert!(held <= free, "held until {:?}, free at {:?}", held - t0, free - t0);
         }
     }
+}
+
+#[test]
+fn an_owner_holds_in_any_one_configuration() {
+    let t0 = Instant::now();
+    let old = set(&[1, 2, 3]);
+    let new = set(&[1, 2, 3, 4, 5, 6, 7]);
+    let mut h = Holding::default();
+    h.granted(1, t0, TTL);
+    h.granted(2, t0, TTL);
+    let both = [old.clone(), new.clone()];
+    assert_eq!(h.valid_until(&both), None, "every one: not in the new");
+    assert_eq!(h.valid_in_any(&both), Some(t0 + TTL), "one is enough");
+    assert_eq!(h.valid_in_any(std::slice::from_ref(&new)), None);
+    for v in [4, 5] {
+        h.granted(v, t0 + ms(10), TTL);
+    }
+    assert_eq!(
+        h.valid_in_any(&[new]),
+        Some(t0 + TTL),
+        "1, 2, 4, 5 of seven"
+    );
+}
+
+#[test]
+fn in_an_even_configuration_half_of_the_answers_free_the_group() {
+    // Of two voters the owner needs both; one that ran out is enough.
+    let t0 = Instant::now();
+    let two = [set(&[1, 2])];
+    let answers = BTreeMap::from([(2, t0 + ms(100))]);
+    assert_eq!(free_at(&two, &answers, ms(0)), Some(t0 + ms(100)));
+    // Of four it needs three; two that ran out are enough, one is not.
+    let four = [set(&[1, 2, 3, 4])];
+    assert_eq!(free_at(&four, &answers, ms(0)), None);
+    let answers = BTreeMap::from([(2, t0 + ms(100)), (4, t0 + ms(300))]);
+    assert_eq!(free_at(&four, &answers, ms(0)), Some(t0 + ms(300)));
+    // A single voter must answer itself.
+    assert_eq!(free_at(&[set(&[1])], &answers, ms(0)), None);
 }

@@ -58,6 +58,9 @@ impl Reply {
     pub fn outcome(&self) -> Outcome {
         match self.code / 100 {
             2 => Outcome::Delivered,
+            // 530: the server wants TLS or authentication first — a matter
+            // of how we connect, not of the mail: it waits.
+            5 if self.code == 530 => Outcome::Deferred,
             5 => Outcome::Failed,
             _ => Outcome::Deferred,
         }
@@ -458,7 +461,8 @@ impl Client {
                 self.state = State::Handshake;
                 out.push(Action::StartTls);
             }
-            State::StartTls if self.want_tls == WantTls::Must || reply.code == 421 => {
+            State::StartTls if reply.code == 421 => self.close(SessionEnd::Closing(reply), out),
+            State::StartTls if self.want_tls == WantTls::Must => {
                 self.tls_refused(&format!("refused: {reply}"), out)
             }
             // Still in the EHLO state: go on without TLS.

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -34,6 +35,13 @@ impl OutboundTls {
     /// No TLS (a handover to a cluster VIP, a test).
     pub const NONE: OutboundTls = OutboundTls {
         policy: TlsPolicy::None,
+        ca: None,
+        name: None,
+    };
+
+    /// STARTTLS when offered, any certificate.
+    pub const OPPORTUNISTIC: OutboundTls = OutboundTls {
+        policy: TlsPolicy::Opportunistic,
         ca: None,
         name: None,
     };
@@ -65,11 +73,19 @@ impl OutboundTls {
     }
 }
 
-/// Connectors by the roots they verify against, built once each.
+/// How long a connector is used before its roots are read again (a
+/// renewed CA file, updated system roots).
+const REBUILD_AFTER: Duration = Duration::from_secs(600);
+
+/// Connectors by the roots they verify against, rebuilt now and then.
 #[derive(Default)]
 pub struct Connectors {
-    built: Mutex<HashMap<Option<Option<PathBuf>>, TlsConnector>>,
+    built: Mutex<HashMap<Roots, (Instant, TlsConnector)>>,
 }
+
+/// Which roots a connector verifies against: None, it does not verify;
+/// Some(None), the system's; Some(Some(file)), a CA file's.
+type Roots = Option<Option<PathBuf>>;
 
 impl Connectors {
     /// The connector for `tls`: verifying for `required`, encrypting only
@@ -77,7 +93,10 @@ impl Connectors {
     pub fn get(&self, tls: &OutboundTls) -> Result<TlsConnector, String> {
         let key = (tls.policy == TlsPolicy::Required).then(|| tls.ca.clone());
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = built.get(&key) {
+        if let Some((_, c)) = built
+            .get(&key)
+            .filter(|(at, _)| at.elapsed() < REBUILD_AFTER)
+        {
             return Ok(c.clone());
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -94,7 +113,7 @@ impl Connectors {
                 .with_no_client_auth(),
         };
         let c = TlsConnector::from(Arc::new(config));
-        built.insert(key, c.clone());
+        built.insert(key, (Instant::now(), c.clone()));
         Ok(c)
     }
 }

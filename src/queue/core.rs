@@ -60,6 +60,9 @@ pub(super) struct Entry {
     /// The last next hop and reply that deferred or failed a recipient,
     /// and when (ms since the epoch).
     pub(super) last: Option<(String, String, u64)>,
+    /// An operator bounced it while some recipients were in flight: what
+    /// they do not deliver now is returned rather than retried.
+    pub(super) bouncing: bool,
 }
 
 impl Entry {
@@ -70,6 +73,7 @@ impl Entry {
             inflight: BTreeSet::new(),
             retries: Vec::new(),
             last: None,
+            bouncing: false,
         }
     }
 }
@@ -98,6 +102,9 @@ pub struct Core {
     seq: u64,
     stats: Stats,
 }
+
+/// The reply for recipients an operator bounced.
+pub(super) const RETURNED: &str = "550 5.0.0 Returned to the sender by the postmaster";
 
 /// Delay before attempt `attempts + 1`, given `attempts` made so far (≥ 1).
 pub fn retry_delay(schedule: &[Duration], attempts: u32) -> Duration {
@@ -280,14 +287,27 @@ impl Core {
             held,
             last,
             retries: scheduled,
+            bouncing,
             ..
         } = entry;
-        let held = *held;
+        let (held, bouncing) = (*held, *bouncing);
         let mut changes = Vec::new();
         let mut bounce = Vec::new();
         let mut retry = Vec::new();
         let lifetime = cfg.delivery.max_queue_lifetime.as_millis() as u64;
         for r in &result.results {
+            let returned;
+            let r = match (bouncing, r.outcome) {
+                (true, Outcome::Deferred) => {
+                    returned = RcptResult {
+                        outcome: Outcome::Failed,
+                        reply: format!("{RETURNED} (last attempt: {})", r.reply),
+                        ..r.clone()
+                    };
+                    &returned
+                }
+                _ => r,
+            };
             let Some(rcpt) = env.recipients.get_mut(r.index) else {
                 continue;
             };

@@ -163,15 +163,20 @@ impl HeldFile {
         }
     }
 
-    /// Write `ids` (taken now, in order with other writes).
-    async fn write(&self, ids: Vec<QueueId>) -> std::io::Result<()> {
+    /// A version for the held set as it is now: take it together with
+    /// the set, so writes land in the order the sets were taken.
+    fn next_version(&self) -> u64 {
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// Write `ids`, the held set as of `version`, unless a later one was
+    /// written already.
+    async fn write(&self, ids: Vec<QueueId>, version: u64) -> std::io::Result<()> {
         let Some(path) = self.path.clone() else {
             return Ok(());
         };
-        let version = self
-            .version
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
         let mut written = self.written.lock().await;
         if *written > version {
             return Ok(());
@@ -255,8 +260,9 @@ impl Driver {
                 }
                 // Answered once durable: a hold must outlive a restart.
                 let (held, ids) = (self.held.clone(), self.core.held());
+                let version = held.next_version();
                 self.parts.tracker.spawn(async move {
-                    let r = held.write(ids).await;
+                    let r = held.write(ids, version).await;
                     let _ = tx.send(r.map(|()| n).map_err(|e| {
                         format!("done, but not recorded on disk (a restart forgets it): {e}")
                     }));

@@ -8,7 +8,7 @@ use std::ops::Bound;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::core::{route_name, Action, Core, Entry};
+use super::core::{route_name, Action, Core, Entry, RETURNED};
 use crate::config::Config;
 use crate::delivery::{JobResult, Outcome, RcptResult};
 use crate::events::{self, MessageEvent};
@@ -384,11 +384,18 @@ impl Core {
                     true
                 }
                 Op::Bounce => {
-                    let results = pending(e)
+                    // Recipients in flight are left to their attempt: one
+                    // it delivers is delivered, the others come back.
+                    e.bouncing = true;
+                    for (key, _) in e.retries.drain(..) {
+                        self.retries.remove(&key);
+                    }
+                    let results: Vec<RcptResult> = pending(e)
+                        .filter(|(index, _, _)| !e.inflight.contains(index))
                         .map(|(index, _, _)| RcptResult {
                             index,
                             outcome: Outcome::Failed,
-                            reply: "550 5.0.0 Returned to the sender by the postmaster".into(),
+                            reply: RETURNED.into(),
                         })
                         .collect();
                     let result = JobResult {

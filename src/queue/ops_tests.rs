@@ -272,3 +272,51 @@ fn a_million_messages_list_in_pages() {
     }
     assert_eq!((seen, pages), (n, 1000));
 }
+
+/// Bouncing a message whose recipients are being delivered: one the
+/// attempt delivers stays delivered (no false DSN), one it defers is
+/// returned to the sender instead of retried.
+#[test]
+fn a_bounce_leaves_recipients_in_flight_to_their_attempt() {
+    let cfg = config();
+    let mut core = Core::new();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    core.admit(
+        &cfg,
+        message(1, &["x@a.example", "y@a.example"]),
+        false,
+        now,
+        0,
+        &mut out,
+    );
+    out.clear();
+    assert_eq!(
+        core.act(&cfg, Op::Bounce, &[QueueId(1)], now, 0, &mut out),
+        1
+    );
+    assert!(
+        out.is_empty(),
+        "both in flight: nothing decided yet: {out:?}"
+    );
+    let mut r = outcome(1, &[0, 1], Outcome::Deferred);
+    r.results[0].outcome = Outcome::Delivered;
+    r.results[0].reply = "250 ok".into();
+    core.result(&cfg, r, now, 0, &mut out);
+    match &out[..] {
+        [Action::Settle {
+            bounce,
+            finished: true,
+            ..
+        }] => {
+            assert_eq!(bounce.len(), 1, "{bounce:?}");
+            assert_eq!(bounce[0].address, "y@a.example");
+            assert!(
+                bounce[0].reply.starts_with("550 5.0.0 Returned"),
+                "{bounce:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(core.next_due(), None);
+}

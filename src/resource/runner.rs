@@ -5,6 +5,7 @@
 //! leader go out one at a time, in order, from a task of their own; so
 //! nothing here ever waits on a resource or on the network.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,17 @@ use crate::cluster::handle::ClusterHandle;
 use crate::cluster::lease::Holding;
 use crate::cluster::types::NodeId;
 use crate::config::GroupConfig;
+
+/// What this owner told the leader about the memberships it counts in.
+#[derive(Debug, Default)]
+struct Counting {
+    /// The epoch it was told for.
+    epoch: u64,
+    /// The membership's log index (0: nothing told yet).
+    sent: u64,
+    /// When.
+    sent_at: Option<Instant>,
+}
 
 /// Attempts to get one report to the leader (it may be changing).
 const REPORT_TRIES: u32 = 20;
@@ -91,11 +103,20 @@ impl GroupRunner {
         let (mut leaving, mut view_open) = (false, true);
         let mut next = Some(self.view(leaving));
         let mut asked: Option<u64> = None;
-        let mut counted = 0;
+        let mut asked_membership = 0;
+        let mut counting = Counting::default();
         let declaring = tokio::spawn(declare(self.cluster.clone(), self.cfg.clone()));
         loop {
             if let Some(ev) = next.take() {
                 for action in m.on(ev, Instant::now()) {
+                    self.act(action, &m, &done_tx, &reports);
+                }
+            }
+            // Once the lease holds in a newer membership, count in it
+            // alone from now on (the machine hears the lease as it then
+            // stands before anything else happens).
+            if let Some(lease) = self.count_in(&mut counting, &holding, &reports) {
+                for action in m.on(lease, Instant::now()) {
                     self.act(action, &m, &done_tx, &reports);
                 }
             }
@@ -105,11 +126,15 @@ impl GroupRunner {
             {
                 break;
             }
-            // Newly ours (or a new epoch): ask the voters at once rather
-            // than at the next renewal tick — this is on the failover path.
-            if m.renewing() != asked {
+            // Newly ours (or a new epoch), or voters changed: ask the
+            // voters at once rather than at the next renewal tick — this
+            // is on the failover path, and a new majority's grants let the
+            // owner move on from the old voters (see count_in).
+            let membership = self.cluster.view.borrow().state.voters.last();
+            if m.renewing() != asked || membership != asked_membership {
                 asked = m.renewing();
-                self.ask_voters(&m, &mut holding, &mut holding_epoch, &grant_tx);
+                asked_membership = membership;
+                self.ask_voters(&m, &mut holding, &mut holding_epoch, &grant_tx, &counting);
                 renew.reset();
             }
             let wake = m.next_wake();
@@ -122,7 +147,6 @@ impl GroupRunner {
                     // The cluster is gone: nothing more to learn; leave.
                     view_open = changed.is_ok();
                     leaving |= !view_open;
-                    self.count_in(&mut counted, &reports);
                     self.view(leaving)
                 }
                 Some((op, result)) = done.recv() => Event::Done(op, result),
@@ -130,11 +154,11 @@ impl GroupRunner {
                     if epoch == holding_epoch {
                         holding.granted(voter, sent, ttl);
                     }
-                    Event::Lease(holding.valid_until(&self.cluster.voter_configs()))
+                    Event::Lease(holding.valid_in_any(&self.owner_configs(&counting)))
                 }
                 _ = renew.tick() => {
-                    self.ask_voters(&m, &mut holding, &mut holding_epoch, &grant_tx);
-                    Event::Lease(holding.valid_until(&self.cluster.voter_configs()))
+                    self.ask_voters(&m, &mut holding, &mut holding_epoch, &grant_tx, &counting);
+                    Event::Lease(holding.valid_in_any(&self.owner_configs(&counting)))
                 }
                 _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => Event::Tick,
             });
@@ -202,26 +226,74 @@ impl GroupRunner {
         }
     }
 
-    /// Once this owner has applied a newer membership, tell the leader:
-    /// it counts its lease in that one (and later ones) only, so the
-    /// leader may stop asking older configurations (see
-    /// [`crate::cluster::history`]). `sent`: the last one told.
-    fn count_in(&self, sent: &mut u64, reports: &mpsc::UnboundedSender<GroupCommand>) {
-        let v = self.cluster.view.borrow();
-        let since = v.state.voters.last();
-        let Some(g) = v.state.groups.get(&self.cfg.name) else {
-            return;
+    /// The voter configurations this owner counts its lease in: those
+    /// since the membership it last told the leader about (or the one the
+    /// state records, if later), and those in force now. Holding a
+    /// majority of any one of them is enough: the leader, to free the
+    /// group, hears from a majority of every one (see
+    /// [`crate::cluster::history`]).
+    fn owner_configs(&self, counting: &Counting) -> Vec<BTreeSet<NodeId>> {
+        let recorded = {
+            let v = self.cluster.view.borrow();
+            v.state
+                .groups
+                .get(&self.cfg.name)
+                .map_or(0, |g| g.counted_since)
         };
-        let ours = g.owner == Some(self.cluster.me.incarnation) && !g.released;
-        if ours && since > g.counted_since && since > *sent {
-            *sent = since;
-            let _ = reports.send(GroupCommand::Counting {
-                group: self.cfg.name.clone(),
-                epoch: g.epoch,
-                node: self.cluster.me.incarnation,
-                since,
-            });
+        self.cluster
+            .applied_configs_since(recorded.max(counting.sent))
+    }
+
+    /// When the lease holds in the newest membership alone, tell the
+    /// leader this owner counts from there on (so it stops asking older
+    /// voter sets), and return the lease as it then stands. A report lost
+    /// on the way is sent again now and then.
+    fn count_in(
+        &self,
+        counting: &mut Counting,
+        holding: &Holding,
+        reports: &mpsc::UnboundedSender<GroupCommand>,
+    ) -> Option<Event> {
+        let (epoch, recorded, newest) = {
+            let v = self.cluster.view.borrow();
+            let g = v.state.groups.get(&self.cfg.name)?;
+            let ours = g.owner == Some(self.cluster.me.incarnation) && !g.released && !g.revoked;
+            if !ours {
+                return None;
+            }
+            (g.epoch, g.counted_since, v.state.voters.last())
+        };
+        if counting.epoch != epoch {
+            *counting = Counting {
+                epoch,
+                ..Counting::default()
+            };
         }
+        let report = |since| GroupCommand::Counting {
+            group: self.cfg.name.clone(),
+            epoch,
+            node: self.cluster.me.incarnation,
+            since,
+        };
+        if newest > recorded.max(counting.sent) {
+            let configs = self.cluster.applied_configs_since(newest);
+            let lease = holding
+                .valid_in_any(&configs)
+                .filter(|until| *until > Instant::now())?;
+            counting.sent = newest;
+            counting.sent_at = Some(Instant::now());
+            let _ = reports.send(report(newest));
+            return Some(Event::Lease(Some(lease)));
+        }
+        let lost = recorded < counting.sent
+            && counting
+                .sent_at
+                .is_some_and(|t| t.elapsed() >= self.cfg.lease);
+        if lost {
+            counting.sent_at = Some(Instant::now());
+            let _ = reports.send(report(counting.sent));
+        }
+        None
     }
 
     fn epoch(&self) -> u64 {
@@ -293,21 +365,30 @@ impl GroupRunner {
         holding: &mut Holding,
         holding_epoch: &mut u64,
         grants: &mpsc::UnboundedSender<(u64, NodeId, Instant, Duration)>,
+        counting: &Counting,
     ) {
         if let Some(epoch) = m.renewing() {
             if epoch != *holding_epoch {
                 holding.clear();
                 *holding_epoch = epoch;
             }
-            self.renew(epoch, grants);
+            // Voters of the memberships it counts in, and of one appended
+            // but not yet applied, so their grants are there when it is.
+            let mut voters: BTreeSet<NodeId> =
+                self.owner_configs(counting).into_iter().flatten().collect();
+            voters.extend(self.cluster.voter_configs().into_iter().flatten());
+            self.renew(epoch, voters, grants);
         }
     }
 
-    /// Ask every voter for a grant under `epoch`; each answer comes back
-    /// on `grants` with the time the request was sent.
-    fn renew(&self, epoch: u64, grants: &mpsc::UnboundedSender<(u64, NodeId, Instant, Duration)>) {
-        let voters: std::collections::BTreeSet<NodeId> =
-            self.cluster.voter_configs().into_iter().flatten().collect();
+    /// Ask `voters` for a grant under `epoch`; each answer comes back on
+    /// `grants` with the time the request was sent.
+    fn renew(
+        &self,
+        epoch: u64,
+        voters: BTreeSet<NodeId>,
+        grants: &mpsc::UnboundedSender<(u64, NodeId, Instant, Duration)>,
+    ) {
         for voter in voters {
             let (cluster, grants) = (self.cluster.clone(), grants.clone());
             let req = GroupRequest::Grant {

@@ -149,12 +149,19 @@ struct TlsCache {
 impl TlsCache {
     fn get(&mut self, cfg: &Arc<SmtpConfig>) -> Option<TlsAcceptor> {
         if !self.built_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, cfg)) {
-            self.acceptor = cfg.tls.as_ref().and_then(|t| {
-                super::tls::acceptor(t)
-                    .map_err(|e| tracing::error!(error = %e, "STARTTLS not offered"))
-                    .ok()
-            });
             self.built_for = Some(cfg.clone());
+            self.acceptor = match (&cfg.tls, self.acceptor.take()) {
+                (None, _) => None,
+                (Some(t), before) => match super::tls::acceptor(t) {
+                    Ok(a) => Some(a),
+                    // Checked at reload, but the files may have changed
+                    // since: keep serving the certificate we had.
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot load the new certificate; keeping the one in use");
+                        before
+                    }
+                },
+            };
         }
         self.acceptor.clone()
     }
@@ -211,7 +218,10 @@ async fn connection(
         let end = drive(&mut stream, &mut session, accept.as_ref(), &cancel, idle).await?;
         match (end, tls) {
             (End::StartTls, Some(acceptor)) => {
-                let handshake = tokio::time::timeout(idle, acceptor.accept(stream)).await;
+                let handshake = tokio::select! {
+                    h = tokio::time::timeout(idle, acceptor.accept(stream)) => h,
+                    _ = cancel.cancelled() => return Ok(()),
+                };
                 let mut stream = handshake
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))??;
                 session.tls_started();

@@ -444,7 +444,12 @@ impl Session {
         }
         let tls_required = self.cfg.tls.as_ref().is_some_and(|t| t.require_tls);
         if tls_required && self.may_relay && !self.tls {
-            return self.error("530 5.7.0 Must issue a STARTTLS command first", out);
+            return match self.offer_tls {
+                true => self.error("530 5.7.0 Must issue a STARTTLS command first", out),
+                // Required but not on offer (the certificate did not load):
+                // a temporary failure, so the client waits and retries.
+                false => self.error("454 4.7.0 TLS not available due to temporary reason", out),
+            };
         }
         let sender = match raw_path.map(address::parse) {
             Some(Ok(None)) => String::new(),

@@ -139,3 +139,14 @@ fn require_tls_holds_relaying_clients_to_starttls() {
         ["250 2.1.0 Ok"]
     );
 }
+
+#[test]
+fn require_tls_without_a_certificate_is_a_temporary_failure() {
+    let mut s = session(true, RELAY);
+    s.without_tls();
+    feed(&mut s, "EHLO c.test\r\n");
+    assert_eq!(
+        texts(&feed(&mut s, "MAIL FROM:<a@b.test>\r\n")),
+        ["454 4.7.0 TLS not available due to temporary reason"]
+    );
+}
