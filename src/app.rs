@@ -129,11 +129,19 @@ impl Node {
                 )?),
                 None => None,
             };
+        let implicit: &[SocketAddr] = match &config.smtp.tls {
+            Some(t) if !witness => &t.implicit_listen,
+            _ => &[],
+        };
         let mut listeners = Vec::new();
-        for &addr in smtp_listen {
+        for (&addr, implicit) in smtp_listen
+            .iter()
+            .map(|a| (a, false))
+            .chain(implicit.iter().map(|a| (a, true)))
+        {
             let listener = server::bind(addr, config.smtp.backlog)
                 .map_err(|source| StartError::Listen { addr, source })?;
-            listeners.push((addr, listener));
+            listeners.push((addr, listener, implicit));
         }
         if let Some(t) = &config.smtp.tls {
             crate::smtp::tls::acceptor(t).map_err(StartError::Tls)?;
@@ -246,18 +254,19 @@ impl Node {
         let sessions = TaskTracker::new();
         let smtp_cancel = cancel.child_token();
         let mut smtp_addrs = Vec::new();
-        for (addr, listener) in listeners {
+        for (addr, listener, implicit) in listeners {
             let local = listener.local_addr().unwrap_or(addr);
             smtp_addrs.push(local);
-            tracing::info!(address = %local, "smtp listening");
-            tracker.spawn(server::serve_draining(
-                listener,
-                smtp.clone(),
-                intake.clone(),
-                drain.subscribe(),
-                smtp_cancel.child_token(),
-                sessions.clone(),
-            ));
+            tracing::info!(address = %local, implicit_tls = implicit, "smtp listening");
+            let how = server::Listener {
+                cfg: smtp.clone(),
+                accept: intake.clone(),
+                drain: drain.subscribe(),
+                cancel: smtp_cancel.child_token(),
+                tracker: sessions.clone(),
+                implicit_tls: implicit,
+            };
+            tracker.spawn(server::serve_listener(listener, how));
         }
         let (reload_requests, reloads) = mpsc::channel(4);
         let mut admin_addr = None;

@@ -366,3 +366,66 @@ async fn routes_get_the_tls_they_ask_for_and_never_less() {
         "a required route went in plaintext"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implicit_tls_port_speaks_tls_from_the_first_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = issue(dir.path(), 3);
+    let (smtp, admin, implicit) = (free_port(), free_port(), free_port());
+    let path = config(dir.path(), smtp, admin);
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "require_tls = true",
+        &format!("require_tls = true\nimplicit_listen = [\"{implicit}\"]"),
+    );
+    std::fs::write(&path, text).unwrap();
+    let _daemon = Daemon::start(&path).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let name = ServerName::try_from("mx.example.test").unwrap();
+    let tcp = TcpStream::connect(implicit).await.unwrap();
+    let mut tls = BufReader::new(connector.connect(name, tcp).await.expect("handshake first"));
+    assert!(reply(&mut tls).await.starts_with("220"));
+    let ehlo = say(&mut tls, "EHLO client.test\r\n").await;
+    assert!(
+        ehlo.starts_with("250") && !ehlo.contains("STARTTLS"),
+        "{ehlo}"
+    );
+    for (line, want) in [
+        ("MAIL FROM:<a@b.example>\r\n", "250"),
+        ("RCPT TO:<c@d.example>\r\n", "250"),
+        ("DATA\r\n", "354"),
+        ("Subject: implicit\r\n\r\nx\r\n.\r\n", "250"),
+        ("QUIT\r\n", "221"),
+    ] {
+        let r = say(&mut tls, line).await;
+        assert!(r.starts_with(want), "{line:?}: {r}");
+    }
+    let outbox = dir.path().join("data/outbox");
+    let wait = async {
+        while common::node::eml_files(&outbox).is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, wait)
+        .await
+        .expect("delivered");
+    let m = std::fs::read_to_string(&common::node::eml_files(&outbox)[0]).unwrap();
+    assert!(m.contains("with ESMTPS"), "{m}");
+    // A plaintext client on that port gets no SMTP greeting.
+    let mut plain = BufReader::new(TcpStream::connect(implicit).await.unwrap());
+    plain
+        .get_mut()
+        .write_all(b"EHLO plain.test\r\n")
+        .await
+        .unwrap();
+    let r = reply(&mut plain).await;
+    assert!(!r.starts_with("220") && !r.starts_with("250"), "{r:?}");
+}

@@ -91,6 +91,11 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     differs("node.name", old.node.name == new.node.name);
     differs("node.data_dir", old.node.data_dir == new.node.data_dir);
     differs("smtp.listen", old.smtp.listen == new.smtp.listen);
+    let implicit = |c: &Config| c.smtp.tls.as_ref().map(|t| t.implicit_listen.clone());
+    differs(
+        "smtp.tls.implicit_listen",
+        implicit(old).unwrap_or_default() == implicit(new).unwrap_or_default(),
+    );
     differs("smtp.backlog", old.smtp.backlog == new.smtp.backlog);
     differs("smtp.hostname", old.smtp.hostname == new.smtp.hostname);
     differs("log.format", old.log.format == new.log.format);

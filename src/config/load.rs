@@ -317,11 +317,19 @@ fn read_smtp(
             .take("require_tls")
             .and_then(|n| ctx.boolean(&n))
             .unwrap_or(false);
+        let implicit_listen = t
+            .take("implicit_listen")
+            .and_then(|n| {
+                let what = "a list of socket addresses like [\"0.0.0.0:465\"]";
+                ctx.list(&n, what, false, |ctx, e| ctx.socket_addr(e, true))
+            })
+            .unwrap_or_default();
         t.finish(ctx);
         super::InboundTls {
             cert,
             key,
             require_tls,
+            implicit_listen,
         }
     });
     f.finish(ctx);

@@ -182,6 +182,8 @@ pub struct InboundTls {
     pub key: PathBuf,
     /// Clients in `relay_networks` must start TLS before MAIL.
     pub require_tls: bool,
+    /// Addresses that speak TLS from the first byte (RFC 8314, port 465).
+    pub implicit_listen: Vec<SocketAddr>,
 }
 
 /// `[delivery]`: associations, retries and expiry.

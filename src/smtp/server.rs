@@ -93,8 +93,47 @@ pub async fn serve_draining(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let plain = Listener {
+        cfg,
+        accept,
+        drain,
+        cancel,
+        tracker,
+        implicit_tls: false,
+    };
+    serve_listener(listener, plain).await
+}
+
+/// What an accept loop serves with.
+pub struct Listener {
+    /// The settings, as reloads change them.
+    pub cfg: watch::Receiver<Arc<SmtpConfig>>,
+    /// Where messages go.
+    pub accept: Arc<dyn Accept>,
+    /// While true, new clients get 421.
+    pub drain: watch::Receiver<bool>,
+    /// Stops accepting; open sessions get 421.
+    pub cancel: CancellationToken,
+    /// Where sessions run.
+    pub tracker: TaskTracker,
+    /// TLS from the first byte (RFC 8314, port 465 style): the handshake
+    /// comes first, then SMTP inside it; without a certificate that
+    /// loads, connections are closed.
+    pub implicit_tls: bool,
+}
+
+/// Accept connections on `listener` until cancelled, as `l` says.
+pub async fn serve_listener(listener: TcpListener, l: Listener) {
+    let Listener {
+        cfg,
+        accept,
+        drain,
+        cancel,
+        tracker,
+        implicit_tls,
+    } = l;
     let open = Arc::new(AtomicUsize::new(0));
-    let mut tls = TlsCache::default();
+    let mut tls_cache = TlsCache::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -123,13 +162,19 @@ pub async fn serve_draining(
         } else {
             Permit::take(&open, now.max_connections)
         };
-        let acceptor = tls.get(&now);
+        let acceptor = tls_cache.get(&now);
+        let tls = match (implicit_tls, acceptor) {
+            (false, a) => Tls::Offer(a),
+            (true, Some(a)) => Tls::Implicit(a),
+            // No certificate: nothing to speak on this port.
+            (true, None) => continue,
+        };
         tracker.spawn(connection(
             stream,
             peer,
             permit.ok_or(draining),
             now,
-            acceptor,
+            tls,
             accept.clone(),
             cancel.clone(),
         ));
@@ -191,25 +236,55 @@ impl Drop for Permit {
 /// A session slot, or why there is none (true: the listener drains).
 type Slot = Result<Permit, bool>;
 
+/// How a connection uses TLS.
+enum Tls {
+    /// STARTTLS with this acceptor, if any.
+    Offer(Option<TlsAcceptor>),
+    /// TLS from the first byte.
+    Implicit(TlsAcceptor),
+}
+
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     permit: Slot,
     cfg: Arc<SmtpConfig>,
-    tls: Option<TlsAcceptor>,
+    tls: Tls,
     accept: Arc<dyn Accept>,
     cancel: CancellationToken,
 ) {
     // Replies are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    let _permit = match permit {
-        Ok(p) => p,
-        Err(draining) => return refuse(stream, peer, &cfg, draining).await,
+    let _permit = match (permit, &tls) {
+        (Ok(p), _) => p,
+        // A TLS client would not read a plaintext 421: just close.
+        (Err(_), Tls::Implicit(_)) => return,
+        (Err(draining), _) => return refuse(stream, peer, &cfg, draining).await,
     };
     tracing::debug!(%peer, "smtp connect");
     crate::metrics::smtp_session(1);
     let idle = cfg.idle_timeout;
     let mut session = Session::new(cfg, peer.ip());
+    let tls = match tls {
+        Tls::Offer(a) => a,
+        Tls::Implicit(acceptor) => {
+            let result = implicit(
+                stream,
+                peer,
+                &mut session,
+                acceptor,
+                accept.as_ref(),
+                &cancel,
+                idle,
+            )
+            .await;
+            crate::metrics::smtp_session(-1);
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "smtp disconnect");
+            }
+            return;
+        }
+    };
     if tls.is_none() {
         session.without_tls();
     }
@@ -238,6 +313,29 @@ async fn connection(
         Ok(()) => tracing::debug!(%peer, "smtp disconnect"),
         Err(e) => tracing::debug!(%peer, error = %e, "smtp disconnect"),
     }
+}
+
+/// A session on an implicit-TLS port: handshake, then SMTP inside.
+async fn implicit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    session: &mut Session,
+    acceptor: TlsAcceptor,
+    accept: &dyn Accept,
+    cancel: &CancellationToken,
+    idle: Duration,
+) -> io::Result<()> {
+    let handshake = tokio::select! {
+        h = tokio::time::timeout(idle, acceptor.accept(stream)) => h,
+        _ = cancel.cancelled() => return Ok(()),
+    };
+    let mut stream =
+        handshake.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))??;
+    session.tls_started();
+    tracing::debug!(%peer, "smtp tls started (implicit)");
+    write(&mut stream, session.greeting().as_bytes(), idle).await?;
+    drive(&mut stream, session, accept, cancel, idle).await?;
+    Ok(())
 }
 
 /// Turn a client away with 421: too many connections, or moving.

@@ -13,6 +13,7 @@ fn tls_cfg(require_tls: bool) -> Arc<SmtpConfig> {
         cert: "c.pem".into(),
         key: "k.pem".into(),
         require_tls,
+        implicit_listen: vec![],
     });
     Arc::new(c)
 }
