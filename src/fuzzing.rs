@@ -32,6 +32,7 @@ pub fn session(data: &[u8]) {
         relay_networks: vec!["10.0.0.0/8".parse().expect("network")],
         accept_domains: vec!["example.test".into()],
         tls: None,
+        limits: Default::default(),
     });
     let ip = match relay {
         true => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),

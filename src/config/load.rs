@@ -261,6 +261,31 @@ fn read_smtp(
         .unwrap_or_else(|| "localhost".to_string());
     let backlog = int_or(ctx, &mut f, "backlog", 1, 65535, 4096) as u32;
     let max_connections = int_or(ctx, &mut f, "max_connections", 1, i64::MAX, 10_000) as usize;
+    let d = super::ClientLimits::default();
+    let limits = super::ClientLimits {
+        connections_per_client: int_or(
+            ctx,
+            &mut f,
+            "max_connections_per_client",
+            1,
+            i64::MAX,
+            d.connections_per_client as i64,
+        ) as usize,
+        connection_rate_per_client: int_or(
+            ctx,
+            &mut f,
+            "max_connection_rate_per_client",
+            1,
+            i64::MAX,
+            d.connection_rate_per_client as i64,
+        ) as usize,
+        max_session_time: duration_or(
+            ctx,
+            &mut f,
+            "max_session_time",
+            d.max_session_time.as_secs(),
+        ),
+    };
     let max_message_size = f
         .take("max_message_size")
         .and_then(|n| ctx.size(&n, 1024))
@@ -345,6 +370,7 @@ fn read_smtp(
         relay_networks,
         accept_domains,
         tls,
+        limits,
     }
 }
 

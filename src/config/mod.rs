@@ -171,6 +171,31 @@ pub struct SmtpConfig {
     /// `[smtp.tls]`: STARTTLS offered with this certificate; None: not
     /// offered.
     pub tls: Option<InboundTls>,
+    /// Limits per client address (clients in `relay_networks` are exempt
+    /// from the per-address ones).
+    pub limits: ClientLimits,
+}
+
+/// Limits that keep one client from taking the server: per address, and
+/// per session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientLimits {
+    /// Sessions open at once from one address; more get `421 4.7.0`.
+    pub connections_per_client: usize,
+    /// New sessions per minute from one address; more get `421 4.7.0`.
+    pub connection_rate_per_client: usize,
+    /// Longest a session may last, however busy; then `421 4.4.2`.
+    pub max_session_time: Duration,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            connections_per_client: 50,
+            connection_rate_per_client: 600,
+            max_session_time: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// `[smtp.tls]`: the certificate STARTTLS presents.

@@ -32,6 +32,7 @@ pub(crate) fn config() -> Config {
             relay_networks: vec![],
             accept_domains: vec![],
             tls: None,
+            limits: Default::default(),
         },
         delivery: DeliveryConfig {
             association_threshold: 50,

@@ -32,6 +32,7 @@ fn cfg() -> Arc<SmtpConfig> {
         relay_networks: vec!["127.0.0.0/8".parse().unwrap()],
         accept_domains: vec![],
         tls: None,
+        limits: Default::default(),
     })
 }
 

@@ -4,6 +4,7 @@
 //! the session's private helpers.
 
 mod address;
+pub mod clients;
 mod data;
 pub mod server;
 pub mod session;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::clients::{ClientSlot, Clients, TooMany};
 use super::session::{Output, Session};
 use super::Accept;
 use crate::config::SmtpConfig;
@@ -133,6 +134,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         implicit_tls,
     } = l;
     let open = Arc::new(AtomicUsize::new(0));
+    let clients = Arc::new(Clients::default());
     let mut tls_cache = TlsCache::default();
     loop {
         let accepted = tokio::select! {
@@ -156,12 +158,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         // Each session runs on the configuration current when it began;
         // a reload applies to the next ones.
         let now = cfg.borrow().clone();
-        let draining = *drain.borrow();
-        let permit = if draining {
-            None
-        } else {
-            Permit::take(&open, now.max_connections)
-        };
+        let slot = admit(&now, &open, &clients, peer, *drain.borrow());
         let acceptor = tls_cache.get(&now);
         let tls = match (implicit_tls, acceptor) {
             (false, a) => Tls::Offer(a),
@@ -172,7 +169,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         tracker.spawn(connection(
             stream,
             peer,
-            permit.ok_or(draining),
+            slot,
             now,
             tls,
             accept.clone(),
@@ -234,7 +231,41 @@ impl Drop for Permit {
 }
 
 /// A session slot, or why there is none (true: the listener drains).
-type Slot = Result<Permit, bool>;
+type Slot = Result<(Permit, Option<ClientSlot>), Refusal>;
+
+/// Why a client is turned away at once.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// The listener drains: the service moves.
+    Moving,
+    /// The server has `max_connections` sessions.
+    Busy,
+    /// Its address has too many.
+    Client(TooMany),
+}
+
+/// A session slot for a client from `peer`, or why there is none. Clients
+/// in `relay_networks` are trusted with any number of sessions.
+fn admit(
+    cfg: &SmtpConfig,
+    open: &Arc<AtomicUsize>,
+    clients: &Arc<Clients>,
+    peer: SocketAddr,
+    draining: bool,
+) -> Slot {
+    if draining {
+        return Err(Refusal::Moving);
+    }
+    let permit = Permit::take(open, cfg.max_connections).ok_or(Refusal::Busy)?;
+    let ip = peer.ip().to_canonical();
+    if cfg.relay_networks.iter().any(|n| n.contains(&ip)) {
+        return Ok((permit, None));
+    }
+    let client = clients
+        .admit(ip, &cfg.limits, tokio::time::Instant::now())
+        .map_err(Refusal::Client)?;
+    Ok((permit, Some(client)))
+}
 
 /// How a connection uses TLS.
 enum Tls {
@@ -259,11 +290,16 @@ async fn connection(
         (Ok(p), _) => p,
         // A TLS client would not read a plaintext 421: just close.
         (Err(_), Tls::Implicit(_)) => return,
-        (Err(draining), _) => return refuse(stream, peer, &cfg, draining).await,
+        (Err(why), _) => return refuse(stream, peer, &cfg, why).await,
     };
     tracing::debug!(%peer, "smtp connect");
     crate::metrics::smtp_session(1);
-    let idle = cfg.idle_timeout;
+    let t = Times {
+        idle: cfg.idle_timeout,
+        // However busy, a session ends by then (a slow trickle of valid
+        // commands would otherwise hold a slot for ever).
+        end: tokio::time::Instant::now() + cfg.limits.max_session_time,
+    };
     let mut session = Session::new(cfg, peer.ip());
     let tls = match tls {
         Tls::Offer(a) => a,
@@ -275,7 +311,7 @@ async fn connection(
                 acceptor,
                 accept.as_ref(),
                 &cancel,
-                idle,
+                t,
             )
             .await;
             crate::metrics::smtp_session(-1);
@@ -289,19 +325,19 @@ async fn connection(
         session.without_tls();
     }
     let result = async {
-        write(&mut stream, session.greeting().as_bytes(), idle).await?;
-        let end = drive(&mut stream, &mut session, accept.as_ref(), &cancel, idle).await?;
+        write(&mut stream, session.greeting().as_bytes(), t.idle).await?;
+        let end = drive(&mut stream, &mut session, accept.as_ref(), &cancel, t).await?;
         match (end, tls) {
             (End::StartTls, Some(acceptor)) => {
                 let handshake = tokio::select! {
-                    h = tokio::time::timeout(idle, acceptor.accept(stream)) => h,
+                    h = tokio::time::timeout(t.idle, acceptor.accept(stream)) => h,
                     _ = cancel.cancelled() => return Ok(()),
                 };
                 let mut stream = handshake
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))??;
                 session.tls_started();
                 tracing::debug!(%peer, "smtp tls started");
-                drive(&mut stream, &mut session, accept.as_ref(), &cancel, idle).await?;
+                drive(&mut stream, &mut session, accept.as_ref(), &cancel, t).await?;
                 Ok(())
             }
             _ => Ok::<(), io::Error>(()),
@@ -323,35 +359,45 @@ async fn implicit(
     acceptor: TlsAcceptor,
     accept: &dyn Accept,
     cancel: &CancellationToken,
-    idle: Duration,
+    t: Times,
 ) -> io::Result<()> {
     let handshake = tokio::select! {
-        h = tokio::time::timeout(idle, acceptor.accept(stream)) => h,
+        h = tokio::time::timeout(t.idle, acceptor.accept(stream)) => h,
         _ = cancel.cancelled() => return Ok(()),
     };
     let mut stream =
         handshake.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))??;
     session.tls_started();
     tracing::debug!(%peer, "smtp tls started (implicit)");
-    write(&mut stream, session.greeting().as_bytes(), idle).await?;
-    drive(&mut stream, session, accept, cancel, idle).await?;
+    write(&mut stream, session.greeting().as_bytes(), t.idle).await?;
+    drive(&mut stream, session, accept, cancel, t).await?;
     Ok(())
 }
 
+/// A session's time limits.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    /// Longest silence from the client.
+    idle: Duration,
+    /// When the session ends, however busy.
+    end: tokio::time::Instant,
+}
+
 /// Turn a client away with 421: too many connections, or moving.
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, draining: bool) {
-    let reply = if draining {
-        tracing::debug!(%peer, "connection refused: the service is moving");
-        format!(
-            "421 4.3.2 {} Service moving to another node, try again shortly\r\n",
-            cfg.hostname
-        )
-    } else {
-        tracing::debug!(%peer, "connection refused: too many connections");
-        format!(
-            "421 4.3.2 {} Too many connections, try again later\r\n",
-            cfg.hostname
-        )
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, why: Refusal) {
+    tracing::debug!(%peer, ?why, "connection refused");
+    let host = &cfg.hostname;
+    let reply = match why {
+        Refusal::Moving => {
+            format!("421 4.3.2 {host} Service moving to another node, try again shortly\r\n")
+        }
+        Refusal::Busy => format!("421 4.3.2 {host} Too many connections, try again later\r\n"),
+        Refusal::Client(TooMany::Open) => {
+            format!("421 4.7.0 {host} Too many connections from your address\r\n")
+        }
+        Refusal::Client(TooMany::Rate) => {
+            format!("421 4.7.0 {host} Too many connections from your address this minute\r\n")
+        }
     };
     if write(&mut stream, reply.as_bytes(), cfg.idle_timeout)
         .await
@@ -376,8 +422,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     accept: &dyn Accept,
     cancel: &CancellationToken,
-    idle: Duration,
+    t: Times,
 ) -> io::Result<End> {
+    let idle = t.idle;
     let mut rbuf = vec![0u8; READ_BUF];
     let mut out = Vec::new();
     let mut replies = Vec::new();
@@ -387,6 +434,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             // interrupted because it is awaited outside this select.
             biased;
             _ = cancel.cancelled() => session.shutdown(&mut out),
+            _ = tokio::time::sleep_until(t.end) => session.timeout(&mut out),
             read = tokio::time::timeout(idle, stream.read(&mut rbuf)) => match read {
                 Err(_elapsed) => session.timeout(&mut out),
                 Ok(Ok(0)) => return Ok(End::Closed),

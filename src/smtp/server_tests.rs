@@ -54,6 +54,7 @@ fn cfg() -> SmtpConfig {
         relay_networks: vec!["127.0.0.0/8".parse().expect("net")],
         accept_domains: vec![],
         tls: None,
+        limits: Default::default(),
     }
 }
 
@@ -379,4 +380,72 @@ async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finis
     task.await.expect("serve");
     tracker.close();
     tracker.wait().await;
+}
+
+/// An outsider (not in relay_networks) with too many sessions open is
+/// turned away with 421 4.7.0; a trusted one is not.
+#[tokio::test]
+async fn one_address_may_not_take_every_session() {
+    let mut c = cfg();
+    c.relay_networks = vec![];
+    c.accept_domains = vec!["example.test".into()];
+    c.limits.connections_per_client = 2;
+    let server = Server::start(c, Arc::new(Memory::default())).await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut cl = Client::connect(server.addr).await;
+        cl.expect("220").await;
+        open.push(cl);
+    }
+    let mut third = Client::connect(server.addr).await;
+    third
+        .expect("421 4.7.0 mx.example.test Too many connections from your address")
+        .await;
+    assert!(third.closed().await);
+    drop(open.pop());
+    // The freed slot is taken back as the server notices the close.
+    let again = async {
+        loop {
+            let mut cl = Client::connect(server.addr).await;
+            if cl.reply().await.starts_with("220") {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), again).await.expect("a slot again");
+    server.stop().await;
+
+    let mut trusted = cfg();
+    trusted.limits.connections_per_client = 1;
+    let server = Server::start(trusted, Arc::new(Memory::default())).await;
+    let mut a = Client::connect(server.addr).await;
+    a.expect("220").await;
+    let mut b = Client::connect(server.addr).await;
+    b.expect("220").await;
+    server.stop().await;
+}
+
+/// A client that keeps a session busy for ever is cut off at the
+/// session time limit, however active.
+#[tokio::test]
+async fn a_session_ends_at_its_time_limit() {
+    let mut c = cfg();
+    c.limits.max_session_time = Duration::from_millis(300);
+    c.max_commands_before_mail = usize::MAX;
+    let server = Server::start(c, Arc::new(Memory::default())).await;
+    let mut cl = Client::connect(server.addr).await;
+    cl.expect("220").await;
+    let cut = async {
+        loop {
+            cl.send("NOOP\r\n").await;
+            let r = cl.reply().await;
+            if r.starts_with("421 4.4.2") {
+                return;
+            }
+            assert!(r.starts_with("250"), "{r}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), cut).await.expect("cut off");
+    server.stop().await;
 }

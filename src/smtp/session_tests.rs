@@ -21,6 +21,7 @@ pub(super) fn cfg() -> Arc<SmtpConfig> {
         relay_networks: vec!["10.0.0.0/8".parse().unwrap()],
         accept_domains: vec!["example.test".into(), "[192.0.2.1]".into()],
         tls: None,
+        limits: Default::default(),
     })
 }
 

@@ -1,0 +1,202 @@
+//! Admission per client address: how many sessions one address has open,
+//! and how many it opened in the current minute. IPv6 clients are counted
+//! per /64, which one subscriber usually has whole. Memory is bounded:
+//! past MAX_TRACKED addresses, idle ones are forgotten first, and if
+//! every one is busy the rate goes unchecked (the global connection limit
+//! still holds).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::ClientLimits;
+
+/// Most addresses tracked at once.
+const MAX_TRACKED: usize = 100_000;
+/// The window of the connection rate.
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// Why a client was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TooMany {
+    /// Too many sessions open from its address.
+    Open,
+    /// Too many new sessions from its address this minute.
+    Rate,
+}
+
+#[derive(Debug)]
+struct Entry {
+    open: usize,
+    window_start: Instant,
+    started: usize,
+}
+
+/// Sessions by client address.
+#[derive(Debug, Default)]
+pub struct Clients {
+    map: Mutex<HashMap<IpAddr, Entry>>,
+}
+
+/// A session counted against its address while it lives.
+#[derive(Debug)]
+pub struct ClientSlot {
+    clients: Arc<Clients>,
+    key: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.clients.lock();
+        if let Some(e) = map.get_mut(&self.key) {
+            e.open = e.open.saturating_sub(1);
+        }
+    }
+}
+
+/// The address a client is counted under.
+fn key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+        v4 => v4,
+    }
+}
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admit a session from `ip` at `now`, or say why not.
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        limits: &ClientLimits,
+        now: Instant,
+    ) -> Result<ClientSlot, TooMany> {
+        let key = key(ip);
+        let mut map = self.lock();
+        if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
+            map.retain(|_, e| e.open > 0 || now.duration_since(e.window_start) < WINDOW);
+            if map.len() >= MAX_TRACKED {
+                // Every one busy: admit untracked rather than grow.
+                return Ok(ClientSlot {
+                    clients: Arc::new(Clients::default()),
+                    key,
+                });
+            }
+        }
+        let e = map.entry(key).or_insert(Entry {
+            open: 0,
+            window_start: now,
+            started: 0,
+        });
+        if now.duration_since(e.window_start) >= WINDOW {
+            e.window_start = now;
+            e.started = 0;
+        }
+        if e.open >= limits.connections_per_client {
+            return Err(TooMany::Open);
+        }
+        if e.started >= limits.connection_rate_per_client {
+            return Err(TooMany::Rate);
+        }
+        e.open += 1;
+        e.started += 1;
+        Ok(ClientSlot {
+            clients: self.clone(),
+            key,
+        })
+    }
+
+    /// Addresses tracked now.
+    pub fn tracked(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(open: usize, rate: usize) -> ClientLimits {
+        ClientLimits {
+            connections_per_client: open,
+            connection_rate_per_client: rate,
+            ..ClientLimits::default()
+        }
+    }
+
+    #[test]
+    fn open_sessions_per_address_are_capped_and_freed_on_drop() {
+        let c = Arc::new(Clients::default());
+        let (l, now) = (limits(2, 100), Instant::now());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let a = c.admit(ip, &l, now).unwrap();
+        let _b = c.admit(ip, &l, now).unwrap();
+        assert_eq!(c.admit(ip, &l, now).unwrap_err(), TooMany::Open);
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(
+            c.admit(other, &l, now).is_ok(),
+            "another address is not affected"
+        );
+        drop(a);
+        assert!(c.admit(ip, &l, now).is_ok());
+    }
+
+    #[test]
+    fn new_sessions_per_minute_are_capped_then_allowed_again() {
+        let c = Arc::new(Clients::default());
+        let (l, t0) = (limits(100, 3), Instant::now());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..3 {
+            drop(c.admit(ip, &l, t0).unwrap());
+        }
+        assert_eq!(
+            c.admit(ip, &l, t0 + Duration::from_secs(59)).unwrap_err(),
+            TooMany::Rate
+        );
+        assert!(c.admit(ip, &l, t0 + WINDOW).is_ok(), "a new minute");
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_slash_64() {
+        let c = Arc::new(Clients::default());
+        let (l, now) = (limits(1, 100), Instant::now());
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _s = c.admit(a, &l, now).unwrap();
+        assert_eq!(c.admit(b, &l, now).unwrap_err(), TooMany::Open, "same /64");
+        assert!(c.admit(other, &l, now).is_ok());
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let _m = c.admit(mapped, &l, now).unwrap();
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            c.admit(v4, &l, now).unwrap_err(),
+            TooMany::Open,
+            "mapped is v4"
+        );
+    }
+
+    #[test]
+    fn idle_addresses_are_forgotten_when_the_table_is_full() {
+        let c = Arc::new(Clients::default());
+        let (l, t0) = (limits(10, 10), Instant::now());
+        for i in 0..MAX_TRACKED as u32 {
+            drop(c.admit(IpAddr::V4(i.into()), &l, t0).unwrap());
+        }
+        assert_eq!(c.tracked(), MAX_TRACKED);
+        let later = t0 + WINDOW;
+        let ip: IpAddr = "203.0.113.1".parse().unwrap();
+        let _s = c.admit(ip, &l, later).unwrap();
+        assert_eq!(c.tracked(), 1, "the idle ones went");
+    }
+}
