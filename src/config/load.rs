@@ -262,29 +262,27 @@ fn read_smtp(
     let backlog = int_or(ctx, &mut f, "backlog", 1, 65535, 4096) as u32;
     let max_connections = int_or(ctx, &mut f, "max_connections", 1, i64::MAX, 10_000) as usize;
     let d = super::ClientLimits::default();
+    let mut count = |key: &'static str, default: usize| {
+        int_or(ctx, &mut f, key, 1, i64::MAX, default as i64) as usize
+    };
+    let connections_per_client = count("max_connections_per_client", d.connections_per_client);
+    let connection_rate_per_client = count(
+        "max_connection_rate_per_client",
+        d.connection_rate_per_client,
+    );
+    let messages_per_client = count("max_messages_per_client", d.messages_per_client);
+    let recipients_per_client = count("max_recipients_per_client", d.recipients_per_client);
     let limits = super::ClientLimits {
-        connections_per_client: int_or(
-            ctx,
-            &mut f,
-            "max_connections_per_client",
-            1,
-            i64::MAX,
-            d.connections_per_client as i64,
-        ) as usize,
-        connection_rate_per_client: int_or(
-            ctx,
-            &mut f,
-            "max_connection_rate_per_client",
-            1,
-            i64::MAX,
-            d.connection_rate_per_client as i64,
-        ) as usize,
+        connections_per_client,
+        connection_rate_per_client,
         max_session_time: duration_or(
             ctx,
             &mut f,
             "max_session_time",
             d.max_session_time.as_secs(),
         ),
+        messages_per_client,
+        recipients_per_client,
     };
     let max_message_size = f
         .take("max_message_size")

@@ -186,6 +186,10 @@ pub struct ClientLimits {
     pub connection_rate_per_client: usize,
     /// Longest a session may last, however busy; then `421 4.4.2`.
     pub max_session_time: Duration,
+    /// Messages per minute from one address; more get `451 4.7.1` at MAIL.
+    pub messages_per_client: usize,
+    /// Recipients per minute from one address; more get `451 4.7.1`.
+    pub recipients_per_client: usize,
 }
 
 impl Default for ClientLimits {
@@ -194,6 +198,8 @@ impl Default for ClientLimits {
             connections_per_client: 50,
             connection_rate_per_client: 600,
             max_session_time: Duration::from_secs(3600),
+            messages_per_client: 600,
+            recipients_per_client: 6000,
         }
     }
 }

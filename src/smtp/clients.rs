@@ -33,6 +33,28 @@ struct Entry {
     open: usize,
     window_start: Instant,
     started: usize,
+    messages: usize,
+    recipients: usize,
+}
+
+impl Entry {
+    /// Start a new minute if this one is over.
+    fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.window_start) >= WINDOW {
+            self.window_start = now;
+            self.started = 0;
+            self.messages = 0;
+            self.recipients = 0;
+        }
+    }
+}
+
+/// What a session asks of its address's budget for this minute.
+pub trait Budget: Send + Sync + std::fmt::Debug {
+    /// One more message; false if the address has sent its share.
+    fn message(&self) -> bool;
+    /// One more recipient; false likewise.
+    fn recipient(&self) -> bool;
 }
 
 /// Sessions by client address.
@@ -46,6 +68,33 @@ pub struct Clients {
 pub struct ClientSlot {
     clients: Arc<Clients>,
     key: IpAddr,
+    limits: ClientLimits,
+}
+
+impl ClientSlot {
+    fn take(&self, what: fn(&mut Entry) -> &mut usize, max: usize) -> bool {
+        let mut map = self.clients.lock();
+        let Some(e) = map.get_mut(&self.key) else {
+            return true;
+        };
+        e.roll(Instant::now());
+        let n = what(e);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+}
+
+impl Budget for ClientSlot {
+    fn message(&self) -> bool {
+        self.take(|e| &mut e.messages, self.limits.messages_per_client)
+    }
+
+    fn recipient(&self) -> bool {
+        self.take(|e| &mut e.recipients, self.limits.recipients_per_client)
+    }
 }
 
 impl Drop for ClientSlot {
@@ -90,6 +139,7 @@ impl Clients {
                 return Ok(ClientSlot {
                     clients: Arc::new(Clients::default()),
                     key,
+                    limits: limits.clone(),
                 });
             }
         }
@@ -97,11 +147,10 @@ impl Clients {
             open: 0,
             window_start: now,
             started: 0,
+            messages: 0,
+            recipients: 0,
         });
-        if now.duration_since(e.window_start) >= WINDOW {
-            e.window_start = now;
-            e.started = 0;
-        }
+        e.roll(now);
         if e.open >= limits.connections_per_client {
             return Err(TooMany::Open);
         }
@@ -113,6 +162,7 @@ impl Clients {
         Ok(ClientSlot {
             clients: self.clone(),
             key,
+            limits: limits.clone(),
         })
     }
 
@@ -164,6 +214,25 @@ mod tests {
             TooMany::Rate
         );
         assert!(c.admit(ip, &l, t0 + WINDOW).is_ok(), "a new minute");
+    }
+
+    #[test]
+    fn messages_and_recipients_per_minute_are_shared_by_an_address() {
+        let c = Arc::new(Clients::default());
+        let l = ClientLimits {
+            messages_per_client: 2,
+            recipients_per_client: 3,
+            ..ClientLimits::default()
+        };
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let (a, b) = (
+            c.admit(ip, &l, Instant::now()).unwrap(),
+            c.admit(ip, &l, Instant::now()).unwrap(),
+        );
+        assert!(a.message() && b.message());
+        assert!(!a.message(), "two sessions share the address's budget");
+        assert!(a.recipient() && a.recipient() && b.recipient());
+        assert!(!b.recipient());
     }
 
     #[test]

@@ -286,7 +286,7 @@ async fn connection(
 ) {
     // Replies are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    let _permit = match (permit, &tls) {
+    let (_permit, client) = match (permit, &tls) {
         (Ok(p), _) => p,
         // A TLS client would not read a plaintext 421: just close.
         (Err(_), Tls::Implicit(_)) => return,
@@ -301,6 +301,9 @@ async fn connection(
         end: tokio::time::Instant::now() + cfg.limits.max_session_time,
     };
     let mut session = Session::new(cfg, peer.ip());
+    if let Some(c) = client {
+        session.with_budget(Arc::new(c));
+    }
     let tls = match tls {
         Tls::Offer(a) => a,
         Tls::Implicit(acceptor) => {

@@ -412,7 +412,9 @@ async fn one_address_may_not_take_every_session() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), again).await.expect("a slot again");
+    tokio::time::timeout(Duration::from_secs(60), again)
+        .await
+        .expect("a slot again");
     server.stop().await;
 
     let mut trusted = cfg();
@@ -446,6 +448,8 @@ async fn a_session_ends_at_its_time_limit() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), cut).await.expect("cut off");
+    tokio::time::timeout(Duration::from_secs(60), cut)
+        .await
+        .expect("cut off");
     server.stop().await;
 }

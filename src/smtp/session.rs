@@ -9,6 +9,7 @@ use std::sync::Arc;
 use smtp_proto::{Error as ParseError, Request};
 
 use super::address::{self, PathError};
+use super::clients::Budget;
 use super::data::{DataOutcome, DataReceiver};
 use super::Incoming;
 use crate::config::SmtpConfig;
@@ -84,6 +85,9 @@ pub struct Session {
     tls: bool,
     /// STARTTLS is offered (configured, and its certificate loaded).
     offer_tls: bool,
+    /// The client address's share of messages and recipients per minute
+    /// (None: not limited, e.g. a trusted client).
+    budget: Option<Arc<dyn Budget>>,
 }
 
 impl Session {
@@ -105,7 +109,13 @@ impl Session {
             idle_commands: 0,
             tls: false,
             offer_tls: cfg_tls,
+            budget: None,
         }
+    }
+
+    /// Count messages and recipients against `budget`.
+    pub fn with_budget(&mut self, budget: Arc<dyn Budget>) {
+        self.budget = Some(budget);
     }
 
     /// The handshake after STARTTLS (or on an implicit-TLS listener)
@@ -472,6 +482,10 @@ impl Session {
         if from.size as u64 > self.cfg.max_message_size {
             return self.error("552 5.3.4 Message size exceeds fixed maximum", out);
         }
+        if self.budget.as_ref().is_some_and(|b| !b.message()) {
+            let r = "451 4.7.1 Too many messages from your address, try again later";
+            return self.reply(r, out);
+        }
         self.tx = Some(Transaction {
             sender,
             recipients: Vec::new(),
@@ -525,6 +539,11 @@ impl Session {
             if tx.recipients.len() >= max {
                 // A client sending a long list is not misbehaving; no penalty.
                 out.push(Output::Reply("452 4.5.3 Too many recipients\r\n".into()));
+                return;
+            }
+            if self.budget.as_ref().is_some_and(|b| !b.recipient()) {
+                let r = "451 4.7.1 Too many recipients from your address, try again later\r\n";
+                out.push(Output::Reply(r.into()));
                 return;
             }
             tx.recipients.push(rcpt);

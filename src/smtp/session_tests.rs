@@ -638,3 +638,50 @@ fn timeout_and_shutdown_close() {
 
 #[path = "session_proptests.rs"]
 mod proptests;
+
+/// An address's share per minute, as the server's table gives it out.
+#[derive(Debug)]
+struct Share {
+    messages: std::sync::atomic::AtomicUsize,
+    recipients: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::smtp::clients::Budget for Share {
+    fn message(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.messages
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+    fn recipient(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.recipients
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[test]
+fn an_address_over_its_share_is_told_to_come_back() {
+    let mut s = Session::new(cfg(), OUTSIDER);
+    s.with_budget(Arc::new(Share {
+        messages: 1.into(),
+        recipients: 1.into(),
+    }));
+    let mut out = Vec::new();
+    s.feed(
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nRCPT TO:<v@example.test>\r\nRSET\r\nMAIL FROM:<a@b.test>\r\n",
+        &mut out,
+    );
+    let r = replies(&out);
+    assert_eq!(r[2], "250 2.1.5 Ok");
+    assert_eq!(
+        r[3],
+        "451 4.7.1 Too many recipients from your address, try again later"
+    );
+    assert_eq!(
+        r[5],
+        "451 4.7.1 Too many messages from your address, try again later"
+    );
+    assert!(!s.is_closed(), "a 4xx, not a penalty");
+}
