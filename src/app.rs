@@ -35,8 +35,9 @@ pub enum StartError {
     /// The cluster side could not start.
     #[error("{0}")]
     Cluster(#[from] ClusterError),
-    /// The STARTTLS certificate or key could not be loaded.
-    #[error("cannot offer STARTTLS: {0}")]
+    /// The STARTTLS certificate or key, or the AUTH credentials, could
+    /// not be loaded.
+    #[error("cannot offer STARTTLS or AUTH: {0}")]
     Tls(String),
     /// The admin token file could not be read, or is empty.
     #[error("cannot read the admin token from {path}: {why}")]
@@ -145,6 +146,9 @@ impl Node {
         }
         if let Some(t) = &config.smtp.tls {
             crate::smtp::tls::acceptor(t).map_err(StartError::Tls)?;
+        }
+        if let Some(path) = &config.smtp.auth {
+            crate::smtp::auth::Credentials::load(path).map_err(StartError::Tls)?;
         }
         let live = Live::new(config.clone());
         let config = Arc::new(config);

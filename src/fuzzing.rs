@@ -33,6 +33,7 @@ pub fn session(data: &[u8]) {
         accept_domains: vec!["example.test".into()],
         tls: None,
         limits: Default::default(),
+        auth: None,
     });
     let ip = match relay {
         true => IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),

@@ -49,6 +49,12 @@ enum Command {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Print a credentials line (`user:argon2-hash`) for `[smtp.auth]
+    /// credentials`, reading the password from the first line of stdin.
+    Passwd {
+        /// The user name.
+        user: String,
+    },
     /// Start a three-node demo cluster on loopback addresses with a built-in
     /// sink, stream mail to its VIP, kill the VIP's owner midway, restart
     /// it, and report.
@@ -216,6 +222,15 @@ fn main() -> ExitCode {
                     eprintln!("{}: smtp.tls: {e}", file.display());
                     return ExitCode::from(EXIT_CONFIG);
                 }
+                let auth = cfg
+                    .smtp
+                    .auth
+                    .as_deref()
+                    .map(mtad::smtp::auth::Credentials::load);
+                if let Some(Err(e)) = auth {
+                    eprintln!("{}: smtp.auth: {e}", file.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 let cluster = match &cfg.cluster {
                     Some(c) => format!("cluster {} with {} seed(s)", c.name, c.seeds.len()),
                     None => "single node".to_string(),
@@ -317,6 +332,28 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("mtad ctl: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Passwd { user } => {
+            let mut password = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut password) {
+                eprintln!("mtad passwd: cannot read the password: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                eprintln!("mtad passwd: an empty password; give it on stdin");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            match mtad::smtp::auth::entry(&user, password) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mtad passwd: {e}");
                     ExitCode::from(EXIT_FAILURE)
                 }
             }

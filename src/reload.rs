@@ -38,8 +38,14 @@ pub fn reload(node: &Node, path: &Path, logging: &Logging) -> Outcome {
             // A certificate that does not load would leave new sessions
             // without STARTTLS: keep the running one instead.
             let tls = cfg.smtp.tls.as_ref().map(crate::smtp::tls::acceptor);
-            let applied = match tls {
-                Some(Err(e)) => Err(vec![format!("smtp.tls: {e}")]),
+            let auth = cfg
+                .smtp
+                .auth
+                .as_deref()
+                .map(crate::smtp::auth::Credentials::load);
+            let applied = match (tls, auth) {
+                (Some(Err(e)), _) => Err(vec![format!("smtp.tls: {e}")]),
+                (_, Some(Err(e))) => Err(vec![format!("smtp.auth: {e}")]),
                 _ => node.reload(cfg),
             };
             match applied {

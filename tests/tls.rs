@@ -429,3 +429,77 @@ async fn an_implicit_tls_port_speaks_tls_from_the_first_byte() {
     let r = reply(&mut plain).await;
     assert!(!r.starts_with("220") && !r.starts_with("250"), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_client_may_relay_and_guessing_is_slowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = issue(dir.path(), 4);
+    // `mtad passwd` writes the credentials line from the password on stdin.
+    let mut passwd = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["passwd", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    passwd
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret pass\n")
+        .unwrap();
+    let out = passwd.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.starts_with("alice:$argon2id$"), "{line}");
+    std::fs::write(dir.path().join("passwd"), &line).unwrap();
+
+    let (smtp, admin) = (free_port(), free_port());
+    let path = config(dir.path(), smtp, admin);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("relay_networks = [\"127.0.0.0/8\"]", "relay_networks = []")
+        .replace(
+            "[[route]]",
+            &format!(
+                "[smtp.auth]\ncredentials = \"{}\"\n\n[[route]]",
+                dir.path().join("passwd").display()
+            ),
+        );
+    std::fs::write(&path, text).unwrap();
+    let _daemon = Daemon::start(&path).await;
+
+    let (mut tls, _) = starttls(smtp, &pki.ca).await;
+    let ehlo = say(&mut tls, "EHLO client.test\r\n").await;
+    assert!(ehlo.contains("250-AUTH PLAIN LOGIN"), "{ehlo}");
+    say(&mut tls, "MAIL FROM:<a@b.example>\r\n").await;
+    let r = say(&mut tls, "RCPT TO:<c@far.example>\r\n").await;
+    assert!(r.starts_with("554 5.7.1"), "not before AUTH: {r}");
+    say(&mut tls, "RSET\r\n").await;
+    // "\0alice\0s3cret pass"
+    let r = say(&mut tls, "AUTH PLAIN AGFsaWNlAHMzY3JldCBwYXNz\r\n").await;
+    assert!(r.starts_with("235 2.7.0"), "{r}");
+    for (line, want) in [
+        ("MAIL FROM:<a@b.example>\r\n", "250"),
+        ("RCPT TO:<c@far.example>\r\n", "250"),
+        ("DATA\r\n", "354"),
+        ("Subject: relayed\r\n\r\nx\r\n.\r\n", "250"),
+    ] {
+        let r = say(&mut tls, line).await;
+        assert!(r.starts_with(want), "{line:?}: {r}");
+    }
+
+    // Wrong passwords: 535 each, then the address must wait.
+    let (mut guess, _) = starttls(smtp, &pki.ca).await;
+    say(&mut guess, "EHLO guesser.test\r\n").await;
+    let mut replies = Vec::new();
+    for _ in 0..6 {
+        // "\0alice\0wrong"
+        replies.push(say(&mut guess, "AUTH PLAIN AGFsaWNlAHdyb25n\r\n").await);
+    }
+    assert!(
+        replies[..5].iter().all(|r| r.starts_with("535 5.7.8")),
+        "{replies:?}"
+    );
+    assert!(replies[5].starts_with("454 4.7.0"), "{replies:?}");
+}

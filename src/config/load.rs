@@ -355,6 +355,20 @@ fn read_smtp(
             implicit_listen,
         }
     });
+    let auth = f
+        .take("auth")
+        .and_then(|n| ctx.table(&n))
+        .and_then(|mut t| {
+            let file = t
+                .require(ctx, "credentials")
+                .and_then(|n| ctx.string(&n, "a file path like \"/etc/mtad/passwd\""));
+            if tls.is_none() {
+                let msg = "SMTP AUTH is offered only over TLS: configure [smtp.tls] too";
+                ctx.error(&t.span, &t.path, msg);
+            }
+            t.finish(ctx);
+            file.map(PathBuf::from)
+        });
     f.finish(ctx);
     SmtpConfig {
         listen,
@@ -369,6 +383,7 @@ fn read_smtp(
         accept_domains,
         tls,
         limits,
+        auth,
     }
 }
 

@@ -174,6 +174,9 @@ pub struct SmtpConfig {
     /// Limits per client address (clients in `relay_networks` are exempt
     /// from the per-address ones).
     pub limits: ClientLimits,
+    /// `[smtp.auth]`: SMTP AUTH over TLS against this credentials file
+    /// (`user:argon2-hash` lines); None: not offered.
+    pub auth: Option<PathBuf>,
 }
 
 /// Limits that keep one client from taking the server: per address, and

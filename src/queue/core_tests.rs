@@ -33,6 +33,7 @@ pub(crate) fn config() -> Config {
             accept_domains: vec![],
             tls: None,
             limits: Default::default(),
+            auth: None,
         },
         delivery: DeliveryConfig {
             association_threshold: 50,

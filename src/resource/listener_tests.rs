@@ -33,6 +33,7 @@ fn cfg() -> Arc<SmtpConfig> {
         accept_domains: vec![],
         tls: None,
         limits: Default::default(),
+        auth: None,
     })
 }
 

@@ -35,6 +35,7 @@ struct Entry {
     started: usize,
     messages: usize,
     recipients: usize,
+    auth_failures: usize,
 }
 
 impl Entry {
@@ -45,6 +46,7 @@ impl Entry {
             self.started = 0;
             self.messages = 0;
             self.recipients = 0;
+            self.auth_failures = 0;
         }
     }
 }
@@ -55,7 +57,16 @@ pub trait Budget: Send + Sync + std::fmt::Debug {
     fn message(&self) -> bool;
     /// One more recipient; false likewise.
     fn recipient(&self) -> bool;
+    /// Whether the address may try to authenticate now.
+    fn auth_allowed(&self) -> bool {
+        true
+    }
+    /// An authentication attempt failed.
+    fn auth_failed(&self) {}
 }
+
+/// Failed AUTH attempts per minute from one address before it must wait.
+pub const AUTH_FAILURES: usize = 5;
 
 /// Sessions by client address.
 #[derive(Debug, Default)]
@@ -94,6 +105,18 @@ impl Budget for ClientSlot {
 
     fn recipient(&self) -> bool {
         self.take(|e| &mut e.recipients, self.limits.recipients_per_client)
+    }
+
+    fn auth_allowed(&self) -> bool {
+        let mut map = self.clients.lock();
+        map.get_mut(&self.key).is_none_or(|e| {
+            e.roll(Instant::now());
+            e.auth_failures < AUTH_FAILURES
+        })
+    }
+
+    fn auth_failed(&self) {
+        self.take(|e| &mut e.auth_failures, usize::MAX);
     }
 }
 
@@ -149,6 +172,7 @@ impl Clients {
             started: 0,
             messages: 0,
             recipients: 0,
+            auth_failures: 0,
         });
         e.roll(now);
         if e.open >= limits.connections_per_client {

@@ -4,6 +4,7 @@
 //! the session's private helpers.
 
 mod address;
+pub mod auth;
 pub mod clients;
 mod data;
 pub mod server;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::auth::Credentials;
 use super::clients::{ClientSlot, Clients, TooMany};
 use super::session::{Output, Session};
 use super::Accept;
@@ -166,12 +167,14 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
             // No certificate: nothing to speak on this port.
             (true, None) => continue,
         };
+        let creds = tls_cache.credentials(&now);
         tracker.spawn(connection(
             stream,
             peer,
             slot,
             now,
             tls,
+            creds,
             accept.clone(),
             cancel.clone(),
         ));
@@ -180,15 +183,35 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
     tracing::debug!("smtp listener closed");
 }
 
-/// The STARTTLS acceptor for the configuration in force, rebuilt when a
-/// reload brings a new one (a renewed certificate).
+/// The STARTTLS acceptor and AUTH credentials for the configuration in
+/// force, loaded again when a reload brings a new one (a renewed
+/// certificate, a changed password file).
 #[derive(Default)]
 struct TlsCache {
     built_for: Option<Arc<SmtpConfig>>,
     acceptor: Option<TlsAcceptor>,
+    creds_for: Option<Arc<SmtpConfig>>,
+    creds: Option<Arc<Credentials>>,
 }
 
 impl TlsCache {
+    fn credentials(&mut self, cfg: &Arc<SmtpConfig>) -> Option<Arc<Credentials>> {
+        if !self.creds_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, cfg)) {
+            self.creds_for = Some(cfg.clone());
+            self.creds = match (&cfg.auth, self.creds.take()) {
+                (None, _) => None,
+                (Some(path), before) => match Credentials::load(path) {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot load the credentials; keeping those in use");
+                        before
+                    }
+                },
+            };
+        }
+        self.creds.clone()
+    }
+
     fn get(&mut self, cfg: &Arc<SmtpConfig>) -> Option<TlsAcceptor> {
         if !self.built_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, cfg)) {
             self.built_for = Some(cfg.clone());
@@ -275,12 +298,16 @@ enum Tls {
     Implicit(TlsAcceptor),
 }
 
+// A connection task takes everything it serves with; a struct would only
+// move this list elsewhere.
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     permit: Slot,
     cfg: Arc<SmtpConfig>,
     tls: Tls,
+    creds: Option<Arc<Credentials>>,
     accept: Arc<dyn Accept>,
     cancel: CancellationToken,
 ) {
@@ -304,19 +331,19 @@ async fn connection(
     if let Some(c) = client {
         session.with_budget(Arc::new(c));
     }
+    if creds.is_none() {
+        session.without_auth();
+    }
+    let with = Serving {
+        accept: accept.as_ref(),
+        creds: &creds,
+        cancel: &cancel,
+        t,
+    };
     let tls = match tls {
         Tls::Offer(a) => a,
         Tls::Implicit(acceptor) => {
-            let result = implicit(
-                stream,
-                peer,
-                &mut session,
-                acceptor,
-                accept.as_ref(),
-                &cancel,
-                t,
-            )
-            .await;
+            let result = implicit(stream, peer, &mut session, acceptor, &with).await;
             crate::metrics::smtp_session(-1);
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "smtp disconnect");
@@ -329,7 +356,7 @@ async fn connection(
     }
     let result = async {
         write(&mut stream, session.greeting().as_bytes(), t.idle).await?;
-        let end = drive(&mut stream, &mut session, accept.as_ref(), &cancel, t).await?;
+        let end = drive(&mut stream, &mut session, &with).await?;
         match (end, tls) {
             (End::StartTls, Some(acceptor)) => {
                 let handshake = tokio::select! {
@@ -340,7 +367,7 @@ async fn connection(
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))??;
                 session.tls_started();
                 tracing::debug!(%peer, "smtp tls started");
-                drive(&mut stream, &mut session, accept.as_ref(), &cancel, t).await?;
+                drive(&mut stream, &mut session, &with).await?;
                 Ok(())
             }
             _ => Ok::<(), io::Error>(()),
@@ -360,21 +387,27 @@ async fn implicit(
     peer: SocketAddr,
     session: &mut Session,
     acceptor: TlsAcceptor,
-    accept: &dyn Accept,
-    cancel: &CancellationToken,
-    t: Times,
+    with: &Serving<'_>,
 ) -> io::Result<()> {
     let handshake = tokio::select! {
-        h = tokio::time::timeout(t.idle, acceptor.accept(stream)) => h,
-        _ = cancel.cancelled() => return Ok(()),
+        h = tokio::time::timeout(with.t.idle, acceptor.accept(stream)) => h,
+        _ = with.cancel.cancelled() => return Ok(()),
     };
     let mut stream =
         handshake.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))??;
     session.tls_started();
     tracing::debug!(%peer, "smtp tls started (implicit)");
-    write(&mut stream, session.greeting().as_bytes(), t.idle).await?;
-    drive(&mut stream, session, accept, cancel, t).await?;
+    write(&mut stream, session.greeting().as_bytes(), with.t.idle).await?;
+    drive(&mut stream, session, with).await?;
     Ok(())
+}
+
+/// What a session's driver works with.
+struct Serving<'a> {
+    accept: &'a dyn Accept,
+    creds: &'a Option<Arc<Credentials>>,
+    cancel: &'a CancellationToken,
+    t: Times,
 }
 
 /// A session's time limits.
@@ -423,10 +456,14 @@ enum End {
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     session: &mut Session,
-    accept: &dyn Accept,
-    cancel: &CancellationToken,
-    t: Times,
+    with: &Serving<'_>,
 ) -> io::Result<End> {
+    let Serving {
+        accept,
+        creds,
+        cancel,
+        t,
+    } = *with;
     let idle = t.idle;
     let mut rbuf = vec![0u8; READ_BUF];
     let mut out = Vec::new();
@@ -449,7 +486,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         // reporting the result may release pipelined input and yield more.
         let mut starttls = false;
         while !out.is_empty() {
-            let mut message = None;
+            let (mut message, mut verify) = (None, None);
             for output in out.drain(..) {
                 match output {
                     Output::Reply(r) => {
@@ -457,6 +494,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         replies.extend_from_slice(r.as_bytes())
                     }
                     Output::Deliver(m) => message = Some(m),
+                    Output::Verify { user, password } => verify = Some((user, password)),
                     Output::StartTls => starttls = true,
                     Output::Close => {}
                 }
@@ -464,6 +502,19 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(message) = message {
                 let result = accept.accept(message).await;
                 session.stored(result, &mut out);
+            }
+            if let Some((user, password)) = verify {
+                // argon2 is slow on purpose: off the runtime's threads.
+                let ok = match creds.clone() {
+                    Some(c) => {
+                        let u = user.clone();
+                        tokio::task::spawn_blocking(move || c.verify(&u, &password))
+                            .await
+                            .unwrap_or(false)
+                    }
+                    None => false,
+                };
+                session.verified(&user, ok, &mut out);
             }
         }
         if !replies.is_empty() {

@@ -55,6 +55,7 @@ fn cfg() -> SmtpConfig {
         accept_domains: vec![],
         tls: None,
         limits: Default::default(),
+        auth: None,
     }
 }
 

@@ -20,10 +20,21 @@ pub const MAX_LINE: usize = 512;
 /// Consecutive failed commands before the client is disconnected.
 pub const MAX_ERRORS: u32 = 10;
 
+/// A line without its CRLF (or LF).
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Base64 to UTF-8 text, if it is both.
+fn decode(b64: &[u8]) -> Option<String> {
+    use base64ct::{Base64, Encoding};
+    let bytes = Base64::decode_vec(std::str::from_utf8(b64).ok()?).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
 /// Verbs we recognise but do not offer; they get 502 rather than 500.
-const NOT_OFFERED: &[&str] = &[
-    "EXPN", "BDAT", "AUTH", "ETRN", "ATRN", "BURL", "LHLO", "TURN",
-];
+const NOT_OFFERED: &[&str] = &["EXPN", "BDAT", "ETRN", "ATRN", "BURL", "LHLO", "TURN"];
 /// MAIL parameters we advertise (BODY=7BIT is the default and harmless).
 const MAIL_FLAGS_OFFERED: u64 = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
 
@@ -39,6 +50,14 @@ pub enum Output {
     /// Send the replies before it, then run the TLS handshake and call
     /// [`Session::tls_started`]; read nothing in plaintext meanwhile.
     StartTls,
+    /// Check these credentials (slowly, elsewhere), then call
+    /// [`Session::verified`].
+    Verify {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
 }
 
 #[derive(Debug)]
@@ -53,6 +72,14 @@ enum Mode {
     Storing,
     /// STARTTLS was accepted: nothing more is read until the handshake.
     Handshake,
+    /// AUTH PLAIN without an initial response: the next line is it.
+    AuthPlain,
+    /// AUTH LOGIN: the next line is the user name.
+    AuthUser,
+    /// AUTH LOGIN: the next line is the password for this user.
+    AuthPassword(String),
+    /// Credentials are out for checking; input waits until `verified`.
+    Verifying,
     /// Nothing more will be read or written.
     Closed,
 }
@@ -88,6 +115,10 @@ pub struct Session {
     /// The client address's share of messages and recipients per minute
     /// (None: not limited, e.g. a trusted client).
     budget: Option<Arc<dyn Budget>>,
+    /// SMTP AUTH is configured (offered once TLS is on).
+    offer_auth: bool,
+    /// Who authenticated, if anyone.
+    user: Option<String>,
 }
 
 impl Session {
@@ -97,6 +128,7 @@ impl Session {
         let client_ip = client_ip.to_canonical();
         let may_relay = cfg.relay_networks.iter().any(|n| n.contains(&client_ip));
         let cfg_tls = cfg.tls.is_some();
+        let cfg_auth = cfg.auth.is_some();
         Self {
             cfg,
             client_ip,
@@ -110,7 +142,14 @@ impl Session {
             tls: false,
             offer_tls: cfg_tls,
             budget: None,
+            offer_auth: cfg_auth,
+            user: None,
         }
+    }
+
+    /// Do not offer AUTH after all (the credentials could not be loaded).
+    pub fn without_auth(&mut self) {
+        self.offer_auth = false;
     }
 
     /// Count messages and recipients against `budget`.
@@ -155,11 +194,42 @@ impl Session {
         matches!(self.mode, Mode::Storing)
     }
 
+    /// Whether credentials are out for checking and `verified` is awaited.
+    pub fn is_verifying(&self) -> bool {
+        matches!(self.mode, Mode::Verifying)
+    }
+
+    /// Who authenticated, if anyone.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The outcome of the last `Verify` for `user`; then input pipelined
+    /// behind it goes on.
+    pub fn verified(&mut self, user: &str, ok: bool, out: &mut Vec<Output>) {
+        if !self.is_verifying() {
+            return;
+        }
+        self.mode = Mode::Command;
+        if ok {
+            // An authenticated client may relay, as one in relay_networks.
+            self.user = Some(user.to_string());
+            self.may_relay = true;
+            self.reply("235 2.7.0 Authentication successful", out);
+        } else {
+            if let Some(b) = &self.budget {
+                b.auth_failed();
+            }
+            self.error("535 5.7.8 Authentication credentials invalid", out);
+        }
+        self.process_buffered(out);
+    }
+
     /// Consume client input, appending what to do to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<Output>) {
         match self.mode {
             Mode::Closed | Mode::Handshake => return,
-            Mode::Storing => {
+            Mode::Storing | Mode::Verifying => {
                 self.buf.extend_from_slice(input);
                 return;
             }
@@ -235,7 +305,7 @@ impl Session {
         loop {
             let rest = &input[pos..];
             match &mut self.mode {
-                Mode::Closed | Mode::Storing | Mode::Handshake => return pos,
+                Mode::Closed | Mode::Storing | Mode::Handshake | Mode::Verifying => return pos,
                 Mode::Data(rx) => {
                     let (used, outcome) = rx.feed(rest);
                     pos += used;
@@ -251,9 +321,13 @@ impl Session {
                     }
                     None => return input.len(),
                 },
-                Mode::Command => {
+                Mode::Command | Mode::AuthPlain | Mode::AuthUser | Mode::AuthPassword(_) => {
                     let window = &rest[..rest.len().min(MAX_LINE)];
                     match window.iter().position(|&b| b == b'\n') {
+                        Some(lf) if !matches!(self.mode, Mode::Command) => {
+                            pos += lf + 1;
+                            self.auth_line(&rest[..=lf], out);
+                        }
                         Some(lf) => {
                             pos += lf + 1;
                             let pipelined = pos < input.len();
@@ -316,6 +390,9 @@ impl Session {
         if verb.eq_ignore_ascii_case(b"STARTTLS") {
             return self.starttls(line, pipelined, out);
         }
+        if verb.eq_ignore_ascii_case(b"AUTH") {
+            return self.auth(line, out);
+        }
         if NOT_OFFERED
             .iter()
             .any(|v| verb.eq_ignore_ascii_case(v.as_bytes()))
@@ -373,9 +450,14 @@ impl Session {
                     true => "250-STARTTLS\r\n",
                     false => "",
                 };
+                // AUTH only where the password cannot be read on the way.
+                let auth = match self.offer_auth && self.tls && self.user.is_none() {
+                    true => "250-AUTH PLAIN LOGIN\r\n",
+                    false => "",
+                };
                 let reply = format!(
                     "250-{h}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n\
-                     {starttls}250 ENHANCEDSTATUSCODES\r\n"
+                     {starttls}{auth}250 ENHANCEDSTATUSCODES\r\n"
                 );
                 self.errors = 0;
                 out.push(Output::Reply(reply));
@@ -438,6 +520,97 @@ impl Session {
         out.push(Output::StartTls);
         self.mode = Mode::Handshake;
         self.buf.clear();
+    }
+
+    /// AUTH PLAIN and LOGIN (RFC 4954), only over TLS.
+    fn auth(&mut self, line: &[u8], out: &mut Vec<Output>) {
+        if !self.offer_auth {
+            return self.error("502 5.5.1 Command not implemented", out);
+        }
+        if !self.tls {
+            return self.error(
+                "538 5.7.11 Encryption required for requested authentication mechanism",
+                out,
+            );
+        }
+        if self.helo.is_none() {
+            return self.error("503 5.5.1 Error: send EHLO first", out);
+        }
+        if self.user.is_some() || self.tx.is_some() {
+            return self.error(
+                "503 5.5.1 Error: already authenticated or in a transaction",
+                out,
+            );
+        }
+        if self.budget.as_ref().is_some_and(|b| !b.auth_allowed()) {
+            let r = "454 4.7.0 Too many authentication failures from your address, try again later";
+            return self.reply(r, out);
+        }
+        let text = String::from_utf8_lossy(line);
+        let mut words = text.split_ascii_whitespace().skip(1);
+        let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+        let initial = words.next();
+        match (mechanism.as_str(), initial) {
+            ("PLAIN", Some(resp)) => self.auth_plain(resp.as_bytes(), out),
+            ("PLAIN", None) => {
+                self.mode = Mode::AuthPlain;
+                out.push(Output::Reply("334 \r\n".into()));
+            }
+            ("LOGIN", Some(resp)) => self.auth_user(resp.as_bytes(), out),
+            ("LOGIN", None) => {
+                self.mode = Mode::AuthUser;
+                out.push(Output::Reply("334 VXNlcm5hbWU6\r\n".into()));
+            }
+            _ => self.error("504 5.5.4 Unrecognized authentication type", out),
+        }
+    }
+
+    /// A line answering a 334 challenge.
+    fn auth_line(&mut self, line: &[u8], out: &mut Vec<Output>) {
+        let line = trim_eol(line);
+        let mode = std::mem::replace(&mut self.mode, Mode::Command);
+        if line == b"*" {
+            return self.error("501 5.0.0 Authentication cancelled", out);
+        }
+        match mode {
+            Mode::AuthPlain => self.auth_plain(line, out),
+            Mode::AuthUser => self.auth_user(line, out),
+            Mode::AuthPassword(user) => match decode(line) {
+                Some(password) => self.verify(user, password, out),
+                None => self.error("501 5.5.2 Cannot decode response", out),
+            },
+            _ => {}
+        }
+    }
+
+    fn auth_plain(&mut self, b64: &[u8], out: &mut Vec<Output>) {
+        let Some(text) = decode(b64) else {
+            return self.error("501 5.5.2 Cannot decode response", out);
+        };
+        // authzid NUL authcid NUL password; acting as another is refused.
+        let parts: Vec<&str> = text.split('\0').collect();
+        match parts[..] {
+            [authz, user, password] if authz.is_empty() || authz == user => {
+                let (user, password) = (user.to_string(), password.to_string());
+                self.verify(user, password, out)
+            }
+            _ => self.error("501 5.5.2 Cannot decode response", out),
+        }
+    }
+
+    fn auth_user(&mut self, b64: &[u8], out: &mut Vec<Output>) {
+        match decode(b64) {
+            Some(user) => {
+                self.mode = Mode::AuthPassword(user);
+                out.push(Output::Reply("334 UGFzc3dvcmQ6\r\n".into()));
+            }
+            None => self.error("501 5.5.2 Cannot decode response", out),
+        }
+    }
+
+    fn verify(&mut self, user: String, password: String, out: &mut Vec<Output>) {
+        self.mode = Mode::Verifying;
+        out.push(Output::Verify { user, password });
     }
 
     fn mail(

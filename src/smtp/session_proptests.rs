@@ -46,6 +46,7 @@ fn check(out: &[Output]) -> Result<(), TestCaseError> {
             Output::Deliver(m) => prop_assert!(!m.recipients.is_empty()),
             Output::Close => {}
             Output::StartTls => prop_assert!(false, "STARTTLS is not configured here"),
+            Output::Verify { .. } => prop_assert!(false, "AUTH is not configured here"),
         }
     }
     Ok(())

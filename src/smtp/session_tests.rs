@@ -22,6 +22,7 @@ pub(super) fn cfg() -> Arc<SmtpConfig> {
         accept_domains: vec!["example.test".into(), "[192.0.2.1]".into()],
         tls: None,
         limits: Default::default(),
+        auth: None,
     })
 }
 

@@ -151,3 +151,99 @@ fn require_tls_without_a_certificate_is_a_temporary_failure() {
         ["454 4.7.0 TLS not available due to temporary reason"]
     );
 }
+
+fn auth_session(ip: IpAddr) -> Session {
+    let mut c = (*tls_cfg(false)).clone();
+    c.auth = Some("passwd".into());
+    let mut s = Session::new(Arc::new(c), ip);
+    feed(&mut s, "EHLO c.test\r\n");
+    s
+}
+
+fn verify_of(out: &[Output]) -> Option<(String, String)> {
+    out.iter().find_map(|o| match o {
+        Output::Verify { user, password } => Some((user.clone(), password.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn auth_is_offered_and_accepted_only_over_tls() {
+    let mut s = auth_session(OUTSIDER);
+    assert_eq!(
+        texts(&feed(&mut s, "AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")),
+        ["538 5.7.11 Encryption required for requested authentication mechanism"]
+    );
+    feed(&mut s, "STARTTLS\r\n");
+    s.tls_started();
+    let ehlo = texts(&feed(&mut s, "EHLO c.test\r\n")).join("\n");
+    assert!(ehlo.contains("250-AUTH PLAIN LOGIN"), "{ehlo}");
+    // Before: an outsider may not relay.
+    feed(&mut s, "MAIL FROM:<a@b.test>\r\n");
+    assert_eq!(
+        texts(&feed(&mut s, "RCPT TO:<u@far.test>\r\n")),
+        ["554 5.7.1 Relay access denied"]
+    );
+    feed(&mut s, "RSET\r\n");
+    // "\0alice\0secret"
+    let out = feed(
+        &mut s,
+        "AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<a@b.test>\r\n",
+    );
+    assert_eq!(verify_of(&out), Some(("alice".into(), "secret".into())));
+    assert!(s.is_verifying());
+    let mut out = Vec::new();
+    s.verified("alice", true, &mut out);
+    assert_eq!(
+        texts(&out),
+        ["235 2.7.0 Authentication successful", "250 2.1.0 Ok"]
+    );
+    assert_eq!(s.user(), Some("alice"));
+    assert_eq!(
+        texts(&feed(&mut s, "RCPT TO:<u@far.test>\r\n")),
+        ["250 2.1.5 Ok"],
+        "may relay now"
+    );
+}
+
+#[test]
+fn auth_login_and_plain_challenges_failures_and_cancel() {
+    let mut s = auth_session(OUTSIDER);
+    feed(&mut s, "STARTTLS\r\n");
+    s.tls_started();
+    feed(&mut s, "EHLO c.test\r\n");
+    assert_eq!(texts(&feed(&mut s, "AUTH LOGIN\r\n")), ["334 VXNlcm5hbWU6"]);
+    assert_eq!(texts(&feed(&mut s, "Ym9i\r\n")), ["334 UGFzc3dvcmQ6"]);
+    let out = feed(&mut s, "d3Jvbmc=\r\n");
+    assert_eq!(verify_of(&out), Some(("bob".into(), "wrong".into())));
+    let mut out = Vec::new();
+    s.verified("bob", false, &mut out);
+    assert_eq!(
+        texts(&out),
+        ["535 5.7.8 Authentication credentials invalid"]
+    );
+    assert_eq!(texts(&feed(&mut s, "AUTH PLAIN\r\n")), ["334"]);
+    assert_eq!(
+        texts(&feed(&mut s, "*\r\n")),
+        ["501 5.0.0 Authentication cancelled"]
+    );
+    assert_eq!(
+        texts(&feed(&mut s, "AUTH PLAIN !!!\r\n")),
+        ["501 5.5.2 Cannot decode response"]
+    );
+    assert_eq!(
+        texts(&feed(&mut s, "AUTH CRAM-MD5\r\n")),
+        ["504 5.5.4 Unrecognized authentication type"]
+    );
+    // Acting as someone else (authzid) is refused: "root\0alice\0secret".
+    assert_eq!(
+        texts(&feed(&mut s, "AUTH PLAIN cm9vdABhbGljZQBzZWNyZXQ=\r\n")),
+        ["501 5.5.2 Cannot decode response"]
+    );
+    let mut plain = Session::new(tls_cfg(false), OUTSIDER);
+    feed(&mut plain, "EHLO c.test\r\n");
+    assert_eq!(
+        texts(&feed(&mut plain, "AUTH PLAIN x\r\n")),
+        ["502 5.5.1 Command not implemented"]
+    );
+}
