@@ -432,8 +432,13 @@ impl Intake {
             [one] => format!("\r\n\tfor <{one}>"),
             _ => String::new(),
         };
-        // RFC 3848: ESMTPS says the message came over TLS.
-        let with = if m.tls { "ESMTPS" } else { "ESMTP" };
+        // RFC 3848: S for TLS, A for an authenticated client.
+        let with = match (m.tls, m.user.is_some()) {
+            (true, true) => "ESMTPSA",
+            (true, false) => "ESMTPS",
+            (false, true) => "ESMTPA",
+            (false, false) => "ESMTP",
+        };
         format!(
             "Received: from {helo} ([{}])\r\n\tby {} (mtad) with {with} id {id}{rcpt};\r\n\t{date}\r\n",
             m.client_ip, self.hostname
@@ -474,7 +479,15 @@ impl Accept for Intake {
                 .collect();
             let reply = format!("250 2.0.0 Ok: queued as {id}");
             let client = m.client_ip.to_string();
-            events::received(id, &envelope.sender, &rcpts.join(","), &client, &reply);
+            let user = m.user.as_deref().unwrap_or("");
+            events::received(
+                id,
+                &envelope.sender,
+                &rcpts.join(","),
+                &client,
+                user,
+                &reply,
+            );
             self.queue.admit(envelope);
             Ok(id)
         })

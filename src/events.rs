@@ -71,7 +71,7 @@ pub fn message(
 
 /// Log a message accepted from `client` (an address, or "local" for
 /// messages mtad makes itself, such as DSNs).
-pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, reply: &str) {
+pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, user: &str, reply: &str) {
     crate::metrics::received();
     tracing::info!(
         target: TARGET,
@@ -80,6 +80,8 @@ pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, reply: &st
         sender = sender,
         rcpt = rcpts,
         client = client,
+        // Who authenticated (SMTP AUTH); empty if nobody did.
+        user = user,
         reply = reply,
     );
 }

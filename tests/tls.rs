@@ -467,7 +467,7 @@ async fn an_authenticated_client_may_relay_and_guessing_is_slowed() {
             ),
         );
     std::fs::write(&path, text).unwrap();
-    let _daemon = Daemon::start(&path).await;
+    let mut daemon = Daemon::start(&path).await;
 
     let (mut tls, _) = starttls(smtp, &pki.ca).await;
     let ehlo = say(&mut tls, "EHLO client.test\r\n").await;
@@ -488,6 +488,21 @@ async fn an_authenticated_client_may_relay_and_guessing_is_slowed() {
         let r = say(&mut tls, line).await;
         assert!(r.starts_with(want), "{line:?}: {r}");
     }
+    let outbox = dir.path().join("data/outbox");
+    let wait = async {
+        while common::node::eml_files(&outbox).is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, wait)
+        .await
+        .expect("relayed");
+    let m = std::fs::read_to_string(&common::node::eml_files(&outbox)[0]).unwrap();
+    assert!(m.contains("with ESMTPSA"), "{m}");
+    // The received event names who authenticated.
+    daemon
+        .wait_line(|l| l.contains("\"event\":\"received\"") && l.contains("\"user\":\"alice\""))
+        .await;
 
     // Wrong passwords: 535 each, then the address must wait.
     let (mut guess, _) = starttls(smtp, &pki.ca).await;

@@ -373,7 +373,7 @@ impl Settle {
         {
             Ok(()) => {
                 let rcpt = &envelope.recipients[0].address;
-                events::received(dsn_id, "", rcpt, "local", "DSN");
+                events::received(dsn_id, "", rcpt, "local", "", "DSN");
                 self.queue.admit(envelope);
                 true
             }

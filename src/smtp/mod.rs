@@ -34,6 +34,8 @@ pub struct Incoming {
     pub helo: String,
     /// Whether it came over TLS.
     pub tls: bool,
+    /// Who authenticated (SMTP AUTH), if anyone.
+    pub user: Option<String>,
 }
 
 /// Where the server hands messages: the node stores them durably and

@@ -361,6 +361,7 @@ impl Session {
                     client_ip: self.client_ip,
                     helo: self.helo.clone().unwrap_or_default(),
                     tls: self.tls,
+                    user: self.user.clone(),
                 }));
             }
             DataOutcome::BareLineEnding => {
