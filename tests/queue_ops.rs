@@ -160,15 +160,7 @@ async fn an_operator_inspects_and_acts_on_the_queue() {
     assert_eq!(bounced["changed"], 4);
     list_until(admin, &[], |r| r.is_empty()).await;
     let outbox = dir.path().join("data/outbox");
-    let wait = async {
-        while common::node::eml_files(&outbox).len() < 4 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(common::node::PATIENCE, wait)
-        .await
-        .expect("4 DSNs");
-    for f in common::node::eml_files(&outbox) {
+    for f in common::node::files_arrive(&outbox, 4).await {
         let dsn = std::fs::read_to_string(f).unwrap();
         assert!(dsn.contains("5.0.0"), "{dsn}");
     }

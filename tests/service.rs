@@ -208,14 +208,7 @@ async fn reloads_apply_to_new_sessions_and_bad_files_change_nothing() {
     let acked = sender.await.unwrap();
     assert_eq!(acked, 200);
     let outbox = dir.path().join("data/outbox");
-    let wait = async {
-        while common::node::eml_files(&outbox).len() < acked {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(common::node::PATIENCE, wait)
-        .await
-        .expect("all delivered");
+    common::node::files_arrive(&outbox, acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,38 @@ listen = "{admin}"
     path
 }
 
+/// MAIL, RCPT and DATA with `subject`, each answered as it should be.
+async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    to: &str,
+    subject: &str,
+) {
+    let content = format!("Subject: {subject}\r\n\r\nx\r\n.\r\n");
+    let rcpt = format!("RCPT TO:<{to}>\r\n");
+    for (line, want) in [
+        ("MAIL FROM:<a@b.example>\r\n", "250"),
+        (rcpt.as_str(), "250"),
+        ("DATA\r\n", "354"),
+        (content.as_str(), "250"),
+    ] {
+        let r = say(s, line).await;
+        assert!(r.starts_with(want), "{line:?}: {r}");
+    }
+}
+
+/// A rustls client that trusts only `ca`.
+fn connector(ca: &CertificateDer<'static>) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(client))
+}
+
 /// One reply (all its lines).
 async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
     let mut all = String::new();
@@ -108,15 +140,7 @@ async fn starttls(
     assert!(say(&mut plain, "STARTTLS\r\n")
         .await
         .starts_with("220 2.0.0"));
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connector = connector(ca);
     let name = ServerName::try_from("mx.example.test").unwrap();
     let tls = connector
         .connect(name, plain.into_inner())
@@ -172,25 +196,10 @@ async fn mail_goes_through_starttls_and_injection_is_refused() {
     assert!(r.starts_with("503"), "{r}");
     let ehlo = say(&mut tls, "EHLO client.test\r\n").await;
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
-    for (line, want) in [
-        ("MAIL FROM:<a@b.example>\r\n", "250"),
-        ("RCPT TO:<c@d.example>\r\n", "250"),
-        ("DATA\r\n", "354"),
-        ("Subject: over tls\r\n\r\nsecret\r\n.\r\n", "250"),
-        ("QUIT\r\n", "221"),
-    ] {
-        let r = say(&mut tls, line).await;
-        assert!(r.starts_with(want), "{line:?}: {r}");
-    }
+    transaction(&mut tls, "c@d.example", "over tls").await;
+    assert!(say(&mut tls, "QUIT\r\n").await.starts_with("221"));
     let outbox = dir.path().join("data/outbox");
-    let wait = async {
-        while common::node::eml_files(&outbox).is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(common::node::PATIENCE, wait)
-        .await
-        .expect("delivered");
+    common::node::files_arrive(&outbox, 1).await;
 
     // CVE-2011-0411: commands pipelined in plaintext behind STARTTLS.
     let mut evil = BufReader::new(TcpStream::connect(smtp).await.unwrap());
@@ -315,14 +324,7 @@ async fn routes_get_the_tls_they_ask_for_and_never_less() {
     }
     // a and b arrive, over TLS (the receiver says ESMTPS).
     let outbox = pki_dir.join("data/outbox");
-    let wait = async {
-        while common::node::eml_files(&outbox).len() < 2 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(common::node::PATIENCE, wait)
-        .await
-        .expect("two delivered");
+    common::node::files_arrive(&outbox, 2).await;
     for f in common::node::eml_files(&outbox) {
         let m = std::fs::read_to_string(f).unwrap();
         assert!(m.contains("with ESMTPS"), "{m}");
@@ -380,15 +382,7 @@ async fn an_implicit_tls_port_speaks_tls_from_the_first_byte() {
     std::fs::write(&path, text).unwrap();
     let _daemon = Daemon::start(&path).await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connector = connector(&pki.ca);
     let name = ServerName::try_from("mx.example.test").unwrap();
     let tcp = TcpStream::connect(implicit).await.unwrap();
     let mut tls = BufReader::new(connector.connect(name, tcp).await.expect("handshake first"));
@@ -398,25 +392,10 @@ async fn an_implicit_tls_port_speaks_tls_from_the_first_byte() {
         ehlo.starts_with("250") && !ehlo.contains("STARTTLS"),
         "{ehlo}"
     );
-    for (line, want) in [
-        ("MAIL FROM:<a@b.example>\r\n", "250"),
-        ("RCPT TO:<c@d.example>\r\n", "250"),
-        ("DATA\r\n", "354"),
-        ("Subject: implicit\r\n\r\nx\r\n.\r\n", "250"),
-        ("QUIT\r\n", "221"),
-    ] {
-        let r = say(&mut tls, line).await;
-        assert!(r.starts_with(want), "{line:?}: {r}");
-    }
+    transaction(&mut tls, "c@d.example", "implicit").await;
+    assert!(say(&mut tls, "QUIT\r\n").await.starts_with("221"));
     let outbox = dir.path().join("data/outbox");
-    let wait = async {
-        while common::node::eml_files(&outbox).is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(common::node::PATIENCE, wait)
-        .await
-        .expect("delivered");
+    common::node::files_arrive(&outbox, 1).await;
     let m = std::fs::read_to_string(&common::node::eml_files(&outbox)[0]).unwrap();
     assert!(m.contains("with ESMTPS"), "{m}");
     // A plaintext client on that port gets no SMTP greeting.
@@ -479,24 +458,9 @@ async fn an_authenticated_client_may_relay_and_guessing_is_slowed() {
     // "\0alice\0s3cret pass"
     let r = say(&mut tls, "AUTH PLAIN AGFsaWNlAHMzY3JldCBwYXNz\r\n").await;
     assert!(r.starts_with("235 2.7.0"), "{r}");
-    for (line, want) in [
-        ("MAIL FROM:<a@b.example>\r\n", "250"),
-        ("RCPT TO:<c@far.example>\r\n", "250"),
-        ("DATA\r\n", "354"),
-        ("Subject: relayed\r\n\r\nx\r\n.\r\n", "250"),
-    ] {
-        let r = say(&mut tls, line).await;
-        assert!(r.starts_with(want), "{line:?}: {r}");
-    }
+    transaction(&mut tls, "c@far.example", "relayed").await;
     let outbox = dir.path().join("data/outbox");
-    let wait = async {
-        while common::node::eml_files(&outbox).is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(common::node::PATIENCE, wait)
-        .await
-        .expect("relayed");
+    common::node::files_arrive(&outbox, 1).await;
     let m = std::fs::read_to_string(&common::node::eml_files(&outbox)[0]).unwrap();
     assert!(m.contains("with ESMTPSA"), "{m}");
     // The received event names who authenticated.

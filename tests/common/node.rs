@@ -77,3 +77,21 @@ pub fn eml_files(dir: &Path) -> Vec<std::path::PathBuf> {
     v.sort();
     v
 }
+
+/// The `.eml` files in `dir` once there are at least `n` (polled: another
+/// process writes them); panics after PATIENCE.
+pub async fn files_arrive(dir: &Path, n: usize) -> Vec<std::path::PathBuf> {
+    let wait = async {
+        loop {
+            let files = eml_files(dir);
+            if files.len() >= n {
+                return files;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    match tokio::time::timeout(PATIENCE, wait).await {
+        Ok(files) => files,
+        Err(_) => panic!("fewer than {n} messages arrived in {}", dir.display()),
+    }
+}
