@@ -151,6 +151,9 @@ impl Node {
             crate::smtp::auth::Credentials::load(path).map_err(StartError::Tls)?;
         }
         let live = Live::new(config.clone());
+        // One table of client addresses for all the node's listeners,
+        // its own and its groups'.
+        let clients = Arc::new(crate::smtp::clients::Clients::default());
         let config = Arc::new(config);
         let cancel = CancellationToken::new();
         let cluster_cancel = CancellationToken::new();
@@ -232,7 +235,7 @@ impl Node {
         let groups = cluster.as_ref().map(|c| {
             crate::resource::setup::start(
                 &config,
-                live.smtp(),
+                (live.smtp(), clients.clone()),
                 c,
                 intake.clone(),
                 source,
@@ -269,6 +272,7 @@ impl Node {
                 cancel: smtp_cancel.child_token(),
                 tracker: sessions.clone(),
                 implicit_tls: implicit,
+                clients: clients.clone(),
             };
             tracker.spawn(server::serve_listener(listener, how));
         }

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{OpFuture, Resource};
 use crate::config::SmtpConfig;
+use crate::smtp::clients::Clients;
 use crate::smtp::{server, Accept};
 use tokio::sync::watch;
 
@@ -28,6 +29,7 @@ pub struct SmtpListener {
 struct Inner {
     addr: SocketAddr,
     cfg: watch::Receiver<Arc<SmtpConfig>>,
+    clients: Arc<Clients>,
     intake: Arc<dyn Accept>,
     drain: Duration,
     running: Mutex<Option<Running>>,
@@ -47,7 +49,7 @@ impl SmtpListener {
     /// waits up to `drain` for open sessions.
     pub fn new(
         addr: SocketAddr,
-        cfg: watch::Receiver<Arc<SmtpConfig>>,
+        (cfg, clients): (watch::Receiver<Arc<SmtpConfig>>, Arc<Clients>),
         intake: Arc<dyn Accept>,
         drain: Duration,
     ) -> SmtpListener {
@@ -55,6 +57,7 @@ impl SmtpListener {
             inner: Arc::new(Inner {
                 addr,
                 cfg,
+                clients,
                 intake,
                 drain,
                 running: Mutex::new(None),
@@ -90,14 +93,16 @@ impl Resource for SmtpListener {
                 CancellationToken::new(),
                 TaskTracker::new(),
             );
-            let accept = tokio::spawn(server::serve_draining(
-                listener,
-                inner.cfg.clone(),
-                inner.intake.clone(),
-                drain.subscribe(),
-                cancel.clone(),
-                sessions.clone(),
-            ));
+            let serving = server::Listener {
+                cfg: inner.cfg.clone(),
+                accept: inner.intake.clone(),
+                drain: drain.subscribe(),
+                cancel: cancel.clone(),
+                tracker: sessions.clone(),
+                implicit_tls: false,
+                clients: inner.clients.clone(),
+            };
+            let accept = tokio::spawn(server::serve_listener(listener, serving));
             tracing::info!(address = %inner.addr, "smtp listening on the group's VIP");
             *inner.running() = Some(Running {
                 drain,

@@ -53,7 +53,7 @@ fn free() -> SocketAddr {
 fn listener(addr: SocketAddr, drain: Duration) -> SmtpListener {
     SmtpListener::new(
         addr,
-        tokio::sync::watch::channel(cfg()).1,
+        (tokio::sync::watch::channel(cfg()).1, Default::default()),
         Arc::new(Count(0.into())),
         drain,
     )

@@ -19,6 +19,7 @@ use super::Resource;
 use crate::cluster::manager::{self, GroupPolicy};
 use crate::cluster::node::ClusterNode;
 use crate::config::{ClusterRole, Config, GroupConfig, VipProvider};
+use crate::smtp::clients::Clients;
 use crate::smtp::Accept;
 use tokio::sync::watch;
 
@@ -32,7 +33,10 @@ pub struct Groups {
 /// Start the manager and this node's group runners.
 pub fn start(
     config: &Config,
-    smtp: watch::Receiver<Arc<crate::config::SmtpConfig>>,
+    (smtp, clients): (
+        watch::Receiver<Arc<crate::config::SmtpConfig>>,
+        Arc<Clients>,
+    ),
     cluster: &ClusterNode,
     intake: Arc<dyn Accept>,
     source: SourceSlot,
@@ -69,7 +73,8 @@ pub fn start(
     let mut pending = Vec::new();
     for g in &config.groups {
         let Some(vip) = g.vip else { continue };
-        let resources = resources(g, vip.addr(), smtp.clone(), intake.clone(), &source);
+        let smtp = (smtp.clone(), clients.clone());
+        let resources = resources(g, vip.addr(), smtp, intake.clone(), &source);
         pending.push(GroupRunner::new(
             g.clone(),
             resources,
@@ -102,7 +107,10 @@ pub fn start(
 fn resources(
     g: &GroupConfig,
     vip: std::net::IpAddr,
-    smtp: watch::Receiver<Arc<crate::config::SmtpConfig>>,
+    (smtp, clients): (
+        watch::Receiver<Arc<crate::config::SmtpConfig>>,
+        Arc<Clients>,
+    ),
     intake: Arc<dyn Accept>,
     source: &SourceSlot,
 ) -> Vec<Arc<dyn Resource>> {
@@ -117,7 +125,12 @@ fn resources(
     let listen = SocketAddr::new(vip, g.smtp_port);
     vec![
         address,
-        Arc::new(SmtpListener::new(listen, smtp, intake, g.drain_timeout)),
+        Arc::new(SmtpListener::new(
+            listen,
+            (smtp, clients),
+            intake,
+            g.drain_timeout,
+        )),
         Arc::new(DeliverySource::new(source.clone(), vip)),
     ]
 }

@@ -30,8 +30,21 @@ impl Credentials {
             let (user, hash) = line
                 .split_once(':')
                 .ok_or_else(|| format!("{at}: expected user:hash"))?;
-            PasswordHash::new(hash).map_err(|e| format!("{at}: not a password hash: {e}"))?;
-            users.insert(user.to_string(), hash.to_string());
+            let parsed =
+                PasswordHash::new(hash).map_err(|e| format!("{at}: not a password hash: {e}"))?;
+            // Only what `mtad passwd` writes: any other scheme would be
+            // checked at another cost, telling which users exist.
+            if parsed.algorithm.as_str() != "argon2id" {
+                return Err(format!(
+                    "{at}: not an argon2id hash (write it with mtad passwd)"
+                ));
+            }
+            if user.is_empty() || user.contains(|c: char| c.is_control()) {
+                return Err(format!("{at}: a user name without control characters"));
+            }
+            if users.insert(user.to_string(), hash.to_string()).is_some() {
+                return Err(format!("{at}: {user} is listed twice"));
+            }
         }
         Ok(Credentials { users })
     }

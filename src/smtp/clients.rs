@@ -57,22 +57,32 @@ pub trait Budget: Send + Sync + std::fmt::Debug {
     fn message(&self) -> bool;
     /// One more recipient; false likewise.
     fn recipient(&self) -> bool;
-    /// Whether the address may try to authenticate now.
-    fn auth_allowed(&self) -> bool {
+    /// Take one authentication attempt; false if the address has used
+    /// its share. Counted when the attempt starts, so attempts running at
+    /// once count too.
+    fn auth_attempt(&self) -> bool {
         true
     }
-    /// An authentication attempt failed.
-    fn auth_failed(&self) {}
+    /// The attempt succeeded: it does not count against the address.
+    fn auth_succeeded(&self) {}
 }
 
-/// Failed AUTH attempts per minute from one address before it must wait.
+/// Unsuccessful AUTH attempts per minute from one address before it must
+/// wait.
 pub const AUTH_FAILURES: usize = 5;
 
 /// Sessions by client address.
 #[derive(Debug, Default)]
 pub struct Clients {
     map: Mutex<HashMap<IpAddr, Entry>>,
+    /// When idle entries were last forgotten (at most once a window: it
+    /// walks the whole table).
+    pruned: Mutex<Option<Instant>>,
 }
+
+/// Where clients are counted when the table is full: all together, under
+/// the same limits — never unlimited.
+const OVERFLOW: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 /// A session counted against its address while it lives.
 #[derive(Debug)]
@@ -107,16 +117,15 @@ impl Budget for ClientSlot {
         self.take(|e| &mut e.recipients, self.limits.recipients_per_client)
     }
 
-    fn auth_allowed(&self) -> bool {
-        let mut map = self.clients.lock();
-        map.get_mut(&self.key).is_none_or(|e| {
-            e.roll(Instant::now());
-            e.auth_failures < AUTH_FAILURES
-        })
+    fn auth_attempt(&self) -> bool {
+        self.take(|e| &mut e.auth_failures, AUTH_FAILURES)
     }
 
-    fn auth_failed(&self) {
-        self.take(|e| &mut e.auth_failures, usize::MAX);
+    fn auth_succeeded(&self) {
+        let mut map = self.clients.lock();
+        if let Some(e) = map.get_mut(&self.key) {
+            e.auth_failures = e.auth_failures.saturating_sub(1);
+        }
     }
 }
 
@@ -153,17 +162,16 @@ impl Clients {
         limits: &ClientLimits,
         now: Instant,
     ) -> Result<ClientSlot, TooMany> {
-        let key = key(ip);
+        let mut key = key(ip);
         let mut map = self.lock();
         if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
-            map.retain(|_, e| e.open > 0 || now.duration_since(e.window_start) < WINDOW);
+            let mut pruned = self.pruned.lock().unwrap_or_else(|e| e.into_inner());
+            if pruned.is_none_or(|at| now.duration_since(at) >= WINDOW) {
+                *pruned = Some(now);
+                map.retain(|_, e| e.open > 0 || now.duration_since(e.window_start) < WINDOW);
+            }
             if map.len() >= MAX_TRACKED {
-                // Every one busy: admit untracked rather than grow.
-                return Ok(ClientSlot {
-                    clients: Arc::new(Clients::default()),
-                    key,
-                    limits: limits.clone(),
-                });
+                key = OVERFLOW;
             }
         }
         let e = map.entry(key).or_insert(Entry {
@@ -291,5 +299,38 @@ mod tests {
         let ip: IpAddr = "203.0.113.1".parse().unwrap();
         let _s = c.admit(ip, &l, later).unwrap();
         assert_eq!(c.tracked(), 1, "the idle ones went");
+    }
+
+    #[test]
+    fn when_every_entry_is_busy_newcomers_share_one_limited_bucket() {
+        let c = Arc::new(Clients::default());
+        let (l, t0) = (limits(1, 10), Instant::now());
+        let held: Vec<_> = (0..MAX_TRACKED as u32)
+            .map(|i| c.admit(IpAddr::V4(i.into()), &l, t0).unwrap())
+            .collect();
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let _s = c.admit(a, &l, t0).unwrap();
+        assert_eq!(
+            c.admit(b, &l, t0).unwrap_err(),
+            TooMany::Open,
+            "one bucket, limited"
+        );
+        drop(held);
+    }
+
+    #[test]
+    fn auth_attempts_count_when_they_start_and_successes_are_refunded() {
+        let c = Arc::new(Clients::default());
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let s = c
+            .admit(ip, &ClientLimits::default(), Instant::now())
+            .unwrap();
+        for _ in 0..AUTH_FAILURES {
+            assert!(s.auth_attempt());
+        }
+        assert!(!s.auth_attempt(), "running attempts count too");
+        s.auth_succeeded();
+        assert!(s.auth_attempt());
     }
 }

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::auth::Credentials;
 use super::clients::{ClientSlot, Clients, TooMany};
-use super::session::{Output, Session};
+use super::session::{Output, Session, Verdict};
 use super::Accept;
 use crate::config::SmtpConfig;
 
@@ -102,6 +102,7 @@ pub async fn serve_draining(
         cancel,
         tracker,
         implicit_tls: false,
+        clients: Arc::default(),
     };
     serve_listener(listener, plain).await
 }
@@ -122,6 +123,9 @@ pub struct Listener {
     /// comes first, then SMTP inside it; without a certificate that
     /// loads, connections are closed.
     pub implicit_tls: bool,
+    /// Sessions and budgets per client address, shared by the node's
+    /// listeners so that more ports do not mean more guesses.
+    pub clients: Arc<Clients>,
 }
 
 /// Accept connections on `listener` until cancelled, as `l` says.
@@ -133,9 +137,9 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         cancel,
         tracker,
         implicit_tls,
+        clients,
     } = l;
     let open = Arc::new(AtomicUsize::new(0));
-    let clients = Arc::new(Clients::default());
     let mut tls_cache = TlsCache::default();
     loop {
         let accepted = tokio::select! {
@@ -410,6 +414,35 @@ struct Serving<'a> {
     t: Times,
 }
 
+/// Check credentials off the runtime's threads (argon2 is slow and
+/// memory-hungry on purpose), at most one per core at a time: more wait
+/// for nothing — they are told to try again.
+async fn check(creds: &Option<Arc<Credentials>>, user: &str, password: String) -> Verdict {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Arc::new(tokio::sync::Semaphore::new(cores))
+    });
+    let Some(c) = creds.clone() else {
+        return Verdict::Invalid;
+    };
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        return Verdict::Busy;
+    };
+    let user = user.to_string();
+    let ok = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        c.verify(&user, &password)
+    })
+    .await
+    .unwrap_or(false);
+    if ok {
+        Verdict::Valid
+    } else {
+        Verdict::Invalid
+    }
+}
+
 /// A session's time limits.
 #[derive(Debug, Clone, Copy)]
 struct Times {
@@ -504,17 +537,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 session.stored(result, &mut out);
             }
             if let Some((user, password)) = verify {
-                // argon2 is slow on purpose: off the runtime's threads.
-                let ok = match creds.clone() {
-                    Some(c) => {
-                        let u = user.clone();
-                        tokio::task::spawn_blocking(move || c.verify(&u, &password))
-                            .await
-                            .unwrap_or(false)
-                    }
-                    None => false,
-                };
-                session.verified(&user, ok, &mut out);
+                let verdict = check(creds, &user, password).await;
+                session.verified(&user, verdict, &mut out);
             }
         }
         if !replies.is_empty() {

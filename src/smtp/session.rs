@@ -38,6 +38,17 @@ const NOT_OFFERED: &[&str] = &["EXPN", "BDAT", "ETRN", "ATRN", "BURL", "LHLO", "
 /// MAIL parameters we advertise (BODY=7BIT is the default and harmless).
 const MAIL_FLAGS_OFFERED: u64 = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
 
+/// What checking credentials found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The password is the user's.
+    Valid,
+    /// It is not (or no such user).
+    Invalid,
+    /// Not checked: the server is checking as many as it can.
+    Busy,
+}
+
 /// Something the driver must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -206,21 +217,23 @@ impl Session {
 
     /// The outcome of the last `Verify` for `user`; then input pipelined
     /// behind it goes on.
-    pub fn verified(&mut self, user: &str, ok: bool, out: &mut Vec<Output>) {
+    pub fn verified(&mut self, user: &str, verdict: Verdict, out: &mut Vec<Output>) {
         if !self.is_verifying() {
             return;
         }
         self.mode = Mode::Command;
-        if ok {
-            // An authenticated client may relay, as one in relay_networks.
-            self.user = Some(user.to_string());
-            self.may_relay = true;
-            self.reply("235 2.7.0 Authentication successful", out);
-        } else {
-            if let Some(b) = &self.budget {
-                b.auth_failed();
+        match verdict {
+            Verdict::Valid => {
+                if let Some(b) = &self.budget {
+                    b.auth_succeeded();
+                }
+                // An authenticated client may relay, as one in relay_networks.
+                self.user = Some(user.to_string());
+                self.may_relay = true;
+                self.reply("235 2.7.0 Authentication successful", out);
             }
-            self.error("535 5.7.8 Authentication credentials invalid", out);
+            Verdict::Invalid => self.error("535 5.7.8 Authentication credentials invalid", out),
+            Verdict::Busy => self.reply("454 4.7.0 Temporary authentication failure", out),
         }
         self.process_buffered(out);
     }
@@ -543,7 +556,7 @@ impl Session {
                 out,
             );
         }
-        if self.budget.as_ref().is_some_and(|b| !b.auth_allowed()) {
+        if self.budget.as_ref().is_some_and(|b| !b.auth_attempt()) {
             let r = "454 4.7.0 Too many authentication failures from your address, try again later";
             return self.reply(r, out);
         }

@@ -193,7 +193,7 @@ fn auth_is_offered_and_accepted_only_over_tls() {
     assert_eq!(verify_of(&out), Some(("alice".into(), "secret".into())));
     assert!(s.is_verifying());
     let mut out = Vec::new();
-    s.verified("alice", true, &mut out);
+    s.verified("alice", Verdict::Valid, &mut out);
     assert_eq!(
         texts(&out),
         ["235 2.7.0 Authentication successful", "250 2.1.0 Ok"]
@@ -217,7 +217,7 @@ fn auth_login_and_plain_challenges_failures_and_cancel() {
     let out = feed(&mut s, "d3Jvbmc=\r\n");
     assert_eq!(verify_of(&out), Some(("bob".into(), "wrong".into())));
     let mut out = Vec::new();
-    s.verified("bob", false, &mut out);
+    s.verified("bob", Verdict::Invalid, &mut out);
     assert_eq!(
         texts(&out),
         ["535 5.7.8 Authentication credentials invalid"]
