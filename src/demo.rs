@@ -128,9 +128,11 @@ async fn drive(
         if sent == messages / 2 {
             // Midway: kill the owner, time the failover, restart it — once
             // all three vote (a cluster still growing from its first voter
-            // cannot elect without it).
-            all_voting().await?;
+            // cannot elect without it) and the owner has handed leading on
+            // (it does so within seconds; killing an owner that still leads
+            // would time an election as well as the failover).
             let name = first_owner.as_str();
+            settled(name).await?;
             let i = NODES
                 .iter()
                 .position(|(n, _)| *n == name)
@@ -182,10 +184,12 @@ async fn drive(
     })
 }
 
-/// Until node-b's admin API shows all three nodes up and voting.
-async fn all_voting() -> Result<(), String> {
+/// Until node-b's admin API shows all three nodes up and voting, and
+/// `owner` not leading (given up to 5 s more).
+async fn settled(owner: &str) -> Result<(), String> {
     use crate::admin::client::{self, Command};
     let deadline = Instant::now() + PATIENCE;
+    let mut voting_since = None;
     loop {
         let out = client::run("http://127.0.0.22:8025", &Command::Nodes, true).await;
         let rows: Vec<serde_json::Value> = out
@@ -196,8 +200,14 @@ async fn all_voting() -> Result<(), String> {
             && rows
                 .iter()
                 .all(|r| r["state"] == "up" && r["vote"] == "voter");
+        let owner_leads = rows
+            .iter()
+            .any(|r| r["leader"] == true && r["name"] == owner);
         if all {
-            return Ok(());
+            let since = *voting_since.get_or_insert_with(Instant::now);
+            if !owner_leads || since.elapsed() > Duration::from_secs(5) {
+                return Ok(());
+            }
         }
         if Instant::now() > deadline {
             return Err(format!("the cluster did not settle: {rows:?}"));
