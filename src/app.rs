@@ -37,7 +37,7 @@ pub enum StartError {
     Cluster(#[from] ClusterError),
     /// The STARTTLS certificate or key, or the AUTH credentials, could
     /// not be loaded.
-    #[error("cannot offer STARTTLS or AUTH: {0}")]
+    #[error("cannot load {0}")]
     Tls(String),
     /// The admin token file could not be read, or is empty.
     #[error("cannot read the admin token from {path}: {why}")]
@@ -144,12 +144,7 @@ impl Node {
                 .map_err(|source| StartError::Listen { addr, source })?;
             listeners.push((addr, listener, implicit));
         }
-        if let Some(t) = &config.smtp.tls {
-            crate::smtp::tls::acceptor(t).map_err(StartError::Tls)?;
-        }
-        if let Some(path) = &config.smtp.auth {
-            crate::smtp::auth::Credentials::load(path).map_err(StartError::Tls)?;
-        }
+        crate::smtp::check_files(&config.smtp).map_err(StartError::Tls)?;
         let live = Live::new(config.clone());
         // One table of client addresses for all the node's listeners,
         // its own and its groups'.

@@ -136,9 +136,9 @@ enum QueueCommand {
         /// Start after this queue id (as printed at the end of a page).
         #[arg(long)]
         after: Option<String>,
-        /// At most this many messages.
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
+        /// At most this many messages (1 or more).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
     },
     /// One message: envelope, recipients, attempts, last reply, headers.
     Show {
@@ -217,18 +217,8 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig { file } => match mtad::config::load_file(&file) {
             Ok(cfg) => {
-                let tls = cfg.smtp.tls.as_ref().map(mtad::smtp::tls::acceptor);
-                if let Some(Err(e)) = tls {
-                    eprintln!("{}: smtp.tls: {e}", file.display());
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-                let auth = cfg
-                    .smtp
-                    .auth
-                    .as_deref()
-                    .map(mtad::smtp::auth::Credentials::load);
-                if let Some(Err(e)) = auth {
-                    eprintln!("{}: smtp.auth: {e}", file.display());
+                if let Err(e) = mtad::smtp::check_files(&cfg.smtp) {
+                    eprintln!("{}: {e}", file.display());
                     return ExitCode::from(EXIT_CONFIG);
                 }
                 let cluster = match &cfg.cluster {
@@ -292,6 +282,7 @@ fn main() -> ExitCode {
                         limit,
                     } => {
                         let f = Filter { dest, state };
+                        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
                         (client::Command::QueueList(f, after, limit), false)
                     }
                     QueueCommand::Show { id } => (client::Command::QueueShow(id), false),

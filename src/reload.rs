@@ -35,18 +35,12 @@ pub fn reload(node: &Node, path: &Path, logging: &Logging) -> Outcome {
         },
         Ok(cfg) => {
             let level = cfg.log.level.clone();
-            // A certificate that does not load would leave new sessions
-            // without STARTTLS: keep the running one instead.
-            let tls = cfg.smtp.tls.as_ref().map(crate::smtp::tls::acceptor);
-            let auth = cfg
-                .smtp
-                .auth
-                .as_deref()
-                .map(crate::smtp::auth::Credentials::load);
-            let applied = match (tls, auth) {
-                (Some(Err(e)), _) => Err(vec![format!("smtp.tls: {e}")]),
-                (_, Some(Err(e))) => Err(vec![format!("smtp.auth: {e}")]),
-                _ => node.reload(cfg),
+            // A certificate or password file that does not load would
+            // leave new sessions without STARTTLS or AUTH: keep the
+            // running configuration instead.
+            let applied = match crate::smtp::check_files(&cfg.smtp) {
+                Err(e) => Err(vec![e]),
+                Ok(()) => node.reload(cfg),
             };
             match applied {
                 Ok(changed) => {

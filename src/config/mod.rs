@@ -179,6 +179,15 @@ pub struct SmtpConfig {
     pub auth: Option<PathBuf>,
 }
 
+impl SmtpConfig {
+    /// Whether a client at `ip` is trusted to relay (and exempt from the
+    /// per-address limits); IPv4-mapped IPv6 counts as IPv4.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.relay_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
 /// Limits that keep one client from taking the server: per address, and
 /// per session.
 #[derive(Debug, Clone, PartialEq)]

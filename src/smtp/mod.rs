@@ -11,6 +11,18 @@ pub mod server;
 pub mod session;
 pub mod tls;
 
+/// Whether the files `[smtp]` names — the TLS certificate and key, the
+/// AUTH credentials — load; Err says which does not and why.
+pub fn check_files(cfg: &crate::config::SmtpConfig) -> Result<(), String> {
+    if let Some(t) = &cfg.tls {
+        tls::acceptor(t).map_err(|e| format!("smtp.tls: {e}"))?;
+    }
+    if let Some(path) = &cfg.auth {
+        auth::Credentials::load(path).map_err(|e| format!("smtp.auth: {e}"))?;
+    }
+    Ok(())
+}
+
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;

@@ -140,7 +140,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         clients,
     } = l;
     let open = Arc::new(AtomicUsize::new(0));
-    let mut tls_cache = TlsCache::default();
+    let mut secrets = Secrets::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -164,14 +164,13 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         // a reload applies to the next ones.
         let now = cfg.borrow().clone();
         let slot = admit(&now, &open, &clients, peer, *drain.borrow());
-        let acceptor = tls_cache.get(&now);
+        let (acceptor, creds) = secrets.get(&now);
         let tls = match (implicit_tls, acceptor) {
             (false, a) => Tls::Offer(a),
             (true, Some(a)) => Tls::Implicit(a),
             // No certificate: nothing to speak on this port.
             (true, None) => continue,
         };
-        let creds = tls_cache.credentials(&now);
         tracker.spawn(connection(
             stream,
             peer,
@@ -191,48 +190,41 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
 /// force, loaded again when a reload brings a new one (a renewed
 /// certificate, a changed password file).
 #[derive(Default)]
-struct TlsCache {
-    built_for: Option<Arc<SmtpConfig>>,
+struct Secrets {
+    loaded_for: Option<Arc<SmtpConfig>>,
     acceptor: Option<TlsAcceptor>,
-    creds_for: Option<Arc<SmtpConfig>>,
     creds: Option<Arc<Credentials>>,
 }
 
-impl TlsCache {
-    fn credentials(&mut self, cfg: &Arc<SmtpConfig>) -> Option<Arc<Credentials>> {
-        if !self.creds_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, cfg)) {
-            self.creds_for = Some(cfg.clone());
-            self.creds = match (&cfg.auth, self.creds.take()) {
-                (None, _) => None,
-                (Some(path), before) => match Credentials::load(path) {
-                    Ok(c) => Some(Arc::new(c)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot load the credentials; keeping those in use");
-                        before
-                    }
-                },
-            };
+impl Secrets {
+    fn get(&mut self, cfg: &Arc<SmtpConfig>) -> (Option<TlsAcceptor>, Option<Arc<Credentials>>) {
+        if !self
+            .loaded_for
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, cfg))
+        {
+            self.loaded_for = Some(cfg.clone());
+            let tls = cfg.tls.as_ref().map(super::tls::acceptor);
+            self.acceptor = renewed(tls, self.acceptor.take(), "certificate");
+            let creds = cfg
+                .auth
+                .as_deref()
+                .map(|p| Credentials::load(p).map(Arc::new));
+            self.creds = renewed(creds, self.creds.take(), "credentials");
         }
-        self.creds.clone()
+        (self.acceptor.clone(), self.creds.clone())
     }
+}
 
-    fn get(&mut self, cfg: &Arc<SmtpConfig>) -> Option<TlsAcceptor> {
-        if !self.built_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, cfg)) {
-            self.built_for = Some(cfg.clone());
-            self.acceptor = match (&cfg.tls, self.acceptor.take()) {
-                (None, _) => None,
-                (Some(t), before) => match super::tls::acceptor(t) {
-                    Ok(a) => Some(a),
-                    // Checked at reload, but the files may have changed
-                    // since: keep serving the certificate we had.
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot load the new certificate; keeping the one in use");
-                        before
-                    }
-                },
-            };
+/// What was just loaded, or — if the files no longer load (checked at
+/// reload, but they may have changed since) — what was in use before.
+fn renewed<T>(loaded: Option<Result<T, String>>, before: Option<T>, what: &str) -> Option<T> {
+    match loaded? {
+        Ok(new) => Some(new),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the new {what}; keeping the ones in use");
+            before
         }
-        self.acceptor.clone()
     }
 }
 
@@ -285,7 +277,7 @@ fn admit(
     }
     let permit = Permit::take(open, cfg.max_connections).ok_or(Refusal::Busy)?;
     let ip = peer.ip().to_canonical();
-    if cfg.relay_networks.iter().any(|n| n.contains(&ip)) {
+    if cfg.trusts(ip) {
         return Ok((permit, None));
     }
     let client = clients

@@ -137,7 +137,7 @@ impl Session {
     pub fn new(cfg: Arc<SmtpConfig>, client_ip: IpAddr) -> Self {
         // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
         let client_ip = client_ip.to_canonical();
-        let may_relay = cfg.relay_networks.iter().any(|n| n.contains(&client_ip));
+        let may_relay = cfg.trusts(client_ip);
         let cfg_tls = cfg.tls.is_some();
         let cfg_auth = cfg.auth.is_some();
         Self {
