@@ -26,6 +26,7 @@ pub fn session(data: &[u8]) {
         backlog: 16,
         max_connections: 10,
         max_message_size: 4096,
+        receive_memory: 1 << 30,
         max_recipients: 5,
         max_commands_before_mail: 20,
         idle_timeout: Duration::from_secs(30),
@@ -83,13 +84,24 @@ pub fn replies(data: &[u8]) {
 }
 
 /// Cluster frames from a peer, decoded into the link's messages under a
-/// 64 KiB limit: errors are fine, panics and huge allocations are not.
+/// 64 KiB limit, as handshake (plain) frames and as sealed frames of an
+/// established link: errors are fine, panics and huge allocations are not.
 pub fn frames(data: &[u8]) {
     use crate::cluster::frame::FrameDecoder;
+    use crate::cluster::handshake::Role;
+    use crate::cluster::identity::Secret;
     use crate::cluster::message::LinkMessage;
+    use crate::cluster::seal;
     let mut d = FrameDecoder::new(64 * 1024);
     d.feed(data);
     while let Ok(Some(_)) = d.next_message::<LinkMessage>() {}
+    assert!(d.buffered() <= data.len());
+
+    let secret = Secret::new(b"fuzzing secret, long enough").expect("secret");
+    let mut keys = seal::keys(&secret, &[1; 32], &[2; 32], Role::Acceptor);
+    let mut d = FrameDecoder::new(64 * 1024);
+    d.feed(data);
+    while let Ok(Some(_)) = keys.recv.next(&mut d) {}
     assert!(d.buffered() <= data.len());
 }
 

@@ -115,6 +115,11 @@ pub fn smtp_session(delta: i8) {
     }
 }
 
+/// Message bodies being received or stored hold `bytes` now.
+pub fn smtp_body_memory(bytes: u64) {
+    gauge!("mtad_smtp_body_memory_bytes").set(bytes as f64);
+}
+
 /// The server sent a reply starting with `text` (its code's class).
 pub fn smtp_reply(text: &str) {
     let class = match text.as_bytes().first() {

@@ -1,5 +1,6 @@
 //! Real `mtad` processes form a cluster from their seeds; a node with the
-//! wrong secret is refused and says why.
+//! wrong secret is refused and says why; a man in the middle learns
+//! nothing and gets nothing in.
 
 mod common;
 
@@ -7,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use common::daemon::{all_voting, ctl, ctl_output, free_port, nodes_json, nodes_until, Daemon};
+use common::proxy::Proxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Write node `name`'s config: SMTP on a free loopback port.
 fn write_config(
@@ -178,6 +181,82 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     );
 
     for mut n in nodes.into_iter().chain([rogue]) {
+        let _ = n.child.start_kill();
+        n.child.wait().await.unwrap();
+    }
+}
+
+/// The cluster links are sealed: a recording of node-b's join shows
+/// nothing but the Hellos, a rogue process that replays the recording to
+/// node-a is refused, and a frame repeated into a live link ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_replaying_captured_link_traffic_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = key(
+        dir.path(),
+        "good.key",
+        "the right cluster secret, long enough",
+    );
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let admin: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let cfg = write_config(dir.path(), "node-a", addrs[0], &[], &good, admin[0]);
+    let mut a = Daemon::start(&cfg).await;
+    a.wait_line(|l| l.contains("bootstrapped a new cluster"))
+        .await;
+
+    // node-b joins through a tap that records what it sends.
+    let tap = Proxy::start(addrs[0], None).await;
+    let cfg = write_config(dir.path(), "node-b", addrs[1], &[tap.addr], &good, admin[1]);
+    let mut b = Daemon::start(&cfg).await;
+    b.wait_line(|l| l.contains("joined the cluster")).await;
+    let captured = tap.captured();
+    let text = String::from_utf8_lossy(&captured.concat()).into_owned();
+    assert!(text.contains(r#""type":"hello""#), "{text}");
+    // The join request (its kind, node-b's address) is not readable.
+    for secret in ["Join", "Status", &addrs[1].to_string()] {
+        assert!(!text.contains(secret), "{secret:?} readable in {text:?}");
+    }
+
+    // A rogue process replays each recorded connection to node-a: its
+    // proof was for another connection's challenge.
+    for session in &captured {
+        let mut rogue = tokio::net::TcpStream::connect(addrs[0]).await.unwrap();
+        let _ = rogue.write_all(session).await;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n @ 1..)) =
+            tokio::time::timeout(common::node::PATIENCE, rogue.read(&mut buf)).await
+        {
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.contains("bad_proof"), "{answer}");
+    }
+    a.wait_line(|l| l.contains("cluster link failed") && l.contains("bad proof"))
+        .await;
+
+    // node-c joins through a man in the middle who repeats the first
+    // sealed frame of its first connection: node-a ends that link, and
+    // node-c's retry on a new connection gets it in.
+    let mitm = Proxy::start(addrs[0], Some(2)).await;
+    let cfg = write_config(
+        dir.path(),
+        "node-c",
+        addrs[2],
+        &[mitm.addr],
+        &good,
+        admin[2],
+    );
+    let mut c = Daemon::start(&cfg).await;
+    a.wait_line(|l| l.contains("failed authentication")).await;
+    c.wait_line(|l| l.contains("joined the cluster")).await;
+    let rows = nodes_until(admin[0], |rows| {
+        rows.len() == 3 && rows.iter().all(|r| r["state"] == "up")
+    })
+    .await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+
+    for mut n in [a, b, c] {
         let _ = n.child.start_kill();
         n.child.wait().await.unwrap();
     }

@@ -31,6 +31,10 @@ pub enum FrameError {
     /// The payload is not a valid message.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// A sealed frame did not open: altered, replayed, reordered, or not
+    /// sealed by the peer at all.
+    #[error("frame failed authentication (altered, replayed or not from the peer)")]
+    Forged,
     /// A previous error ended this stream; nothing more is decoded.
     #[error("stream already failed")]
     Poisoned,

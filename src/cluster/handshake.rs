@@ -6,23 +6,31 @@
 //! # Protocol (version [`PROTO_VERSION`])
 //!
 //! 1. On connect, both sides send `Hello { proto, cluster, name,
-//!    incarnation, nonce }` at once, without waiting for the other.
+//!    incarnation, nonce, key }` at once, without waiting for the other;
+//!    `key` is a fresh X25519 public key.
 //! 2. On the peer's Hello, a side checks, in this order: the protocol
 //!    version (`Incompatible`), the cluster name (`WrongCluster`), that the
 //!    name and incarnation are well formed, that the peer is not itself
-//!    (`SelfConnect`) and did not echo our nonce. It then sends
-//!    `Proof { mac }` with
-//!    `mac = HMAC-SHA256(secret, "mtad-cluster-v1" ‖ role ‖ proto ‖ cluster
-//!    ‖ verifier nonce ‖ prover nonce ‖ prover name ‖ prover incarnation ‖
-//!    verifier name ‖ verifier incarnation)`; strings are length-prefixed
-//!    so no two inputs encode alike. Both nonces make a proof useless on
-//!    any other connection (each verifier picks a fresh nonce); the role
-//!    byte and the ordered identities make a proof useless when reflected
-//!    back to its maker.
+//!    (`SelfConnect`) and did not echo our nonce. It then computes the
+//!    transcript hash `T = SHA-256("mtad-cluster-v2 transcript" ‖ proto ‖
+//!    cluster ‖ initiator's name, incarnation, nonce, key ‖ the acceptor's
+//!    same four)`, strings length-prefixed so no two inputs encode alike,
+//!    and sends `Proof { mac }` with `mac = HMAC-SHA256(secret,
+//!    "mtad-cluster-v2 proof" ‖ role ‖ T)`. Both nonces make a proof
+//!    useless on any other connection (each verifier picks a fresh nonce);
+//!    the role byte makes it useless reflected back to its maker; the keys
+//!    in `T` make it useless to a man in the middle who swaps them.
 //! 3. On the peer's Proof, a side verifies it in constant time
 //!    (`BadProof` when the secrets differ). Its own Proof already went out
 //!    when the peer's Hello arrived, so a verified Proof means
 //!    [`Action::Established`].
+//!
+//! Everything after a side's Proof is sealed (see [`super::seal`]) with
+//! keys derived from the secret, the X25519 shared secret and `T`: only
+//! the two ends of this connection can read or write it, and a leaked
+//! secret does not open recorded traffic. The driver does the key
+//! agreement; this machine only records what it needs
+//! ([`Handshake::session`]).
 //!
 //! Every refusal first sends `Refuse { reason }` so the peer can log the
 //! specific reason, then closes. Because each side runs the same checks,
@@ -38,20 +46,22 @@
 //! membership, not that the peer really is the node it names.
 
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::frame::FrameError;
 use super::identity::{Identity, Secret, MAX_NAME_LEN};
-use super::message::{LinkMessage, Nonce, RefuseReason};
+use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
 
 /// The link protocol version this build speaks.
-pub const PROTO_VERSION: u16 = 1;
+pub const PROTO_VERSION: u16 = 2;
 /// Frame cap before the peer is authenticated: a Hello is far smaller, and
 /// an unauthenticated peer must not make us buffer megabytes.
 pub const MAX_HANDSHAKE_FRAME: usize = 4096;
 /// Domain separation for the proof MAC.
-const MAC_LABEL: &[u8] = b"mtad-cluster-v1";
+const MAC_LABEL: &[u8] = b"mtad-cluster-v2 proof";
+/// Domain separation for the transcript hash.
+const TRANSCRIPT_LABEL: &[u8] = b"mtad-cluster-v2 transcript";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -107,14 +117,31 @@ pub enum Action {
     Close(LinkEnd),
 }
 
+/// What the driver needs to derive an established link's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    /// The peer's ephemeral X25519 key.
+    pub peer_key: PublicKey,
+    /// The transcript hash both sides agreed on.
+    pub transcript: [u8; 32],
+}
+
+/// One side's Hello, as bound into the transcript.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Side<'a> {
+    pub(crate) id: &'a Identity,
+    pub(crate) nonce: &'a Nonce,
+    pub(crate) key: &'a PublicKey,
+}
+
 #[derive(Debug, Clone)]
 enum State {
     /// Our Hello is out; waiting for the peer's.
     AwaitHello,
     /// Both Hellos seen and our Proof out; waiting for the peer's Proof.
-    AwaitProof { peer: Identity, peer_nonce: Nonce },
+    AwaitProof { peer: Identity, session: Session },
     /// Authenticated.
-    Established { peer: Identity },
+    Established { peer: Identity, session: Session },
     /// Over; every input is ignored.
     Closed(LinkEnd),
 }
@@ -127,18 +154,21 @@ pub struct Handshake {
     cluster: String,
     secret: Secret,
     nonce: Nonce,
+    key: PublicKey,
     state: State,
 }
 
 impl Handshake {
     /// Starts a handshake; the returned actions send our Hello.
-    /// `nonce` must be fresh random bytes, never reused.
+    /// `nonce` must be fresh random bytes and `key` a fresh ephemeral
+    /// X25519 public key, neither ever reused.
     pub fn start(
         role: Role,
         local: Identity,
         cluster: &str,
         secret: Secret,
         nonce: Nonce,
+        key: PublicKey,
     ) -> (Handshake, Vec<Action>) {
         let hello = LinkMessage::Hello {
             proto: PROTO_VERSION,
@@ -146,6 +176,7 @@ impl Handshake {
             name: local.name.clone(),
             incarnation: local.incarnation,
             nonce,
+            key,
         };
         let hs = Handshake {
             role,
@@ -153,6 +184,7 @@ impl Handshake {
             cluster: cluster.to_owned(),
             secret,
             nonce,
+            key,
             state: State::AwaitHello,
         };
         (hs, vec![Action::Send(hello)])
@@ -161,7 +193,15 @@ impl Handshake {
     /// The authenticated peer, once established.
     pub fn peer(&self) -> Option<&Identity> {
         match &self.state {
-            State::Established { peer } => Some(peer),
+            State::Established { peer, .. } => Some(peer),
+            _ => None,
+        }
+    }
+
+    /// What the link's keys derive from, once established.
+    pub fn session(&self) -> Option<Session> {
+        match &self.state {
+            State::Established { session, .. } => Some(*session),
             _ => None,
         }
     }
@@ -198,18 +238,22 @@ impl Handshake {
                     name,
                     incarnation,
                     nonce,
+                    key,
                 },
-            ) => self.on_hello(proto, cluster, Identity { name, incarnation }, nonce),
-            (State::AwaitProof { peer, peer_nonce }, LinkMessage::Proof { mac }) => {
-                let verifier = self.proof_mac(self.role.other(), &self.nonce, &peer_nonce, &peer);
+            ) => self.on_hello(proto, cluster, Identity { name, incarnation }, nonce, key),
+            (State::AwaitProof { peer, session }, LinkMessage::Proof { mac }) => {
+                let verifier = proof_mac(&self.secret, self.role.other(), &session.transcript);
                 if verifier.verify_slice(&mac).is_err() {
                     return self.refuse(RefuseReason::BadProof);
                 }
-                self.state = State::Established { peer: peer.clone() };
+                self.state = State::Established {
+                    peer: peer.clone(),
+                    session,
+                };
                 vec![Action::Established(peer)]
             }
-            (State::Established { peer }, LinkMessage::App { body }) => {
-                self.state = State::Established { peer };
+            (State::Established { peer, session }, LinkMessage::App { body }) => {
+                self.state = State::Established { peer, session };
                 vec![Action::Deliver(body)]
             }
             (state, msg) => {
@@ -258,6 +302,7 @@ impl Handshake {
         cluster: String,
         peer: Identity,
         nonce: Nonce,
+        key: PublicKey,
     ) -> Vec<Action> {
         if proto != PROTO_VERSION {
             return self.refuse(RefuseReason::Incompatible {
@@ -292,41 +337,30 @@ impl Handshake {
         if nonce == self.nonce {
             return self.refuse(RefuseReason::violation("peer echoed our nonce"));
         }
-        let mac = self
-            .proof_mac(self.role, &nonce, &self.nonce, &peer)
+        let ours = Side {
+            id: &self.local,
+            nonce: &self.nonce,
+            key: &self.key,
+        };
+        let theirs = Side {
+            id: &peer,
+            nonce: &nonce,
+            key: &key,
+        };
+        let (initiator, acceptor) = match self.role {
+            Role::Initiator => (ours, theirs),
+            Role::Acceptor => (theirs, ours),
+        };
+        let session = Session {
+            peer_key: key,
+            transcript: transcript(&self.cluster, initiator, acceptor),
+        };
+        let mac = proof_mac(&self.secret, self.role, &session.transcript)
             .finalize()
             .into_bytes()
             .into();
-        self.state = State::AwaitProof {
-            peer,
-            peer_nonce: nonce,
-        };
+        self.state = State::AwaitProof { peer, session };
         vec![Action::Send(LinkMessage::Proof { mac })]
-    }
-
-    /// The MAC proving `prover` (in `prover_role`) knows the secret, for the
-    /// verifier's challenge `verifier_nonce`. One side is always `self.local`.
-    fn proof_mac(
-        &self,
-        prover_role: Role,
-        verifier_nonce: &Nonce,
-        prover_nonce: &Nonce,
-        other: &Identity,
-    ) -> HmacSha256 {
-        let (prover, verifier) = if prover_role == self.role {
-            (&self.local, other)
-        } else {
-            (other, &self.local)
-        };
-        proof_mac(
-            &self.secret,
-            &self.cluster,
-            prover_role,
-            verifier_nonce,
-            prover_nonce,
-            prover,
-            verifier,
-        )
     }
 
     fn refuse(&mut self, reason: RefuseReason) -> Vec<Action> {
@@ -343,32 +377,33 @@ impl Handshake {
     }
 }
 
-/// The proof MAC over everything that identifies this connection.
-pub(crate) fn proof_mac(
-    secret: &Secret,
-    cluster: &str,
-    prover_role: Role,
-    verifier_nonce: &Nonce,
-    prover_nonce: &Nonce,
-    prover: &Identity,
-    verifier: &Identity,
-) -> HmacSha256 {
+/// The hash of both Hellos, initiator's first: everything that identifies
+/// this connection, which proofs and keys are bound to.
+pub(crate) fn transcript(cluster: &str, initiator: Side, acceptor: Side) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let put_str = |h: &mut Sha256, s: &str| {
+        h.update((s.len() as u32).to_be_bytes());
+        h.update(s.as_bytes());
+    };
+    h.update(TRANSCRIPT_LABEL);
+    h.update(PROTO_VERSION.to_be_bytes());
+    put_str(&mut h, cluster);
+    for side in [initiator, acceptor] {
+        put_str(&mut h, &side.id.name);
+        h.update(side.id.incarnation.to_be_bytes());
+        h.update(side.nonce);
+        h.update(side.key);
+    }
+    h.finalize().into()
+}
+
+/// The MAC by which the side in `prover_role` proves it knows the secret.
+pub(crate) fn proof_mac(secret: &Secret, prover_role: Role, transcript: &[u8; 32]) -> HmacSha256 {
     // HMAC accepts keys of any length; this cannot fail.
     let mut mac = HmacSha256::new_from_slice(secret.expose()).expect("HMAC takes any key length");
-    let put_str = |mac: &mut HmacSha256, s: &str| {
-        mac.update(&(s.len() as u32).to_be_bytes());
-        mac.update(s.as_bytes());
-    };
     mac.update(MAC_LABEL);
     mac.update(&[prover_role.byte()]);
-    mac.update(&PROTO_VERSION.to_be_bytes());
-    put_str(&mut mac, cluster);
-    mac.update(verifier_nonce);
-    mac.update(prover_nonce);
-    put_str(&mut mac, &prover.name);
-    mac.update(&prover.incarnation.to_be_bytes());
-    put_str(&mut mac, &verifier.name);
-    mac.update(&verifier.incarnation.to_be_bytes());
+    mac.update(transcript);
     mac
 }
 

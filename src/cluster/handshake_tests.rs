@@ -27,7 +27,7 @@ pub(super) fn b_id() -> Identity {
 
 /// A machine and the messages it sent on start.
 fn machine(role: Role, id: Identity, cluster: &str, key: &[u8], n: u8) -> (Handshake, LinkMessage) {
-    let (hs, out) = Handshake::start(role, id, cluster, secret(key), [n; 32]);
+    let (hs, out) = Handshake::start(role, id, cluster, secret(key), [n; 32], key_of(n));
     let [Action::Send(hello)] = <[Action; 1]>::try_from(out).unwrap() else {
         panic!("start must send exactly one hello")
     };
@@ -59,6 +59,11 @@ fn proof_of(actions: &[Action]) -> LinkMessage {
     }
 }
 
+/// The (pretend) ephemeral key of the side with nonce `[n; 32]`.
+pub(super) fn key_of(n: u8) -> PublicKey {
+    [n ^ 0x80; 32]
+}
+
 fn hello(proto: u16, cluster: &str, id: &Identity, n: u8) -> LinkMessage {
     LinkMessage::Hello {
         proto,
@@ -66,6 +71,7 @@ fn hello(proto: u16, cluster: &str, id: &Identity, n: u8) -> LinkMessage {
         name: id.name.clone(),
         incarnation: id.incarnation,
         nonce: [n; 32],
+        key: key_of(n),
     }
 }
 
@@ -218,10 +224,10 @@ fn wrong_cluster_is_reported_on_both_sides_in_every_order() {
 #[test]
 fn wrong_proto_is_incompatible_and_the_peer_hears_why() {
     let (mut b, _) = acceptor();
-    let out = b.on_message(hello(2, "prod", &a_id(), 1));
+    let out = b.on_message(hello(PROTO_VERSION + 1, "prod", &a_id(), 1));
     let reason = RefuseReason::Incompatible {
         expected: PROTO_VERSION,
-        got: 2,
+        got: PROTO_VERSION + 1,
     };
     assert_refused(&out, reason.clone());
     // The (old or new) peer receives the refusal and can log it.
@@ -251,7 +257,12 @@ fn self_connect_is_refused() {
 #[test]
 fn copied_data_dir_is_refused() {
     let (mut a, _) = initiator();
-    let out = a.on_message(hello(1, "prod", &ident("node-c", a_id().incarnation), 9));
+    let out = a.on_message(hello(
+        PROTO_VERSION,
+        "prod",
+        &ident("node-c", a_id().incarnation),
+        9,
+    ));
     assert!(violation(&out).contains("incarnation"));
 }
 
@@ -264,7 +275,7 @@ fn malformed_hello_fields_are_violations() {
         (b_id(), 1), // echoes the initiator's nonce
     ] {
         let (mut a, _) = initiator();
-        violation(&a.on_message(hello(1, "prod", &id, n)));
+        violation(&a.on_message(hello(PROTO_VERSION, "prod", &id, n)));
     }
 }
 
@@ -320,34 +331,75 @@ fn replayed_proof_from_another_session_is_rejected() {
 fn reflected_proof_is_rejected() {
     // The attacker claims to be A, then sends B's own proof back to it.
     let (mut b, _) = acceptor();
-    let pb = proof_of(&b.on_message(hello(1, "prod", &a_id(), 7)));
+    let pb = proof_of(&b.on_message(hello(PROTO_VERSION, "prod", &a_id(), 7)));
     assert_refused(&b.on_message(pb), RefuseReason::BadProof);
 }
 
 #[test]
-fn proof_for_the_other_role_or_identity_is_rejected() {
+fn a_version_1_hello_is_refused_as_incompatible() {
+    // Version 1 had no key; its Hello must still parse, so the old peer
+    // hears the real reason.
+    let v1 = r#"{"type":"hello","proto":1,"cluster":"prod","name":"node-a","incarnation":7,
+        "nonce":"0101010101010101010101010101010101010101010101010101010101010101"}"#;
+    let msg: LinkMessage = serde_json::from_str(v1).unwrap();
     let (mut b, _) = acceptor();
-    proof_of(&b.on_message(hello(1, "prod", &a_id(), 1)));
+    assert_refused(
+        &b.on_message(msg),
+        RefuseReason::Incompatible {
+            expected: PROTO_VERSION,
+            got: 1,
+        },
+    );
+}
+
+#[test]
+fn proof_for_another_role_identity_or_key_is_rejected() {
+    let (mut b, _) = acceptor();
+    proof_of(&b.on_message(hello(PROTO_VERSION, "prod", &a_id(), 1)));
     let s = secret(KEY);
-    let right = |role, prover: &Identity, verifier: &Identity| LinkMessage::Proof {
-        mac: proof_mac(&s, "prod", role, &[2; 32], &[1; 32], prover, verifier)
+    let nonces = [[0; 32], [1; 32], [2; 32]];
+    let side = |id, n: usize, key| Side {
+        id,
+        nonce: &nonces[n],
+        key,
+    };
+    let right = |role, ini: Side, acc: Side| LinkMessage::Proof {
+        mac: proof_mac(&s, role, &transcript("prod", ini, acc))
             .finalize()
             .into_bytes()
             .into(),
     };
+    let (a, b_) = (a_id(), b_id());
+    let (ka, kb) = (key_of(1), key_of(2));
     // Sanity: the correctly built proof is accepted.
     assert_eq!(
         b.clone()
-            .on_message(right(Role::Initiator, &a_id(), &b_id())),
+            .on_message(right(Role::Initiator, side(&a, 1, &ka), side(&b_, 2, &kb))),
         vec![Action::Established(a_id())]
     );
+    let c = ident("node-c", 0xaaaa);
+    let mitm = [9; 32];
     for wrong in [
-        right(Role::Acceptor, &a_id(), &b_id()),
-        right(Role::Initiator, &b_id(), &a_id()),
-        right(Role::Initiator, &ident("node-c", 0xaaaa), &b_id()),
+        right(Role::Acceptor, side(&a, 1, &ka), side(&b_, 2, &kb)),
+        right(Role::Initiator, side(&b_, 2, &kb), side(&a, 1, &ka)),
+        right(Role::Initiator, side(&c, 1, &ka), side(&b_, 2, &kb)),
+        // A man in the middle who swapped either key in transit.
+        right(Role::Initiator, side(&a, 1, &mitm), side(&b_, 2, &kb)),
+        right(Role::Initiator, side(&a, 1, &ka), side(&b_, 2, &mitm)),
     ] {
         assert_refused(&b.clone().on_message(wrong), RefuseReason::BadProof);
     }
+}
+
+#[test]
+fn both_sides_agree_on_the_session_and_see_each_others_key() {
+    let w = all_orders(initiator(), acceptor()).remove(0);
+    let (sa, sb) = (w.a.session().unwrap(), w.b.session().unwrap());
+    assert_eq!(sa.transcript, sb.transcript);
+    assert_eq!((sa.peer_key, sb.peer_key), (key_of(2), key_of(1)));
+    // Another connection (another nonce) has another transcript.
+    let other = all_orders(initiator(), machine(Role::Acceptor, b_id(), "prod", KEY, 3)).remove(0);
+    assert_ne!(other.a.session().unwrap().transcript, sa.transcript);
 }
 
 #[test]

@@ -189,7 +189,7 @@ impl Secret {
         Ok(Secret(trimmed.to_vec()))
     }
 
-    /// The secret bytes, for keying the handshake MAC only.
+    /// The secret bytes, for keying the handshake MAC and the link keys only.
     pub fn expose(&self) -> &[u8] {
         &self.0
     }

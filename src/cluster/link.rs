@@ -1,5 +1,5 @@
 //! The async driver that runs the [`Handshake`] over a real stream and
-//! then carries application messages as frames.
+//! then carries application messages as sealed frames ([`super::seal`]).
 //!
 //! A [`Link`] is single-use: after any error it is dropped and the caller
 //! reconnects (with backoff) on a fresh connection; nothing here retries.
@@ -12,10 +12,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::{timeout_at, Instant};
 
-use super::frame::{encode, FrameDecoder, FrameError, MAX_FRAME};
+use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X25519};
+
+use super::frame::{encode, FrameDecoder, FrameError};
 use super::handshake::{Action, Handshake, LinkEnd, Role, MAX_HANDSHAKE_FRAME};
 use super::identity::{Identity, Secret};
-use super::message::{LinkMessage, Nonce, RefuseReason};
+use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
+use super::seal::{self, Opener, Sealer, MAX_SEALED_FRAME};
 use super::transport::{Io, Stream, Transport};
 use thiserror::Error;
 
@@ -68,6 +71,9 @@ pub enum LinkError {
     /// The OS random source failed.
     #[error("random source failed: {0}")]
     Random(getrandom::Error),
+    /// The ephemeral key could not be made, or the peer's was unusable.
+    #[error("key exchange failed: {0}")]
+    KeyExchange(&'static str),
     /// An earlier error broke this writer; the link must be dropped.
     #[error("link already failed")]
     Broken,
@@ -145,12 +151,22 @@ where
 {
     let mut nonce: Nonce = [0; 32];
     getrandom::fill(&mut nonce).map_err(LinkError::Random)?;
+    let rng = ring::rand::SystemRandom::new();
+    let ephemeral = EphemeralPrivateKey::generate(&X25519, &rng)
+        .map_err(|_| LinkError::KeyExchange("cannot make an ephemeral key"))?;
+    let public: PublicKey = ephemeral
+        .compute_public_key()
+        .ok()
+        .and_then(|k| k.as_ref().try_into().ok())
+        .ok_or(LinkError::KeyExchange("cannot compute the public key"))?;
+    let mut ephemeral = Some(ephemeral);
     let (mut hs, mut actions) = Handshake::start(
         role,
         cfg.identity.clone(),
         &cfg.cluster,
         cfg.secret.clone(),
         nonce,
+        public,
     );
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Until the peer is authenticated it may not make us buffer much.
@@ -172,19 +188,30 @@ where
                     }
                 }
                 Action::Established(peer) => {
-                    // Bytes after the peer's Proof (its first app messages)
-                    // stay in `dec`; now larger frames are allowed.
-                    dec.set_max(MAX_FRAME);
+                    let session = hs
+                        .session()
+                        .expect("an established handshake has a session");
+                    let ephemeral = ephemeral.take().expect("established once");
+                    let theirs = UnparsedPublicKey::new(&X25519, session.peer_key);
+                    let keys = agree_ephemeral(ephemeral, &theirs, |shared| {
+                        seal::keys(&cfg.secret, shared, &session.transcript, role)
+                    })
+                    .map_err(|_| LinkError::KeyExchange("the peer's key is unusable"))?;
+                    // Bytes after the peer's Proof (its first sealed
+                    // messages) stay in `dec`; now larger frames are allowed.
+                    dec.set_max(MAX_SEALED_FRAME);
                     return Ok(Link {
                         peer,
                         reader: LinkReader {
                             inner: rd,
                             dec,
+                            open: keys.recv,
                             hs,
                             buf,
                         },
                         writer: LinkWriter {
                             inner: wr,
+                            seal: keys.send,
                             broken: false,
                         },
                     });
@@ -245,6 +272,7 @@ async fn linger<S: AsyncRead + AsyncWrite>(
 pub struct LinkReader<S = Stream> {
     inner: ReadHalf<S>,
     dec: FrameDecoder,
+    open: Opener,
     hs: Handshake,
     buf: Vec<u8>,
 }
@@ -259,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LinkReader<S> {
             if let Some(end) = self.hs.end() {
                 return Err(end.clone().into());
             }
-            let actions = match self.dec.next_message::<LinkMessage>() {
+            let actions = match self.open.next(&mut self.dec) {
                 Ok(Some(msg)) => self.hs.on_message(msg),
                 Err(e) => self.hs.on_bad_frame(&e),
                 Ok(None) => match self.inner.read(&mut self.buf).await {
@@ -301,6 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LinkReader<S> {
 #[derive(Debug)]
 pub struct LinkWriter<S = Stream> {
     inner: WriteHalf<S>,
+    seal: Sealer,
     broken: bool,
 }
 
@@ -325,7 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LinkWriter<S> {
         }
         // Oversized messages are refused here, before anything is written,
         // so the stream stays intact.
-        let bytes = encode(msg)?;
+        let bytes = self.seal.seal(msg)?;
         // Broken until the whole frame is out: after a write error or a
         // cancelled send, a partial frame may be on the wire, so the link
         // must never be written again.

@@ -189,15 +189,15 @@ async fn oversized_frame_from_authenticated_peer_is_refused() {
 
 #[tokio::test]
 async fn garbage_and_handshake_messages_after_establishment_are_refused() {
+    // From an authenticated but buggy peer: sealed, yet not what belongs.
     let frames: [&[u8]; 3] = [
         b"not json",
-        br#"{"type":"hello","proto":1,"cluster":"prod","name":"x","incarnation":5,"nonce":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
+        br#"{"type":"hello","proto":2,"cluster":"prod","name":"x","incarnation":5,"nonce":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
         br#"{"type":"mystery"}"#,
     ];
     for payload in frames {
         let (mut a, mut b) = duplex_pair().await;
-        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(payload);
+        let frame = b.writer.seal.seal_payload(payload).unwrap();
         b.writer.inner.write_all(&frame).await.unwrap();
         assert!(matches!(
             a.reader.recv().await,
@@ -206,6 +206,30 @@ async fn garbage_and_handshake_messages_after_establishment_are_refused() {
             )))
         ));
     }
+}
+
+#[tokio::test]
+async fn injected_or_replayed_frames_are_refused_as_forged() {
+    let app = br#"{"type":"app","body":{"vote":true}}"#;
+    // Plaintext injected into the stream, by someone without the keys.
+    let (mut a, mut b) = duplex_pair().await;
+    let mut plain = (app.len() as u32).to_be_bytes().to_vec();
+    plain.extend_from_slice(app);
+    b.writer.inner.write_all(&plain).await.unwrap();
+    let err = a.reader.recv().await.unwrap_err();
+    assert!(err.to_string().contains("failed authentication"), "{err}");
+
+    // A genuine frame, delivered once, then replayed into the stream.
+    let (mut a, mut b) = duplex_pair().await;
+    let frame = b.writer.seal.seal_payload(app).unwrap();
+    b.writer.inner.write_all(&frame).await.unwrap();
+    assert_eq!(a.reader.recv().await.unwrap(), json!({"vote": true}));
+    b.writer.inner.write_all(&frame).await.unwrap();
+    let err = a.reader.recv().await.unwrap_err();
+    assert!(err.to_string().contains("failed authentication"), "{err}");
+    // Final: nothing after it is read.
+    b.writer.send(json!(1)).await.unwrap();
+    assert!(a.reader.recv().await.is_err());
 }
 
 #[tokio::test]

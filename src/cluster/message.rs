@@ -12,6 +12,8 @@ use thiserror::Error;
 pub const NONCE_LEN: usize = 32;
 /// A fresh random challenge, one per side per connection.
 pub type Nonce = [u8; NONCE_LEN];
+/// An X25519 public key, fresh per side per connection.
+pub type PublicKey = [u8; 32];
 /// Longest peer-supplied text kept from a received refusal (it gets logged).
 pub const MAX_REASON_TEXT: usize = 256;
 
@@ -32,6 +34,11 @@ pub enum LinkMessage {
         /// Fresh challenge for the peer's proof.
         #[serde(with = "hex32")]
         nonce: Nonce,
+        /// Ephemeral X25519 key for this connection's session keys.
+        /// Defaults to zeros so a version-1 Hello (which has none) still
+        /// parses and is refused as incompatible rather than malformed.
+        #[serde(default, with = "hex32")]
+        key: PublicKey,
     },
     /// Proof of knowing the cluster secret, bound to this connection.
     Proof {
@@ -196,6 +203,7 @@ mod tests {
             name: "node-a".into(),
             incarnation: u64::MAX,
             nonce,
+            key: [0xfe; 32],
         });
         roundtrip(&LinkMessage::Proof { mac: [7; 32] });
         for reason in [

@@ -24,6 +24,7 @@ pub mod node;
 pub mod peer;
 pub mod placement;
 pub mod rpc;
+pub mod seal;
 pub mod server;
 pub mod store;
 pub mod transport;

@@ -288,6 +288,20 @@ fn read_smtp(
         .take("max_message_size")
         .and_then(|n| ctx.size(&n, 1024))
         .unwrap_or(50 * 1024 * 1024);
+    let receive_memory = f
+        .take("receive_memory")
+        .and_then(|n| {
+            let bytes = ctx.size(&n, 1024)?;
+            if bytes < max_message_size {
+                let msg = format!(
+                    "must be at least max_message_size ({max_message_size} bytes): \
+                     a message of the largest size could never be received"
+                );
+                ctx.error(&n.span, &n.path, &msg);
+            }
+            Some(bytes)
+        })
+        .unwrap_or((1 << 30).max(2 * max_message_size));
     let max_recipients = int_or(ctx, &mut f, "max_recipients", 1, i64::MAX, 1000) as usize;
     let max_commands_before_mail =
         int_or(ctx, &mut f, "max_commands_before_mail", 1, i64::MAX, 100) as usize;
@@ -376,6 +390,7 @@ fn read_smtp(
         backlog,
         max_connections,
         max_message_size,
+        receive_memory,
         max_recipients,
         max_commands_before_mail,
         idle_timeout,

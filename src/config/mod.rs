@@ -158,6 +158,9 @@ pub struct SmtpConfig {
     pub max_connections: usize,
     /// Largest message accepted, in bytes (announced in SIZE).
     pub max_message_size: u64,
+    /// Memory all sessions' message bodies may hold at once; a message
+    /// that would take more gets `452 4.3.1`. At least `max_message_size`.
+    pub receive_memory: u64,
     /// Recipients per transaction; more get `452 4.5.3`.
     pub max_recipients: usize,
     /// Commands allowed before MAIL without penalty (NOOP/RSET/VRFY/HELP…).

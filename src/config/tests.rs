@@ -107,6 +107,7 @@ fn minimal_file_gets_defaults() {
     assert_eq!(s.hostname, "localhost");
     assert_eq!((s.backlog, s.max_connections), (4096, 10_000));
     assert_eq!(s.max_message_size, 50 * 1024 * 1024);
+    assert_eq!(s.receive_memory, 1 << 30);
     assert_eq!((s.max_recipients, s.max_commands_before_mail), (1000, 100));
     assert_eq!(s.idle_timeout, Duration::from_secs(300));
     let nets: Vec<String> = s.relay_networks.iter().map(|n| n.to_string()).collect();
@@ -408,6 +409,22 @@ fn wrong_type_size() {
         "smtp.max_message_size",
         9,
         "found integer -5",
+    );
+}
+
+#[test]
+fn receive_memory_must_hold_one_message_of_the_largest_size() {
+    one(
+        &with("[smtp]\nmax_message_size = \"10MiB\"\nreceive_memory = \"5MiB\"\n"),
+        "smtp.receive_memory",
+        10,
+        "must be at least max_message_size (10485760 bytes)",
+    );
+    let c = load_str(&with("[smtp]\nmax_message_size = \"1GiB\"\n"), "t.toml").unwrap();
+    assert_eq!(
+        c.smtp.receive_memory,
+        2 << 30,
+        "default: two of the largest"
     );
 }
 

@@ -26,6 +26,7 @@ pub(crate) fn config() -> Config {
             backlog: 16,
             max_connections: 10,
             max_message_size: 1 << 20,
+            receive_memory: 1 << 30,
             max_recipients: 100,
             max_commands_before_mail: 10,
             idle_timeout: Duration::from_secs(60),

@@ -26,6 +26,7 @@ fn cfg() -> Arc<SmtpConfig> {
         backlog: 64,
         max_connections: 10,
         max_message_size: 10_000,
+        receive_memory: 1 << 30,
         max_recipients: 10,
         max_commands_before_mail: 10,
         idle_timeout: Duration::from_secs(30),

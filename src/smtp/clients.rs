@@ -71,9 +71,12 @@ pub trait Budget: Send + Sync + std::fmt::Debug {
 /// wait.
 pub const AUTH_FAILURES: usize = 5;
 
-/// Sessions by client address.
+/// Sessions by client address, and the memory all sessions' message
+/// bodies hold.
 #[derive(Debug, Default)]
 pub struct Clients {
+    /// Shared by every session of the node, trusted clients' too.
+    pub memory: Arc<super::memory::BodyMemory>,
     map: Mutex<HashMap<IpAddr, Entry>>,
     /// When idle entries were last forgotten (at most once a window: it
     /// walks the whole table).

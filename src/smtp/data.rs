@@ -7,6 +7,8 @@
 
 use bytes::Bytes;
 
+use super::memory::Charge;
+
 /// How the content ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataOutcome {
@@ -16,6 +18,8 @@ pub enum DataOutcome {
     BareLineEnding,
     /// The content exceeded the size limit.
     TooBig,
+    /// The node's memory for message bodies ran out while it came in.
+    NoMemory,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +44,10 @@ pub struct DataReceiver {
     size: u64,
     max: u64,
     bare: bool,
+    /// What the body holds of the node's memory; None: not counted.
+    charge: Option<Charge>,
+    /// The charge could not grow: the content is dropped as it comes.
+    starved: bool,
     state: State,
 }
 
@@ -51,28 +59,65 @@ impl DataReceiver {
             size: 0,
             max,
             bare: false,
+            charge: None,
+            starved: false,
             state: State::LineStart,
         }
     }
 
+    /// Counts the body's memory against `charge`, which must cover every
+    /// byte it allocates.
+    pub fn counted(mut self, charge: Charge) -> Self {
+        self.charge = Some(charge);
+        self
+    }
+
+    /// The charge for the finished body, to keep until it is stored.
+    pub fn take_charge(&mut self) -> Option<Charge> {
+        self.charge.take()
+    }
+
     /// Whether content is still worth keeping.
     fn keeping(&self) -> bool {
-        !self.bare && self.size <= self.max
+        !self.bare && !self.starved && self.size <= self.max
     }
 
     fn push(&mut self, bytes: &[u8]) {
         self.size = self.size.saturating_add(bytes.len() as u64);
-        if self.keeping() {
-            self.body.extend_from_slice(bytes);
-        } else if !self.body.is_empty() {
+        if !self.keeping() {
             // Rejected anyway: free the memory now rather than at the end.
-            self.body = Vec::new();
+            self.drop_body();
+            return;
+        }
+        let need = self.body.len() + bytes.len();
+        if need > self.body.capacity() {
+            // Double as Vec would, but never past the size limit, and
+            // only as far as the node's memory covers.
+            let max = usize::try_from(self.max).unwrap_or(usize::MAX);
+            let doubled = (self.body.capacity() * 2).max(4096).min(max);
+            let cap = need.max(doubled);
+            if let Some(c) = &mut self.charge {
+                if !c.cover(cap as u64) {
+                    self.starved = true;
+                    self.drop_body();
+                    return;
+                }
+            }
+            self.body.reserve_exact(cap - self.body.len());
+        }
+        self.body.extend_from_slice(bytes);
+    }
+
+    fn drop_body(&mut self) {
+        self.body = Vec::new();
+        if let Some(c) = &mut self.charge {
+            c.release();
         }
     }
 
     fn bare(&mut self) {
         self.bare = true;
-        self.body = Vec::new();
+        self.drop_body();
     }
 
     /// Consume `input`; returns how many bytes were used and, once the
@@ -150,6 +195,8 @@ impl DataReceiver {
             DataOutcome::BareLineEnding
         } else if self.size > self.max {
             DataOutcome::TooBig
+        } else if self.starved {
+            DataOutcome::NoMemory
         } else {
             DataOutcome::Complete(Bytes::from(std::mem::take(&mut self.body)))
         }
@@ -226,5 +273,58 @@ mod tests {
                 (input.len() - split, whole.1.clone())
             );
         }
+    }
+
+    #[test]
+    fn the_body_is_counted_and_dropped_when_memory_runs_out() {
+        use crate::smtp::memory::BodyMemory;
+        use std::sync::Arc;
+        let memory = Arc::new(BodyMemory::default());
+        let mut line = b"y".repeat(998);
+        line.extend_from_slice(b"\r\n");
+        // Fits: the charge covers what the body holds, and stays with it.
+        let mut r = DataReceiver::new(1 << 20).counted(Charge::new(memory.clone(), 8192));
+        r.feed(&line);
+        assert!(memory.used() >= 1000 && memory.used() <= 8192);
+        let (_, out) = r.feed(b".\r\n");
+        assert!(matches!(out, Some(DataOutcome::Complete(b)) if b.len() == 1000));
+        let charge = r.take_charge();
+        assert!(memory.used() >= 1000);
+        drop(charge);
+        assert_eq!(memory.used(), 0);
+
+        // Does not fit: read to the end, nothing kept, everything given back.
+        let mut r = DataReceiver::new(1 << 20).counted(Charge::new(memory.clone(), 8192));
+        for _ in 0..20 {
+            r.feed(&line);
+            assert!(memory.used() <= 8192);
+        }
+        assert_eq!(memory.used(), 0);
+        assert_eq!(r.feed(b".\r\n").1, Some(DataOutcome::NoMemory));
+
+        // Too big wins over no memory: that one can never be sent.
+        let mut r = DataReceiver::new(4000).counted(Charge::new(memory.clone(), 2048));
+        for _ in 0..5 {
+            r.feed(&line);
+        }
+        assert_eq!(r.feed(b".\r\n").1, Some(DataOutcome::TooBig));
+        assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn the_body_never_holds_more_than_the_size_limit() {
+        use crate::smtp::memory::BodyMemory;
+        use std::sync::Arc;
+        let memory = Arc::new(BodyMemory::default());
+        let max = 10_000;
+        let mut r = DataReceiver::new(max).counted(Charge::new(memory.clone(), max));
+        let mut line = b"z".repeat(98);
+        line.extend_from_slice(b"\r\n");
+        for _ in 0..100 {
+            r.feed(&line);
+        }
+        let (_, out) = r.feed(b".\r\n");
+        assert!(matches!(out, Some(DataOutcome::Complete(b)) if b.len() == 10_000));
+        assert!(memory.used() <= max, "{}", memory.used());
     }
 }

@@ -7,6 +7,7 @@ mod address;
 pub mod auth;
 pub mod clients;
 mod data;
+pub mod memory;
 pub mod server;
 pub mod session;
 pub mod tls;

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::auth::Credentials;
 use super::clients::{ClientSlot, Clients, TooMany};
+use super::memory::BodyMemory;
 use super::session::{Output, Session, Verdict};
 use super::Accept;
 use crate::config::SmtpConfig;
@@ -179,6 +180,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
             tls,
             creds,
             accept.clone(),
+            clients.memory.clone(),
             cancel.clone(),
         ));
     }
@@ -305,6 +307,7 @@ async fn connection(
     tls: Tls,
     creds: Option<Arc<Credentials>>,
     accept: Arc<dyn Accept>,
+    memory: Arc<BodyMemory>,
     cancel: CancellationToken,
 ) {
     // Replies are small and latency matters more than packet count.
@@ -324,6 +327,7 @@ async fn connection(
         end: tokio::time::Instant::now() + cfg.limits.max_session_time,
     };
     let mut session = Session::new(cfg, peer.ip());
+    session.with_memory(memory);
     if let Some(c) = client {
         session.with_budget(Arc::new(c));
     }

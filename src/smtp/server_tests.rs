@@ -48,6 +48,7 @@ fn cfg() -> SmtpConfig {
         backlog: 64,
         max_connections: 10,
         max_message_size: 10_000,
+        receive_memory: 1 << 30,
         max_recipients: 10,
         max_commands_before_mail: 10,
         idle_timeout: Duration::from_secs(30),
@@ -324,6 +325,48 @@ async fn shutdown_waits_for_a_store_in_progress() {
     c.expect("421 4.3.2").await;
     assert!(c.closed().await);
     assert_eq!(memory.messages.lock().expect("lock").len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_beyond_the_nodes_memory_are_refused_for_now_and_then_accepted() {
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Semaphore::new(0));
+    let memory = Arc::new(Memory {
+        gate: Some((entered.clone(), release.clone())),
+        ..Memory::default()
+    });
+    let cfg = SmtpConfig {
+        receive_memory: 12_000,
+        ..cfg()
+    };
+    let server = Server::start(cfg, memory.clone()).await;
+    let body = format!("{}\r\n.\r\n", "x".repeat(6000));
+    let tx = "HELO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\n";
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(server.addr).await;
+        c.expect("220 ").await;
+        c.send(tx).await;
+        for prefix in ["250 ", "250 ", "250 ", "354 "] {
+            c.expect(prefix).await;
+        }
+        clients.push(c);
+    }
+    let [mut a, mut b] = <[Client; 2]>::try_from(clients).ok().unwrap();
+    // A's body is held while it is stored; B's does not fit beside it.
+    a.send(&body).await;
+    entered.notified().await;
+    b.send(&body).await;
+    b.expect("452 4.3.1").await;
+    release.add_permits(2);
+    a.expect("250 2.0.0 Ok: queued as").await;
+    // Given back: B's retry on the same session is accepted.
+    b.send(&format!("{tx}{body}")).await;
+    for prefix in ["250 ", "250 ", "250 ", "354 ", "250 2.0.0 Ok: queued as"] {
+        b.expect(prefix).await;
+    }
+    assert_eq!(memory.messages.lock().expect("lock").len(), 2);
     server.stop().await;
 }
 

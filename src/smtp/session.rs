@@ -11,6 +11,7 @@ use smtp_proto::{Error as ParseError, Request};
 use super::address::{self, PathError};
 use super::clients::Budget;
 use super::data::{DataOutcome, DataReceiver};
+use super::memory::{BodyMemory, Charge};
 use super::Incoming;
 use crate::config::SmtpConfig;
 use crate::spool::{QueueId, SpoolError};
@@ -34,6 +35,9 @@ fn decode(b64: &[u8]) -> Option<String> {
 }
 
 /// Verbs we recognise but do not offer; they get 502 rather than 500.
+/// The node's memory for message bodies is spent for now (RFC 1870 6.2).
+const NO_STORAGE: &str = "452 4.3.1 Insufficient system storage, try again later";
+
 const NOT_OFFERED: &[&str] = &["EXPN", "BDAT", "ETRN", "ATRN", "BURL", "LHLO", "TURN"];
 /// MAIL parameters we advertise (BODY=7BIT is the default and harmless).
 const MAIL_FLAGS_OFFERED: u64 = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
@@ -130,6 +134,10 @@ pub struct Session {
     offer_auth: bool,
     /// Who authenticated, if anyone.
     user: Option<String>,
+    /// The node's memory for message bodies (None: not counted).
+    memory: Option<Arc<BodyMemory>>,
+    /// What the body being stored holds of it.
+    charge: Option<Charge>,
 }
 
 impl Session {
@@ -155,12 +163,19 @@ impl Session {
             budget: None,
             offer_auth: cfg_auth,
             user: None,
+            memory: None,
+            charge: None,
         }
     }
 
     /// Do not offer AUTH after all (the credentials could not be loaded).
     pub fn without_auth(&mut self) {
         self.offer_auth = false;
+    }
+
+    /// Count message bodies against the node's `memory`.
+    pub fn with_memory(&mut self, memory: Arc<BodyMemory>) {
+        self.memory = Some(memory);
     }
 
     /// Count messages and recipients against `budget`.
@@ -275,6 +290,7 @@ impl Session {
         };
         out.push(Output::Reply(reply));
         self.tx = None;
+        self.charge = None;
         self.mode = Mode::Command;
         self.process_buffered(out);
     }
@@ -359,6 +375,10 @@ impl Session {
     }
 
     fn data_done(&mut self, outcome: DataOutcome, out: &mut Vec<Output>) {
+        if let Mode::Data(d) = &mut self.mode {
+            // Held until the body is stored; dropped otherwise.
+            self.charge = d.take_charge();
+        }
         self.mode = Mode::Command;
         let Some(tx) = self.tx.take() else {
             // DATA is only entered with a transaction; stay safe regardless.
@@ -381,6 +401,7 @@ impl Session {
                 self.reply("550 5.6.0 Bare CR or LF in message content", out)
             }
             DataOutcome::TooBig => self.reply("552 5.3.4 Message size exceeds fixed maximum", out),
+            DataOutcome::NoMemory => self.reply(NO_STORAGE, out),
         }
     }
 
@@ -669,6 +690,11 @@ impl Session {
         if from.size as u64 > self.cfg.max_message_size {
             return self.error("552 5.3.4 Message size exceeds fixed maximum", out);
         }
+        // RFC 1870: a size that does not fit now is a temporary refusal.
+        let room = |m: &Arc<BodyMemory>| m.has_room(from.size as u64, self.cfg.receive_memory);
+        if self.memory.as_ref().is_some_and(|m| !room(m)) {
+            return self.reply(NO_STORAGE, out);
+        }
         if self.budget.as_ref().is_some_and(|b| !b.message()) {
             let r = "451 4.7.1 Too many messages from your address, try again later";
             return self.reply(r, out);
@@ -748,7 +774,11 @@ impl Session {
                 self.error("554 5.5.1 Error: no valid recipients", out)
             }
             Some(_) => {
-                self.mode = Mode::Data(DataReceiver::new(self.cfg.max_message_size));
+                let mut receiver = DataReceiver::new(self.cfg.max_message_size);
+                if let Some(m) = &self.memory {
+                    receiver = receiver.counted(Charge::new(m.clone(), self.cfg.receive_memory));
+                }
+                self.mode = Mode::Data(receiver);
                 self.reply("354 End data with <CR><LF>.<CR><LF>", out);
             }
         }

@@ -15,6 +15,7 @@ pub(super) fn cfg() -> Arc<SmtpConfig> {
         backlog: 16,
         max_connections: 10,
         max_message_size: 1000,
+        receive_memory: 1 << 30,
         max_recipients: 3,
         max_commands_before_mail: 20,
         idle_timeout: Duration::from_secs(30),
@@ -685,4 +686,89 @@ fn an_address_over_its_share_is_told_to_come_back() {
         "451 4.7.1 Too many messages from your address, try again later"
     );
     assert!(!s.is_closed(), "a 4xx, not a penalty");
+}
+
+/// Two sessions sharing a node's memory for bodies of `limit` bytes.
+fn sharing(limit: u64) -> (Session, Session, Arc<BodyMemory>) {
+    let cfg = Arc::new(SmtpConfig {
+        max_message_size: 1000,
+        receive_memory: limit,
+        ..(*cfg()).clone()
+    });
+    let memory = Arc::new(BodyMemory::default());
+    let mut a = Session::new(cfg.clone(), RELAY);
+    let mut b = Session::new(cfg, RELAY);
+    a.with_memory(memory.clone());
+    b.with_memory(memory.clone());
+    (a, b, memory)
+}
+
+const TO_DATA: &[u8] =
+    b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n";
+
+#[test]
+fn bodies_beyond_the_nodes_memory_get_452_and_nothing_is_lost() {
+    let (mut a, mut b, memory) = sharing(1500);
+    let mut out_a = Vec::new();
+    let mut out_b = Vec::new();
+    let body = format!("{}\r\n", "x".repeat(900));
+    // A holds its body until it is stored; B's does not fit beside it.
+    a.feed(TO_DATA, &mut out_a);
+    a.feed(body.as_bytes(), &mut out_a);
+    b.feed(TO_DATA, &mut out_b);
+    b.feed(body.as_bytes(), &mut out_b);
+    a.feed(b".\r\n", &mut out_a);
+    assert!(a.is_storing());
+    b.feed(b".\r\n", &mut out_b);
+    assert!(!b.is_storing(), "nothing to store");
+    assert!(
+        replies(&out_b).last().unwrap().starts_with("452 4.3.1"),
+        "{out_b:?}"
+    );
+    assert!(memory.used() > 0);
+    // Stored: A's memory is given back, and B's retry goes through.
+    a.stored(Ok(QueueId(1)), &mut out_a);
+    assert_eq!(memory.used(), 0);
+    b.feed(
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n",
+        &mut out_b,
+    );
+    b.feed(body.as_bytes(), &mut out_b);
+    b.feed(b".\r\n", &mut out_b);
+    assert_eq!(delivered(&out_b).len(), 1);
+    assert_eq!(delivered(&out_b)[0].body.len(), body.len());
+    b.stored(Ok(QueueId(2)), &mut out_b);
+    assert_eq!(memory.used(), 0);
+}
+
+#[test]
+fn a_declared_size_that_does_not_fit_now_gets_452_at_mail() {
+    let (mut a, mut b, _memory) = sharing(1500);
+    let mut out = Vec::new();
+    a.feed(TO_DATA, &mut out);
+    a.feed(format!("{}\r\n", "x".repeat(900)).as_bytes(), &mut out);
+    let mut out = Vec::new();
+    b.feed(
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE=900\r\n",
+        &mut out,
+    );
+    assert!(
+        replies(&out).last().unwrap().starts_with("452 4.3.1"),
+        "{out:?}"
+    );
+    // Without a declared size the transaction starts (and is checked as
+    // the body comes in); a small one fits.
+    b.feed(b"MAIL FROM:<a@b.test> SIZE=100\r\n", &mut out);
+    assert!(replies(&out).last().unwrap().starts_with("250"), "{out:?}");
+}
+
+#[test]
+fn a_closed_session_gives_its_memory_back() {
+    let (mut a, _b, memory) = sharing(1 << 20);
+    let mut out = Vec::new();
+    a.feed(TO_DATA, &mut out);
+    a.feed(b"some content\r\n", &mut out);
+    assert!(memory.used() > 0);
+    drop(a);
+    assert_eq!(memory.used(), 0);
 }

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod netns;
 pub mod node;
 pub mod peer;
+pub mod proxy;
 
 use std::cell::RefCell;
 use std::sync::Once;

@@ -1,0 +1,129 @@
+//! The memory held by message bodies while they are received, counted for
+//! the whole node. `max_message_size` bounds one session; this bounds all
+//! of them together, so that many clients sending large messages at once
+//! get `452 4.3.1` (try again later) instead of exhausting the machine.
+//! The limit is read from each session's configuration, so a reload
+//! changes it for sessions that start afterwards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Bytes held by bodies being received or stored, across sessions.
+#[derive(Debug, Default)]
+pub struct BodyMemory {
+    used: AtomicU64,
+}
+
+impl BodyMemory {
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether `n` more bytes would fit under `limit` now.
+    pub fn has_room(&self, n: u64, limit: u64) -> bool {
+        self.used().saturating_add(n) <= limit
+    }
+
+    fn take(&self, n: u64, limit: u64) -> bool {
+        let taken = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(n).filter(|&after| after <= limit)
+            })
+            .is_ok();
+        if taken {
+            crate::metrics::smtp_body_memory(self.used());
+        }
+        taken
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+        crate::metrics::smtp_body_memory(self.used());
+    }
+}
+
+/// What one body holds of the node's memory; given back when dropped.
+#[derive(Debug)]
+pub struct Charge {
+    memory: Arc<BodyMemory>,
+    limit: u64,
+    held: u64,
+}
+
+impl Charge {
+    /// Holds nothing yet; may grow to what `limit` leaves room for.
+    pub fn new(memory: Arc<BodyMemory>, limit: u64) -> Charge {
+        Charge {
+            memory,
+            limit,
+            held: 0,
+        }
+    }
+
+    /// Holds at least `n` bytes; false (holding what it held) when the
+    /// node's memory for bodies is spent.
+    pub fn cover(&mut self, n: u64) -> bool {
+        if n <= self.held {
+            return true;
+        }
+        if !self.memory.take(n - self.held, self.limit) {
+            return false;
+        }
+        self.held = n;
+        true
+    }
+
+    /// Gives everything back now.
+    pub fn release(&mut self) {
+        if self.held > 0 {
+            self.memory.give(self.held);
+            self.held = 0;
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_share_the_limit_and_give_back_on_drop() {
+        let m = Arc::new(BodyMemory::default());
+        let mut a = Charge::new(m.clone(), 100);
+        let mut b = Charge::new(m.clone(), 100);
+        assert!(a.cover(60));
+        assert!(a.cover(40), "already held");
+        assert_eq!(m.used(), 60);
+        assert!(!b.cover(41));
+        assert_eq!(m.used(), 60, "a refused charge takes nothing");
+        assert!(b.cover(40));
+        assert!(!m.has_room(1, 100));
+        drop(a);
+        assert_eq!(m.used(), 40);
+        assert!(b.cover(100));
+        b.release();
+        assert_eq!(m.used(), 0);
+        drop(b);
+        assert_eq!(m.used(), 0, "released once");
+    }
+
+    #[test]
+    fn growing_takes_only_the_difference() {
+        let m = Arc::new(BodyMemory::default());
+        let mut a = Charge::new(m.clone(), 1000);
+        for n in [10, 20, 400, 1000] {
+            assert!(a.cover(n));
+            assert_eq!(m.used(), n);
+        }
+        assert!(!a.cover(1001));
+        assert_eq!(m.used(), 1000);
+    }
+}
