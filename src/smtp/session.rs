@@ -18,6 +18,9 @@ use crate::spool::{QueueId, SpoolError};
 
 /// Longest command line, terminator included (RFC 5321 §4.5.3.1.4).
 pub const MAX_LINE: usize = 512;
+/// Longest AUTH command or response line (RFC 4954 section 4: credentials
+/// in base64 may not fit in 512).
+pub const MAX_AUTH_LINE: usize = 12_288;
 /// Consecutive failed commands before the client is disconnected.
 pub const MAX_ERRORS: u32 = 10;
 
@@ -34,10 +37,10 @@ fn decode(b64: &[u8]) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// Verbs we recognise but do not offer; they get 502 rather than 500.
 /// The node's memory for message bodies is spent for now (RFC 1870 6.2).
 const NO_STORAGE: &str = "452 4.3.1 Insufficient system storage, try again later";
 
+/// Verbs we recognise but do not offer; they get 502 rather than 500.
 const NOT_OFFERED: &[&str] = &["EXPN", "BDAT", "ETRN", "ATRN", "BURL", "LHLO", "TURN"];
 /// MAIL parameters we advertise (BODY=7BIT is the default and harmless).
 const MAIL_FLAGS_OFFERED: u64 = smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME;
@@ -351,9 +354,14 @@ impl Session {
                     None => return input.len(),
                 },
                 Mode::Command | Mode::AuthPlain | Mode::AuthUser | Mode::AuthPassword(_) => {
-                    let window = &rest[..rest.len().min(MAX_LINE)];
+                    let command = matches!(self.mode, Mode::Command);
+                    let max = match command && !verb(rest).eq_ignore_ascii_case(b"AUTH") {
+                        true => MAX_LINE,
+                        false => MAX_AUTH_LINE,
+                    };
+                    let window = &rest[..rest.len().min(max)];
                     match window.iter().position(|&b| b == b'\n') {
-                        Some(lf) if !matches!(self.mode, Mode::Command) => {
+                        Some(lf) if !command => {
                             pos += lf + 1;
                             self.auth_line(&rest[..=lf], out);
                         }
@@ -362,8 +370,8 @@ impl Session {
                             let pipelined = pos < input.len();
                             self.command(&rest[..=lf], pipelined, out);
                         }
-                        None if rest.len() >= MAX_LINE => {
-                            pos += MAX_LINE;
+                        None if rest.len() >= max => {
+                            pos += max;
                             self.mode = Mode::Discard;
                             self.error("500 5.5.2 Line too long", out);
                         }
