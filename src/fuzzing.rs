@@ -97,12 +97,22 @@ pub fn frames(data: &[u8]) {
     while let Ok(Some(_)) = d.next_message::<LinkMessage>() {}
     assert!(d.buffered() <= data.len());
 
+    // As sealed frames: forged ones, then the input sealed by the peer,
+    // which opens to the input and parses (or not) as a message.
     let secret = Secret::new(b"fuzzing secret, long enough").expect("secret");
-    let mut keys = seal::keys(&secret, &[1; 32], &[2; 32], Role::Acceptor);
+    let mut theirs = seal::keys(&secret, &[1; 32], &[2; 32], Role::Initiator);
+    let mut ours = seal::keys(&secret, &[1; 32], &[2; 32], Role::Acceptor);
     let mut d = FrameDecoder::new(64 * 1024);
     d.feed(data);
-    while let Ok(Some(_)) = keys.recv.next(&mut d) {}
+    while let Ok(Some(_)) = ours.recv.next(&mut d) {}
     assert!(d.buffered() <= data.len());
+    let mut ours = seal::keys(&secret, &[1; 32], &[2; 32], Role::Acceptor);
+    if let Ok(frame) = theirs.send.seal_payload(data) {
+        let mut d = FrameDecoder::new(seal::MAX_SEALED_FRAME);
+        d.feed(&frame);
+        let parsed = serde_json::from_slice::<LinkMessage>(data).ok();
+        assert_eq!(ours.recv.next(&mut d).ok().flatten(), parsed);
+    }
 }
 
 /// A configuration file: every error names a line within the file.

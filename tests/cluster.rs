@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use common::daemon::{all_voting, ctl, ctl_output, free_port, nodes_json, nodes_until, Daemon};
-use common::proxy::Proxy;
+use common::proxy::{frames, Inject, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Write node `name`'s config: SMTP on a free loopback port.
@@ -205,11 +205,17 @@ async fn a_rogue_replaying_captured_link_traffic_gets_nothing() {
         .await;
 
     // node-b joins through a tap that records what it sends.
-    let tap = Proxy::start(addrs[0], None).await;
+    let tap = Proxy::start(addrs[0], vec![]).await;
     let cfg = write_config(dir.path(), "node-b", addrs[1], &[tap.addr], &good, admin[1]);
     let mut b = Daemon::start(&cfg).await;
     b.wait_line(|l| l.contains("joined the cluster")).await;
-    let captured = tap.captured();
+    // Whole connections only: past the handshake, with sealed frames.
+    let captured: Vec<Vec<u8>> = tap
+        .captured()
+        .into_iter()
+        .filter(|c| frames(c).len() > 2)
+        .collect();
+    assert!(!captured.is_empty(), "the join went through the tap");
     let text = String::from_utf8_lossy(&captured.concat()).into_owned();
     assert!(text.contains(r#""type":"hello""#), "{text}");
     // The join request (its kind, node-b's address) is not readable.
@@ -235,10 +241,19 @@ async fn a_rogue_replaying_captured_link_traffic_gets_nothing() {
     a.wait_line(|l| l.contains("cluster link failed") && l.contains("bad proof"))
         .await;
 
-    // node-c joins through a man in the middle who repeats the first
-    // sealed frame of its first connection: node-a ends that link, and
-    // node-c's retry on a new connection gets it in.
-    let mitm = Proxy::start(addrs[0], Some(2)).await;
+    // node-c joins through a man in the middle. Into its first connection
+    // he splices a sealed frame recorded from node-b's; into its second
+    // he repeats its own first sealed frame. node-a ends both links, and
+    // node-c gets in on a clean third.
+    let recorded = frames(&captured[0])[2].clone();
+    let inject = vec![
+        Inject::Splice {
+            after: 1,
+            frame: recorded,
+        },
+        Inject::Repeat { after: 2 },
+    ];
+    let mitm = Proxy::start(addrs[0], inject).await;
     let cfg = write_config(
         dir.path(),
         "node-c",
@@ -248,13 +263,19 @@ async fn a_rogue_replaying_captured_link_traffic_gets_nothing() {
         admin[2],
     );
     let mut c = Daemon::start(&cfg).await;
-    a.wait_line(|l| l.contains("failed authentication")).await;
+    for _ in 0..2 {
+        a.wait_line(|l| l.contains("failed authentication")).await;
+    }
     c.wait_line(|l| l.contains("joined the cluster")).await;
     let rows = nodes_until(admin[0], |rows| {
         rows.len() == 3 && rows.iter().all(|r| r["state"] == "up")
     })
     .await;
     assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        mitm.captured().len() >= 3,
+        "two links ended, a third got in"
+    );
 
     for mut n in [a, b, c] {
         let _ = n.child.start_kill();

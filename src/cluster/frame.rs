@@ -1,5 +1,6 @@
 //! Framing for the node-to-node link: a `u32` big-endian payload length,
-//! then the payload, which is one serde_json message.
+//! then the payload: one serde_json message during the handshake, its
+//! sealed form after (see [`super::seal`]).
 //!
 //! The decoder is pure and incremental so the same code serves real sockets
 //! and in-memory tests, and so that input split anywhere decodes the same.
@@ -12,7 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-/// Largest payload accepted on an established link.
+/// Largest message on an established link (its sealed payload is
+/// [`super::seal::TAG_LEN`] bytes longer).
 pub const MAX_FRAME: usize = 16 << 20;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
@@ -109,7 +111,7 @@ impl FrameDecoder {
 
     /// The next complete frame payload, `None` if more input is needed.
     /// Any error is final: the stream cannot be resynchronised.
-    pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+    pub fn next_frame(&mut self) -> Result<Option<BytesMut>, FrameError> {
         if self.failed {
             return Err(FrameError::Poisoned);
         }
@@ -130,7 +132,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         self.buf.advance(HEADER_LEN);
-        Ok(Some(self.buf.split_to(len).freeze()))
+        Ok(Some(self.buf.split_to(len)))
     }
 
     /// The next complete frame parsed as a `T`, `None` if more input is needed.
@@ -144,7 +146,8 @@ impl FrameDecoder {
         }
     }
 
-    fn fail(&mut self, e: FrameError) -> FrameError {
+    /// Ends the stream with `e`: a frame that decoded could not be used.
+    pub fn fail(&mut self, e: FrameError) -> FrameError {
         self.failed = true;
         self.buf = BytesMut::new();
         e

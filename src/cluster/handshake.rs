@@ -25,10 +25,11 @@
 //!    when the peer's Hello arrived, so a verified Proof means
 //!    [`Action::Established`].
 //!
-//! Everything after a side's Proof is sealed (see [`super::seal`]) with
-//! keys derived from the secret, the X25519 shared secret and `T`: only
-//! the two ends of this connection can read or write it, and a leaked
-//! secret does not open recorded traffic. The driver does the key
+//! Once a side has verified the peer's Proof, everything it sends is
+//! sealed (see [`super::seal`]) with keys derived from the secret, the
+//! X25519 shared secret and `T`: only the two ends of this connection can
+//! read or write it, and a leaked secret does not open recorded traffic.
+//! (A refusal before that, e.g. on a timeout, goes in the clear.) The driver does the key
 //! agreement; this machine only records what it needs
 //! ([`Handshake::session`]).
 //!
@@ -75,14 +76,14 @@ pub enum Role {
 }
 
 impl Role {
-    fn byte(self) -> u8 {
+    pub(crate) fn byte(self) -> u8 {
         match self {
             Role::Initiator => 1,
             Role::Acceptor => 2,
         }
     }
 
-    fn other(self) -> Role {
+    pub(crate) fn other(self) -> Role {
         match self {
             Role::Initiator => Role::Acceptor,
             Role::Acceptor => Role::Initiator,
@@ -336,6 +337,10 @@ impl Handshake {
         }
         if nonce == self.nonce {
             return self.refuse(RefuseReason::violation("peer echoed our nonce"));
+        }
+        if key == [0; 32] || key == self.key {
+            // All zeros is what a Hello without a key parses to.
+            return self.refuse(RefuseReason::violation("missing or echoed key"));
         }
         let ours = Side {
             id: &self.local,

@@ -336,6 +336,28 @@ fn reflected_proof_is_rejected() {
 }
 
 #[test]
+fn a_hello_without_a_key_or_with_ours_is_a_violation() {
+    let no_key = r#"{"type":"hello","proto":2,"cluster":"prod","name":"node-a","incarnation":7,
+        "nonce":"0101010101010101010101010101010101010101010101010101010101010101"}"#;
+    let (mut b, _) = acceptor();
+    let out = b.on_message(serde_json::from_str(no_key).unwrap());
+    assert_eq!(violation(&out), "missing or echoed key");
+    let (mut b, _) = acceptor();
+    let LinkMessage::Hello { nonce, .. } = hello(PROTO_VERSION, "prod", &a_id(), 1) else {
+        unreachable!()
+    };
+    let echoed = LinkMessage::Hello {
+        proto: PROTO_VERSION,
+        cluster: "prod".into(),
+        name: "node-a".into(),
+        incarnation: 7,
+        nonce,
+        key: key_of(2),
+    };
+    assert_eq!(violation(&b.on_message(echoed)), "missing or echoed key");
+}
+
+#[test]
 fn a_version_1_hello_is_refused_as_incompatible() {
     // Version 1 had no key; its Hello must still parse, so the old peer
     // hears the real reason.

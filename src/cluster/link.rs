@@ -14,7 +14,7 @@ use tokio::time::{timeout_at, Instant};
 
 use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 
-use super::frame::{encode, FrameDecoder, FrameError};
+use super::frame::{encode_with_max, FrameDecoder, FrameError};
 use super::handshake::{Action, Handshake, LinkEnd, Role, MAX_HANDSHAKE_FRAME};
 use super::identity::{Identity, Secret};
 use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
@@ -176,7 +176,8 @@ where
         for action in std::mem::take(&mut actions) {
             match action {
                 Action::Send(msg) => {
-                    let bytes = encode(&msg)?;
+                    // Refused here rather than by the peer's cap.
+                    let bytes = encode_with_max(&msg, MAX_HANDSHAKE_FRAME)?;
                     let sent = timeout_at(deadline + REFUSE_GRACE, wr.write_all(&bytes)).await;
                     // A failed Refuse must not hide the reason we refused for:
                     // the peer may well have closed already.
@@ -279,9 +280,9 @@ pub struct LinkReader<S = Stream> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> LinkReader<S> {
     /// The next application message; cancel-safe (usable in `select!`).
-    /// Any error is final: a malformed,
-    /// oversized or out-of-place frame, a refusal, or EOF ends the link,
-    /// and the caller drops both halves (the peer then sees the close).
+    /// Any error is final: a forged, malformed, oversized or out-of-place
+    /// frame, a refusal, or EOF ends the link, and the caller drops both
+    /// halves (the peer then sees the close).
     pub async fn recv(&mut self) -> Result<serde_json::Value, LinkError> {
         loop {
             if let Some(end) = self.hs.end() {

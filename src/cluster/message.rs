@@ -3,7 +3,8 @@
 //! The handshake messages (`hello`, `proof`, `refuse`) keep their shape in
 //! every protocol version, so a node always understands enough of an
 //! incompatible peer to refuse it with a specific reason. Later messages
-//! (raft RPCs, joins) travel as [`LinkMessage::App`] or as new variants.
+//! (raft RPCs, joins) travel as [`LinkMessage::App`], sealed (see
+//! [`super::seal`]), as does a refusal on an established link.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

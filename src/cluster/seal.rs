@@ -13,7 +13,7 @@
 //! A sealed frame is the usual `u32` length header, then the ciphertext of
 //! one JSON message, then the 16-byte tag.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 use ring::hkdf::{Salt, HKDF_SHA256};
 
@@ -50,18 +50,16 @@ pub fn keys(secret: &Secret, shared: &[u8], transcript: &[u8; 32], role: Role) -
             .expect("HKDF output of one key");
         LessSafeKey::new(UnboundKey::from(okm))
     };
-    let (send, recv) = match role {
-        Role::Initiator => (1, 2),
-        Role::Acceptor => (2, 1),
-    };
+    // Each direction is named by the role of its sender.
     Keys {
         send: Sealer {
-            key: key(send),
+            key: key(role.byte()),
             count: 0,
         },
         recv: Opener {
-            key: key(recv),
+            key: key(role.other().byte()),
             count: 0,
+            failed: false,
         },
     }
 }
@@ -89,23 +87,31 @@ impl Sealer {
     /// One sealed frame carrying `msg`; refused (nothing counted) when the
     /// message is larger than the peer accepts.
     pub fn seal(&mut self, msg: &LinkMessage) -> Result<Bytes, FrameError> {
-        let payload = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
-        self.seal_payload(&payload)
+        let mut buf = vec![0u8; HEADER_LEN];
+        serde_json::to_writer(&mut buf, msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        self.seal_in(buf)
     }
 
     /// One sealed frame carrying these bytes as they are.
     pub fn seal_payload(&mut self, payload: &[u8]) -> Result<Bytes, FrameError> {
-        if payload.len() > MAX_FRAME {
+        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
+        buf.extend_from_slice(&[0; HEADER_LEN]);
+        buf.extend_from_slice(payload);
+        self.seal_in(buf)
+    }
+
+    /// Seals `buf` (header room, then the payload) in place.
+    fn seal_in(&mut self, mut buf: Vec<u8>) -> Result<Bytes, FrameError> {
+        let len = buf.len() - HEADER_LEN;
+        if len > MAX_FRAME {
             return Err(FrameError::TooLarge {
-                len: payload.len() as u64,
+                len: len as u64,
                 max: MAX_FRAME,
             });
         }
         // Fits: MAX_SEALED_FRAME is far below u32::MAX.
-        let header = ((payload.len() + TAG_LEN) as u32).to_be_bytes();
-        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
-        buf.extend_from_slice(&header);
-        buf.extend_from_slice(payload);
+        let header = ((len + TAG_LEN) as u32).to_be_bytes();
+        buf[..HEADER_LEN].copy_from_slice(&header);
         let count = self.next()?;
         let tag = self
             .key
@@ -129,6 +135,8 @@ impl Sealer {
 pub struct Opener {
     key: LessSafeKey,
     count: u64,
+    /// A frame failed to open or parse: the stream is over.
+    failed: bool,
 }
 
 impl std::fmt::Debug for Opener {
@@ -144,29 +152,34 @@ impl Opener {
         let Some(frame) = dec.next_frame()? else {
             return Ok(None);
         };
-        let plain = self.open(&frame)?;
-        serde_json::from_slice(&plain)
-            .map(Some)
-            .map_err(|e| FrameError::Malformed(e.to_string()))
+        let opened = self.open(frame).and_then(|plain| {
+            serde_json::from_slice(&plain).map_err(|e| FrameError::Malformed(e.to_string()))
+        });
+        opened.map(Some).map_err(|e| dec.fail(e))
     }
 
-    /// The plaintext of one sealed frame payload (header already taken).
-    pub fn open(&mut self, frame: &[u8]) -> Result<Vec<u8>, FrameError> {
+    /// The plaintext of one sealed frame payload (header already taken),
+    /// opened in place.
+    pub fn open(&mut self, mut frame: BytesMut) -> Result<BytesMut, FrameError> {
+        if self.failed {
+            return Err(FrameError::Poisoned);
+        }
+        // Counted only once opened; a failure ends the stream.
+        self.failed = true;
         if frame.len() < TAG_LEN || frame.len() > MAX_SEALED_FRAME {
             return Err(FrameError::Forged);
         }
         // The decoder took exactly `frame.len()` from the header.
         let header = (frame.len() as u32).to_be_bytes();
-        let mut buf = frame.to_vec();
         let len = self
             .key
-            .open_in_place(nonce(self.count), Aad::from(header), &mut buf)
+            .open_in_place(nonce(self.count), Aad::from(header), &mut frame)
             .map_err(|_| FrameError::Forged)?
             .len();
-        // Counted only once opened: a forged frame ends the link anyway.
         self.count = self.count.checked_add(1).ok_or(FrameError::Forged)?;
-        buf.truncate(len);
-        Ok(buf)
+        self.failed = false;
+        frame.truncate(len);
+        Ok(frame)
     }
 }
 

@@ -35,6 +35,20 @@ fn pair() -> (Keys, Keys) {
     pair_with((SECRET, SECRET), [7; 32])
 }
 
+/// Both ends' keys from a fixed shared secret, each with its own view of
+/// the transcript: the same keys every call.
+fn fixed(transcripts: ([u8; 32], [u8; 32])) -> (Keys, Keys) {
+    let s = secret(SECRET);
+    (
+        keys(&s, &[5; 32], &transcripts.0, Role::Initiator),
+        keys(&s, &[5; 32], &transcripts.1, Role::Acceptor),
+    )
+}
+
+fn open_raw(o: &mut Opener, payload: &[u8]) -> Result<BytesMut, FrameError> {
+    o.open(BytesMut::from(payload))
+}
+
 fn app(n: u64) -> LinkMessage {
     LinkMessage::App {
         body: json!({"entry": n, "text": "raft entry carrying a queue id"}),
@@ -81,19 +95,43 @@ fn nothing_of_the_message_is_readable_on_the_wire() {
 
 #[test]
 fn an_altered_byte_anywhere_fails_to_open() {
-    let (mut a, b) = pair();
-    let frame = a.send.seal(&app(1)).unwrap();
-    let mut recv = b.recv;
+    let t = ([7; 32], [7; 32]);
+    let frame = fixed(t).0.send.seal(&app(1)).unwrap();
     for i in 0..payload(&frame).len() {
         let mut bad = payload(&frame).to_vec();
         bad[i] ^= 0x01;
-        assert_eq!(recv.open(&bad), Err(FrameError::Forged), "byte {i}");
+        let mut recv = fixed(t).1.recv;
+        assert_eq!(
+            open_raw(&mut recv, &bad),
+            Err(FrameError::Forged),
+            "byte {i}"
+        );
     }
     // A shortened frame (a lying length header) fails too.
     let short = &payload(&frame)[..payload(&frame).len() - 1];
-    assert_eq!(recv.open(short), Err(FrameError::Forged));
-    // Failures did not advance the count: the genuine frame still opens.
-    assert_eq!(open_msg(&mut recv, &frame).unwrap(), app(1));
+    assert_eq!(
+        open_raw(&mut fixed(t).1.recv, short),
+        Err(FrameError::Forged)
+    );
+    // The genuine frame opens.
+    assert_eq!(open_msg(&mut fixed(t).1.recv, &frame).unwrap(), app(1));
+}
+
+#[test]
+fn a_failure_ends_the_stream() {
+    let (mut a, mut b) = pair();
+    let good = a.send.seal(&app(0)).unwrap();
+    let mut dec = FrameDecoder::new(MAX_SEALED_FRAME);
+    dec.feed(&a.send.seal(&app(1)).unwrap());
+    dec.feed(&good);
+    // Frame 1 arrives where frame 0 was due: forged, and nothing after it
+    // is opened, not even the genuine frame 0.
+    assert_eq!(b.recv.next(&mut dec), Err(FrameError::Forged));
+    assert_eq!(b.recv.next(&mut dec), Err(FrameError::Poisoned));
+    assert_eq!(
+        open_raw(&mut b.recv, payload(&good)),
+        Err(FrameError::Poisoned)
+    );
 }
 
 #[test]
@@ -103,28 +141,47 @@ fn a_repeated_reordered_or_dropped_frame_fails_to_open() {
     let mut recv = b.recv;
     assert!(open_msg(&mut recv, &f[0]).is_ok());
     // Repeated.
-    assert_eq!(recv.open(payload(&f[0])), Err(FrameError::Forged));
+    assert_eq!(open_raw(&mut recv, payload(&f[0])), Err(FrameError::Forged));
     // Skipping one (dropped, or the next two swapped).
-    assert_eq!(recv.open(payload(&f[2])), Err(FrameError::Forged));
-    assert!(open_msg(&mut recv, &f[1]).is_ok());
+    let (mut a, mut b) = fixed(([7; 32], [7; 32]));
+    let f: Vec<Bytes> = (0..3).map(|n| a.send.seal(&app(n)).unwrap()).collect();
+    assert!(open_msg(&mut b.recv, &f[0]).is_ok());
+    assert_eq!(
+        open_raw(&mut b.recv, payload(&f[2])),
+        Err(FrameError::Forged)
+    );
 }
 
 #[test]
-fn frames_of_another_connection_secret_or_direction_fail_to_open() {
+fn frames_of_another_connection_transcript_secret_or_direction_fail_to_open() {
     let (mut a, mut b) = pair();
     let frame = a.send.seal(&app(0)).unwrap();
     // Reflected back to its sender.
-    assert_eq!(a.recv.open(payload(&frame)), Err(FrameError::Forged));
+    assert_eq!(
+        open_raw(&mut a.recv, payload(&frame)),
+        Err(FrameError::Forged)
+    );
     // Another connection with the same secret and transcript: its own
     // X25519 exchange gives it other keys.
     let (_, mut other) = pair();
-    assert_eq!(other.recv.open(payload(&frame)), Err(FrameError::Forged));
-    // The same exchange bound to another transcript, or a wrong secret.
-    let (mut a2, mut b2) = pair_with((SECRET, SECRET), [8; 32]);
-    assert!(open_msg(&mut b2.recv, &a2.send.seal(&app(0)).unwrap()).is_ok());
+    assert_eq!(
+        open_raw(&mut other.recv, payload(&frame)),
+        Err(FrameError::Forged)
+    );
+    // The same shared secret, but the two ends saw different transcripts.
+    let (mut a2, mut b2) = fixed(([7; 32], [8; 32]));
+    let f2 = a2.send.seal(&app(0)).unwrap();
+    assert_eq!(
+        open_raw(&mut b2.recv, payload(&f2)),
+        Err(FrameError::Forged)
+    );
+    // A wrong secret.
     let (mut a3, mut b3) = pair_with((SECRET, b"another secret entirely"), [7; 32]);
     let f3 = a3.send.seal(&app(0)).unwrap();
-    assert_eq!(b3.recv.open(payload(&f3)), Err(FrameError::Forged));
+    assert_eq!(
+        open_raw(&mut b3.recv, payload(&f3)),
+        Err(FrameError::Forged)
+    );
     // The genuine peer opens it.
     assert_eq!(open_msg(&mut b.recv, &frame).unwrap(), app(0));
 }
@@ -154,7 +211,7 @@ fn a_sealed_frame_that_is_not_a_message_is_malformed() {
 proptest! {
     #[test]
     fn arbitrary_frames_never_open_or_panic(frame in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let (_, mut b) = pair();
-        prop_assert_eq!(b.recv.open(&frame), Err(FrameError::Forged));
+        let (_, mut b) = fixed(([7; 32], [7; 32]));
+        prop_assert_eq!(open_raw(&mut b.recv, &frame), Err(FrameError::Forged));
     }
 }

@@ -1,6 +1,6 @@
 //! A man in the middle of cluster links, on loopback: it forwards each
 //! connection to one upstream address, records what the connecting side
-//! sent, and can repeat one of its frames into the stream.
+//! sent, and can slip an extra frame into the stream.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,30 @@ use tokio::net::{TcpListener, TcpStream};
 /// What the connecting side of each connection sent, in order.
 type Captured = Arc<Mutex<Vec<Vec<u8>>>>;
 
+/// An extra frame sent upstream right after the connecting side's frame
+/// with index `after` (counted from 0).
+#[derive(Clone)]
+pub enum Inject {
+    /// That frame again, as a replay inside the connection would.
+    Repeat { after: usize },
+    /// A whole frame (header included) from elsewhere.
+    Splice { after: usize, frame: Vec<u8> },
+}
+
+/// The frames (header included) in what one side sent.
+pub fn frames(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while bytes.len() >= 4 {
+        let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+        if bytes.len() < 4 + len {
+            break;
+        }
+        out.push(bytes[..4 + len].to_vec());
+        bytes = &bytes[4 + len..];
+    }
+    out
+}
+
 pub struct Proxy {
     pub addr: SocketAddr,
     captured: Captured,
@@ -18,17 +42,16 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Forwards to `upstream`. On the first connection only, the frame
-    /// with index `repeat` (counted from 0, in what the connecting side
-    /// sends) is sent twice, as an attacker replaying it would.
-    pub async fn start(upstream: SocketAddr, repeat: Option<usize>) -> Proxy {
+    /// Forwards to `upstream`; the i-th connection gets `inject[i]`,
+    /// later ones nothing.
+    pub async fn start(upstream: SocketAddr, inject: Vec<Inject>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let captured = Captured::default();
         let task = tokio::spawn({
             let captured = captured.clone();
             async move {
-                let mut first = true;
+                let mut plan = inject.into_iter();
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         continue;
@@ -38,9 +61,8 @@ impl Proxy {
                         c.push(Vec::new());
                         c.len() - 1
                     };
-                    let repeat = if first { repeat } else { None };
-                    first = false;
-                    tokio::spawn(pump(client, server, captured.clone(), index, repeat));
+                    let inject = plan.next();
+                    tokio::spawn(pump(client, server, captured.clone(), index, inject));
                 }
             }
         });
@@ -68,7 +90,7 @@ async fn pump(
     server: TcpStream,
     captured: Captured,
     index: usize,
-    repeat: Option<usize>,
+    inject: Option<Inject>,
 ) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
@@ -92,9 +114,13 @@ async fn pump(
                 break;
             }
             let whole: Vec<u8> = pending.drain(..4 + len).collect();
-            let times = if Some(frame) == repeat { 2 } else { 1 };
-            for _ in 0..times {
-                if sw.write_all(&whole).await.is_err() {
+            let extra = match &inject {
+                Some(Inject::Repeat { after }) if *after == frame => Some(&whole),
+                Some(Inject::Splice { after, frame: f }) if *after == frame => Some(f),
+                _ => None,
+            };
+            for bytes in std::iter::once(&whole).chain(extra) {
+                if sw.write_all(bytes).await.is_err() {
                     return;
                 }
             }
