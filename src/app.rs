@@ -448,7 +448,7 @@ impl Intake {
 impl Accept for Intake {
     fn accept(
         &self,
-        m: Incoming,
+        mut m: Incoming,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<QueueId, SpoolError>> + Send + '_>>
     {
         Box::pin(async move {
@@ -457,6 +457,8 @@ impl Accept for Intake {
             let mut body = BytesMut::with_capacity(header.len() + m.body.len());
             body.extend_from_slice(header.as_bytes());
             body.extend_from_slice(&m.body);
+            // Not kept through the store: the copy is what goes to disk.
+            drop(std::mem::take(&mut m.body));
             let envelope = Envelope {
                 id,
                 sender: m.sender,

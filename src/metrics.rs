@@ -115,9 +115,10 @@ pub fn smtp_session(delta: i8) {
     }
 }
 
-/// Message bodies being received or stored hold `bytes` now.
-pub fn smtp_body_memory(bytes: u64) {
-    gauge!("mtad_smtp_body_memory_bytes").set(bytes as f64);
+/// Message bodies being received or stored took (or, negative, gave
+/// back) `bytes`.
+pub fn smtp_body_memory(bytes: f64) {
+    gauge!("mtad_smtp_body_memory_bytes").increment(bytes);
 }
 
 /// The server sent a reply starting with `text` (its code's class).

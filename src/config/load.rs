@@ -301,7 +301,7 @@ fn read_smtp(
             }
             Some(bytes)
         })
-        .unwrap_or((1 << 30).max(2 * max_message_size));
+        .unwrap_or((1 << 30).max(max_message_size.saturating_mul(2)));
     let max_recipients = int_or(ctx, &mut f, "max_recipients", 1, i64::MAX, 1000) as usize;
     let max_commands_before_mail =
         int_or(ctx, &mut f, "max_commands_before_mail", 1, i64::MAX, 100) as usize;

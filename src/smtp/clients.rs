@@ -36,6 +36,8 @@ struct Entry {
     messages: usize,
     recipients: usize,
     auth_failures: usize,
+    /// Bytes of message bodies its sessions hold now.
+    memory: u64,
 }
 
 impl Entry {
@@ -65,6 +67,13 @@ pub trait Budget: Send + Sync + std::fmt::Debug {
     }
     /// The attempt succeeded: it does not count against the address.
     fn auth_succeeded(&self) {}
+    /// Take `n` more bytes of message-body memory for the address, whose
+    /// sessions may hold `share` together; false if that would be more.
+    fn take_memory(&self, _n: u64, _share: u64) -> bool {
+        true
+    }
+    /// Give back `n` bytes taken with `take_memory`.
+    fn give_memory(&self, _n: u64) {}
 }
 
 /// Unsuccessful AUTH attempts per minute from one address before it must
@@ -130,6 +139,27 @@ impl Budget for ClientSlot {
             e.auth_failures = e.auth_failures.saturating_sub(1);
         }
     }
+
+    fn take_memory(&self, n: u64, share: u64) -> bool {
+        let mut map = self.clients.lock();
+        let Some(e) = map.get_mut(&self.key) else {
+            return true;
+        };
+        match e.memory.checked_add(n) {
+            Some(after) if after <= share => {
+                e.memory = after;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn give_memory(&self, n: u64) {
+        let mut map = self.clients.lock();
+        if let Some(e) = map.get_mut(&self.key) {
+            e.memory = e.memory.saturating_sub(n);
+        }
+    }
 }
 
 impl Drop for ClientSlot {
@@ -184,6 +214,7 @@ impl Clients {
             messages: 0,
             recipients: 0,
             auth_failures: 0,
+            memory: 0,
         });
         e.roll(now);
         if e.open >= limits.connections_per_client {
@@ -234,6 +265,21 @@ mod tests {
         );
         drop(a);
         assert!(c.admit(ip, &l, now).is_ok());
+    }
+
+    #[test]
+    fn an_addresss_sessions_share_one_memory_share() {
+        let c = Arc::new(Clients::default());
+        let (l, now) = (limits(5, 100), Instant::now());
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let (a, b) = (c.admit(ip, &l, now).unwrap(), c.admit(ip, &l, now).unwrap());
+        assert!(a.take_memory(600, 1000));
+        assert!(!b.take_memory(401, 1000));
+        assert!(b.take_memory(400, 1000));
+        let other = c.admit("192.0.2.8".parse().unwrap(), &l, now).unwrap();
+        assert!(other.take_memory(1000, 1000), "another address has its own");
+        a.give_memory(600);
+        assert!(b.take_memory(600, 1000));
     }
 
     #[test]

@@ -65,6 +65,11 @@ impl DataReceiver {
         }
     }
 
+    /// The smallest allocation for a body.
+    pub const FIRST_STEP: u64 = 4096;
+    /// Rounding of the last-resort step when a larger one does not fit.
+    const STEP: usize = 64 * 1024;
+
     /// Counts the body's memory against `charge`, which must cover every
     /// byte it allocates.
     pub fn counted(mut self, charge: Charge) -> Self {
@@ -90,22 +95,37 @@ impl DataReceiver {
             return;
         }
         let need = self.body.len() + bytes.len();
-        if need > self.body.capacity() {
-            // Double as Vec would, but never past the size limit, and
-            // only as far as the node's memory covers.
-            let max = usize::try_from(self.max).unwrap_or(usize::MAX);
-            let doubled = (self.body.capacity() * 2).max(4096).min(max);
-            let cap = need.max(doubled);
-            if let Some(c) = &mut self.charge {
-                if !c.cover(cap as u64) {
-                    self.starved = true;
-                    self.drop_body();
-                    return;
-                }
-            }
-            self.body.reserve_exact(cap - self.body.len());
+        if need > self.body.capacity() && !self.grow(need) {
+            self.starved = true;
+            self.drop_body();
+            return;
         }
         self.body.extend_from_slice(bytes);
+    }
+
+    /// Makes room for `need` bytes in all, in steps of half the capacity
+    /// (less overdraw than doubling, few copies), never past the size
+    /// limit; when the node's memory does not cover a step, the next
+    /// 64 KiB will do. False when not even that is covered. Nothing is
+    /// taken ahead of the content: a client that declares a large SIZE
+    /// and then trickles holds no more than one that does not.
+    fn grow(&mut self, need: usize) -> bool {
+        let max = usize::try_from(self.max).unwrap_or(usize::MAX);
+        let cap = self.body.capacity();
+        let step = (cap + cap / 2).max(Self::FIRST_STEP as usize);
+        let wanted = need.max(step.min(max));
+        let least = need.next_multiple_of(Self::STEP).min(max).max(need);
+        let Some(c) = &mut self.charge else {
+            self.body.reserve_exact(wanted - self.body.len());
+            return true;
+        };
+        for cap in [wanted, least] {
+            if c.cover(cap as u64) {
+                self.body.reserve_exact(cap - self.body.len());
+                return true;
+            }
+        }
+        false
     }
 
     fn drop_body(&mut self) {

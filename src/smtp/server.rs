@@ -25,7 +25,7 @@ use super::Accept;
 use crate::config::SmtpConfig;
 
 /// Read buffer per connection; one read can carry a large pipelined batch.
-const READ_BUF: usize = 64 * 1024;
+const READ_BUF: usize = 16 * 1024;
 /// Pause after a failed accept (EMFILE and friends) so we don't spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a closing connection keeps reading so the peer sees our last
@@ -540,6 +540,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         if !replies.is_empty() {
             write(stream, &replies, idle).await?;
             replies.clear();
+            // A burst of pipelined commands must not keep its buffer.
+            if replies.capacity() > READ_BUF {
+                replies = Vec::new();
+            }
         }
         if starttls {
             return Ok(End::StartTls);

@@ -11,15 +11,16 @@ use smtp_proto::{Error as ParseError, Request};
 use super::address::{self, PathError};
 use super::clients::Budget;
 use super::data::{DataOutcome, DataReceiver};
-use super::memory::{BodyMemory, Charge};
+use super::memory::{client_share, BodyMemory, Charge};
 use super::Incoming;
 use crate::config::SmtpConfig;
 use crate::spool::{QueueId, SpoolError};
 
 /// Longest command line, terminator included (RFC 5321 §4.5.3.1.4).
 pub const MAX_LINE: usize = 512;
-/// Longest AUTH command or response line (RFC 4954 section 4: credentials
-/// in base64 may not fit in 512).
+/// Longest line answering an AUTH challenge (RFC 4954 section 4; the AUTH
+/// command itself keeps [`MAX_LINE`], so a client with long credentials
+/// sends them after the 334 rather than as an initial response).
 pub const MAX_AUTH_LINE: usize = 12_288;
 /// Consecutive failed commands before the client is disconnected.
 pub const MAX_ERRORS: u32 = 10;
@@ -324,7 +325,7 @@ impl Session {
     fn process_buffered(&mut self, out: &mut Vec<Output>) {
         let mut buf = std::mem::take(&mut self.buf);
         let used = self.process(&buf, out);
-        if !self.is_closed() && !matches!(self.mode, Mode::Handshake) {
+        if !self.is_closed() && !matches!(self.mode, Mode::Handshake) && used < buf.len() {
             buf.drain(..used);
             self.buf = buf;
         }
@@ -355,10 +356,7 @@ impl Session {
                 },
                 Mode::Command | Mode::AuthPlain | Mode::AuthUser | Mode::AuthPassword(_) => {
                     let command = matches!(self.mode, Mode::Command);
-                    let max = match command && !verb(rest).eq_ignore_ascii_case(b"AUTH") {
-                        true => MAX_LINE,
-                        false => MAX_AUTH_LINE,
-                    };
+                    let max = if command { MAX_LINE } else { MAX_AUTH_LINE };
                     let window = &rest[..rest.len().min(max)];
                     match window.iter().position(|&b| b == b'\n') {
                         Some(lf) if !command => {
@@ -373,7 +371,13 @@ impl Session {
                         None if rest.len() >= max => {
                             pos += max;
                             self.mode = Mode::Discard;
-                            self.error("500 5.5.2 Line too long", out);
+                            match command {
+                                true => self.error("500 5.5.2 Line too long", out),
+                                false => self.error(
+                                    "500 5.5.6 Authentication Exchange line is too long",
+                                    out,
+                                ),
+                            }
                         }
                         None => return pos,
                     }
@@ -383,10 +387,10 @@ impl Session {
     }
 
     fn data_done(&mut self, outcome: DataOutcome, out: &mut Vec<Output>) {
-        if let Mode::Data(d) = &mut self.mode {
-            // Held until the body is stored; dropped otherwise.
-            self.charge = d.take_charge();
-        }
+        let charge = match &mut self.mode {
+            Mode::Data(d) => d.take_charge(),
+            _ => None,
+        };
         self.mode = Mode::Command;
         let Some(tx) = self.tx.take() else {
             // DATA is only entered with a transaction; stay safe regardless.
@@ -394,6 +398,8 @@ impl Session {
         };
         match outcome {
             DataOutcome::Complete(body) => {
+                // Held until the body is stored.
+                self.charge = charge;
                 self.mode = Mode::Storing;
                 out.push(Output::Deliver(Incoming {
                     sender: tx.sender,
@@ -699,7 +705,11 @@ impl Session {
             return self.error("552 5.3.4 Message size exceeds fixed maximum", out);
         }
         // RFC 1870: a size that does not fit now is a temporary refusal.
-        let room = |m: &Arc<BodyMemory>| m.has_room(from.size as u64, self.cfg.receive_memory);
+        // Without SIZE, there must be room for the first step at least.
+        let size = (from.size as u64)
+            .max(DataReceiver::FIRST_STEP)
+            .min(self.cfg.max_message_size);
+        let room = |m: &Arc<BodyMemory>| m.has_room(size, self.cfg.receive_memory);
         if self.memory.as_ref().is_some_and(|m| !room(m)) {
             return self.reply(NO_STORAGE, out);
         }
@@ -784,7 +794,13 @@ impl Session {
             Some(_) => {
                 let mut receiver = DataReceiver::new(self.cfg.max_message_size);
                 if let Some(m) = &self.memory {
-                    receiver = receiver.counted(Charge::new(m.clone(), self.cfg.receive_memory));
+                    let limit = self.cfg.receive_memory;
+                    let mut charge = Charge::new(m.clone(), limit);
+                    if let Some(b) = &self.budget {
+                        let share = client_share(limit, self.cfg.max_message_size);
+                        charge = charge.for_client(b.clone(), share);
+                    }
+                    receiver = receiver.counted(charge);
                 }
                 self.mode = Mode::Data(receiver);
                 self.reply("354 End data with <CR><LF>.<CR><LF>", out);

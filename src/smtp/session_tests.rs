@@ -712,10 +712,11 @@ fn bodies_beyond_the_nodes_memory_get_452_and_nothing_is_lost() {
     let mut out_a = Vec::new();
     let mut out_b = Vec::new();
     let body = format!("{}\r\n", "x".repeat(900));
-    // A holds its body until it is stored; B's does not fit beside it.
+    // Both start while there is room; A holds its body until it is
+    // stored, and B's then does not fit beside it.
     a.feed(TO_DATA, &mut out_a);
-    a.feed(body.as_bytes(), &mut out_a);
     b.feed(TO_DATA, &mut out_b);
+    a.feed(body.as_bytes(), &mut out_a);
     b.feed(body.as_bytes(), &mut out_b);
     a.feed(b".\r\n", &mut out_a);
     assert!(a.is_storing());
@@ -744,9 +745,10 @@ fn bodies_beyond_the_nodes_memory_get_452_and_nothing_is_lost() {
 #[test]
 fn a_declared_size_that_does_not_fit_now_gets_452_at_mail() {
     let (mut a, mut b, _memory) = sharing(1500);
-    let mut out = Vec::new();
-    a.feed(TO_DATA, &mut out);
-    a.feed(format!("{}\r\n", "x".repeat(900)).as_bytes(), &mut out);
+    let mut out_a = Vec::new();
+    a.feed(TO_DATA, &mut out_a);
+    a.feed(format!("{}\r\n", "x".repeat(900)).as_bytes(), &mut out_a);
+    a.feed(b".\r\n", &mut out_a);
     let mut out = Vec::new();
     b.feed(
         b"EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE=900\r\n",
@@ -756,10 +758,16 @@ fn a_declared_size_that_does_not_fit_now_gets_452_at_mail() {
         replies(&out).last().unwrap().starts_with("452 4.3.1"),
         "{out:?}"
     );
-    // Without a declared size the transaction starts (and is checked as
-    // the body comes in); a small one fits.
-    b.feed(b"MAIL FROM:<a@b.test> SIZE=100\r\n", &mut out);
-    assert!(replies(&out).last().unwrap().starts_with("250"), "{out:?}");
+    // Without SIZE there must still be room for a first allocation.
+    b.feed(b"MAIL FROM:<a@b.test>\r\n", &mut out);
+    assert!(
+        replies(&out).last().unwrap().starts_with("452 4.3.1"),
+        "{out:?}"
+    );
+    // Once A's message is stored, B may start.
+    a.stored(Ok(QueueId(1)), &mut out_a);
+    b.feed(b"MAIL FROM:<a@b.test> SIZE=900\r\n", &mut out);
+    assert_eq!(replies(&out).last().unwrap(), "250 2.1.0 Ok");
 }
 
 #[test]
@@ -770,5 +778,12 @@ fn a_closed_session_gives_its_memory_back() {
     a.feed(b"some content\r\n", &mut out);
     assert!(memory.used() > 0);
     drop(a);
+    assert_eq!(memory.used(), 0);
+    // Likewise while its message is being stored (the connection broke).
+    let (_, mut b, memory) = sharing(1 << 20);
+    b.feed(TO_DATA, &mut out);
+    b.feed(b"some content\r\n.\r\n", &mut out);
+    assert!(b.is_storing() && memory.used() > 0);
+    drop(b);
     assert_eq!(memory.used(), 0);
 }

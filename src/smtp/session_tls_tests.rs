@@ -249,20 +249,21 @@ fn auth_login_and_plain_challenges_failures_and_cancel() {
 }
 
 #[test]
-fn auth_lines_may_be_longer_than_command_lines_but_not_without_bound() {
+fn auth_responses_may_be_longer_than_command_lines_but_not_without_bound() {
     use base64ct::{Base64, Encoding};
     let mut s = auth_session(OUTSIDER);
     feed(&mut s, "STARTTLS\r\n");
     s.tls_started();
     feed(&mut s, "EHLO c.test\r\n");
-    // A 3000-byte password (a generated one, or a token): past 512 bytes.
+    // A 3000-byte password (a generated one, or a token): past 512 bytes,
+    // so it comes after the 334 (RFC 4954 section 4), for PLAIN and LOGIN.
     let password = "p".repeat(3000);
     let plain = Base64::encode_string(format!("\0alice\0{password}").as_bytes());
-    let out = feed(&mut s, &format!("AUTH PLAIN {plain}\r\n"));
+    assert_eq!(texts(&feed(&mut s, "AUTH PLAIN\r\n")), ["334"]);
+    let out = feed(&mut s, &format!("{plain}\r\n"));
     assert_eq!(verify_of(&out), Some(("alice".into(), password.clone())));
     let mut out = Vec::new();
     s.verified("alice", Verdict::Invalid, &mut out);
-    // The same as the answer to a LOGIN challenge.
     feed(&mut s, "AUTH LOGIN\r\n");
     feed(&mut s, "YWxpY2U=\r\n");
     let line = format!("{}\r\n", Base64::encode_string(password.as_bytes()));
@@ -271,14 +272,15 @@ fn auth_lines_may_be_longer_than_command_lines_but_not_without_bound() {
         Some(("alice".into(), password))
     );
     s.verified("alice", Verdict::Invalid, &mut out);
-    // Past RFC 4954's 12,288 octets the line is refused, and the session
-    // goes on; other commands keep the 512-byte limit.
-    let huge = format!("AUTH PLAIN {}\r\n", "A".repeat(MAX_AUTH_LINE));
-    assert_eq!(texts(&feed(&mut s, &huge)), ["500 5.5.2 Line too long"]);
-    let long_noop = format!("NOOP {}\r\n", "x".repeat(600));
+    // The AUTH command itself keeps the 512-byte limit.
+    let inline = format!("AUTH PLAIN {plain}\r\n");
+    assert_eq!(texts(&feed(&mut s, &inline)), ["500 5.5.2 Line too long"]);
+    // A response past 12,288 octets is refused, and the session goes on.
+    feed(&mut s, "AUTH PLAIN\r\n");
+    let huge = format!("{}\r\n", "A".repeat(MAX_AUTH_LINE));
     assert_eq!(
-        texts(&feed(&mut s, &long_noop)),
-        ["500 5.5.2 Line too long"]
+        texts(&feed(&mut s, &huge)),
+        ["500 5.5.6 Authentication Exchange line is too long"]
     );
     assert_eq!(texts(&feed(&mut s, "NOOP\r\n")), ["250 2.0.0 Ok"]);
 }
