@@ -21,6 +21,20 @@ struct Memory {
     gate: Option<(Arc<Notify>, Arc<Semaphore>)>,
 }
 
+impl Memory {
+    /// A spool whose stores wait at the gate: it says when one has
+    /// entered, and lets one through per permit.
+    fn gated() -> (Arc<Memory>, Arc<Notify>, Arc<Semaphore>) {
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Semaphore::new(0));
+        let memory = Arc::new(Memory {
+            gate: Some((entered.clone(), release.clone())),
+            ..Memory::default()
+        });
+        (memory, entered, release)
+    }
+}
+
 impl Accept for Memory {
     fn accept(
         &self,
@@ -303,12 +317,7 @@ async fn shutdown_answers_421_and_stops_accepting() {
 
 #[tokio::test]
 async fn shutdown_waits_for_a_store_in_progress() {
-    let entered = Arc::new(Notify::new());
-    let release = Arc::new(Semaphore::new(0));
-    let memory = Arc::new(Memory {
-        gate: Some((entered.clone(), release.clone())),
-        ..Memory::default()
-    });
+    let (memory, entered, release) = Memory::gated();
     let server = Server::start(cfg(), memory.clone()).await;
     let mut c = Client::connect(server.addr).await;
     c.expect("220 ").await;
@@ -330,12 +339,7 @@ async fn shutdown_waits_for_a_store_in_progress() {
 
 #[tokio::test]
 async fn bodies_beyond_the_nodes_memory_are_refused_for_now_and_then_accepted() {
-    let entered = Arc::new(Notify::new());
-    let release = Arc::new(Semaphore::new(0));
-    let memory = Arc::new(Memory {
-        gate: Some((entered.clone(), release.clone())),
-        ..Memory::default()
-    });
+    let (memory, entered, release) = Memory::gated();
     let cfg = SmtpConfig {
         receive_memory: 12_000,
         ..cfg()
