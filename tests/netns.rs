@@ -5,7 +5,8 @@
 //! - the owner serves SMTP on the VIP; mail it relays reaches the sink
 //!   from the VIP's address;
 //! - SIGKILL the owner: the client reaches SMTP on the VIP through the new
-//!   owner, and its ARP entry points to the new owner's MAC;
+//!   owner, and its ARP entry points to the new owner's MAC, which it
+//!   heard announce the VIP by gratuitous ARP;
 //! - cut the owner off from the other nodes but not from the client: it
 //!   drops the VIP before another node takes it;
 //! - throughout, the client asks who has the VIP, again and again, and no
@@ -212,14 +213,16 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
         let stop = stop.clone();
         lab.within("client", move || {
             let (mut rounds, mut doubles) = (0u64, Vec::new());
+            let mut announced = std::collections::BTreeSet::new();
             while !stop.load(Ordering::SeqCst) {
-                let macs = who_has(CLIENT, VIP, Duration::from_millis(20));
+                let heard = who_has(CLIENT, VIP, Duration::from_millis(20));
                 rounds += 1;
-                if macs.len() > 1 {
-                    doubles.push(macs.iter().map(mac_text).collect::<Vec<_>>());
+                if heard.answers.len() > 1 {
+                    doubles.push(heard.answers.iter().map(mac_text).collect::<Vec<_>>());
                 }
+                announced.extend(heard.announced.iter().map(mac_text));
             }
-            (rounds, doubles)
+            (rounds, doubles, announced)
         })
     };
 
@@ -287,12 +290,21 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
     lab.heal(("n2", "198.18.0.2"), &cut);
 
     stop.store(true, Ordering::SeqCst);
-    let (rounds, doubles) = prober.join().unwrap();
+    let (rounds, doubles, announced) = prober.join().unwrap();
     assert!(rounds > 50, "the prober ran only {rounds} rounds");
     assert!(
         doubles.is_empty(),
         "two MACs answered for the VIP: {doubles:?}"
     );
+    // The client's ARP entry could follow its own questions; each new
+    // owner must also have announced the VIP unasked.
+    for owner in ["n2", owner.as_str()] {
+        let mac = lab.mac(owner);
+        assert!(
+            announced.contains(&mac),
+            "{owner} ({mac}) never announced the VIP: {announced:?}"
+        );
+    }
     for mut n in nodes {
         let _ = n.child.start_kill();
         let _ = n.child.wait().await;

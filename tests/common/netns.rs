@@ -278,9 +278,18 @@ impl Drop for Lab {
     }
 }
 
-/// Ask, on this thread's namespace's eth0, who has `ip`; the MACs that
-/// answer within `wait`. Run it inside a namespace (`Lab::within`).
-pub fn who_has(me: Ipv4Addr, ip: Ipv4Addr, wait: Duration) -> BTreeSet<[u8; 6]> {
+/// What one `who_has` round heard about an address.
+#[derive(Default)]
+pub struct Heard {
+    /// MACs that answered the question.
+    pub answers: BTreeSet<[u8; 6]>,
+    /// MACs that announced the address unasked (gratuitous ARP).
+    pub announced: BTreeSet<[u8; 6]>,
+}
+
+/// Ask, on this thread's namespace's eth0, who has `ip`; what was heard
+/// about it within `wait`. Run it inside a namespace (`Lab::within`).
+pub fn who_has(me: Ipv4Addr, ip: Ipv4Addr, wait: Duration) -> Heard {
     const ETH_P_ARP: u16 = 0x0806;
     let proto = ETH_P_ARP.to_be();
     // SAFETY: plain socket calls with checked results and valid buffers.
@@ -334,20 +343,26 @@ pub fn who_has(me: Ipv4Addr, ip: Ipv4Addr, wait: Duration) -> BTreeSet<[u8; 6]> 
             (&to as *const libc::sockaddr_ll).cast(),
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         );
-        let mut seen = BTreeSet::new();
+        let mut heard = Heard::default();
         let end = std::time::Instant::now() + wait;
         let mut buf = [0u8; 128];
         while std::time::Instant::now() < end {
             let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-            // An ARP reply (oper 2) from `ip`.
-            if n >= 42 && buf[20..22] == [0, 2] && buf[28..32] == ip.octets() {
-                let mut sha = [0u8; 6];
-                sha.copy_from_slice(&buf[22..28]);
-                seen.insert(sha);
+            if n < 42 || buf[28..32] != ip.octets() {
+                continue;
+            }
+            let mut sha = [0u8; 6];
+            sha.copy_from_slice(&buf[22..28]);
+            // An ARP reply (oper 2) from `ip`; or a request from `ip` for
+            // itself: an announcement.
+            if buf[20..22] == [0, 2] {
+                heard.answers.insert(sha);
+            } else if buf[20..22] == [0, 1] && buf[38..42] == ip.octets() {
+                heard.announced.insert(sha);
             }
         }
         libc::close(fd);
-        seen
+        heard
     }
 }
 
