@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -33,6 +33,12 @@ pub trait Handler: Send + Sync + 'static {
 /// Calls one link may have in progress before we stop reading from it, so
 /// a flooding peer gets backpressure instead of unbounded tasks.
 const MAX_CALLS_PER_LINK: usize = 64;
+/// Connections still in their handshake at once; more are closed at once.
+/// A member's handshake takes well under a millisecond, so only a flood
+/// of connections that never authenticate fills this — and then it costs
+/// this many tasks and sockets, not all the node's descriptors (the SMTP
+/// side needs them). Members turned away retry with backoff.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Pause after a failed accept (e.g. out of file descriptors): long enough
 /// not to spin, short enough to recover quickly.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -40,13 +46,26 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Accepts cluster links on `listener` until `cancel` fires, then closes
 /// every link it accepted and returns once their tasks are done.
 pub async fn serve<L: Listener>(
-    mut listener: L,
+    listener: L,
     cfg: LinkConfig,
     handler: Arc<dyn Handler>,
     cancel: CancellationToken,
 ) {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    serve_capped(listener, cfg, handler, cancel, pending).await
+}
+
+/// [`serve`] with a handshake slot from `pending` for each connection.
+pub(crate) async fn serve_capped<L: Listener>(
+    mut listener: L,
+    cfg: LinkConfig,
+    handler: Arc<dyn Handler>,
+    cancel: CancellationToken,
+    pending: Arc<Semaphore>,
+) {
     let tasks = TaskTracker::new();
     let cfg = Arc::new(cfg);
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -54,11 +73,20 @@ pub async fn serve<L: Listener>(
         };
         match accepted {
             Ok((stream, from)) => {
+                let Ok(slot) = pending.clone().try_acquire_owned() else {
+                    // Closed unanswered; said at most once a minute.
+                    let now = tokio::time::Instant::now();
+                    if warned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
+                        warned = Some(now);
+                        tracing::warn!(%from, "too many cluster connections waiting for a handshake; closing new ones");
+                    }
+                    continue;
+                };
                 let (cfg, handler, cancel) = (cfg.clone(), handler.clone(), cancel.clone());
                 tasks.spawn(async move {
                     tokio::select! {
                         _ = cancel.cancelled() => {}
-                        _ = connection(stream, from, &cfg, handler) => {}
+                        _ = connection(stream, from, &cfg, handler, slot) => {}
                     }
                 });
             }
@@ -77,9 +105,17 @@ pub async fn serve<L: Listener>(
 }
 
 /// One accepted connection: handshake, then calls until the link ends.
-async fn connection(stream: Stream, from: SocketAddr, cfg: &LinkConfig, handler: Arc<dyn Handler>) {
+async fn connection(
+    stream: Stream,
+    from: SocketAddr,
+    cfg: &LinkConfig,
+    handler: Arc<dyn Handler>,
+    slot: OwnedSemaphorePermit,
+) {
     // link::accept bounds the handshake by its deadline and logs failures.
-    let Ok(link) = link::accept(stream, from, cfg).await else {
+    let accepted = link::accept(stream, from, cfg).await;
+    drop(slot);
+    let Ok(link) = accepted else {
         return;
     };
     let peer = link.peer;

@@ -94,6 +94,53 @@ async fn a_silent_connection_does_not_block_accepting() {
 }
 
 #[tokio::test]
+async fn connections_waiting_for_a_handshake_are_capped() {
+    use tokio::io::AsyncReadExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let pending = Arc::new(Semaphore::new(2));
+    let task = tokio::spawn(serve_capped(
+        l,
+        cfg("srv", 2),
+        Arc::new(Echo),
+        cancel.clone(),
+        pending.clone(),
+    ));
+    // Two silent connections: each gets the server's Hello (accepted, a
+    // handshake waiting), and holds a slot.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 512];
+        assert!(s.read(&mut buf).await.unwrap() > 0, "the server's Hello");
+        silent.push(s);
+    }
+    // A third is closed unanswered, however it behaves.
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 512];
+    assert!(matches!(third.read(&mut buf).await, Ok(0) | Err(_)));
+    // A silent one leaves: its slot is free again (awaited here by
+    // taking it and giving it back) for a member.
+    drop(silent.pop());
+    drop(pending.acquire().await.unwrap());
+    let client = PeerClient::new(addr, cfg("cli", 1), Some(2));
+    assert!(matches!(
+        client.call(Request::Status, LONG).await,
+        Ok(Reply::Status(_))
+    ));
+    // An established link no longer holds a slot: another member too.
+    assert_eq!(pending.available_permits(), 1);
+    let other = PeerClient::new(addr, cfg("oth", 3), Some(2));
+    assert!(matches!(
+        other.call(Request::Status, LONG).await,
+        Ok(Reply::Status(_))
+    ));
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_closes_links_and_fails_calls_in_flight() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
