@@ -27,6 +27,7 @@ fn cfg(name: &str, incarnation: u64) -> LinkConfig {
             incarnation,
         },
         secret: Secret::new(b"a benchmark secret, long enough").unwrap(),
+        accepted: vec![],
         cluster: "bench".into(),
         handshake_timeout: Duration::from_secs(10),
         transport: Tcp::shared(),

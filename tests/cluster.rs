@@ -356,3 +356,93 @@ async fn sigterm_leaves_gracefully_and_a_restart_is_up_again() {
         n.child.wait().await.unwrap();
     }
 }
+
+/// Point the config at `proving`, also accepting `accepted`.
+fn rekey(cfg: &Path, proving: &Path, accepted: &[&Path]) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let accepted: Vec<String> = accepted
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("accept_secret_files"))
+        .map(|l| match l.starts_with("secret_file") {
+            true => format!(
+                "secret_file = \"{}\"\naccept_secret_files = [{}]",
+                proving.display(),
+                accepted.join(", ")
+            ),
+            false => l.to_string(),
+        })
+        .collect();
+    std::fs::write(cfg, lines.join("\n")).unwrap();
+}
+
+/// Until the node's ctl says it sees a working majority.
+async fn until_quorum(admin: SocketAddr) {
+    let seen = async {
+        loop {
+            let out = ctl_output(admin, &["--json", "status"]).await;
+            if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                if s["quorum"] == true {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(common::node::PATIENCE, seen)
+        .await
+        .expect("a working majority");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_secret_changes_node_by_node_without_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let Three {
+        mut nodes,
+        configs,
+        addrs,
+        admin,
+    } = Three::start(dir.path()).await;
+    nodes_until(admin[0], |rows| all_voting(rows, 3)).await;
+    let old = dir.path().join("good.key");
+    let new = key(
+        dir.path(),
+        "new.key",
+        "the next cluster secret, long enough",
+    );
+    // The three steps of README "Changing the cluster secret", each done
+    // on one node after the other: every restarted node must find a
+    // working majority again, over links its peers open and it opens.
+    let steps: [(&Path, Vec<&Path>); 3] = [(&old, vec![&new]), (&new, vec![&old]), (&new, vec![])];
+    for (proving, accepted) in &steps {
+        for i in 0..3 {
+            nodes[i].child.start_kill().unwrap();
+            nodes[i].child.wait().await.unwrap();
+            rekey(&configs[i], proving, accepted);
+            nodes[i] = Daemon::start(&configs[i]).await;
+            until_quorum(admin[i]).await;
+            nodes_until(admin[i], |rows| all_voting(rows, 3)).await;
+        }
+    }
+    // Done: a node with only the old secret is refused.
+    let rogue_admin = free_port();
+    let cfg = write_config(
+        dir.path(),
+        "node-d",
+        free_port(),
+        &addrs[..1],
+        &old,
+        rogue_admin,
+    );
+    let mut rogue = Daemon::start(&cfg).await;
+    rogue
+        .wait_line(|l| l.contains("not in a cluster yet") && l.contains("secret"))
+        .await;
+    for mut n in nodes.into_iter().chain([rogue]) {
+        let _ = n.child.start_kill();
+        n.child.wait().await.unwrap();
+    }
+}

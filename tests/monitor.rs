@@ -139,6 +139,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             listen: addrs[i],
             seeds: addrs.clone(),
             secret_file: secret.clone(),
+            accept_secret_files: vec![],
             role: if i == 0 && a_check == Check::Witness {
                 ClusterRole::Witness
             } else {

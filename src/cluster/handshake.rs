@@ -20,13 +20,16 @@
 //!    useless on any other connection (each verifier picks a fresh nonce);
 //!    the role byte makes it useless reflected back to its maker; the keys
 //!    in `T` make it useless to a man in the middle who swaps them.
-//! 3. On the peer's Proof, a side verifies it in constant time
-//!    (`BadProof` when the secrets differ). Its own Proof already went out
+//! 3. On the peer's Proof, a side verifies it in constant time against
+//!    its secret and any others it also accepts (`BadProof` when none
+//!    matches). Its own Proof already went out
 //!    when the peer's Hello arrived, so a verified Proof means
 //!    [`Action::Established`].
 //!
 //! Once a side has verified the peer's Proof, everything it sends is
-//! sealed (see [`super::seal`]) with keys derived from the secret, the
+//! sealed (see [`super::seal`]) with keys derived from the secret the
+//! initiator proved with (so a cluster can move to a new secret node by
+//! node, each accepting both meanwhile), the
 //! X25519 shared secret and `T`: only the two ends of this connection can
 //! read or write it, and a leaked secret does not open recorded traffic.
 //! (A refusal before that, e.g. on a timeout, goes in the clear.) The driver does the key
@@ -51,7 +54,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::frame::FrameError;
-use super::identity::{Identity, Secret, MAX_NAME_LEN};
+use super::identity::{Identity, Keyring, Secret, MAX_NAME_LEN};
 use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
 
 /// The link protocol version this build speaks.
@@ -119,8 +122,11 @@ pub enum Action {
 }
 
 /// What the driver needs to derive an established link's keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
+    /// The secret the initiator proved with: the link's keys derive from
+    /// it, so both ends agree even while they prove with different ones.
+    pub secret: Secret,
     /// The peer's ephemeral X25519 key.
     pub peer_key: PublicKey,
     /// The transcript hash both sides agreed on.
@@ -153,7 +159,7 @@ pub struct Handshake {
     role: Role,
     local: Identity,
     cluster: String,
-    secret: Secret,
+    secrets: Keyring,
     nonce: Nonce,
     key: PublicKey,
     state: State,
@@ -167,7 +173,7 @@ impl Handshake {
         role: Role,
         local: Identity,
         cluster: &str,
-        secret: Secret,
+        secrets: Keyring,
         nonce: Nonce,
         key: PublicKey,
     ) -> (Handshake, Vec<Action>) {
@@ -183,7 +189,7 @@ impl Handshake {
             role,
             local,
             cluster: cluster.to_owned(),
-            secret,
+            secrets,
             nonce,
             key,
             state: State::AwaitHello,
@@ -200,9 +206,9 @@ impl Handshake {
     }
 
     /// What the link's keys derive from, once established.
-    pub fn session(&self) -> Option<Session> {
+    pub fn session(&self) -> Option<&Session> {
         match &self.state {
-            State::Established { session, .. } => Some(*session),
+            State::Established { session, .. } => Some(session),
             _ => None,
         }
     }
@@ -242,10 +248,16 @@ impl Handshake {
                     key,
                 },
             ) => self.on_hello(proto, cluster, Identity { name, incarnation }, nonce, key),
-            (State::AwaitProof { peer, session }, LinkMessage::Proof { mac }) => {
-                let verifier = proof_mac(&self.secret, self.role.other(), &session.transcript);
-                if verifier.verify_slice(&mac).is_err() {
+            (State::AwaitProof { peer, mut session }, LinkMessage::Proof { mac }) => {
+                let theirs = self.secrets.all().find(|secret| {
+                    let verifier = proof_mac(secret, self.role.other(), &session.transcript);
+                    verifier.verify_slice(&mac).is_ok()
+                });
+                let Some(theirs) = theirs else {
                     return self.refuse(RefuseReason::BadProof);
+                };
+                if self.role == Role::Acceptor {
+                    session.secret = theirs.clone();
                 }
                 self.state = State::Established {
                     peer: peer.clone(),
@@ -357,10 +369,12 @@ impl Handshake {
             Role::Acceptor => (theirs, ours),
         };
         let session = Session {
+            // Ours, until an initiator's proof says otherwise.
+            secret: self.secrets.proving.clone(),
             peer_key: key,
             transcript: transcript(&self.cluster, initiator, acceptor),
         };
-        let mac = proof_mac(&self.secret, self.role, &session.transcript)
+        let mac = proof_mac(&self.secrets.proving, self.role, &session.transcript)
             .finalize()
             .into_bytes()
             .into();

@@ -27,7 +27,7 @@ pub(super) fn b_id() -> Identity {
 
 /// A machine and the messages it sent on start.
 fn machine(role: Role, id: Identity, cluster: &str, key: &[u8], n: u8) -> (Handshake, LinkMessage) {
-    let (hs, out) = Handshake::start(role, id, cluster, secret(key), [n; 32], key_of(n));
+    let (hs, out) = Handshake::start(role, id, cluster, secret(key).into(), [n; 32], key_of(n));
     let [Action::Send(hello)] = <[Action; 1]>::try_from(out).unwrap() else {
         panic!("start must send exactly one hello")
     };
@@ -528,6 +528,59 @@ fn eof_closes_without_sending() {
     assert_eq!(a.on_eof(), vec![Action::Close(LinkEnd::PeerClosed)]);
     let mut a = all_orders(initiator(), acceptor()).remove(0).a;
     assert_eq!(a.on_eof(), vec![Action::Close(LinkEnd::PeerClosed)]);
+}
+
+/// Runs a whole handshake between A (initiator) and B with these
+/// keyrings; both sessions if it succeeds, else B's refusal.
+fn rotate(a: Keyring, b: Keyring) -> Result<(Session, Session), Vec<Action>> {
+    let start = |role, id, k, n| Handshake::start(role, id, "prod", k, [n; 32], key_of(n));
+    let (mut a, ha) = start(Role::Initiator, a_id(), a, 1);
+    let (mut b, hb) = start(Role::Acceptor, b_id(), b, 2);
+    let (ha, hb) = (sent(&ha).remove(0), sent(&hb).remove(0));
+    let pa = proof_of(&a.on_message(hb));
+    let pb = proof_of(&b.on_message(ha));
+    let out = b.on_message(pa);
+    if out != vec![Action::Established(a_id())] {
+        return Err(out);
+    }
+    assert_eq!(a.on_message(pb), vec![Action::Established(b_id())]);
+    Ok((a.session().unwrap().clone(), b.session().unwrap().clone()))
+}
+
+#[test]
+fn a_cluster_changes_its_secret_node_by_node() {
+    let (old, new) = (secret(KEY), secret(OTHER_KEY));
+    let proving = |s: &Secret| Keyring::from(s.clone());
+    let both = |p: &Secret, a: &Secret| Keyring {
+        proving: p.clone(),
+        accepted: vec![a.clone()],
+    };
+    // Step 1: node by node, each also accepts the new secret; all still
+    // prove with the old one. Step 2: each proves with the new one,
+    // accepting the old. Step 3: each drops the old one. Between nodes at
+    // neighbouring steps, either way round, both ends agree on the secret
+    // the initiator proved with, which keys the link.
+    for (a, b, keyed_by) in [
+        (both(&old, &new), proving(&old), &old),
+        (proving(&old), both(&old, &new), &old),
+        (both(&new, &old), both(&old, &new), &new),
+        (both(&old, &new), both(&new, &old), &old),
+        (proving(&new), both(&new, &old), &new),
+        (both(&new, &old), proving(&new), &new),
+    ] {
+        let (sa, sb) = rotate(a, b).expect("established");
+        assert_eq!(sa.secret, sb.secret);
+        assert_eq!(&sa.secret, keyed_by);
+        assert_eq!(sa.transcript, sb.transcript);
+    }
+    // A node that does not know the secret its peer proves with refuses
+    // it: step 2 waits until every node has done step 1.
+    for (a, b) in [
+        (both(&new, &old), proving(&old)),
+        (proving(&new), proving(&old)),
+    ] {
+        assert_refused(&rotate(a, b).unwrap_err(), RefuseReason::BadProof);
+    }
 }
 
 #[path = "handshake_wire_tests.rs"]

@@ -43,7 +43,7 @@ fn run_bytes(key_b: &[u8], chunk: usize) -> (Vec<Action>, Vec<Action>, usize) {
     let mut pipe_ab = Vec::new();
     let mut pipe_ba = Vec::new();
     let mk = |role, id, key, n| {
-        let (hs, out) = Handshake::start(role, id, "prod", secret(key), [n; 32], key_of(n));
+        let (hs, out) = Handshake::start(role, id, "prod", secret(key).into(), [n; 32], key_of(n));
         (
             Wire {
                 hs,

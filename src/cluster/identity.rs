@@ -155,6 +155,32 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The secret a node proves it belongs with, and others it also accepts
+/// from peers while the cluster moves from one secret to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyring {
+    /// Proves this node, and keys the links it opens.
+    pub proving: Secret,
+    /// Also accepted from peers (an old secret going, or a new one coming).
+    pub accepted: Vec<Secret>,
+}
+
+impl From<Secret> for Keyring {
+    fn from(proving: Secret) -> Keyring {
+        Keyring {
+            proving,
+            accepted: Vec::new(),
+        }
+    }
+}
+
+impl Keyring {
+    /// Every secret a peer may prove with, the proving one first.
+    pub fn all(&self) -> impl Iterator<Item = &Secret> {
+        std::iter::once(&self.proving).chain(&self.accepted)
+    }
+}
+
 /// Why the cluster secret was refused.
 #[derive(Debug, Error)]
 pub enum SecretError {

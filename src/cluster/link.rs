@@ -16,7 +16,7 @@ use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X
 
 use super::frame::{encode_with_max, FrameDecoder, FrameError};
 use super::handshake::{Action, Handshake, LinkEnd, Role, MAX_HANDSHAKE_FRAME};
-use super::identity::{Identity, Secret};
+use super::identity::{Identity, Keyring, Secret};
 use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
 use super::seal::{self, Opener, Sealer, MAX_SEALED_FRAME};
 use super::transport::{Io, Stream, Transport};
@@ -35,8 +35,11 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct LinkConfig {
     /// This node.
     pub identity: Identity,
-    /// The cluster secret.
+    /// The cluster secret this node proves with.
     pub secret: Secret,
+    /// Other secrets accepted from peers, while the cluster changes its
+    /// secret.
+    pub accepted: Vec<Secret>,
     /// The cluster name.
     pub cluster: String,
     /// Deadline for connect plus handshake.
@@ -164,7 +167,10 @@ where
         role,
         cfg.identity.clone(),
         &cfg.cluster,
-        cfg.secret.clone(),
+        Keyring {
+            proving: cfg.secret.clone(),
+            accepted: cfg.accepted.clone(),
+        },
         nonce,
         public,
     );
@@ -195,7 +201,7 @@ where
                     let ephemeral = ephemeral.take().expect("established once");
                     let theirs = UnparsedPublicKey::new(&X25519, session.peer_key);
                     let keys = agree_ephemeral(ephemeral, &theirs, |shared| {
-                        seal::keys(&cfg.secret, shared, &session.transcript, role)
+                        seal::keys(&session.secret, shared, &session.transcript, role)
                     })
                     .map_err(|_| LinkError::KeyExchange("the peer's key is unusable"))?;
                     // Bytes after the peer's Proof (its first sealed

@@ -13,6 +13,7 @@ fn cfg(name: &str, incarnation: u64, cluster: &str, key: &[u8]) -> LinkConfig {
             incarnation,
         },
         secret: Secret::new(key).unwrap(),
+        accepted: vec![],
         cluster: cluster.into(),
         handshake_timeout: Duration::from_secs(5),
         transport: Tcp::shared(),
@@ -262,4 +263,27 @@ async fn refuse_reaches_the_peer_with_its_reason() {
         a.reader.recv().await.unwrap_err().to_string(),
         "refused by peer: protocol violation: bye"
     );
+}
+
+#[tokio::test]
+async fn links_carry_messages_while_the_secret_changes() {
+    const NEW: &[u8] = b"the new cluster secret, long enough";
+    // node-a already proves with the new secret and accepts the old;
+    // node-b proves with the old one and accepts the new (step 2).
+    let mut a = cfg("node-a", 1, "prod", NEW);
+    a.accepted = vec![Secret::new(KEY).unwrap()];
+    let mut b = node_b();
+    b.accepted = vec![Secret::new(NEW).unwrap()];
+    for (ini, acc) in [(a.clone(), b.clone()), (b, a)] {
+        let (x, y) = duplex(64 * 1024);
+        let (l, r) = tokio::join!(
+            handshake(x, Role::Initiator, &ini),
+            handshake(y, Role::Acceptor, &acc)
+        );
+        let (mut l, mut r) = (l.unwrap(), r.unwrap());
+        l.writer.send(json!({"from": "initiator"})).await.unwrap();
+        r.writer.send(json!({"from": "acceptor"})).await.unwrap();
+        assert_eq!(r.reader.recv().await.unwrap(), json!({"from": "initiator"}));
+        assert_eq!(l.reader.recv().await.unwrap(), json!({"from": "acceptor"}));
+    }
 }

@@ -108,6 +108,11 @@ impl ClusterNode {
         let dir = data_dir.join("cluster");
         let identity = Identity::load_or_create(&dir, name)?;
         let secret = identity::load_secret(&cfg.secret_file)?;
+        let accepted = cfg
+            .accept_secret_files
+            .iter()
+            .map(|path| identity::load_secret(path))
+            .collect::<Result<Vec<_>, _>>()?;
         let (log, sm) = store::open(&dir)?;
         let view = sm.subscribe();
         let listener =
@@ -122,6 +127,7 @@ impl ClusterNode {
         let link = LinkConfig {
             identity: identity.clone(),
             secret,
+            accepted,
             cluster: cfg.name.clone(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             transport,

@@ -21,6 +21,7 @@ fn config(listen: SocketAddr, seeds: &[SocketAddr], secret: &Path) -> ClusterCon
         listen,
         seeds: seeds.to_vec(),
         secret_file: secret.to_path_buf(),
+        accept_secret_files: vec![],
         role: ClusterRole::Member,
         max_voters: 5,
         heartbeat_interval: Duration::from_millis(50),

@@ -20,6 +20,7 @@ pub(crate) fn cfg_with(name: &str, incarnation: u64, key: &[u8]) -> LinkConfig {
             incarnation,
         },
         secret: Secret::new(key).unwrap(),
+        accepted: vec![],
         cluster: "test".into(),
         handshake_timeout: Duration::from_secs(5),
         transport: crate::cluster::transport::Tcp::shared(),

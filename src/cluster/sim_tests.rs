@@ -161,6 +161,7 @@ impl Sim {
             listen: self.slots[i].addr,
             seeds: self.seeds.clone(),
             secret_file: self.secret.clone(),
+            accept_secret_files: vec![],
             role: ClusterRole::Member,
             max_voters: self.max_voters,
             heartbeat_interval: Duration::from_millis(50),

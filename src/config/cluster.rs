@@ -1,5 +1,6 @@
 //! `[cluster]`: who this node's peers are and how it joins them.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::reader::{Ctx, Fields, Node};
@@ -25,6 +26,16 @@ pub(super) fn read_cluster(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> ClusterConfi
     let secret_file = f
         .require(ctx, "secret_file")
         .and_then(|n| ctx.string(&n, "a file path like \"cluster.key\""))
+        .unwrap_or_default();
+    let accept_secret_files = f
+        .take("accept_secret_files")
+        .and_then(|n| {
+            let what = "a list of file paths like [\"old-cluster.key\"]";
+            ctx.list(&n, what, false, |ctx, e| {
+                ctx.string(e, "a file path like \"old-cluster.key\"")
+                    .map(PathBuf::from)
+            })
+        })
         .unwrap_or_default();
     let role = f
         .take("role")
@@ -71,6 +82,7 @@ pub(super) fn read_cluster(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> ClusterConfi
         listen: listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()),
         seeds,
         secret_file: secret_file.into(),
+        accept_secret_files,
         role,
         max_voters,
         heartbeat_interval,
@@ -165,6 +177,18 @@ mod tests {
         assert!(e.iter().any(|e| e.starts_with("cluster.role")));
         assert!(e.iter().any(|e| e.starts_with("cluster.max_voters")));
         assert!(e.iter().any(|e| e.starts_with("cluster.seeds[0]")));
+    }
+
+    #[test]
+    fn secrets_also_accepted_are_a_list_of_files() {
+        let ok = "name = \"p\"\nlisten = \"127.0.0.1:7400\"\nsecret_file = \"k\"\n";
+        let text = format!("{BASE}[cluster]\n{ok}accept_secret_files = [\"old.key\"]\n");
+        let c = load_str(&text, "c.toml").unwrap().cluster.unwrap();
+        assert_eq!(c.accept_secret_files, [std::path::PathBuf::from("old.key")]);
+        let e = errors(&format!("{ok}accept_secret_files = \"old.key\"\n"));
+        assert!(e[0].starts_with("cluster.accept_secret_files"), "{e:?}");
+        let e = errors(&format!("{ok}accept_secret_files = [7]\n"));
+        assert!(e[0].starts_with("cluster.accept_secret_files[0]"), "{e:?}");
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct ClusterConfig {
     pub seeds: Vec<SocketAddr>,
     /// File holding the shared cluster secret.
     pub secret_file: PathBuf,
+    /// Files of other secrets also accepted from peers, to change the
+    /// secret without stopping the cluster.
+    pub accept_secret_files: Vec<PathBuf>,
     /// A full member, or a witness that only votes.
     pub role: ClusterRole,
     /// Most voters; further members join as non-voters.
