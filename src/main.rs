@@ -217,8 +217,19 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig { file } => match mtad::config::load_file(&file) {
             Ok(cfg) => {
-                if let Err(e) = mtad::smtp::check_files(&cfg.smtp) {
-                    eprintln!("{}: {e}", file.display());
+                let cluster_files = cfg
+                    .cluster
+                    .as_ref()
+                    .map_or(Ok(()), mtad::cluster::identity::check_secret_files);
+                let problems: Vec<String> = [mtad::smtp::check_files(&cfg.smtp), cluster_files]
+                    .into_iter()
+                    .filter_map(Result::err)
+                    .flat_map(|e| e.lines().map(str::to_string).collect::<Vec<_>>())
+                    .collect();
+                if !problems.is_empty() {
+                    for e in problems {
+                        eprintln!("{}: {e}", file.display());
+                    }
                     return ExitCode::from(EXIT_CONFIG);
                 }
                 let cluster = match &cfg.cluster {

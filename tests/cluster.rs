@@ -446,3 +446,31 @@ async fn the_cluster_secret_changes_node_by_node_without_stopping() {
         n.child.wait().await.unwrap();
     }
 }
+
+#[test]
+fn check_config_reports_every_unusable_secret_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.key");
+    let short = key(dir.path(), "short.key", "too short");
+    let cfg = write_config(
+        dir.path(),
+        "node-a",
+        free_port(),
+        &[],
+        &missing,
+        free_port(),
+    );
+    rekey(&cfg, &missing, &[&short]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(lines[0].contains("cluster.secret_file") && lines[0].contains("missing.key"));
+    assert!(lines[1].contains("cluster.accept_secret_files[0]") && lines[1].contains("short.key"));
+    assert!(lines[1].contains("at least 16"), "{err}");
+}

@@ -231,6 +231,29 @@ pub fn load_secret(path: &Path) -> Result<Secret, SecretError> {
     Secret::new(&content)
 }
 
+/// Whether the secret files `[cluster]` names load; Err lists each that
+/// does not, by its field, and why.
+pub fn check_secret_files(cfg: &crate::config::ClusterConfig) -> Result<(), String> {
+    let named = std::iter::once(("cluster.secret_file".to_string(), &cfg.secret_file)).chain(
+        cfg.accept_secret_files
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("cluster.accept_secret_files[{i}]"), p)),
+    );
+    let errors: Vec<String> = named
+        .filter_map(|(field, path)| {
+            load_secret(path).err().map(|e| match e {
+                SecretError::Io { .. } => format!("{field}: {e}"),
+                _ => format!("{field}: {}: {e}", path.display()),
+            })
+        })
+        .collect();
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(errors.join("\n")),
+    }
+}
+
 /// A secret readable by others is still usable (refusing would take the
 /// cluster down over a chmod), but the operator should hear about it.
 #[cfg(unix)]
