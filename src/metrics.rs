@@ -115,6 +115,12 @@ pub fn smtp_session(delta: i8) {
     }
 }
 
+/// This node refused a cluster link, for `reason` (a refusal kind, or
+/// `forged` for a frame that failed authentication).
+pub fn cluster_link_refused(reason: &'static str) {
+    counter!("mtad_cluster_link_refusals_total", "reason" => reason).increment(1);
+}
+
 /// Message bodies being received or stored took (or, negative, gave
 /// back) `bytes`.
 pub fn smtp_body_memory(bytes: f64) {

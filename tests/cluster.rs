@@ -7,7 +7,9 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use common::daemon::{all_voting, ctl, ctl_output, free_port, nodes_json, nodes_until, Daemon};
+use common::daemon::{
+    all_voting, ctl, ctl_output, free_port, nodes_json, nodes_until, sample, scrape, Daemon,
+};
 use common::proxy::{frames, Inject, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -276,6 +278,14 @@ async fn a_rogue_replaying_captured_link_traffic_gets_nothing() {
         mitm.captured().len() >= 3,
         "two links ended, a third got in"
     );
+    // And node-a counts what it refused, for alerts.
+    let m = scrape(admin[0]).await;
+    let refused = |reason| {
+        let labels = [("reason", reason)];
+        sample(&m, "mtad_cluster_link_refusals_total", &labels).unwrap_or(0.0)
+    };
+    assert!(refused("bad_proof") >= captured.len() as f64);
+    assert!(refused("forged") >= 2.0);
 
     for mut n in [a, b, c] {
         let _ = n.child.start_kill();

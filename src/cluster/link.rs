@@ -138,7 +138,12 @@ fn logged(addr: SocketAddr, role: Role, r: Result<Link, LinkError>) -> Result<Li
             incarnation = format_args!("{:016x}", link.peer.incarnation),
             "cluster link established"
         ),
-        Err(e) => tracing::warn!(%addr, ?role, error = %e, "cluster link failed"),
+        Err(e) => {
+            if let LinkError::Ended(LinkEnd::Refused(reason)) = e {
+                crate::metrics::cluster_link_refused(reason.kind());
+            }
+            tracing::warn!(%addr, ?role, error = %e, "cluster link failed")
+        }
     }
     r
 }
@@ -294,9 +299,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LinkReader<S> {
             if let Some(end) = self.hs.end() {
                 return Err(end.clone().into());
             }
+            let mut forged = false;
             let actions = match self.open.next(&mut self.dec) {
                 Ok(Some(msg)) => self.hs.on_message(msg),
-                Err(e) => self.hs.on_bad_frame(&e),
+                Err(e) => {
+                    forged = e == FrameError::Forged;
+                    self.hs.on_bad_frame(&e)
+                }
                 Ok(None) => match self.inner.read(&mut self.buf).await {
                     Ok(0) => self.hs.on_eof(),
                     Ok(n) => {
@@ -315,6 +324,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LinkReader<S> {
                     Action::Deliver(body) => return Ok(body),
                     Action::Close(end) => {
                         if let LinkEnd::Refused(reason) = &end {
+                            let kind = if forged { "forged" } else { reason.kind() };
+                            crate::metrics::cluster_link_refused(kind);
                             tracing::warn!(peer = %self.hs_peer(), %reason, "refusing cluster link");
                         }
                         return Err(end.into());

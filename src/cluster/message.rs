@@ -107,6 +107,19 @@ pub enum RefuseReason {
 }
 
 impl RefuseReason {
+    /// The reason's kind, as on the wire (`bad_proof`, `timed_out`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RefuseReason::Incompatible { .. } => "incompatible",
+            RefuseReason::WrongCluster { .. } => "wrong_cluster",
+            RefuseReason::SelfConnect => "self_connect",
+            RefuseReason::BadProof => "bad_proof",
+            RefuseReason::ProtocolViolation { .. } => "protocol_violation",
+            RefuseReason::TimedOut => "timed_out",
+            RefuseReason::Other => "other",
+        }
+    }
+
     /// A protocol violation with this detail.
     pub fn violation(detail: impl Into<String>) -> Self {
         RefuseReason::ProtocolViolation {
