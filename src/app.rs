@@ -144,7 +144,7 @@ impl Node {
                 .map_err(|source| StartError::Listen { addr, source })?;
             listeners.push((addr, listener, implicit));
         }
-        crate::smtp::check_files(&config.smtp).map_err(StartError::Tls)?;
+        crate::smtp::check_files(&config.smtp).map_err(|e| StartError::Tls(e.to_string()))?;
         let live = Live::new(config.clone());
         // One table of client addresses for all the node's listeners,
         // its own and its groups'.

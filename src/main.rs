@@ -217,19 +217,17 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig { file } => match mtad::config::load_file(&file) {
             Ok(cfg) => {
-                let cluster_files = cfg
-                    .cluster
-                    .as_ref()
-                    .map_or(Ok(()), mtad::cluster::identity::check_secret_files);
-                let problems: Vec<String> = [mtad::smtp::check_files(&cfg.smtp), cluster_files]
+                let mut problems: Vec<_> = mtad::smtp::check_files(&cfg.smtp)
+                    .err()
                     .into_iter()
-                    .filter_map(Result::err)
-                    .flat_map(|e| e.lines().map(str::to_string).collect::<Vec<_>>())
                     .collect();
+                if let Some(c) = &cfg.cluster {
+                    problems.extend(mtad::cluster::identity::check_secret_files(c));
+                }
                 if !problems.is_empty() {
-                    for e in problems {
-                        eprintln!("{}: {e}", file.display());
-                    }
+                    let text = std::fs::read_to_string(&file).unwrap_or_default();
+                    let name = file.display().to_string();
+                    eprintln!("{}", mtad::config::file_errors(&text, &name, &problems));
                     return ExitCode::from(EXIT_CONFIG);
                 }
                 let cluster = match &cfg.cluster {

@@ -39,7 +39,7 @@ pub fn reload(node: &Node, path: &Path, logging: &Logging) -> Outcome {
             // leave new sessions without STARTTLS or AUTH: keep the
             // running configuration instead.
             let applied = match crate::smtp::check_files(&cfg.smtp) {
-                Err(e) => Err(vec![e]),
+                Err(e) => Err(vec![e.to_string()]),
                 Ok(()) => node.reload(cfg),
             };
             match applied {

@@ -480,7 +480,13 @@ fn check_config_reports_every_unusable_secret_file() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "{err}");
+    // Each at its own line of the file, as every config error is.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let line_of = |key: &str| 1 + text.lines().position(|l| l.starts_with(key)).unwrap();
+    let at = |key: &str| format!("{}:{}:", cfg.display(), line_of(key));
+    assert!(lines[0].starts_with(&at("secret_file")), "{err}");
     assert!(lines[0].contains("cluster.secret_file") && lines[0].contains("missing.key"));
+    assert!(lines[1].starts_with(&at("accept_secret_files")), "{err}");
     assert!(lines[1].contains("cluster.accept_secret_files[0]") && lines[1].contains("short.key"));
     assert!(lines[1].contains("at least 16"), "{err}");
 }

@@ -236,14 +236,20 @@ async fn a_reload_picks_up_a_renewed_certificate_and_refuses_a_broken_one() {
         "the running one stays"
     );
 
-    // check-config says so too, with the file.
+    // check-config says so too, with the file, and where [smtp.tls] is.
+    let cfg = dir.path().join("tls.toml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
         .arg("check-config")
-        .arg(dir.path().join("tls.toml"))
+        .arg(&cfg)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("key.pem"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key.pem"), "{err}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let line = 1 + text.lines().position(|l| l.trim() == "[smtp.tls]").unwrap();
+    let at = format!("{}:{line}:", cfg.display());
+    assert!(err.starts_with(&at) && err.contains("smtp.tls:"), "{err}");
 }
 
 /// A node relaying by route: a.example must use verified TLS (our CA,

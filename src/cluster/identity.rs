@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::config::FileProblem;
+
 /// File (inside the cluster data dir) that holds the incarnation.
 pub const INCARNATION_FILE: &str = "incarnation";
 /// Shortest secret accepted; shorter ones are guessable offline from a
@@ -231,27 +233,23 @@ pub fn load_secret(path: &Path) -> Result<Secret, SecretError> {
     Secret::new(&content)
 }
 
-/// Whether the secret files `[cluster]` names load; Err lists each that
-/// does not, by its field, and why.
-pub fn check_secret_files(cfg: &crate::config::ClusterConfig) -> Result<(), String> {
+/// The secret files `[cluster]` names that do not load, by field, and why.
+pub fn check_secret_files(cfg: &crate::config::ClusterConfig) -> Vec<FileProblem> {
     let named = std::iter::once(("cluster.secret_file".to_string(), &cfg.secret_file)).chain(
         cfg.accept_secret_files
             .iter()
             .enumerate()
             .map(|(i, p)| (format!("cluster.accept_secret_files[{i}]"), p)),
     );
-    let errors: Vec<String> = named
+    named
         .filter_map(|(field, path)| {
-            load_secret(path).err().map(|e| match e {
-                SecretError::Io { .. } => format!("{field}: {e}"),
-                _ => format!("{field}: {}: {e}", path.display()),
-            })
+            let message = match load_secret(path).err()? {
+                e @ SecretError::Io { .. } => e.to_string(),
+                e => format!("{}: {e}", path.display()),
+            };
+            Some(FileProblem { field, message })
         })
-        .collect();
-    match errors.is_empty() {
-        true => Ok(()),
-        false => Err(errors.join("\n")),
-    }
+        .collect()
 }
 
 /// A secret readable by others is still usable (refusing would take the

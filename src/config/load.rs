@@ -64,6 +64,65 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// A file the configuration names that does not load (a certificate, a
+/// secret): which field names it, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileProblem {
+    /// Dotted path of the field, as in [`ConfigError::field`].
+    pub field: String,
+    /// What is wrong with the file.
+    pub message: String,
+}
+
+impl fmt::Display for FileProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// `problems` as configuration errors of `file` (whose text is `text`),
+/// each at the line and column of its field.
+pub fn file_errors(text: &str, file: &str, problems: &[FileProblem]) -> ConfigErrors {
+    ConfigErrors(
+        problems
+            .iter()
+            .map(|p| {
+                let (line, column) = locate(text, &p.field).unwrap_or((0, 0));
+                ConfigError {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    field: p.field.clone(),
+                    message: p.message.clone(),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Line and column of the value at dotted `field` (`a.b[2]`) in `text`.
+fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut item = doc.as_item();
+    let mut span = None;
+    for segment in field.split('.') {
+        let (key, index) = match segment.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let table = item.as_table_like()?;
+        let (k, next) = table.get_key_value(key)?;
+        span = next.span().or_else(|| k.span()).or(span);
+        item = next;
+        if let Some(i) = index {
+            let value = item.as_array()?.get(i)?;
+            span = value.span().or(span);
+            return span.map(|s| position(text, s.start));
+        }
+    }
+    span.map(|s| position(text, s.start))
+}
+
 /// Reads and loads the configuration file at `path`.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();

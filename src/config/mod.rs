@@ -16,7 +16,7 @@ mod reader;
 mod tests;
 
 pub use live::{needs_restart, Live};
-pub use load::{load_file, load_str, ConfigError, ConfigErrors};
+pub use load::{file_errors, load_file, load_str, ConfigError, ConfigErrors, FileProblem};
 
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq)]

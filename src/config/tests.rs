@@ -761,3 +761,28 @@ fn an_admin_address_off_loopback_needs_a_token() {
     let c = load_str(&guarded, "t.toml").unwrap();
     assert!(c.admin.unwrap().token_file.is_some());
 }
+
+#[test]
+fn file_problems_are_reported_at_their_fields() {
+    let text = "[node]\nname = \"a\"\n\n[smtp.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\n\
+                [cluster]\naccept_secret_files = [\n  \"one.key\",\n  \"two.key\",\n]\n";
+    let problem = |field: &str| FileProblem {
+        field: field.into(),
+        message: "unusable".into(),
+    };
+    let errors = file_errors(
+        text,
+        "t.toml",
+        &[
+            problem("smtp.tls"),
+            problem("cluster.accept_secret_files[1]"),
+            problem("cluster.nowhere"),
+        ],
+    );
+    let at: Vec<(usize, usize)> = errors.0.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(at, [(4, 1), (11, 3), (0, 0)]);
+    assert_eq!(
+        errors.0[1].to_string(),
+        "t.toml:11:3: cluster.accept_secret_files[1]: unusable"
+    );
+}

@@ -14,17 +14,23 @@ pub mod tls;
 
 /// Whether the files `[smtp]` names — the TLS certificate and key, the
 /// AUTH credentials — load; Err says which does not and why.
-pub fn check_files(cfg: &crate::config::SmtpConfig) -> Result<(), String> {
+pub fn check_files(cfg: &crate::config::SmtpConfig) -> Result<(), FileProblem> {
+    let problem = |field: &str, message: String| FileProblem {
+        field: field.to_string(),
+        message,
+    };
     if let Some(t) = &cfg.tls {
-        tls::acceptor(t).map_err(|e| format!("smtp.tls: {e}"))?;
+        tls::acceptor(t).map_err(|e| problem("smtp.tls", e.to_string()))?;
     }
     if let Some(path) = &cfg.auth {
-        auth::Credentials::load(path).map_err(|e| format!("smtp.auth: {e}"))?;
+        auth::Credentials::load(path).map_err(|e| problem("smtp.auth", e.to_string()))?;
     }
     Ok(())
 }
 
 use std::future::Future;
+
+use crate::config::FileProblem;
 use std::net::IpAddr;
 use std::pin::Pin;
 
