@@ -104,23 +104,33 @@ async fn every_acknowledged_message_survives_kill_9() {
     );
     let config = write_config(dir.path(), listen, &route);
     let mut daemon = Daemon::start(&config).await;
-    let mut delivered = 0;
-    let want = acked.len();
-    daemon
-        .wait_line(|l| {
-            delivered += usize::from(l.contains("\"event\":\"delivered\""));
-            delivered >= want
-        })
-        .await;
-    let mut found = HashSet::new();
-    for f in common::node::eml_files(&outbox) {
-        let text = std::fs::read_to_string(f).unwrap();
-        let subject = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Subject: "))
-            .unwrap()
-            .to_string();
-        assert!(found.insert(subject.clone()), "{subject} delivered twice");
+    // More than the acknowledged may arrive: a message can be stored and
+    // the process killed before its 250 went out. So wait, delivery by
+    // delivery (each logs an event after its file is written), until every
+    // acknowledged one is there; none may come twice.
+    let subjects = || {
+        let mut found = HashSet::new();
+        for f in common::node::eml_files(&outbox) {
+            let text = std::fs::read_to_string(f).unwrap();
+            let subject = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap()
+                .to_string();
+            assert!(found.insert(subject.clone()), "{subject} delivered twice");
+        }
+        found
+    };
+    let mut found = subjects();
+    while !acked.is_subset(&found) {
+        let delivery = daemon.wait_line(|l| l.contains("\"event\":\"delivered\""));
+        if tokio::time::timeout(common::node::PATIENCE / 2, delivery)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        found = subjects();
     }
     let lost: Vec<_> = acked.difference(&found).collect();
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
