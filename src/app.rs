@@ -297,7 +297,9 @@ impl Node {
                 token,
                 drain: drain.clone(),
             };
-            tracing::info!(address = ?admin_addr, "admin API listening");
+            if let Some(address) = admin_addr {
+                tracing::info!(%address, "admin API listening");
+            }
             tracker.spawn(crate::admin::serve(listener, state, cancel.child_token()));
         }
         Ok(Node {
