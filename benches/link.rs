@@ -26,8 +26,9 @@ fn cfg(name: &str, incarnation: u64) -> LinkConfig {
             name: name.into(),
             incarnation,
         },
-        secret: Secret::new(b"a benchmark secret, long enough").unwrap(),
-        accepted: vec![],
+        secrets: Secret::new(b"a benchmark secret, long enough")
+            .unwrap()
+            .into(),
         cluster: "bench".into(),
         handshake_timeout: Duration::from_secs(10),
         transport: Tcp::shared(),

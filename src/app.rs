@@ -144,7 +144,11 @@ impl Node {
                 .map_err(|source| StartError::Listen { addr, source })?;
             listeners.push((addr, listener, implicit));
         }
-        crate::smtp::check_files(&config.smtp).map_err(|e| StartError::Tls(e.to_string()))?;
+        let problems = crate::smtp::check_files(&config.smtp);
+        if !problems.is_empty() {
+            let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            return Err(StartError::Tls(text.join("; ")));
+        }
         let live = Live::new(config.clone());
         // One table of client addresses for all the node's listeners,
         // its own and its groups'.

@@ -217,10 +217,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig { file } => match mtad::config::load_file(&file) {
             Ok(cfg) => {
-                let mut problems: Vec<_> = mtad::smtp::check_files(&cfg.smtp)
-                    .err()
-                    .into_iter()
-                    .collect();
+                let mut problems = mtad::smtp::check_files(&cfg.smtp);
                 if let Some(c) = &cfg.cluster {
                     problems.extend(mtad::cluster::identity::check_secret_files(c));
                 }

@@ -38,9 +38,10 @@ pub fn reload(node: &Node, path: &Path, logging: &Logging) -> Outcome {
             // A certificate or password file that does not load would
             // leave new sessions without STARTTLS or AUTH: keep the
             // running configuration instead.
-            let applied = match crate::smtp::check_files(&cfg.smtp) {
-                Err(e) => Err(vec![e.to_string()]),
-                Ok(()) => node.reload(cfg),
+            let problems = crate::smtp::check_files(&cfg.smtp);
+            let applied = match problems.is_empty() {
+                false => Err(problems.iter().map(|p| p.to_string()).collect()),
+                true => node.reload(cfg),
             };
             match applied {
                 Ok(changed) => {

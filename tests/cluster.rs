@@ -427,14 +427,27 @@ async fn the_cluster_secret_changes_node_by_node_without_stopping() {
     // on one node after the other: every restarted node must find a
     // working majority again, over links its peers open and it opens.
     let steps: [(&Path, Vec<&Path>); 3] = [(&old, vec![&new]), (&new, vec![&old]), (&new, vec![])];
+    let names = ["node-a", "node-b", "node-c"];
     for (proving, accepted) in &steps {
         for i in 0..3 {
+            // Killed, it is published down by the others; restarted with
+            // its new keyring, it is published up only once raft traffic
+            // flows again between it and the leader.
+            let other = admin[(i + 1) % 3];
+            let state_of = |rows: &[serde_json::Value]| {
+                let row = rows.iter().find(|r| r["name"] == names[i]);
+                row.map(|r| r["state"].as_str().unwrap_or("").to_string())
+            };
             nodes[i].child.start_kill().unwrap();
             nodes[i].child.wait().await.unwrap();
+            nodes_until(other, |rows| state_of(rows).as_deref() == Some("down")).await;
             rekey(&configs[i], proving, accepted);
             nodes[i] = Daemon::start(&configs[i]).await;
+            nodes_until(other, |rows| {
+                state_of(rows).as_deref() == Some("up") && all_voting(rows, 3)
+            })
+            .await;
             until_quorum(admin[i]).await;
-            nodes_until(admin[i], |rows| all_voting(rows, 3)).await;
         }
     }
     // Done: a node with only the old secret is refused.

@@ -202,6 +202,16 @@ pub enum SecretError {
         /// The minimum, [`MIN_SECRET_LEN`].
         min: usize,
     },
+    /// The secret in this file is too short.
+    #[error("cluster secret file {path} holds {len} bytes; at least {min} are required")]
+    TooShortIn {
+        /// The secret file.
+        path: PathBuf,
+        /// Length after trimming.
+        len: usize,
+        /// The minimum, [`MIN_SECRET_LEN`].
+        min: usize,
+    },
 }
 
 impl Secret {
@@ -230,7 +240,14 @@ pub fn load_secret(path: &Path) -> Result<Secret, SecretError> {
         source,
     })?;
     warn_if_exposed(path);
-    Secret::new(&content)
+    Secret::new(&content).map_err(|e| match e {
+        SecretError::TooShort { len, min } => SecretError::TooShortIn {
+            path: path.to_owned(),
+            len,
+            min,
+        },
+        other => other,
+    })
 }
 
 /// The secret files `[cluster]` names that do not load, by field, and why.
@@ -243,10 +260,7 @@ pub fn check_secret_files(cfg: &crate::config::ClusterConfig) -> Vec<FileProblem
     );
     named
         .filter_map(|(field, path)| {
-            let message = match load_secret(path).err()? {
-                e @ SecretError::Io { .. } => e.to_string(),
-                e => format!("{}: {e}", path.display()),
-            };
+            let message = load_secret(path).err()?.to_string();
             Some(FileProblem { field, message })
         })
         .collect()
@@ -352,12 +366,12 @@ mod tests {
         fs::write(&path, "0123456789abcde\n").unwrap();
         assert!(matches!(
             load_secret(&path),
-            Err(SecretError::TooShort { len: 15, .. })
+            Err(SecretError::TooShortIn { len: 15, .. })
         ));
         fs::write(&path, " \n\t").unwrap();
         assert!(matches!(
             load_secret(&path),
-            Err(SecretError::TooShort { len: 0, .. })
+            Err(SecretError::TooShortIn { len: 0, .. })
         ));
         assert!(matches!(
             load_secret(&dir.path().join("missing")),

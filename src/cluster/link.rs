@@ -16,7 +16,7 @@ use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X
 
 use super::frame::{encode_with_max, FrameDecoder, FrameError};
 use super::handshake::{Action, Handshake, LinkEnd, Role, MAX_HANDSHAKE_FRAME};
-use super::identity::{Identity, Keyring, Secret};
+use super::identity::{Identity, Keyring};
 use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
 use super::seal::{self, Opener, Sealer, MAX_SEALED_FRAME};
 use super::transport::{Io, Stream, Transport};
@@ -35,11 +35,9 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct LinkConfig {
     /// This node.
     pub identity: Identity,
-    /// The cluster secret this node proves with.
-    pub secret: Secret,
-    /// Other secrets accepted from peers, while the cluster changes its
-    /// secret.
-    pub accepted: Vec<Secret>,
+    /// The cluster secret this node proves with, and others it accepts
+    /// while the cluster changes its secret.
+    pub secrets: Keyring,
     /// The cluster name.
     pub cluster: String,
     /// Deadline for connect plus handshake.
@@ -172,10 +170,7 @@ where
         role,
         cfg.identity.clone(),
         &cfg.cluster,
-        Keyring {
-            proving: cfg.secret.clone(),
-            accepted: cfg.accepted.clone(),
-        },
+        cfg.secrets.clone(),
         nonce,
         public,
     );

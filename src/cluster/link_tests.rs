@@ -2,6 +2,7 @@ use serde_json::json;
 use tokio::io::{duplex, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::cluster::identity::Secret;
 use crate::cluster::transport::Tcp;
 
 use super::*;
@@ -12,8 +13,7 @@ fn cfg(name: &str, incarnation: u64, cluster: &str, key: &[u8]) -> LinkConfig {
             name: name.into(),
             incarnation,
         },
-        secret: Secret::new(key).unwrap(),
-        accepted: vec![],
+        secrets: Secret::new(key).unwrap().into(),
         cluster: cluster.into(),
         handshake_timeout: Duration::from_secs(5),
         transport: Tcp::shared(),
@@ -271,9 +271,9 @@ async fn links_carry_messages_while_the_secret_changes() {
     // node-a already proves with the new secret and accepts the old;
     // node-b proves with the old one and accepts the new (step 2).
     let mut a = cfg("node-a", 1, "prod", NEW);
-    a.accepted = vec![Secret::new(KEY).unwrap()];
+    a.secrets.accepted = vec![Secret::new(KEY).unwrap()];
     let mut b = node_b();
-    b.accepted = vec![Secret::new(NEW).unwrap()];
+    b.secrets.accepted = vec![Secret::new(NEW).unwrap()];
     for (ini, acc) in [(a.clone(), b.clone()), (b, a)] {
         let (x, y) = duplex(64 * 1024);
         let (l, r) = tokio::join!(
@@ -286,4 +286,32 @@ async fn links_carry_messages_while_the_secret_changes() {
         assert_eq!(r.reader.recv().await.unwrap(), json!({"from": "initiator"}));
         assert_eq!(l.reader.recv().await.unwrap(), json!({"from": "acceptor"}));
     }
+}
+
+#[tokio::test]
+async fn a_skipped_rotation_step_reads_as_a_refusal_not_a_forgery() {
+    const NEW: &[u8] = b"the new cluster secret, long enough";
+    // node-a proves with the new secret and accepts the old; node-b was
+    // never told about the new one. node-a verifies node-b's proof, but
+    // node-b refuses node-a's — in the clear, having no keys.
+    let mut a = cfg("node-a", 1, "prod", NEW);
+    a.secrets.accepted = vec![Secret::new(KEY).unwrap()];
+    let (x, y) = duplex(64 * 1024);
+    let b = node_b();
+    let (l, r) = tokio::join!(
+        handshake(x, Role::Initiator, &a),
+        handshake(y, Role::Acceptor, &b)
+    );
+    assert_eq!(
+        ended(r.map(|_| unreachable!())),
+        LinkEnd::Refused(RefuseReason::BadProof)
+    );
+    let err = l.unwrap().reader.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LinkError::Ended(LinkEnd::RefusedByPeer(RefuseReason::BadProof))
+        ),
+        "{err}"
+    );
 }

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::detector::{self, Thresholds};
 use super::group_rpc::GroupService;
 use super::handle::ClusterHandle;
-use super::identity::{self, Identity};
+use super::identity::{self, Identity, Keyring};
 use super::link::LinkConfig;
 use super::membership::{self, jitter, Backoff, SeedView, Start};
 use super::network::{JoinSettings, Network, RaftHandler};
@@ -113,6 +113,15 @@ impl ClusterNode {
             .iter()
             .map(|path| identity::load_secret(path))
             .collect::<Result<Vec<_>, _>>()?;
+        if !accepted.is_empty() {
+            // Meant to be temporary: an old secret left accepted still
+            // lets whoever holds it in.
+            tracing::warn!(
+                count = accepted.len(),
+                "also accepting other cluster secrets (accept_secret_files); \
+                 remove them once every node proves with the new one"
+            );
+        }
         let (log, sm) = store::open(&dir)?;
         let view = sm.subscribe();
         let listener =
@@ -126,8 +135,10 @@ impl ClusterNode {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
         let link = LinkConfig {
             identity: identity.clone(),
-            secret,
-            accepted,
+            secrets: Keyring {
+                proving: secret,
+                accepted,
+            },
             cluster: cfg.name.clone(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             transport,

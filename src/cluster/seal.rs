@@ -152,10 +152,21 @@ impl Opener {
         let Some(frame) = dec.next_frame()? else {
             return Ok(None);
         };
+        // A peer that could not verify our proof refuses in the clear,
+        // and that can only be its first frame after its proof; kept to
+        // tell it from a forgery (either way the link ends).
+        let first = (self.count == 0).then(|| frame.clone());
         let opened = self.open(frame).and_then(|plain| {
             serde_json::from_slice(&plain).map_err(|e| FrameError::Malformed(e.to_string()))
         });
-        opened.map(Some).map_err(|e| dec.fail(e))
+        match (opened, first) {
+            (Ok(msg), _) => Ok(Some(msg)),
+            (Err(FrameError::Forged), Some(first)) => match serde_json::from_slice(&first) {
+                Ok(refusal @ LinkMessage::Refuse { .. }) => Ok(Some(refusal)),
+                _ => Err(dec.fail(FrameError::Forged)),
+            },
+            (Err(e), _) => Err(dec.fail(e)),
+        }
     }
 
     /// The plaintext of one sealed frame payload (header already taken),

@@ -215,3 +215,28 @@ proptest! {
         prop_assert_eq!(open_raw(&mut b.recv, &frame), Err(FrameError::Forged));
     }
 }
+
+#[test]
+fn a_refusal_in_the_clear_is_taken_only_as_the_first_frame() {
+    // A peer that could not verify our proof refuses before it has keys.
+    let refusal = LinkMessage::Refuse {
+        reason: crate::cluster::message::RefuseReason::BadProof,
+    };
+    let plain = crate::cluster::frame::encode(&refusal).unwrap();
+    let (_, mut b) = pair();
+    let mut dec = FrameDecoder::new(MAX_SEALED_FRAME);
+    dec.feed(&plain);
+    assert_eq!(b.recv.next(&mut dec), Ok(Some(refusal.clone())));
+    // After a sealed frame, the same bytes are a forgery.
+    let (mut a, mut b) = pair();
+    let mut dec = FrameDecoder::new(MAX_SEALED_FRAME);
+    dec.feed(&a.send.seal(&app(0)).unwrap());
+    dec.feed(&plain);
+    assert_eq!(b.recv.next(&mut dec), Ok(Some(app(0))));
+    assert_eq!(b.recv.next(&mut dec), Err(FrameError::Forged));
+    // Nor is any other plaintext message taken.
+    let (_, mut b) = pair();
+    let mut dec = FrameDecoder::new(MAX_SEALED_FRAME);
+    dec.feed(&crate::cluster::frame::encode(&app(0)).unwrap());
+    assert_eq!(b.recv.next(&mut dec), Err(FrameError::Forged));
+}

@@ -81,29 +81,31 @@ impl fmt::Display for FileProblem {
 }
 
 /// `problems` as configuration errors of `file` (whose text is `text`),
-/// each at the line and column of its field.
+/// each at the line and column of its field, in file order.
 pub fn file_errors(text: &str, file: &str, problems: &[FileProblem]) -> ConfigErrors {
-    ConfigErrors(
-        problems
-            .iter()
-            .map(|p| {
-                let (line, column) = locate(text, &p.field).unwrap_or((0, 0));
-                ConfigError {
-                    file: file.to_string(),
-                    line,
-                    column,
-                    field: p.field.clone(),
-                    message: p.message.clone(),
-                }
-            })
-            .collect(),
-    )
+    let doc = toml_edit::Document::parse(text).ok();
+    let mut errors: Vec<ConfigError> = problems
+        .iter()
+        .map(|p| {
+            let at = doc
+                .as_ref()
+                .and_then(|d| locate(text, d.as_item(), &p.field));
+            let (line, column) = at.unwrap_or((0, 0));
+            ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                field: p.field.clone(),
+                message: p.message.clone(),
+            }
+        })
+        .collect();
+    errors.sort_by_key(|e| (e.line, e.column));
+    ConfigErrors(errors)
 }
 
-/// Line and column of the value at dotted `field` (`a.b[2]`) in `text`.
-fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
-    let doc = toml_edit::Document::parse(text).ok()?;
-    let mut item = doc.as_item();
+/// Line and column of the value at dotted `field` (`a.b[2]`) under `item`.
+fn locate(text: &str, mut item: &toml_edit::Item, field: &str) -> Option<(usize, usize)> {
     let mut span = None;
     for segment in field.split('.') {
         let (key, index) = match segment.split_once('[') {

@@ -12,20 +12,21 @@ pub mod server;
 pub mod session;
 pub mod tls;
 
-/// Whether the files `[smtp]` names — the TLS certificate and key, the
-/// AUTH credentials — load; Err says which does not and why.
-pub fn check_files(cfg: &crate::config::SmtpConfig) -> Result<(), FileProblem> {
+/// The files `[smtp]` names — the TLS certificate and key, the AUTH
+/// credentials — that do not load, and why.
+pub fn check_files(cfg: &crate::config::SmtpConfig) -> Vec<FileProblem> {
     let problem = |field: &str, message: String| FileProblem {
         field: field.to_string(),
         message,
     };
-    if let Some(t) = &cfg.tls {
-        tls::acceptor(t).map_err(|e| problem("smtp.tls", e.to_string()))?;
+    let mut problems = Vec::new();
+    if let Some(Err(e)) = cfg.tls.as_ref().map(tls::acceptor) {
+        problems.push(problem("smtp.tls", e.to_string()));
     }
-    if let Some(path) = &cfg.auth {
-        auth::Credentials::load(path).map_err(|e| problem("smtp.auth", e.to_string()))?;
+    if let Some(Err(e)) = cfg.auth.as_deref().map(auth::Credentials::load) {
+        problems.push(problem("smtp.auth", e.to_string()));
     }
-    Ok(())
+    problems
 }
 
 use std::future::Future;
