@@ -74,6 +74,7 @@ pub(crate) async fn serve_capped<L: Listener>(
         match accepted {
             Ok((stream, from)) => {
                 let Ok(slot) = pending.clone().try_acquire_owned() else {
+                    crate::metrics::cluster_link_refused("busy");
                     // Closed unanswered; said at most once a minute.
                     let now = tokio::time::Instant::now();
                     if warned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
