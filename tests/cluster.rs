@@ -107,19 +107,7 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     // A fourth node with another secret: both sides name the reason, and
     // the cluster does not admit it.
     let bad = key(dir.path(), "bad.key", "some other secret, also long enough");
-    let rogue_admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        "node-d",
-        free_port(),
-        &addrs[..1],
-        &bad,
-        rogue_admin,
-    );
-    let mut rogue = Daemon::start(&cfg).await;
-    rogue
-        .wait_line(|l| l.contains("not in a cluster yet") && l.contains("secret"))
-        .await;
+    let (rogue, rogue_admin) = outsider(dir.path(), addrs[0], &bad).await;
     // Its ctl says so too, and exits 2: answered, but not in its cluster.
     let out = ctl_output(rogue_admin, &["status"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -293,6 +281,17 @@ async fn a_rogue_replaying_captured_link_traffic_gets_nothing() {
     }
 }
 
+/// node-d, with the secret in `key`, trying to join through `seed`; once
+/// it has logged that the secrets differ. Also returns its admin address.
+async fn outsider(dir: &Path, seed: SocketAddr, key: &Path) -> (Daemon, SocketAddr) {
+    let admin = free_port();
+    let cfg = write_config(dir, "node-d", free_port(), &[seed], key, admin);
+    let mut d = Daemon::start(&cfg).await;
+    d.wait_line(|l| l.contains("not in a cluster yet") && l.contains("secret"))
+        .await;
+    (d, admin)
+}
+
 /// Three nodes node-a, node-b, node-c, started together from the same seeds.
 struct Three {
     nodes: Vec<Daemon>,
@@ -451,19 +450,7 @@ async fn the_cluster_secret_changes_node_by_node_without_stopping() {
         }
     }
     // Done: a node with only the old secret is refused.
-    let rogue_admin = free_port();
-    let cfg = write_config(
-        dir.path(),
-        "node-d",
-        free_port(),
-        &addrs[..1],
-        &old,
-        rogue_admin,
-    );
-    let mut rogue = Daemon::start(&cfg).await;
-    rogue
-        .wait_line(|l| l.contains("not in a cluster yet") && l.contains("secret"))
-        .await;
+    let (rogue, _) = outsider(dir.path(), addrs[0], &old).await;
     for mut n in nodes.into_iter().chain([rogue]) {
         let _ = n.child.start_kill();
         n.child.wait().await.unwrap();
