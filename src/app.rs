@@ -288,6 +288,7 @@ impl Node {
                 started: std::time::Instant::now(),
                 stats: stats.clone(),
                 cluster: cluster.as_ref().map(|c| crate::admin::ClusterReadout {
+                    secrets: c.secret_fingerprints(),
                     handle: c.handle.clone(),
                     problem: c.problem.clone(),
                     groups: config.groups.iter().map(|g| g.name.clone()).collect(),

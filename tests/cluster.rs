@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use common::daemon::{
-    all_voting, ctl, ctl_output, free_port, nodes_json, nodes_until, sample, scrape, Daemon,
+    all_voting, ctl, ctl_json, ctl_output, free_port, nodes_json, nodes_until, sample, scrape,
+    Daemon,
 };
 use common::proxy::{frames, Inject, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -447,6 +448,19 @@ async fn the_cluster_secret_changes_node_by_node_without_stopping() {
             })
             .await;
             until_quorum(admin[i]).await;
+            // Its status names the keyring it now has, by fingerprints.
+            let fingerprint = |p: &Path| {
+                let text = std::fs::read(p).unwrap();
+                mtad::cluster::identity::Secret::new(&text)
+                    .unwrap()
+                    .fingerprint()
+            };
+            let want: Vec<String> = std::iter::once(*proving)
+                .chain(accepted.iter().copied())
+                .map(fingerprint)
+                .collect();
+            let status: serde_json::Value = ctl_json(admin[i], &["status"]).await;
+            assert_eq!(status["secrets"], serde_json::json!(want), "{status}");
         }
     }
     // Done: a node with only the old secret is refused.

@@ -197,6 +197,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             problem: nodes[0].problem.clone(),
             groups: vec!["mta".into()],
             quorum_within: std::time::Duration::from_secs(1),
+            secrets: nodes[0].secret_fingerprints(),
         }),
         mail: None,
         reload: None,

@@ -151,13 +151,14 @@ pub async fn run_with(api: &Api, cmd: &Command, json: bool) -> Result<Output, St
     let text = match (cmd, status) {
         (_, Some(s)) => {
             format!(
-                "node {}  mtad {}  up {}s\ncluster: {}{}{}{}\ngroups owned: {}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
+                "node {}  mtad {}  up {}s\ncluster: {}{}{}{}{}\ngroups owned: {}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
                 s.node,
                 s.version,
                 s.uptime_s,
                 s.cluster_role,
                 s.leader.map(|l| format!(" (leader {l})")).unwrap_or_default(),
                 s.cluster_problem.map(|p| format!(" — not joined: {p}")).unwrap_or_default(),
+                secrets_line(&s.secrets),
                 s.drain.map(|d| format!("\nmail: {d} (ctl drain --cancel ends it)")).unwrap_or_default(),
                 if s.groups.is_empty() { "none".to_string() } else { s.groups.join(", ") },
                 s.queued,
@@ -468,4 +469,18 @@ async fn request(
             .starts_with(&format!("{}:", super::NO_QUORUM))
     });
     Ok((code, no_quorum, body.to_string()))
+}
+
+/// "secret ab12cd34 (also accepting 9f00aa11)", on its own line.
+fn secrets_line(fingerprints: &[String]) -> String {
+    match fingerprints {
+        [] => String::new(),
+        [proving] => format!("\nsecret: {proving}"),
+        [proving, accepted @ ..] => {
+            format!(
+                "\nsecret: {proving} (also accepting {})",
+                accepted.join(", ")
+            )
+        }
+    }
 }

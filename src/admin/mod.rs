@@ -65,6 +65,9 @@ pub struct ClusterReadout {
     /// A leader that heard from no majority for this long has lost its
     /// quorum (two election timeouts).
     pub quorum_within: Duration,
+    /// Fingerprints of the secret this node proves with, then of those it
+    /// also accepts.
+    pub secrets: Vec<String>,
 }
 
 impl ClusterReadout {
@@ -123,6 +126,11 @@ pub struct Status {
     /// owns no group and its queue is empty; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<String>,
+    /// Fingerprints of the cluster secret this node proves with, then of
+    /// those it also accepts (empty for a single node): nodes agree when
+    /// they can talk, and a change of secret shows here node by node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 /// One row of `GET /v1/nodes`.
@@ -229,6 +237,11 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         cluster_problem,
         groups: owned.clone(),
         quorum: s.cluster.as_ref().map(|c| c.quorum()),
+        secrets: s
+            .cluster
+            .as_ref()
+            .map(|c| c.secrets.clone())
+            .unwrap_or_default(),
         drain: match *s.drain.borrow() {
             false => None,
             true if owned.is_empty() && q.queued == 0 => Some("drained".into()),

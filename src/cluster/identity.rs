@@ -177,6 +177,11 @@ impl From<Secret> for Keyring {
 }
 
 impl Keyring {
+    /// The fingerprints of the proving secret, then of the accepted ones.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.all().map(Secret::fingerprint).collect()
+    }
+
     /// Every secret a peer may prove with, the proving one first.
     pub fn all(&self) -> impl Iterator<Item = &Secret> {
         std::iter::once(&self.proving).chain(&self.accepted)
@@ -225,6 +230,16 @@ impl Secret {
             });
         }
         Ok(Secret(trimmed.to_vec()))
+    }
+
+    /// A short name for the secret that reveals nothing of it (8 hex
+    /// digits of a MAC under it), so operators can compare nodes' keyrings.
+    pub fn fingerprint(&self) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes any key");
+        mac.update(b"mtad-cluster fingerprint");
+        let tag = mac.finalize().into_bytes();
+        tag[..4].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The secret bytes, for keying the handshake MAC and the link keys only.
@@ -377,6 +392,26 @@ mod tests {
             load_secret(&dir.path().join("missing")),
             Err(SecretError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn fingerprints_tell_secrets_apart_and_reveal_nothing() {
+        let a = Secret::new(b"correct horse battery staple").unwrap();
+        let b = Secret::new(b"incorrect horse battery staple").unwrap();
+        assert_eq!(
+            a.fingerprint(),
+            Secret::new(b" correct horse battery staple\n")
+                .unwrap()
+                .fingerprint()
+        );
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 8);
+        assert!(a.fingerprint().chars().all(|c| c.is_ascii_hexdigit()));
+        let ring = Keyring {
+            proving: b.clone(),
+            accepted: vec![a.clone()],
+        };
+        assert_eq!(ring.fingerprints(), [b.fingerprint(), a.fingerprint()]);
     }
 
     #[test]

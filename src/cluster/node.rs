@@ -85,6 +85,12 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
+    /// Fingerprints of the secret this node proves with, then of those it
+    /// also accepts.
+    pub fn secret_fingerprints(&self) -> Vec<String> {
+        self.link.secrets.fingerprints()
+    }
+
     /// Start the cluster side over TCP: everything under `data_dir/cluster`.
     pub async fn start(
         cfg: &ClusterConfig,
