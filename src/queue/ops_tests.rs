@@ -37,6 +37,17 @@ fn deferred(n: u64) -> (Core, Instant) {
     (core, now)
 }
 
+/// Message 1 queued for x@ and y@a.example, not yet attempted.
+fn two_recipients() -> (Config, Core, Instant, Vec<Action>) {
+    let cfg = config();
+    let mut core = Core::new();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    let two = message(1, &["x@a.example", "y@a.example"]);
+    core.admit(&cfg, two, false, now, 0, &mut out);
+    (cfg, core, now, out)
+}
+
 fn ids(page: &Page) -> Vec<String> {
     page.messages.iter().map(|m| m.id.clone()).collect()
 }
@@ -216,18 +227,7 @@ fn summary_counts_per_destination_with_the_latest_error() {
 
 #[test]
 fn show_tells_each_recipient_apart() {
-    let cfg = config();
-    let mut core = Core::new();
-    let now = Instant::now();
-    let mut out = Vec::new();
-    core.admit(
-        &cfg,
-        message(1, &["x@a.example", "y@a.example"]),
-        false,
-        now,
-        0,
-        &mut out,
-    );
+    let (cfg, mut core, now, mut out) = two_recipients();
     let mut r = outcome(1, &[0], Outcome::Delivered);
     r.results[0].reply = "250 ok".into();
     core.result(&cfg, r, now, 7, &mut out);
@@ -278,18 +278,7 @@ fn a_million_messages_list_in_pages() {
 /// returned to the sender instead of retried.
 #[test]
 fn a_bounce_leaves_recipients_in_flight_to_their_attempt() {
-    let cfg = config();
-    let mut core = Core::new();
-    let now = Instant::now();
-    let mut out = Vec::new();
-    core.admit(
-        &cfg,
-        message(1, &["x@a.example", "y@a.example"]),
-        false,
-        now,
-        0,
-        &mut out,
-    );
+    let (cfg, mut core, now, mut out) = two_recipients();
     out.clear();
     assert_eq!(
         core.act(&cfg, Op::Bounce, &[QueueId(1)], now, 0, &mut out),
