@@ -265,7 +265,21 @@ pub fn load_secret(path: &Path) -> Result<Secret, SecretError> {
     })
 }
 
-/// The secret files `[cluster]` names that do not load, by field, and why.
+/// Loads the secrets `[cluster]` names: the one to prove with, then
+/// those also accepted.
+pub fn load_keyring(cfg: &crate::config::ClusterConfig) -> Result<Keyring, SecretError> {
+    Ok(Keyring {
+        proving: load_secret(&cfg.secret_file)?,
+        accepted: cfg
+            .accept_secret_files
+            .iter()
+            .map(|path| load_secret(path))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// The secret files `[cluster]` names that do not load, by field, and why
+/// (where [`load_keyring`] stops at the first).
 pub fn check_secret_files(cfg: &crate::config::ClusterConfig) -> Vec<FileProblem> {
     let named = std::iter::once(("cluster.secret_file".to_string(), &cfg.secret_file)).chain(
         cfg.accept_secret_files

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::detector::{self, Thresholds};
 use super::group_rpc::GroupService;
 use super::handle::ClusterHandle;
-use super::identity::{self, Identity, Keyring};
+use super::identity::{self, Identity};
 use super::link::LinkConfig;
 use super::membership::{self, jitter, Backoff, SeedView, Start};
 use super::network::{JoinSettings, Network, RaftHandler};
@@ -113,17 +113,12 @@ impl ClusterNode {
     ) -> Result<ClusterNode, ClusterError> {
         let dir = data_dir.join("cluster");
         let identity = Identity::load_or_create(&dir, name)?;
-        let secret = identity::load_secret(&cfg.secret_file)?;
-        let accepted = cfg
-            .accept_secret_files
-            .iter()
-            .map(|path| identity::load_secret(path))
-            .collect::<Result<Vec<_>, _>>()?;
-        if !accepted.is_empty() {
+        let secrets = identity::load_keyring(cfg)?;
+        if !secrets.accepted.is_empty() {
             // Meant to be temporary: an old secret left accepted still
             // lets whoever holds it in.
             tracing::warn!(
-                count = accepted.len(),
+                count = secrets.accepted.len(),
                 "also accepting other cluster secrets (accept_secret_files); \
                  remove them once every node proves with the new one"
             );
@@ -141,10 +136,7 @@ impl ClusterNode {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
         let link = LinkConfig {
             identity: identity.clone(),
-            secrets: Keyring {
-                proving: secret,
-                accepted,
-            },
+            secrets,
             cluster: cfg.name.clone(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             transport,
