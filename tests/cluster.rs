@@ -149,19 +149,7 @@ async fn three_processes_form_a_cluster_and_a_wrong_secret_is_refused() {
     // once, with its last known state and a flag saying so.
     nodes[1].child.start_kill().unwrap();
     nodes[1].child.wait().await.unwrap();
-    let lost = async {
-        loop {
-            let out = ctl_output(admin[0], &["--json", "status"]).await;
-            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if status["quorum"] == false {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(common::node::PATIENCE, lost)
-        .await
-        .expect("quorum lost");
+    until_quorum(admin[0], false).await;
     let out = ctl_output(admin[0], &["nodes"]).await;
     assert_eq!(out.status.code(), Some(2), "answered, but flagged");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -389,13 +377,14 @@ fn rekey(cfg: &Path, proving: &Path, accepted: &[&Path]) {
     std::fs::write(cfg, lines.join("\n")).unwrap();
 }
 
-/// Until the node's ctl says it sees a working majority.
-async fn until_quorum(admin: SocketAddr) {
+/// Until the node's ctl says it does (or does not) see a working
+/// majority; ctl is another process, so it is asked again every 50 ms.
+async fn until_quorum(admin: SocketAddr, want: bool) {
     let seen = async {
         loop {
             let out = ctl_output(admin, &["--json", "status"]).await;
             if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                if s["quorum"] == true {
+                if s["quorum"] == want {
                     return;
                 }
             }
@@ -404,7 +393,7 @@ async fn until_quorum(admin: SocketAddr) {
     };
     tokio::time::timeout(common::node::PATIENCE, seen)
         .await
-        .expect("a working majority");
+        .unwrap_or_else(|_| panic!("quorum never {want}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,7 +436,7 @@ async fn the_cluster_secret_changes_node_by_node_without_stopping() {
                 state_of(rows).as_deref() == Some("up") && all_voting(rows, 3)
             })
             .await;
-            until_quorum(admin[i]).await;
+            until_quorum(admin[i], true).await;
             // Its status names the keyring it now has, by fingerprints.
             let fingerprint = |p: &Path| {
                 let text = std::fs::read(p).unwrap();
