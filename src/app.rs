@@ -187,6 +187,10 @@ impl Node {
             tracker.clone(),
         );
         let source = SourceSlot::default();
+        {
+            let destinations = destinations.clone();
+            source.on_withdraw(move |addr| destinations.withdraw(addr));
+        }
         let handover = cluster.as_ref().map(|c| Handover {
             view: c.handle.view.clone(),
             me: c.identity.incarnation,

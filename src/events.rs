@@ -130,6 +130,9 @@ pub enum AssociationReason {
     Error,
     /// The node is shutting down.
     Shutdown,
+    /// Its source address was withdrawn: the group it left from moved
+    /// away, and the next owner holds the address now.
+    Withdrawn,
 }
 
 impl AssociationReason {
@@ -144,6 +147,7 @@ impl AssociationReason {
             Self::Stall => "stall",
             Self::Error => "error",
             Self::Shutdown => "shutdown",
+            Self::Withdrawn => "withdrawn",
         }
     }
 }

@@ -35,7 +35,8 @@ enum Check {
     /// Hang for ever (the monitor's deadline must end it).
     HangForever,
     Panic,
-    /// The check fails, and so does the stop that follows.
+    /// The check fails, and so does every stop that follows until the
+    /// test mends it.
     BrokenStop,
     /// Not a resource at all: node a is a witness whose configuration does
     /// not define the group (no policy for its manager, no runner).
@@ -47,6 +48,8 @@ struct TestResource {
     gate: Arc<Notify>,
     hanging: Arc<Notify>,
     started: Arc<AtomicBool>,
+    /// A broken stop works from now on.
+    mended: Arc<AtomicBool>,
 }
 
 impl Resource for TestResource {
@@ -59,8 +62,8 @@ impl Resource for TestResource {
         Box::pin(async { Ok(()) })
     }
 
-    fn stop(&self, _graceful: bool) -> OpFuture {
-        if self.check == Check::BrokenStop {
+    fn stop(&self) -> OpFuture {
+        if self.check == Check::BrokenStop && !self.mended.load(Ordering::SeqCst) {
             return Box::pin(async { Err("the address would not go".to_string()) });
         }
         self.started.store(false, Ordering::SeqCst);
@@ -112,6 +115,7 @@ struct Cluster {
     started: Vec<Arc<AtomicBool>>,
     gate: Arc<Notify>,
     hanging: Arc<Notify>,
+    mended: Arc<AtomicBool>,
     admin: String,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -130,6 +134,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
     let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
     let runners = (CancellationToken::new(), TaskTracker::new());
     let (gate, hanging) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let mended = Arc::new(AtomicBool::new(false));
     let g = group(check_timeout);
     let mut nodes = Vec::new();
     let mut started = Vec::new();
@@ -180,6 +185,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             gate: gate.clone(),
             hanging: hanging.clone(),
             started: flag.clone(),
+            mended: mended.clone(),
         };
         let runner = GroupRunner::new(g.clone(), vec![Arc::new(resource)], node.handle.clone());
         runners.1.spawn(runner.run(runners.0.clone()));
@@ -210,6 +216,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
         started,
         gate,
         hanging,
+        mended,
         admin,
         cancel,
         tracker,
@@ -301,6 +308,7 @@ async fn a_check_that_panics_fails_the_group_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_that_fails_fences_the_node_and_the_group_moves_on() {
+    // The stop is tried again until it succeeds; then the fence lifts.
     let c = cluster(Check::BrokenStop, Duration::from_millis(300)).await;
     let now = c.online_on(|i| i != 0).await;
     let g = c.nodes[now].view.borrow().state.groups["mta"].clone();
@@ -312,6 +320,14 @@ async fn a_stop_that_fails_fences_the_node_and_the_group_moves_on() {
     let groups = client::run(&c.admin, &Command::Groups, true).await.unwrap();
     let rows: serde_json::Value = serde_json::from_str(&groups.text).unwrap();
     assert_eq!(rows[0]["fenced"], serde_json::json!(["a"]), "{rows}");
+    c.mended.store(true, Ordering::SeqCst);
+    let mut view = c.nodes[now].view.clone();
+    let lifted = view.wait_for(|v| v.state.groups["mta"].fenced.is_empty());
+    tokio::time::timeout(common::node::PATIENCE, lifted)
+        .await
+        .expect("the fence is lifted once a stop succeeds")
+        .unwrap();
+    assert!(!c.started[0].load(Ordering::SeqCst), "stopped on a at last");
     c.stop().await;
 }
 

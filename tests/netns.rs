@@ -17,178 +17,29 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::netns::{mac_text, node_config, selected, who_has, Lab, NODES, SINK, VIP};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-const PATIENCE: Duration = Duration::from_secs(30);
+use common::lab::{
+    arp_points_to, arrived, block_on, greeter, release, send, send_to, sink, until_greeted_by,
+    Received, CLIENT, PATIENCE,
+};
+use common::netns::{mac_text, node_config, who_has, Lab, NODES, VIP};
 
 fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
     let extra = "preferred_nodes = [\"n1\", \"n2\", \"n3\"]\nannounce_interval = \"2s\"";
     node_config(dir, name, last, extra, "info")
 }
 
-/// What the sink received: (peer address, message text).
-type Received = Arc<Mutex<Vec<(SocketAddr, String)>>>;
-
-/// A minimal SMTP sink, run inside the sink namespace.
-async fn sink(received: Received) {
-    let listener = tokio::net::TcpListener::bind(SINK).await.unwrap();
-    loop {
-        let (stream, peer) = listener.accept().await.unwrap();
-        let received = received.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut r = BufReader::new(r);
-            let _ = w.write_all(b"220 sink ESMTP\r\n").await;
-            let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
-            while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                let reply: &[u8] = if in_data {
-                    if line == ".\r\n" {
-                        in_data = false;
-                        received
-                            .lock()
-                            .unwrap()
-                            .push((peer, std::mem::take(&mut data)));
-                        b"250 ok\r\n"
-                    } else {
-                        data.push_str(&line);
-                        b""
-                    }
-                } else {
-                    match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
-                        "DATA" => {
-                            in_data = true;
-                            b"354 go on\r\n"
-                        }
-                        "QUIT" => b"221 bye\r\n",
-                        _ => b"250 ok\r\n",
-                    }
-                };
-                if !reply.is_empty() && w.write_all(reply).await.is_err() {
-                    break;
-                }
-                line.clear();
-            }
-        });
-    }
-}
-
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// From the client: who greets on the VIP's port 25, if anyone.
-fn greeter(lab: &Lab) -> Option<String> {
-    let vip = SocketAddr::from((VIP, 25));
-    lab.within("client", move || {
-        block_on(mtad::demo::greeter(vip, Duration::from_secs(3)))
-    })
-    .join()
-    .unwrap()
-}
-
-fn until_greeted_by(lab: &Lab, want: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if greeter(lab).is_some_and(|w| w.starts_with(want)) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{want} never answered on the VIP"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// From the client: send one message through the VIP.
-fn send(lab: &Lab, subject: &'static str) {
-    send_to(lab, SocketAddr::from((VIP, 25)), subject)
-}
-
-fn send_to(lab: &Lab, to: SocketAddr, subject: &'static str) {
-    let reply = lab
-        .within("client", move || {
-            block_on(async move {
-                let mut c = common::client::Client::connect(to).await.unwrap();
-                let body = format!("Subject: {subject}\r\n\r\nx\r\n");
-                c.send("a@example.test", &["b@dest.example"], &body)
-                    .await
-                    .unwrap()
-            })
-        })
-        .join()
-        .unwrap();
-    assert!(reply.starts_with("250"), "{reply}");
-}
-
-fn arrived(received: &Received, subject: &str) -> SocketAddr {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let got = received.lock().unwrap().clone();
-        if let Some((peer, _)) = got.iter().find(|(_, t)| t.contains(subject)) {
-            return *peer;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{subject} never reached the sink"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// What systemd's ExecStopPost does after the daemon died.
-async fn release(lab: &Lab, name: &str, cfg: &Path) {
-    let mut argv = lab.exec(name);
-    argv.push(env!("CARGO_BIN_EXE_mtad").into());
-    let out = tokio::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .args(["release", "--config"])
-        .arg(cfg)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The client's view of the VIP's MAC once it matches `want`.
-fn arp_points_to(lab: &Lab, want: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let now = lab.neighbour("client", &VIP.to_string());
-        if now.as_deref() == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the client's ARP entry for the VIP is {now:?}, not {want}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(netns_tests),
+    ignore = "needs root: build and run with MTAD_NETNS_TESTS=1"
+)]
 async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
-    if !selected() {
-        eprintln!("not selected: set MTAD_NETNS_TESTS=1 to run (needs root)");
-        return;
-    }
     let names: Vec<&str> = NODES
         .iter()
         .map(|(n, _)| *n)
@@ -312,11 +163,11 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(netns_tests),
+    ignore = "needs root: build and run with MTAD_NETNS_TESTS=1"
+)]
 async fn the_netlink_provider_adds_vips_ready_to_use_and_removes_them() {
-    if !selected() {
-        eprintln!("not selected: set MTAD_NETNS_TESTS=1 to run (needs root)");
-        return;
-    }
     use mtad::resource::netlink::NetlinkVip;
     use mtad::resource::Resource;
     let lab = Lab::new(&["h"], &[1]).unwrap_or_else(|e| panic!("lab: {e}"));
@@ -326,6 +177,9 @@ async fn the_netlink_provider_adds_vips_ready_to_use_and_removes_them() {
                 let net: ipnet::IpNet = vip.parse().unwrap();
                 let p = NetlinkVip::new(net, "eth0".into(), Duration::from_secs(10));
                 assert!(p.check().await.is_err(), "{vip}: not there yet");
+                let err = p.start().await.unwrap_err();
+                assert!(err.contains("no lease"), "{vip}: {err}");
+                p.lease(tokio::time::Instant::now() + Duration::from_secs(10));
                 p.start().await.unwrap();
                 p.check().await.unwrap();
                 // Usable at once — an IPv6 address still in duplicate
@@ -333,7 +187,7 @@ async fn the_netlink_provider_adds_vips_ready_to_use_and_removes_them() {
                 let bound = std::net::TcpListener::bind((net.addr(), 0));
                 assert!(bound.is_ok(), "{vip}: {bound:?}");
                 drop(bound);
-                p.stop(false).await.unwrap();
+                p.stop().await.unwrap();
                 assert!(p.check().await.is_err(), "{vip}: removed");
                 std::net::TcpListener::bind((net.addr(), 0)).is_err()
             })

@@ -13,12 +13,16 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
 
 use super::client::{Action, Client, Reply, SessionEnd, WantTls};
-use super::destinations::{Destination, Queued, Shared};
+use super::destinations::{Destination, Queued, Shared, WITHDRAWN};
 use super::pool::{self, Next, Policy};
 use super::Outcome;
 use crate::events::{self, AssociationEvent as Ev, AssociationReason as Why};
+
+/// Why a connection ended when its source address was withdrawn.
+const WITHDRAWN_TEXT: &str = "its source address was withdrawn";
 
 /// Run one association slot of `dest` until it has nothing left to do or
 /// the node shuts down; `reason` is why it was opened.
@@ -28,6 +32,7 @@ pub(crate) async fn run(shared: Arc<Shared>, dest: Arc<Destination>, mut reason:
         let established = tokio::select! {
             r = establish(&shared, &dest) => r,
             _ = shared.cancel.cancelled() => break,
+            _ = dest.fence.cancelled() => break,
         };
         let (conn, client) = match established {
             Ok(c) => c,
@@ -65,7 +70,7 @@ pub(crate) async fn run(shared: Arc<Shared>, dest: Arc<Destination>, mut reason:
             Ev::Closed
         };
         events::association(kind, id, &dest.name, &hop, why, &detail);
-        if dest.retire(shared.cancel.is_cancelled()) {
+        if dest.retire(shared.cancel.is_cancelled() || dest.fence.is_cancelled()) {
             return;
         }
         // Work is waiting: this slot negotiates a fresh association. After
@@ -108,6 +113,8 @@ struct Conn {
     stream: Stream,
     hop: SocketAddr,
     buf: Vec<u8>,
+    /// The destination's fence: once cancelled, every read and write fails.
+    fence: CancellationToken,
 }
 
 /// Why reading or writing failed.
@@ -131,7 +138,11 @@ impl Conn {
     /// Read whatever arrives and feed it to the client. Cancel-safe:
     /// dropping it before the read completes loses nothing.
     async fn read(&mut self, client: &mut Client) -> Result<Vec<Action>, IoFail> {
-        match self.stream.read(&mut self.buf).await {
+        let read = tokio::select! {
+            r = self.stream.read(&mut self.buf) => r,
+            _ = self.fence.cancelled() => return Err(IoFail::Lost(WITHDRAWN_TEXT.into())),
+        };
+        match read {
             Ok(0) => Err(IoFail::Lost("connection closed by the next hop".into())),
             Ok(n) => Ok(client.receive(&self.buf[..n])),
             Err(e) => Err(IoFail::Lost(os_error(&e))),
@@ -149,7 +160,11 @@ impl Conn {
     }
 
     async fn write_within(&mut self, bytes: &Bytes, limit: Duration) -> Result<(), IoFail> {
-        match timeout(limit, self.stream.write_all(bytes)).await {
+        let written = tokio::select! {
+            w = timeout(limit, self.stream.write_all(bytes)) => w,
+            _ = self.fence.cancelled() => return Err(IoFail::Lost(WITHDRAWN_TEXT.into())),
+        };
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(IoFail::Lost(os_error(&e))),
             Err(_) => Err(IoFail::Timeout),
@@ -255,6 +270,7 @@ async fn session(
         stream: Stream::Plain(stream),
         hop,
         buf: vec![0; 16 * 1024],
+        fence: dest.fence.clone(),
     };
     let mut client = Client::with_tls(shared.helo_name.clone(), want);
     let mut pending: std::collections::VecDeque<Action> = Default::default();
@@ -349,6 +365,10 @@ impl Session<'_> {
     async fn serve(&mut self) -> (Why, String) {
         let policy = self.policy.clone();
         loop {
+            // Not even a QUIT leaves from a withdrawn address.
+            if self.dest.fence.is_cancelled() {
+                return (Why::Withdrawn, String::new());
+            }
             if self.shared.cancel.is_cancelled() {
                 self.quit().await;
                 return (Why::Shutdown, String::new());
@@ -404,6 +424,7 @@ impl Session<'_> {
             _ = self.dest.work.notified() => None,
             _ = sleep_until(until) => None,
             _ = self.shared.cancel.cancelled() => None,
+            _ = self.dest.fence.cancelled() => None,
             r = self.conn.read(&mut self.client) => {
                 // A next hop that drops idle connections is normal, not an error.
                 let detail = match r {
@@ -437,7 +458,7 @@ impl Session<'_> {
         let mut actions = match self.client.start(&q.job.sender, &q.job.recipients, body) {
             Ok(a) => a,
             Err(e) => {
-                self.dest.requeue_front(q);
+                self.requeue(q);
                 return TxEnd::End(Why::Error, e.to_string());
             }
         };
@@ -464,7 +485,7 @@ impl Session<'_> {
                 (_, Some(e)) => {
                     if done.is_none() {
                         // Closed without deciding the job: its outcome is unknown.
-                        self.dest.requeue_front(q);
+                        self.requeue(q);
                     }
                     return TxEnd::End(Why::Error, format!("{e:?}"));
                 }
@@ -491,7 +512,7 @@ impl Session<'_> {
                 } else {
                     // Not the message's fault as far as we know: it goes
                     // first on the next association, not to the retry schedule.
-                    self.dest.requeue_front(Queued {
+                    self.requeue(Queued {
                         requeued: true,
                         ..q
                     });
@@ -503,8 +524,23 @@ impl Session<'_> {
                 if let Some(d) = self.client.abort(&reply) {
                     self.shared.report(&q, &hop, d.results);
                 }
-                TxEnd::End(Why::Error, e)
+                let why = if self.dest.fence.is_cancelled() {
+                    Why::Withdrawn
+                } else {
+                    Why::Error
+                };
+                TxEnd::End(why, e)
             }
+        }
+    }
+
+    /// Put `q` back in the ready queue, or report it deferred if the
+    /// destination was withdrawn meanwhile.
+    fn requeue(&self, q: Queued) {
+        if let Some(q) = self.dest.requeue_front(q) {
+            let hop = self.conn.hop.to_string();
+            self.shared
+                .report_all(&q, &hop, Outcome::Deferred, WITHDRAWN);
         }
     }
 

@@ -5,6 +5,11 @@
 //! queue is shared by all its associations; every decision that reads the
 //! queue and the association count is made under the destination's lock, so
 //! a job can never be left in a queue that no association will serve.
+//!
+//! When a source address is withdrawn (its group moved to another node),
+//! every destination that leaves from it is cut off at once: its
+//! associations stop mid-transaction, and every job it held goes back to
+//! the queue as deferred — never again sent from that address here.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -103,6 +108,10 @@ impl Shared {
     }
 }
 
+/// The reply for jobs whose source address was withdrawn.
+pub(crate) const WITHDRAWN: &str =
+    "451 4.4.0 the address this mail left from moved to another node";
+
 /// A job waiting for or held by an association.
 #[derive(Debug)]
 pub(crate) struct Queued {
@@ -123,6 +132,8 @@ pub(crate) struct Destination {
     state: Mutex<QueueState>,
     /// One permit per submitted job: wakes an idle association.
     pub work: Notify,
+    /// Cancelled when the source address is withdrawn.
+    pub fence: CancellationToken,
 }
 
 #[derive(Default)]
@@ -130,6 +141,8 @@ struct QueueState {
     jobs: VecDeque<Queued>,
     associations: usize,
     established: usize,
+    /// The source address was withdrawn: no job is taken any more.
+    withdrawn: bool,
 }
 
 impl Destination {
@@ -151,10 +164,18 @@ impl Destination {
         (next, job)
     }
 
-    /// Put a job whose outcome is unknown back at the front.
-    pub fn requeue_front(&self, q: Queued) {
-        self.lock().jobs.push_front(q);
+    /// Put a job whose outcome is unknown back at the front; after a
+    /// withdrawal it is handed back instead, to be reported deferred.
+    #[must_use]
+    pub fn requeue_front(&self, q: Queued) -> Option<Queued> {
+        let mut st = self.lock();
+        if st.withdrawn {
+            return Some(q);
+        }
+        st.jobs.push_front(q);
+        drop(st);
         self.work.notify_one();
+        None
     }
 
     /// Jobs waiting.
@@ -176,7 +197,7 @@ impl Destination {
     /// work is waiting, since it may be the last one serving the queue.
     pub fn retire(&self, force: bool) -> bool {
         let mut st = self.lock();
-        if !force && !st.jobs.is_empty() {
+        if !force && !st.withdrawn && !st.jobs.is_empty() {
             return false;
         }
         st.associations = st.associations.saturating_sub(1);
@@ -250,13 +271,22 @@ impl Destinations {
         }
         let dest = self.destination(next_hops, source, tls);
         let mut opens = Vec::new();
+        let q = Queued {
+            job,
+            route,
+            requeued: false,
+        };
         {
             let mut st = dest.lock();
-            st.jobs.push_back(Queued {
-                job,
-                route,
-                requeued: false,
-            });
+            if st.withdrawn {
+                // Withdrawn between the lookup and now.
+                drop(st);
+                let reply = WITHDRAWN;
+                return self
+                    .shared
+                    .report_all(&q, &dest.name, Outcome::Deferred, reply);
+            }
+            st.jobs.push_back(q);
             let policy = self.shared.policy();
             while let Some(reason) = policy.open(st.jobs.len(), st.associations) {
                 st.associations += 1;
@@ -267,6 +297,33 @@ impl Destinations {
         for reason in opens {
             let task = association::run(self.shared.clone(), dest.clone(), reason);
             self.shared.tracker.spawn(task);
+        }
+    }
+
+    /// Cut off every destination that leaves from `source`: its
+    /// associations stop, and its jobs are reported deferred.
+    pub fn withdraw(&self, source: IpAddr) {
+        let gone: Vec<Arc<Destination>> = {
+            let mut map = self.lock_map();
+            let keys: Vec<Key> = map
+                .keys()
+                .filter(|k| k.1 == Some(source))
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for d in gone {
+            let jobs: Vec<Queued> = {
+                let mut st = d.lock();
+                st.withdrawn = true;
+                st.jobs.drain(..).collect()
+            };
+            d.fence.cancel();
+            tracing::info!(destination = %d.name, jobs = jobs.len(), "source address withdrawn: associations cut");
+            for q in &jobs {
+                self.shared
+                    .report_all(q, &d.name, Outcome::Deferred, WITHDRAWN);
+            }
         }
     }
 
@@ -305,6 +362,7 @@ impl Destinations {
                     tls: tls.clone(),
                     state: Mutex::default(),
                     work: Notify::new(),
+                    fence: CancellationToken::new(),
                 })
             })
             .clone()

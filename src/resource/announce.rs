@@ -4,7 +4,14 @@
 //! override flag), both carrying this interface's MAC. Switches and hosts
 //! then send to the new owner without waiting for their caches to expire.
 //!
-//! The frames are built by pure functions; sending needs CAP_NET_RAW.
+//! Before claiming an IPv4 address, the new owner probes for it (RFC 5227
+//! address conflict detection, on a faster schedule: a LAN answers within
+//! a millisecond): an ARP request for the address from 0.0.0.0. Any host
+//! that still holds it answers, and so does the kernel of a former owner
+//! frozen with the address still on its interface.
+//!
+//! The frames are built and read by pure functions; sending needs
+//! CAP_NET_RAW.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -13,6 +20,12 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 pub type Mac = [u8; 6];
 
 const ETH_P_ARP: u16 = 0x0806;
+
+/// "aa:bb:cc:dd:ee:ff".
+pub fn mac_text(mac: &Mac) -> String {
+    let hex: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    hex.join(":")
+}
 
 /// The Ethernet frame of a gratuitous ARP request announcing `ip` at `mac`.
 pub fn garp_frame(mac: Mac, ip: Ipv4Addr) -> [u8; 42] {
@@ -30,6 +43,29 @@ pub fn garp_frame(mac: Mac, ip: Ipv4Addr) -> [u8; 42] {
     // Target MAC left zero (RFC 5227 announcement); target IP = sender IP.
     f[38..42].copy_from_slice(&ip.octets());
     f
+}
+
+/// The Ethernet frame of an ARP probe for `ip` from `mac` (RFC 5227: a
+/// request with sender address 0.0.0.0, so no cache learns anything).
+pub fn probe_frame(mac: Mac, ip: Ipv4Addr) -> [u8; 42] {
+    let mut f = garp_frame(mac, ip);
+    f[28..32].copy_from_slice(&[0; 4]);
+    f
+}
+
+/// Whether an ARP frame heard while probing for `ip` shows another host
+/// using it (RFC 5227 section 2.1.1): it comes from a MAC other than
+/// `mine` and has `ip` as its sender address, or it probes for `ip` too.
+/// Returns that host's MAC.
+pub fn conflict(frame: &[u8], mine: Mac, ip: Ipv4Addr) -> Option<Mac> {
+    if frame.len() < 42 || frame[12..14] != ETH_P_ARP.to_be_bytes() {
+        return None;
+    }
+    let sha: Mac = frame[22..28].try_into().ok()?;
+    let (spa, tpa) = (&frame[28..32], &frame[38..42]);
+    let request = frame[20..22] == [0, 1];
+    let probing = request && spa == [0; 4] && tpa == ip.octets();
+    (sha != mine && (spa == ip.octets() || probing)).then_some(sha)
 }
 
 /// The ICMPv6 body of an unsolicited neighbour advertisement for `ip` at
@@ -90,6 +126,88 @@ pub fn send_garp(index: u32, mac: Mac, ip: Ipv4Addr) -> io::Result<()> {
         ) as libc::c_int
     })?;
     Ok(())
+}
+
+/// Probe for `ip` on interface `index` (blocking): `rounds` probes,
+/// `spacing` apart, listening all the while. The MAC of a host that holds
+/// it, if one answered.
+pub fn probe(
+    index: u32,
+    mac: Mac,
+    ip: Ipv4Addr,
+    rounds: u32,
+    spacing: std::time::Duration,
+) -> io::Result<Option<Mac>> {
+    let frame = probe_frame(mac, ip);
+    let proto = ETH_P_ARP.to_be();
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = Fd(check(unsafe {
+        libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto))
+    })?);
+    // SAFETY: sockaddr_ll is plain old data; zeroed is a valid value.
+    let mut here: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    here.sll_family = libc::AF_PACKET as u16;
+    here.sll_protocol = proto;
+    here.sll_ifindex = index as i32;
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    // SAFETY: the address is valid for its length.
+    check(unsafe { libc::bind(fd.0, (&here as *const libc::sockaddr_ll).cast(), len) })?;
+    let wait = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 5_000,
+    };
+    // SAFETY: the option value lives across the call.
+    check(unsafe {
+        libc::setsockopt(
+            fd.0,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&wait as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    })?;
+    let mut to = here;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let mut buf = [0u8; 64];
+    for _ in 0..rounds {
+        // SAFETY: the buffer and address are valid for the lengths given.
+        check(unsafe {
+            libc::sendto(
+                fd.0,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                len,
+            ) as libc::c_int
+        })?;
+        let until = std::time::Instant::now() + spacing;
+        while std::time::Instant::now() < until {
+            // SAFETY: sockaddr_ll is plain old data.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = len;
+            // SAFETY: the buffer and address are valid for their lengths.
+            let n = unsafe {
+                libc::recvfrom(
+                    fd.0,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut from_len,
+                )
+            };
+            // Our own probes come back as outgoing frames: not a conflict.
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            if let Some(other) = conflict(&buf[..n as usize], mac, ip) {
+                return Ok(Some(other));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Send an unsolicited neighbour advertisement for `ip` to all nodes on
@@ -154,6 +272,43 @@ mod tests {
         assert_eq!(&f[28..32], &[198, 18, 0, 100], "sender IP");
         assert_eq!(&f[32..38], &[0; 6]);
         assert_eq!(&f[38..42], &[198, 18, 0, 100], "target IP");
+    }
+
+    #[test]
+    fn a_probe_asks_for_the_address_from_nowhere() {
+        let ip = Ipv4Addr::new(198, 18, 0, 100);
+        let f = probe_frame(MAC, ip);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[20..22], &[0, 1], "request");
+        assert_eq!(&f[22..28], &MAC, "sender MAC");
+        assert_eq!(&f[28..32], &[0; 4], "sender IP 0.0.0.0");
+        assert_eq!(&f[38..42], &ip.octets(), "target IP");
+    }
+
+    #[test]
+    fn a_conflict_is_another_mac_using_or_probing_for_the_address() {
+        let ip = Ipv4Addr::new(198, 18, 0, 100);
+        let other = [0x02, 0, 0, 0, 0, 9];
+        // An answer from a host holding it (reply, sender = the address).
+        let mut reply = garp_frame(other, ip);
+        reply[20..22].copy_from_slice(&[0, 2]);
+        assert_eq!(conflict(&reply, MAC, ip), Some(other));
+        // Its announcement, and its own probe for the address.
+        assert_eq!(conflict(&garp_frame(other, ip), MAC, ip), Some(other));
+        assert_eq!(conflict(&probe_frame(other, ip), MAC, ip), Some(other));
+        // Not: our own frames, another address, a question about it from
+        // a host that does not claim it, a short or non-ARP frame.
+        assert_eq!(conflict(&garp_frame(MAC, ip), MAC, ip), None);
+        assert_eq!(conflict(&probe_frame(MAC, ip), MAC, ip), None);
+        let elsewhere = Ipv4Addr::new(198, 18, 0, 101);
+        assert_eq!(conflict(&garp_frame(other, elsewhere), MAC, ip), None);
+        let mut asking = garp_frame(other, Ipv4Addr::new(198, 18, 0, 10));
+        asking[38..42].copy_from_slice(&ip.octets());
+        assert_eq!(conflict(&asking, MAC, ip), None);
+        assert_eq!(conflict(&reply[..30], MAC, ip), None);
+        let mut ipv4 = reply;
+        ipv4[12..14].copy_from_slice(&[0x08, 0x00]);
+        assert_eq!(conflict(&ipv4, MAC, ip), None);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The SMTP listener on a group's VIP: bound with IP_FREEBIND and the
-//! configured backlog, serving the node's intake. A graceful stop turns
-//! new clients away with 421 and lets open sessions finish for the drain
-//! time; a hard stop answers them 421 at once. Its health check connects
-//! and expects a greeting.
+//! configured backlog, serving the node's intake. A drain turns new
+//! clients away with 421 and lets open sessions finish for the drain time;
+//! a stop closes the listening socket and tells open sessions 421 at once,
+//! without waiting for them. Its health check connects and expects a
+//! greeting.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -114,29 +115,44 @@ impl Resource for SmtpListener {
         })
     }
 
-    fn stop(&self, graceful: bool) -> OpFuture {
+    fn drain(&self) -> OpFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let sessions = {
+                let running = inner.running();
+                let Some(r) = running.as_ref() else {
+                    return Ok(());
+                };
+                r.drain.send_replace(true);
+                r.sessions.close();
+                r.sessions.clone()
+            };
+            let hurry = inner
+                .hurry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            tokio::select! {
+                _ = tokio::time::timeout(inner.drain, sessions.wait()) => {}
+                _ = hurry.cancelled() => {}
+            }
+            Ok(())
+        })
+    }
+
+    fn stop(&self) -> OpFuture {
         let inner = self.inner.clone();
         Box::pin(async move {
             let Some(r) = inner.running().take() else {
                 return Ok(());
             };
-            r.sessions.close();
-            if graceful {
-                r.drain.send_replace(true);
-                let hurry = inner
-                    .hurry
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                tokio::select! {
-                    _ = tokio::time::timeout(inner.drain, r.sessions.wait()) => {}
-                    _ = hurry.cancelled() => {}
-                }
-            }
+            // Sessions still open are told 421 and closed by their own
+            // tasks, within their own bounds; the stop does not wait for
+            // them: by now the address is gone, so nothing they do can
+            // reach a client on the VIP any more.
             r.cancel.cancel();
             let _ = r.accept.await;
-            r.sessions.wait().await;
-            tracing::info!(address = %inner.addr, graceful, "smtp on the group's VIP stopped");
+            tracing::info!(address = %inner.addr, "smtp on the group's VIP stopped");
             Ok(())
         })
     }

@@ -93,23 +93,23 @@ async fn it_serves_until_stopped_and_binds_exclusively() {
     let other = listener(addr, Duration::from_secs(5));
     let err = other.start().await.unwrap_err();
     assert!(err.contains("cannot listen"), "{err}");
-    l.stop(false).await.unwrap();
+    l.stop().await.unwrap();
     assert!(TcpStream::connect(addr).await.is_err(), "closed");
     // And then the other can.
     other.start().await.unwrap();
     other.check().await.unwrap();
-    other.stop(false).await.unwrap();
+    other.stop().await.unwrap();
 }
 
 #[tokio::test]
-async fn a_graceful_stop_turns_new_clients_away_and_waits_for_open_sessions() {
+async fn a_drain_turns_new_clients_away_and_waits_for_open_sessions() {
     let addr = free();
     // A drain time no test waits out: only the session's end ends the stop.
     let l = listener(addr, Duration::from_secs(3600));
     l.start().await.unwrap();
     let mut open = BufReader::new(TcpStream::connect(addr).await.unwrap());
     assert!(line(&mut open).await.starts_with("220"));
-    let stopping = tokio::spawn(l.stop(true));
+    let stopping = tokio::spawn(l.drain());
     // New clients hear that the service moves.
     let mut late = turned_away(addr).await;
     let mut rest = Vec::new();
@@ -138,9 +138,10 @@ async fn a_graceful_stop_turns_new_clients_away_and_waits_for_open_sessions() {
     // stop from hanging the suite; the drain time is an hour).
     tokio::time::timeout(Duration::from_secs(60), stopping)
         .await
-        .expect("stopped after the last session")
+        .expect("drained after the last session")
         .unwrap()
         .unwrap();
+    l.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -150,7 +151,7 @@ async fn a_hurried_drain_ends_with_sessions_still_open() {
     l.start().await.unwrap();
     let mut open = BufReader::new(TcpStream::connect(addr).await.unwrap());
     assert!(line(&mut open).await.starts_with("220"));
-    let stopping = tokio::spawn(l.stop(true));
+    let stopping = tokio::spawn(l.drain());
     // Draining: new clients are turned away...
     turned_away(addr).await;
     assert!(!stopping.is_finished());
@@ -158,9 +159,38 @@ async fn a_hurried_drain_ends_with_sessions_still_open() {
     l.hurry();
     tokio::time::timeout(Duration::from_secs(60), stopping)
         .await
-        .expect("a hurried stop does not wait out the drain")
+        .expect("a hurried drain does not wait out the drain time")
         .unwrap()
         .unwrap();
+    l.stop().await.unwrap();
     let rest = line(&mut open).await;
     assert!(rest.is_empty() || rest.starts_with("421"), "{rest}");
+}
+
+#[tokio::test]
+async fn a_stop_cuts_open_sessions_without_waiting_for_them() {
+    let addr = free();
+    let l = listener(addr, Duration::from_secs(3600));
+    l.start().await.unwrap();
+    // A client in the middle of DATA that then neither sends nor reads:
+    // a session waiting for it to leave would hold the stop for seconds.
+    let mut open = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    assert!(line(&mut open).await.starts_with("220"));
+    open.get_mut()
+        .write_all(b"HELO c\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n")
+        .await
+        .unwrap();
+    for want in ["250", "250", "250", "354"] {
+        let l = line(&mut open).await;
+        assert!(l.starts_with(want), "{l}");
+    }
+    open.get_mut().write_all(b"half a body").await.unwrap();
+    // Paused time: the stop must end without any time passing, while
+    // the session's own close waits on the client.
+    tokio::time::pause();
+    let stopped = tokio::time::timeout(Duration::from_millis(1), l.stop()).await;
+    tokio::time::resume();
+    assert_eq!(stopped, Ok(Ok(())), "the stop waited for the session");
+    let rest = line(&mut open).await;
+    assert!(rest.starts_with("421"), "{rest}");
 }

@@ -7,6 +7,12 @@
 //! - resources run only while the lease holds for longer than the stop
 //!   margin; when the lease gets that close to its end they are stopped
 //!   hard, before it can run out (the next owner may start after it);
+//! - before starting, the owner claims the resources: it makes sure no
+//!   other host still holds them (a frozen former owner keeps its address
+//!   until the kernel's lifetime for it runs out). A claim that finds them
+//!   held is tried again shortly; held for longer than the start timeout,
+//!   the group fails here and the leader moves it. A claim has no effect,
+//!   so a stop or a lost lease overtakes it;
 //! - one operation at a time, each with a deadline the driver enforces —
 //!   except that a check in flight never holds up a stop: the stop goes
 //!   out at once and the check's late result is ignored;
@@ -14,7 +20,8 @@
 //!   `max_restarts` times within `restart_window`; beyond that the owner
 //!   stops, reports the group failed, and the leader moves it;
 //! - a stop that fails or misses its deadline fences the node for the
-//!   group rather than leave the address ambiguous;
+//!   group, and is tried again until it succeeds (the address's lifetime
+//!   in the kernel is the backstop meanwhile); then the fence is lifted;
 //! - a revoked epoch is stopped at once (its lease is no longer renewed,
 //!   and the next owner may start when it runs out) and reported offline,
 //!   which releases it;
@@ -43,6 +50,10 @@ pub struct Settings {
     pub restart_window: Duration,
     /// Stop this long before the lease could run out.
     pub stop_margin: Duration,
+    /// Pause before claiming again resources found held elsewhere.
+    pub claim_retry: Duration,
+    /// Pause before trying again a stop that failed.
+    pub stop_retry: Duration,
 }
 
 /// Where the group is on this node.
@@ -60,7 +71,7 @@ pub enum Phase {
     Stopping(After),
     /// Stopped for good under this epoch (released or failed).
     Done,
-    /// A stop failed: fenced for this group until the node restarts.
+    /// A stop failed: fenced for this group, stopping again until done.
     Fenced,
 }
 
@@ -80,6 +91,8 @@ pub enum After {
 /// An operation on the group's resources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// Make sure no other host holds them.
+    Claim,
     /// Start them all, in order.
     Start,
     /// Stop them all, in reverse order.
@@ -124,6 +137,8 @@ pub enum Action {
         /// Drain open sessions first.
         graceful: bool,
     },
+    /// Make sure no other host holds them (no effect of its own).
+    Claim,
     /// Check them.
     Check,
     /// A graceful stop in flight must end now: the lease got short.
@@ -132,6 +147,8 @@ pub enum Action {
     Report(u64, GroupStatus, String),
     /// Ask the leader to fence this node for the group.
     Fence(String),
+    /// The stop that failed has succeeded: lift the fence.
+    Unfence,
 }
 
 /// The machine.
@@ -154,6 +171,14 @@ pub struct Machine {
     restarts: VecDeque<Instant>,
     /// Why the current stop happened, for the report after it.
     why: String,
+    /// A claim found the resources free.
+    claimed: bool,
+    /// Since when claims keep finding them held.
+    held_elsewhere: Option<Instant>,
+    /// When to claim (fenced: stop) again.
+    retry_at: Option<Instant>,
+    /// Stops that failed in a row.
+    failed_stops: u32,
 }
 
 impl Machine {
@@ -173,6 +198,10 @@ impl Machine {
             next_check: None,
             restarts: VecDeque::new(),
             why: String::new(),
+            claimed: false,
+            held_elsewhere: None,
+            retry_at: None,
+            failed_stops: 0,
         }
     }
 
@@ -206,10 +235,10 @@ impl Machine {
             .filter(|_| running || self.draining_stop)
             .map(|l| l.checked_sub(self.s.stop_margin).unwrap_or(l));
         let check = self.next_check.filter(|_| self.phase == Phase::Online);
-        match (lease_end, check) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retry = self
+            .retry_at
+            .filter(|_| matches!(self.phase, Phase::Waiting | Phase::Fenced));
+        [lease_end, check, retry].into_iter().flatten().min()
     }
 
     fn lease_ok(&self, now: Instant) -> bool {
@@ -231,10 +260,13 @@ impl Machine {
                     // still finishes first).
                     self.epoch = epoch;
                     self.restarts.clear();
-                    if matches!(self.phase, Phase::Done | Phase::Fenced) {
+                    // Fenced stays fenced: its stop is still to be done.
+                    if self.phase == Phase::Done {
                         self.phase = Phase::Idle;
                     }
                     self.lease = None;
+                    self.claimed = false;
+                    self.held_elsewhere = None;
                 }
                 self.ours = ours;
                 self.live = live;
@@ -262,6 +294,11 @@ impl Machine {
         out: &mut Vec<Action>,
     ) {
         match (op, result) {
+            (Op::Claim, Ok(())) => {
+                self.claimed = true;
+                self.held_elsewhere = None;
+            }
+            (Op::Claim, Err(why)) => self.held(why, now, out),
             (Op::Start, Ok(())) if self.phase == Phase::Starting => {
                 self.phase = Phase::Online;
                 self.next_check = Some(now + self.s.check_interval);
@@ -284,6 +321,16 @@ impl Machine {
                 } else {
                     Phase::Idle
                 };
+                if self.phase == Phase::Fenced {
+                    self.failed_stops = 0;
+                    self.retry_at = None;
+                    out.push(Action::Unfence);
+                    if over == Phase::Done && self.ours && self.live {
+                        let why = "stopped after a failed stop".to_string();
+                        out.push(Action::Report(self.held, GroupStatus::Offline, why));
+                    }
+                    self.phase = over;
+                }
                 if let Phase::Stopping(after) = self.phase {
                     self.phase = match after {
                         After::Release => {
@@ -308,11 +355,36 @@ impl Machine {
             }
             (Op::Stop, Err(why)) => {
                 self.phase = Phase::Fenced;
-                out.push(Action::Fence(format!("stop failed: {why}")));
+                self.failed_stops += 1;
+                self.retry_at = Some(now + self.s.stop_retry);
+                if self.failed_stops == 1 {
+                    out.push(Action::Fence(format!("stop failed: {why}")));
+                }
             }
             // A start that ended after we decided to stop: the stop follows.
             _ => {}
         }
+    }
+
+    /// A claim found the resources held by another host.
+    fn held(&mut self, why: String, now: Instant, out: &mut Vec<Action>) {
+        if self.phase != Phase::Waiting {
+            return;
+        }
+        let since = *self.held_elsewhere.get_or_insert(now);
+        if now.duration_since(since) >= self.s.start_timeout {
+            self.held_elsewhere = None;
+            self.phase = Phase::Done;
+            let why = format!("{why}, for longer than the start timeout");
+            out.push(Action::Report(self.held, GroupStatus::Failed, why));
+            return;
+        }
+        if since == now {
+            // Once per wait: the operator sees why it is not online yet.
+            let why = format!("waiting to claim: {why}");
+            out.push(Action::Report(self.held, GroupStatus::Starting, why));
+        }
+        self.retry_at = Some(now + self.s.claim_retry);
     }
 
     fn failure(&mut self, why: String, now: Instant, out: &mut Vec<Action>) {
@@ -360,16 +432,27 @@ impl Machine {
         if self.busy == Some(Op::Check) && self.phase == Phase::Online && must_stop {
             self.busy = None;
         }
+        if self.busy == Some(Op::Claim) && (must_stop || self.draining) {
+            self.busy = None;
+        }
         if self.busy.is_some() {
             return;
         }
+        let due = |t: Option<Instant>| t.is_none_or(|t| now >= t);
         match self.phase {
+            Phase::Fenced if due(self.retry_at) => {
+                self.busy = Some(Op::Stop);
+                out.push(Action::Stop { graceful: false });
+                return;
+            }
             Phase::Idle if mine && !self.draining => {
                 self.phase = Phase::Waiting;
                 self.held = self.epoch;
             }
             Phase::Waiting if !mine || self.draining => {
                 // Never started under this epoch: releasing needs no stop.
+                self.claimed = false;
+                self.held_elsewhere = None;
                 self.phase = if self.ours {
                     out.push(Action::Report(
                         self.held,
@@ -413,7 +496,16 @@ impl Machine {
             }
             _ => {}
         }
+        if self.phase == Phase::Waiting && mine && self.lease_ok(now) && !self.claimed {
+            if due(self.retry_at) {
+                self.retry_at = None;
+                self.busy = Some(Op::Claim);
+                out.push(Action::Claim);
+            }
+            return;
+        }
         if self.phase == Phase::Waiting && mine && self.lease_ok(now) {
+            self.claimed = false;
             self.phase = Phase::Starting;
             self.held = self.epoch;
             self.busy = Some(Op::Start);

@@ -6,6 +6,8 @@ const S: Settings = Settings {
     max_restarts: 2,
     restart_window: Duration::from_secs(60),
     stop_margin: Duration::from_millis(100),
+    claim_retry: Duration::from_millis(50),
+    stop_retry: Duration::from_secs(1),
 };
 
 fn ms(n: u64) -> Duration {
@@ -45,12 +47,19 @@ fn reports(actions: &[Action]) -> Vec<GroupStatus> {
         .collect()
 }
 
+/// The claim found nobody else holding the resources: the start follows.
+fn claimed(m: &mut Machine, now: Instant) -> Vec<Action> {
+    m.on(Event::Done(Op::Claim, Ok(())), now)
+}
+
 /// A machine online under epoch 1 with a lease until t0 + 600 ms.
 fn online(t0: Instant) -> Machine {
     let mut m = Machine::new(S);
     assert_eq!(m.on(mine(1), t0), vec![]);
     assert_eq!(m.phase(), Phase::Waiting);
     let out = m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    assert_eq!(out, vec![Action::Claim], "claimed before it starts");
+    let out = claimed(&mut m, t0);
     assert!(
         out.contains(&Action::Start {
             deadline: t0 + ms(500)
@@ -93,7 +102,8 @@ fn the_start_deadline_never_passes_the_lease() {
         ..S
     });
     m.on(mine(1), t0);
-    let out = m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    let out = claimed(&mut m, t0);
     assert!(out.contains(&Action::Start {
         deadline: t0 + ms(50)
     }));
@@ -111,6 +121,8 @@ fn resources_stop_hard_before_the_lease_can_run_out_and_come_back_with_it() {
     assert!(reports(&out).is_empty(), "not released: {out:?}");
     assert_eq!(m.phase(), Phase::Waiting);
     let out = m.on(Event::Lease(Some(t0 + ms(1200))), t0 + ms(700));
+    assert_eq!(out, vec![Action::Claim], "another may hold it by now");
+    let out = claimed(&mut m, t0 + ms(710));
     assert!(matches!(out.last(), Some(Action::Start { .. })), "{out:?}");
 }
 
@@ -191,6 +203,8 @@ fn failed_checks_restart_in_place_then_fail_the_group_over() {
         assert!(out.contains(&Action::Stop { graceful: false }));
         let out = m.on(Event::Done(Op::Stop, Ok(())), now);
         if round < 2 {
+            assert_eq!(out.last(), Some(&Action::Claim), "{out:?}");
+            let out = claimed(&mut m, now);
             assert!(matches!(out.last(), Some(Action::Start { .. })), "{out:?}");
             m.on(Event::Done(Op::Start, Ok(())), now);
         } else {
@@ -209,7 +223,8 @@ fn restarts_outside_the_window_are_forgotten() {
         now += S.restart_window + ms(1);
         m.on(Event::Lease(Some(now + ms(600))), now);
         m.on(Event::Done(Op::Check, Err("down".into())), now);
-        let out = m.on(Event::Done(Op::Stop, Ok(())), now);
+        m.on(Event::Done(Op::Stop, Ok(())), now);
+        let out = claimed(&mut m, now);
         assert!(matches!(out.last(), Some(Action::Start { .. })), "{out:?}");
         m.on(Event::Done(Op::Start, Ok(())), now);
     }
@@ -221,6 +236,7 @@ fn a_start_that_times_out_is_a_failure() {
     let mut m = Machine::new(S);
     m.on(mine(1), t0);
     m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    claimed(&mut m, t0);
     let out = m.on(
         Event::Done(Op::Start, Err("timed out".into())),
         t0 + ms(400),
@@ -229,7 +245,7 @@ fn a_start_that_times_out_is_a_failure() {
 }
 
 #[test]
-fn a_stop_that_fails_fences_the_node() {
+fn a_stop_that_fails_fences_the_node_and_is_tried_until_it_succeeds() {
     let t0 = Instant::now();
     let mut m = online(t0);
     m.on(Event::Tick, t0 + ms(500));
@@ -237,9 +253,97 @@ fn a_stop_that_fails_fences_the_node() {
     assert!(matches!(&out[..], [Action::Fence(_)]), "{out:?}");
     assert_eq!(m.phase(), Phase::Fenced);
     assert_eq!(m.renewing(), None);
-    // A new epoch (the fence lifted) starts over.
-    m.on(mine(2), t0 + ms(700));
-    assert_eq!(m.phase(), Phase::Waiting);
+    // Stopped again after a pause, and again: fenced once, not per try.
+    assert_eq!(m.next_wake(), Some(t0 + ms(1600)));
+    let again = vec![Action::Stop { graceful: false }];
+    assert_eq!(m.on(Event::Tick, t0 + ms(1600)), again);
+    let out = m.on(Event::Done(Op::Stop, Err("still".into())), t0 + ms(1700));
+    assert_eq!(out, vec![]);
+    // The group moves on to another owner meanwhile: still fenced, still
+    // stopping (the address may still be here).
+    m.on(view(false, 2, true, false), t0 + ms(2000));
+    assert_eq!(m.phase(), Phase::Fenced);
+    assert_eq!(m.on(Event::Tick, t0 + ms(2700)), again);
+    // Done at last: the fence is lifted, nothing to release (not ours).
+    let out = m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(2800));
+    assert_eq!(out, vec![Action::Unfence]);
+    assert_eq!(m.phase(), Phase::Idle);
+    // Ours again later: it claims and starts as usual.
+    m.on(mine(3), t0 + ms(3000));
+    let out = m.on(Event::Lease(Some(t0 + ms(3600))), t0 + ms(3000));
+    assert_eq!(out, vec![Action::Claim]);
+}
+
+#[test]
+fn a_stop_that_succeeds_on_a_retry_releases_the_epoch_it_still_holds() {
+    let t0 = Instant::now();
+    let mut m = online(t0);
+    m.on(revoked(), t0 + ms(100));
+    m.on(Event::Done(Op::Stop, Err("hung".into())), t0 + ms(200));
+    m.on(Event::Tick, t0 + ms(1200));
+    let out = m.on(Event::Done(Op::Stop, Ok(())), t0 + ms(1300));
+    assert_eq!(out[0], Action::Unfence);
+    assert_eq!(m.phase(), Phase::Done);
+}
+
+#[test]
+fn the_start_waits_until_no_other_host_holds_the_resources() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    assert_eq!(
+        m.on(Event::Lease(Some(t0 + ms(600))), t0),
+        vec![Action::Claim]
+    );
+    // Still answered for elsewhere (a frozen former owner's kernel):
+    // reported once, claimed again shortly, never started meanwhile.
+    let held = |why: &str| Event::Done(Op::Claim, Err(why.into()));
+    let out = m.on(held("answered by 02:00:00:00:00:09"), t0 + ms(120));
+    assert_eq!(reports(&out), [GroupStatus::Starting]);
+    assert!(!out.iter().any(|a| matches!(a, Action::Start { .. })));
+    assert_eq!(m.next_wake(), Some(t0 + ms(170)));
+    assert_eq!(m.on(Event::Tick, t0 + ms(170)), vec![Action::Claim]);
+    let out = m.on(held("answered"), t0 + ms(290));
+    assert_eq!(out, vec![], "reported once per wait");
+    m.on(Event::Lease(Some(t0 + ms(1000))), t0 + ms(340));
+    m.on(Event::Tick, t0 + ms(340));
+    // Free now: it starts.
+    let out = claimed(&mut m, t0 + ms(460));
+    assert!(matches!(out.last(), Some(Action::Start { .. })), "{out:?}");
+}
+
+#[test]
+fn resources_held_elsewhere_for_longer_than_the_start_timeout_fail_the_group_here() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(Settings {
+        start_timeout: ms(300),
+        ..S
+    });
+    m.on(mine(1), t0);
+    m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    let held = || Event::Done(Op::Claim, Err("answered".into()));
+    m.on(held(), t0 + ms(100));
+    m.on(Event::Tick, t0 + ms(150));
+    let out = m.on(held(), t0 + ms(400));
+    assert_eq!(reports(&out), [GroupStatus::Failed]);
+    assert_eq!(m.phase(), Phase::Done);
+}
+
+#[test]
+fn a_claim_in_flight_never_holds_up_a_revocation() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    assert_eq!(
+        m.on(Event::Lease(Some(t0 + ms(600))), t0),
+        vec![Action::Claim]
+    );
+    // A claim has no effect: nothing to stop, released at once.
+    let out = m.on(revoked(), t0 + ms(10));
+    assert_eq!(reports(&out), [GroupStatus::Offline]);
+    assert!(!m.busy());
+    // Its late answer changes nothing.
+    assert_eq!(claimed(&mut m, t0 + ms(100)), vec![]);
 }
 
 #[test]
@@ -248,6 +352,7 @@ fn changes_during_an_operation_wait_for_it() {
     let mut m = Machine::new(S);
     m.on(mine(1), t0);
     m.on(Event::Lease(Some(t0 + ms(600))), t0);
+    claimed(&mut m, t0);
     let revoked = revoked();
     assert_eq!(m.on(revoked, t0 + ms(5)), vec![], "the start is in flight");
     let out = m.on(Event::Done(Op::Start, Ok(())), t0 + ms(10));

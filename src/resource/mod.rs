@@ -22,19 +22,34 @@ use tokio::time::{timeout_at, Instant};
 pub type OpFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
 
 /// Something a group brings up on its owner.
+///
+/// A group starts its resources in order and stops them in the same
+/// order, the address first: once the lease is lost, what the next owner
+/// will take over must be gone from here before anything else is tidied.
 pub trait Resource: Send + Sync + 'static {
     /// For logs and reports: "vip 198.18.0.100", "smtp 198.18.0.100:25".
     fn name(&self) -> String;
+    /// Make sure no other host holds it now (a former owner that froze
+    /// may still): Err names who does. It changes nothing.
+    fn claim(&self) -> OpFuture {
+        Box::pin(async { Ok(()) })
+    }
     /// Bring it up.
     fn start(&self) -> OpFuture;
-    /// Bring it down; `graceful` lets open work finish first (bounded by
-    /// the resource's own drain time).
-    fn stop(&self, graceful: bool) -> OpFuture;
+    /// Before a handover: let open work finish, for at most the
+    /// resource's own drain time, while the lease is still renewed.
+    fn drain(&self) -> OpFuture {
+        Box::pin(async { Ok(()) })
+    }
+    /// Bring it down now: nothing waits for open work.
+    fn stop(&self) -> OpFuture;
     /// Is it healthy?
     fn check(&self) -> OpFuture;
-    /// A graceful stop in flight must end now (the lease got short):
-    /// stop waiting for open work.
+    /// A drain in flight must end now (the lease got short).
     fn hurry(&self) {}
+    /// The group's lease now holds until `until`: nothing of this resource
+    /// may act for the group past it, even if the process stops running.
+    fn lease(&self, _until: Instant) {}
 }
 
 /// Run `op` in its own task until `deadline`. A hang (the deadline

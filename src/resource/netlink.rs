@@ -3,6 +3,16 @@
 //! advertisement, three times, spaced, then again every announce
 //! interval so stale caches heal), and remove it on stop. The health check
 //! looks the address up on the interface.
+//!
+//! The address is fenced below the process too: it is added with a kernel
+//! lifetime that runs out with the group's lease (whole seconds, rounded
+//! up), refreshed at every renewal, so the kernel drops it even when this
+//! process is frozen and cannot. The next owner claims it only once
+//! nobody answers for it any more (an ARP probe, RFC 5227), so a frozen
+//! former owner's kernel and the new owner never answer side by side. And
+//! nothing is announced, nor the lifetime refreshed, once the lease has
+//! run out by this process's clock — a process thawed after its lease
+//! stops without a word.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -10,10 +20,14 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressHeaderFlags, AddressMessage, CacheInfo,
+};
 use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::Handle;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::announce::{self, Mac};
 use super::{OpFuture, Resource};
@@ -21,6 +35,9 @@ use super::{OpFuture, Resource};
 /// Announcements right after the address is added, this far apart.
 const FIRST_ANNOUNCEMENTS: u32 = 3;
 const ANNOUNCE_SPACING: Duration = Duration::from_millis(200);
+/// A claim's ARP probes, and how long it listens after each.
+const PROBES: u32 = 3;
+const PROBE_SPACING: Duration = Duration::from_millis(40);
 
 /// A VIP this node adds to an interface itself.
 #[derive(Clone)]
@@ -32,7 +49,13 @@ struct Inner {
     vip: IpNet,
     interface: String,
     announce_every: Duration,
-    announcer: Mutex<Option<JoinHandle<()>>>,
+    /// Until when the group's lease holds (None: not known yet).
+    lease: watch::Sender<Option<Instant>>,
+    /// While up: the netlink handle that added the address, and the task
+    /// that announces it and refreshes its lifetime. The stop removes the
+    /// address through the same handle, so a refresh already queued is
+    /// carried out before the removal, never after.
+    up: Mutex<Option<(Handle, JoinHandle<()>)>>,
 }
 
 impl NetlinkVip {
@@ -44,7 +67,8 @@ impl NetlinkVip {
                 vip,
                 interface,
                 announce_every,
-                announcer: Mutex::new(None),
+                lease: watch::Sender::new(None),
+                up: Mutex::new(None),
             }),
         }
     }
@@ -106,17 +130,109 @@ fn announce_once(index: u32, mac: Mac, ip: IpAddr) {
     }
 }
 
+/// The kernel lifetime that covers a lease until `until`: whole seconds,
+/// rounded up, at least one.
+fn lifetime(until: Instant, now: Instant) -> u32 {
+    let left = until.saturating_duration_since(now);
+    (left.as_millis().div_ceil(1000) as u32).max(1)
+}
+
+/// The request that adds the address (or, if it is there, sets its
+/// lifetime) to last `secs` seconds.
+fn add_request(handle: &Handle, index: u32, vip: IpNet, secs: u32) -> rtnetlink::AddressAddRequest {
+    let mut add = handle
+        .address()
+        .add(index, vip.addr(), vip.prefix_len())
+        .replace();
+    let msg = add.message_mut();
+    if vip.addr().is_ipv6() {
+        // No duplicate address detection by the kernel: the claim already
+        // made sure nobody holds it, and a tentative address could not be
+        // bound (outbound mail from it would fail meanwhile).
+        msg.header.flags |= AddressHeaderFlags::Nodad;
+    }
+    let mut life = CacheInfo::default();
+    life.ifa_valid = secs;
+    life.ifa_preferred = secs;
+    msg.attributes.push(AddressAttribute::CacheInfo(life));
+    add
+}
+
 impl Inner {
-    fn stop_announcing(&self) {
-        if let Some(t) = self
-            .announcer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            t.abort();
+    /// The lease's end, if it has not passed.
+    fn live_until(&self) -> Option<Instant> {
+        (*self.lease.borrow()).filter(|until| *until > Instant::now())
+    }
+
+    /// While up: announce, and keep the kernel's lifetime in step with the
+    /// lease; never once the lease has run out.
+    async fn keep(self: Arc<Self>, handle: Handle, index: u32, mac: Option<Mac>) {
+        let ip = self.vip.addr();
+        let mut lease = self.lease.subscribe();
+        let mut announced = 0;
+        let mut next = Instant::now();
+        loop {
+            tokio::select! {
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.refresh(&handle, index).await;
+                }
+                _ = tokio::time::sleep_until(next), if mac.is_some() => {
+                    if let (Some(mac), Some(_)) = (mac, self.live_until()) {
+                        announce_once(index, mac, ip);
+                    }
+                    announced += 1;
+                    next = Instant::now() + if announced < FIRST_ANNOUNCEMENTS {
+                        ANNOUNCE_SPACING
+                    } else {
+                        self.announce_every
+                    };
+                }
+            }
         }
     }
+
+    async fn remove_through(&self, handle: &Handle) -> Result<(), String> {
+        let (index, _) = link(handle, &self.interface).await?;
+        remove(handle, index, self.vip.addr()).await
+    }
+
+    /// Set the address's lifetime to cover the lease now known.
+    async fn refresh(&self, handle: &Handle, index: u32) {
+        let Some(until) = self.live_until() else {
+            return;
+        };
+        let secs = lifetime(until, Instant::now());
+        if let Err(e) = add_request(handle, index, self.vip, secs).execute().await {
+            tracing::warn!(vip = %self.vip, error = %e, "cannot refresh the VIP's lifetime");
+            return;
+        }
+        // The kernel adds an address a refresh names even if it had
+        // dropped it: had this process been frozen between the check and
+        // the request, the address would be back after the lease. Then
+        // take it away again at once.
+        if Instant::now() >= until {
+            tracing::error!(vip = %self.vip, "the lease ran out during a refresh: removing the VIP");
+            if let Err(e) = remove(handle, index, self.vip.addr()).await {
+                tracing::error!(vip = %self.vip, error = %e, "cannot remove the VIP");
+            }
+        }
+    }
+}
+
+/// Remove every address message for `ip` on interface `index`.
+async fn remove(handle: &Handle, index: u32, ip: IpAddr) -> Result<(), String> {
+    for msg in find(handle, index, ip).await? {
+        handle
+            .address()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|e| format!("removing {ip}: {e}"))?;
+    }
+    Ok(())
 }
 
 impl Resource for NetlinkVip {
@@ -124,64 +240,88 @@ impl Resource for NetlinkVip {
         format!("vip {} on {}", self.inner.vip, self.inner.interface)
     }
 
+    fn claim(&self) -> OpFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let IpAddr::V4(ip) = inner.vip.addr() else {
+                // IPv6: no probe yet; the lifetime alone fences a frozen
+                // former owner (see SECURITY.md).
+                return Ok(());
+            };
+            let handle = connect()?;
+            let (index, mac) = link(&handle, &inner.interface).await?;
+            if !find(&handle, index, ip.into()).await?.is_empty() {
+                return Ok(()); // ours already: a restart in place
+            }
+            let Some(mac) = mac else {
+                return Ok(()); // no neighbours to ask
+            };
+            let probed = tokio::task::spawn_blocking(move || {
+                announce::probe(index, mac, ip, PROBES, PROBE_SPACING)
+            })
+            .await
+            .map_err(|e| format!("probing for {ip}: {e}"))?
+            .map_err(|e| format!("probing for {ip}: {e}"))?;
+            match probed {
+                None => Ok(()),
+                Some(other) => Err(format!(
+                    "{ip} is still answered for by {}",
+                    announce::mac_text(&other)
+                )),
+            }
+        })
+    }
+
     fn start(&self) -> OpFuture {
         let inner = self.inner.clone();
         Box::pin(async move {
+            let until = inner
+                .live_until()
+                .ok_or_else(|| format!("no lease for {}", inner.vip))?;
             let handle = connect()?;
             let (index, mac) = link(&handle, &inner.interface).await?;
-            let ip = inner.vip.addr();
-            let mut add = handle
-                .address()
-                .add(index, ip, inner.vip.prefix_len())
-                .replace();
-            if ip.is_ipv6() {
-                // No duplicate address detection: the lease already proves
-                // nobody else holds it, and a tentative address could not
-                // be bound (outbound mail from it would fail meanwhile).
-                add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
-            }
-            add.execute()
+            let secs = lifetime(until, Instant::now());
+            add_request(&handle, index, inner.vip, secs)
+                .execute()
                 .await
                 .map_err(|e| format!("adding {} to {}: {e}", inner.vip, inner.interface))?;
-            tracing::info!(vip = %inner.vip, interface = %inner.interface, "VIP added");
-            let Some(mac) = mac else {
-                return Ok(()); // a link without a MAC has no neighbours to tell
-            };
-            announce_once(index, mac, ip);
-            let every = inner.announce_every;
-            let task = tokio::spawn(async move {
-                for _ in 1..FIRST_ANNOUNCEMENTS {
-                    tokio::time::sleep(ANNOUNCE_SPACING).await;
-                    announce_once(index, mac, ip);
-                }
-                loop {
-                    tokio::time::sleep(every).await;
-                    announce_once(index, mac, ip);
-                }
-            });
-            inner.stop_announcing();
-            *inner.announcer.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+            tracing::info!(vip = %inner.vip, interface = %inner.interface, lifetime_s = secs, "VIP added");
+            let keeper = tokio::spawn(inner.clone().keep(handle.clone(), index, mac));
+            let old = inner
+                .up
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace((handle, keeper));
+            if let Some((_, task)) = old {
+                task.abort();
+            }
             Ok(())
         })
     }
 
-    fn stop(&self, _graceful: bool) -> OpFuture {
+    fn stop(&self) -> OpFuture {
         let inner = self.inner.clone();
         Box::pin(async move {
-            inner.stop_announcing();
-            let handle = connect()?;
-            let (index, _) = link(&handle, &inner.interface).await?;
-            for msg in find(&handle, index, inner.vip.addr()).await? {
-                handle
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| format!("removing {}: {e}", inner.vip))?;
+            let up = inner.up.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let mut removed = Err(String::new());
+            if let Some((handle, keeper)) = up {
+                // No announcement nor refresh from here on; one already
+                // queued on this handle goes out before the removal.
+                keeper.abort();
+                removed = inner.remove_through(&handle).await;
             }
+            if removed.is_err() {
+                // Not up, or that handle's connection is gone.
+                removed = inner.remove_through(&connect()?).await;
+            }
+            removed?;
             tracing::info!(vip = %inner.vip, interface = %inner.interface, "VIP removed");
             Ok(())
         })
+    }
+
+    fn lease(&self, until: Instant) {
+        self.inner.lease.send_replace(Some(until));
     }
 
     fn check(&self) -> OpFuture {

@@ -36,6 +36,13 @@ struct Counting {
 
 /// Attempts to get one report to the leader (it may be changing).
 const REPORT_TRIES: u32 = 20;
+/// Pause before claiming again resources another host still holds (the
+/// claim itself listens for a while).
+const CLAIM_RETRY: Duration = Duration::from_millis(50);
+/// How long one claim may take.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before trying again a stop that failed.
+const STOP_RETRY: Duration = Duration::from_secs(1);
 
 /// One group on this node.
 pub struct GroupRunner {
@@ -66,6 +73,8 @@ impl GroupRunner {
             restart_window: self.cfg.restart_window,
             // Room to stop before the lease could run out: a quarter of it.
             stop_margin: self.cfg.lease / 4,
+            claim_retry: CLAIM_RETRY,
+            stop_retry: STOP_RETRY,
         }
     }
 
@@ -108,6 +117,7 @@ impl GroupRunner {
         let declaring = tokio::spawn(declare(self.cluster.clone(), self.cfg.clone()));
         loop {
             if let Some(ev) = next.take() {
+                self.tell_lease(&ev);
                 for action in m.on(ev, Instant::now()) {
                     self.act(action, &m, &done_tx, &reports);
                 }
@@ -116,6 +126,7 @@ impl GroupRunner {
             // alone from now on (the machine hears the lease as it then
             // stands before anything else happens).
             if let Some(lease) = self.count_in(&mut counting, &holding, &reports) {
+                self.tell_lease(&lease);
                 for action in m.on(lease, Instant::now()) {
                     self.act(action, &m, &done_tx, &reports);
                 }
@@ -171,6 +182,16 @@ impl GroupRunner {
         let _ = tokio::time::timeout(self.cfg.stop_timeout, reporter).await;
     }
 
+    /// Resources learn every lease first: what they keep up must not
+    /// outlast it (see [`Resource::lease`]).
+    fn tell_lease(&self, ev: &Event) {
+        if let Event::Lease(Some(until)) = ev {
+            for r in &self.resources {
+                r.lease(*until);
+            }
+        }
+    }
+
     fn act(
         &self,
         action: Action,
@@ -181,6 +202,10 @@ impl GroupRunner {
         let group = &self.cfg.name;
         let epoch = self.epoch();
         match action {
+            Action::Claim => {
+                let deadline = Instant::now() + CLAIM_TIMEOUT;
+                self.spawn_op(Op::Claim, deadline, false, done);
+            }
             Action::Start { deadline } => {
                 tracing::info!(%group, epoch, "starting the group's resources");
                 self.spawn_op(Op::Start, deadline, false, done);
@@ -214,15 +239,24 @@ impl GroupRunner {
                 });
             }
             Action::Fence(reason) => {
-                tracing::error!(%group, epoch, %reason, "fencing this node for the group");
-                let _ = reports.send(GroupCommand::Fence {
-                    group: group.clone(),
-                    node: self.cluster.me.incarnation,
-                    fenced: true,
-                    reason,
-                    at_ms: now_ms(),
-                });
+                tracing::error!(%group, epoch, %reason, "fencing this node for the group; stopping again until done");
+                let _ = reports.send(self.fence(true, reason));
             }
+            Action::Unfence => {
+                let reason = "the stop that failed has succeeded".to_string();
+                tracing::warn!(%group, epoch, %reason, "lifting this node's fence for the group");
+                let _ = reports.send(self.fence(false, reason));
+            }
+        }
+    }
+
+    fn fence(&self, fenced: bool, reason: String) -> GroupCommand {
+        GroupCommand::Fence {
+            group: self.cfg.name.clone(),
+            node: self.cluster.me.incarnation,
+            fenced,
+            reason,
+            at_ms: now_ms(),
         }
     }
 
@@ -309,10 +343,13 @@ impl GroupRunner {
         }
     }
 
-    /// Run `op` over every resource in a task of its own: starts in order
-    /// (the first failure ends it) by `deadline`, stops in reverse order
-    /// (all of them, the first failure reported) each within the time to
-    /// `deadline`, checks all by `deadline`.
+    /// Run `op` over every resource in a task of its own: claims and
+    /// starts in order (the first failure ends it) by `deadline`; checks
+    /// all by `deadline`; a stop drains first if `graceful` (all in reverse
+    /// order, until the drain time is up or hurried), then stops all in
+    /// start order — the address first, so it is gone before anything else
+    /// is tidied — each within the stop timeout, the first failure
+    /// reported.
     fn spawn_op(
         &self,
         op: Op,
@@ -322,12 +359,18 @@ impl GroupRunner {
     ) {
         let resources = self.resources.clone();
         let done = done.clone();
+        let stop_timeout = self.cfg.stop_timeout;
         tokio::spawn(async move {
             let result = match op {
-                Op::Start => {
+                Op::Claim | Op::Start => {
                     let mut r = Ok(());
                     for res in &resources {
-                        r = run_op(res.name(), res.start(), deadline).await;
+                        let run = if op == Op::Claim {
+                            res.claim()
+                        } else {
+                            res.start()
+                        };
+                        r = run_op(res.name(), run, deadline).await;
                         if r.is_err() {
                             break;
                         }
@@ -335,13 +378,26 @@ impl GroupRunner {
                     r
                 }
                 Op::Stop => {
-                    // Each resource gets the whole budget: a listener slow to
-                    // drain must not leave the VIP's removal no time at all.
-                    let budget = deadline.saturating_duration_since(Instant::now());
+                    if graceful {
+                        // Every resource drains at once; a drain's failure
+                        // is no reason to keep anything up.
+                        let until = deadline - stop_timeout;
+                        let drains = resources
+                            .iter()
+                            .rev()
+                            .map(|res| run_op(res.name(), res.drain(), until));
+                        for r in futures_util::future::join_all(drains).await {
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "drain");
+                            }
+                        }
+                    }
+                    // Each resource gets the whole stop timeout: one slow to
+                    // stop must not leave the next no time at all.
                     let mut r = Ok(());
-                    for res in resources.iter().rev() {
-                        let until = Instant::now() + budget;
-                        r = r.and(run_op(res.name(), res.stop(graceful), until).await);
+                    for res in &resources {
+                        let until = Instant::now() + stop_timeout;
+                        r = r.and(run_op(res.name(), res.stop(), until).await);
                     }
                     r
                 }

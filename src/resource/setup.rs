@@ -152,7 +152,7 @@ pub async fn release_vips(config: &Config) -> Vec<Result<String, String>> {
         // hold up the other groups, the node's start, or systemd.
         let what = format!("vip {net} on {iface}");
         let deadline = tokio::time::Instant::now() + g.stop_timeout;
-        let done = super::run_op(what, vip.stop(false), deadline).await;
+        let done = super::run_op(what, vip.stop(), deadline).await;
         out.push(done.map(|()| format!("{net} is not on {iface}")));
     }
     out

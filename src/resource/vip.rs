@@ -41,7 +41,7 @@ impl Resource for LoopbackVip {
         Box::pin(async move { local(addr) })
     }
 
-    fn stop(&self, _graceful: bool) -> OpFuture {
+    fn stop(&self) -> OpFuture {
         Box::pin(async { Ok(()) })
     }
 
@@ -60,7 +60,7 @@ mod tests {
         let vip = LoopbackVip::new("127.0.0.100".parse().unwrap());
         assert_eq!(vip.start().await, Ok(()));
         assert_eq!(vip.check().await, Ok(()));
-        assert_eq!(vip.stop(true).await, Ok(()));
+        assert_eq!(vip.stop().await, Ok(()));
         // 198.18.0.0/15 is not on this host outside a test namespace.
         let foreign = LoopbackVip::new("198.18.255.254".parse().unwrap());
         let err = foreign.start().await.unwrap_err();

@@ -5,10 +5,12 @@
 
 pub mod client;
 pub mod daemon;
+pub mod lab;
 pub mod netns;
 pub mod node;
 pub mod peer;
 pub mod proxy;
+pub mod wire;
 
 use std::cell::RefCell;
 use std::sync::Once;
