@@ -166,6 +166,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             preferred: g.preferred_nodes.clone(),
             failback: false,
             lease: g.lease,
+            handover: g.drain_timeout + g.stop_timeout,
         };
         let defines = !(i == 0 && a_check == Check::Witness);
         tracker.spawn(manager::run(

@@ -65,6 +65,9 @@ pub struct GroupState {
     /// nobody else can start it while the drain lasts.
     #[serde(default)]
     pub draining: bool,
+    /// When the leader asked for the handover (its clock, ms).
+    #[serde(default)]
+    pub draining_since_ms: u64,
     /// Where an operator asked it to go.
     pub move_to: Option<NodeId>,
     /// Preferred node names, as the last member to declare the group
@@ -78,6 +81,10 @@ pub struct GroupState {
     /// Its lease in ms, likewise (0: not declared).
     #[serde(default)]
     pub lease_ms: u64,
+    /// How long a handover may take on its owner (drain and stop
+    /// timeouts), in ms, likewise (0: not declared).
+    #[serde(default)]
+    pub handover_ms: u64,
     /// The log index of the oldest membership the owner may count its
     /// lease in (see [`super::history`]).
     #[serde(default)]
@@ -185,6 +192,9 @@ pub enum GroupCommand {
         /// The lease owners ask for, in ms.
         #[serde(default)]
         lease_ms: u64,
+        /// How long a handover may take (drain and stop timeouts), in ms.
+        #[serde(default)]
+        handover_ms: u64,
     },
     /// Keep the group off `node` (a stop failed there), or allow it again.
     Fence {
@@ -280,6 +290,7 @@ impl GroupCommand {
                     return Response::Stale;
                 }
                 g.draining = true;
+                g.draining_since_ms = *at_ms;
                 transition(g, reason, *at_ms);
             }
             GroupCommand::Report {
@@ -318,15 +329,17 @@ impl GroupCommand {
                 preferred,
                 failback,
                 lease_ms,
+                handover_ms,
                 ..
             } => {
                 let same = g.preferred == *preferred && g.failback == *failback;
-                if same && g.lease_ms == *lease_ms {
+                if same && g.lease_ms == *lease_ms && g.handover_ms == *handover_ms {
                     return Response::Stale;
                 }
                 g.preferred = preferred.clone();
                 g.failback = *failback;
                 g.lease_ms = *lease_ms;
+                g.handover_ms = *handover_ms;
             }
             GroupCommand::Fence {
                 node,

@@ -167,6 +167,7 @@ fn a_declaration_sets_placement_and_leaves_the_epoch_alone() {
         preferred: preferred.iter().map(|s| s.to_string()).collect(),
         failback,
         lease_ms: 600,
+        handover_ms: 35_000,
     };
     assert_eq!(declare(&["b", "a"], true).apply(&mut g), Response::Done);
     assert_eq!(

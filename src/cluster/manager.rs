@@ -31,7 +31,13 @@ pub struct GroupPolicy {
     pub failback: bool,
     /// Its lease length (sets the clock margin).
     pub lease: Duration,
+    /// How long a handover may take on the owner: drain and stop.
+    pub handover: Duration,
 }
+
+/// A handover's length when no member declared it: the default drain and
+/// stop timeouts.
+const DEFAULT_HANDOVER: Duration = Duration::from_secs(35);
 
 /// Answers about one revoked epoch: per voter, the latest instant its
 /// grants may last.
@@ -114,6 +120,7 @@ pub async fn run(
                     0 => lease::MAX_LEASE,
                     ms => Duration::from_millis(ms),
                 },
+                handover: Duration::ZERO,
             })
             .collect();
         let all: Vec<GroupPolicy> = groups.iter().cloned().chain(others).collect();
@@ -153,10 +160,18 @@ async fn manage(
         })
     };
     let free = free_at.is_some_and(|at| Instant::now() >= at);
+    // The longest of what this node and the declaring member configured.
+    let declared = state.groups.get(&p.name).map_or(0, |g| g.handover_ms);
+    let handover = match p.handover.max(Duration::from_millis(declared)) {
+        Duration::ZERO => DEFAULT_HANDOVER,
+        d => d,
+    } + p.lease;
     let policy = Policy {
         name: &p.name,
         preferred: &p.preferred,
         failback: p.failback,
+        handover_ms: handover.as_millis() as u64,
+        now_ms: now_ms(),
     };
     let cmd = match decide(policy, &state, free) {
         Decision::Keep => return None,

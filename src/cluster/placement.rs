@@ -7,7 +7,10 @@
 //! again. A failed owner's epoch is revoked, and the next one assigned
 //! once every grant has run out; a healthy owner that should move is asked
 //! to drain and hand over — it releases the epoch itself, under a lease
-//! that stays live meanwhile — and the next epoch is assigned then.
+//! that stays live meanwhile — and the next epoch is assigned then. A
+//! handover that has not ended well past the time it may take (its
+//! release lost, say, while the leader changed) is revoked, so a group is
+//! never left waiting on it for ever.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +26,10 @@ pub struct Policy<'a> {
     pub preferred: &'a [String],
     /// Move back to a more preferred node when it is live again.
     pub failback: bool,
+    /// How long a handover may take, its lease included, in ms.
+    pub handover_ms: u64,
+    /// The leader's clock now (ms since the epoch).
+    pub now_ms: u64,
 }
 
 /// What to do about one group now.
@@ -96,7 +103,12 @@ pub fn decide(p: Policy<'_>, state: &ClusterState, free: bool) -> Decision {
         return revoke(format!("owner {who} is fenced"));
     }
     if g.draining {
-        // Asked already: the owner releases when its sessions are done.
+        // Asked already: the owner releases when its sessions are done —
+        // unless that is long overdue (twice the time it may take).
+        let overdue = g.draining_since_ms.saturating_add(2 * p.handover_ms);
+        if p.now_ms > overdue {
+            return revoke(format!("owner {who} did not finish handing over in time"));
+        }
         return Decision::Keep;
     }
     let drain = |reason: String| Decision::Drain { reason };

@@ -53,6 +53,8 @@ fn policy<'a>(pref: &'a [String], failback: bool) -> Policy<'a> {
         name: "mta",
         preferred: pref,
         failback,
+        handover_ms: 10_000,
+        now_ms: 1_000_000,
     }
 }
 
@@ -157,9 +159,18 @@ fn an_operator_move_drains_then_places_on_the_target() {
         Decision::Drain { reason } => assert!(reason.contains("moving to c"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    // Draining: nothing more until the owner releases — unless it dies.
-    s.groups.get_mut("mta").unwrap().draining = true;
+    // Draining: nothing more until the owner releases — unless it dies,
+    // or the handover is long overdue (its release lost, say).
+    let g = s.groups.get_mut("mta").unwrap();
+    g.draining = true;
+    g.draining_since_ms = 990_000;
     assert_eq!(decide(policy(&pref, false), &s, false), Decision::Keep);
+    let mut overdue = s.clone();
+    overdue.groups.get_mut("mta").unwrap().draining_since_ms = 979_999;
+    assert!(matches!(
+        decide(policy(&pref, false), &overdue, false),
+        Decision::Revoke { reason } if reason.contains("in time")
+    ));
     let mut dead = s.clone();
     set_state(&mut dead, 1, NodeState::Down);
     assert!(matches!(

@@ -34,8 +34,8 @@ struct Counting {
     sent_at: Option<Instant>,
 }
 
-/// Attempts to get one report to the leader (it may be changing).
-const REPORT_TRIES: u32 = 20;
+/// The longest pause between attempts to get a report to the leader.
+const REPORT_PAUSE_MAX: Duration = Duration::from_secs(2);
 /// Pause before claiming again resources another host still holds (the
 /// claim itself listens for a while).
 const CLAIM_RETRY: Duration = Duration::from_millis(50);
@@ -471,7 +471,7 @@ impl GroupRunner {
     }
 
     /// A task that sends reports to the leader one at a time, in order,
-    /// retrying while the leader changes.
+    /// retrying until each is recorded or moot.
     fn reporter(
         &self,
     ) -> (
@@ -483,7 +483,11 @@ impl GroupRunner {
         let pause = self.cfg.lease / 4;
         let task = tokio::spawn(async move {
             while let Some(cmd) = rx.recv().await {
-                for _ in 0..REPORT_TRIES {
+                // Never given up: a lost release would leave the group
+                // waiting on this node (the leader revokes an overdue
+                // handover in the end, but that takes far longer).
+                let mut wait = pause;
+                loop {
                     let req = GroupRequest::Record(cmd.clone());
                     match cluster.to_leader(req, pause * 4).await {
                         Ok(GroupReply::Recorded) => break,
@@ -491,7 +495,8 @@ impl GroupRunner {
                         Ok(GroupReply::Refused(why)) if why.starts_with("not applied") => break,
                         other => tracing::debug!(answer = ?other, "report not recorded yet"),
                     }
-                    tokio::time::sleep(pause).await;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(REPORT_PAUSE_MAX);
                 }
             }
         });
@@ -508,6 +513,7 @@ async fn declare(cluster: ClusterHandle, cfg: GroupConfig) {
         preferred: cfg.preferred_nodes.clone(),
         failback: cfg.failback,
         lease_ms: cfg.lease.as_millis() as u64,
+        handover_ms: (cfg.drain_timeout + cfg.stop_timeout).as_millis() as u64,
     };
     let mut pause = cfg.lease / 4;
     loop {

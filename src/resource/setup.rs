@@ -59,6 +59,7 @@ pub fn start(
             preferred: g.preferred_nodes.clone(),
             failback: g.failback,
             lease: g.lease,
+            handover: g.drain_timeout + g.stop_timeout,
         })
         .collect();
     tokio::spawn(manager::run(
