@@ -15,6 +15,7 @@ use crate::config::{ClusterRole, Config, Live, RouteTarget};
 use crate::delivery::tls::OutboundTls;
 use crate::delivery::{drop, Destinations, Job, JobResult};
 use crate::events;
+use crate::lock::DataDirLock;
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
 use crate::resource::setup::Groups;
 use crate::resource::source::SourceSlot;
@@ -47,6 +48,9 @@ pub enum StartError {
         /// What went wrong.
         why: String,
     },
+    /// The data directory is another daemon's, or cannot be locked.
+    #[error("{0}")]
+    DataDir(#[from] crate::lock::LockError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -84,6 +88,8 @@ pub struct Node {
     /// long enough to say goodbye.
     cluster_cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Held while the node runs: no other daemon uses its data directory.
+    _data_dir: DataDirLock,
 }
 
 /// Longest a node spends saying goodbye to its cluster at shutdown.
@@ -96,18 +102,29 @@ const DROP_PARALLELISM: usize = 8;
 impl Node {
     /// Start a node with the durable spool under `data_dir/spool`.
     pub async fn start(config: Config) -> Result<Node, StartError> {
+        // Before anything in it is opened.
+        let lock = DataDirLock::acquire(&config.node.data_dir)?;
         let dir = config.node.data_dir.join("spool");
         let spool = DiskSpool::open(&dir).map_err(|source| StartError::Spool {
             path: dir.display().to_string(),
             source,
         })?;
-        Self::start_with_spool(config, Arc::new(spool)).await
+        Self::start_locked(config, Arc::new(spool), lock).await
     }
 
     /// Start a node on the given spool (tests pass a fault-injecting one).
     pub async fn start_with_spool(
         config: Config,
         spool: Arc<dyn Spool>,
+    ) -> Result<Node, StartError> {
+        let lock = DataDirLock::acquire(&config.node.data_dir)?;
+        Self::start_locked(config, spool, lock).await
+    }
+
+    async fn start_locked(
+        config: Config,
+        spool: Arc<dyn Spool>,
+        lock: DataDirLock,
     ) -> Result<Node, StartError> {
         // Bind first: a node that cannot listen fails before it starts
         // delivering anything. A witness only votes: no SMTP at all.
@@ -327,6 +344,7 @@ impl Node {
             cancel,
             cluster_cancel,
             tracker,
+            _data_dir: lock,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod dsn;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

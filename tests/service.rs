@@ -297,3 +297,35 @@ async fn a_drained_node_turns_clients_away_until_the_drain_ends() {
     let (_, text) = ctl(admin, &["status"]).await;
     assert!(!text.contains("mail:"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_data_directory_is_refused_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = write(
+        dir.path(),
+        &config_text(dir.path(), free_port(), free_port(), ""),
+    );
+    let daemon = Daemon::start(&first).await;
+    // Other ports, the same data directory.
+    let second = dir.path().join("second.toml");
+    let text = config_text(dir.path(), free_port(), free_port(), "");
+    std::fs::write(&second, text).unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["run", "--config"])
+        .arg(&second)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(common::node::PATIENCE, run)
+        .await
+        .expect("the second daemon ran on instead of refusing")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second daemon started: {err}");
+    let pid = daemon.child.id().unwrap().to_string();
+    assert!(
+        err.contains("in use by another mtad") && err.contains(&pid),
+        "{err}"
+    );
+    // Never said ready.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("mtad ready"));
+}
