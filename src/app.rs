@@ -211,6 +211,12 @@ impl Node {
         let handover = cluster.as_ref().map(|c| Handover {
             view: c.handle.view.clone(),
             me: c.identity.incarnation,
+            // The owner knows members by their cluster addresses.
+            from: config
+                .cluster
+                .as_ref()
+                .map(|cc| cc.listen.ip())
+                .filter(|ip| !ip.is_unspecified()),
             vips: config
                 .groups
                 .iter()
@@ -274,6 +280,11 @@ impl Node {
                 c.identity.incarnation,
                 drain.clone(),
                 drain_follow.clone(),
+            ));
+            tracker.spawn(follow_members(
+                c.handle.view.clone(),
+                clients.clone(),
+                cluster_cancel.clone(),
             ));
         }
         let smtp = live.smtp();
@@ -541,6 +552,30 @@ async fn follow_drain(
     }
 }
 
+/// Keep the SMTP side's list of cluster members' addresses in step with
+/// the cluster (mail they hand on gets the member allowance).
+async fn follow_members(
+    mut view: watch::Receiver<crate::cluster::store::ClusterView>,
+    clients: Arc<crate::smtp::clients::Clients>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let addrs = view
+            .borrow_and_update()
+            .state
+            .members
+            .values()
+            .filter_map(|m| m.member.addr.parse::<SocketAddr>().ok())
+            .map(|a| a.ip().to_canonical())
+            .collect();
+        clients.set_members(addrs);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// The admin token: the file's content without surrounding whitespace.
 fn read_token(path: &std::path::Path) -> Result<String, StartError> {
     let fail = |why: String| StartError::Token {
@@ -581,6 +616,9 @@ struct Router {
 struct Handover {
     view: tokio::sync::watch::Receiver<crate::cluster::store::ClusterView>,
     me: u64,
+    /// Where handed-on mail leaves from: this node's cluster address, by
+    /// which the owner tells it comes from a member.
+    from: Option<IpAddr>,
     /// Per group: its name and its SMTP address on the VIP.
     vips: Vec<(String, SocketAddr)>,
 }
@@ -629,12 +667,13 @@ impl Dispatch for Router {
                     .is_none()
                     .then(|| self.handover.as_ref()?.via())
                     .flatten();
+                let member = self.handover.as_ref().and_then(|h| h.from);
                 let tls = OutboundTls::of(r);
                 let d = &self.destinations;
                 match via {
                     // To a cluster member's VIP: inside the cluster.
                     Some(Via::Through(vip)) => {
-                        d.submit(route, &[vip], None, &OutboundTls::NONE, job)
+                        d.submit(route, &[vip], member, &OutboundTls::NONE, job)
                     }
                     Some(Via::From(vip)) => d.submit(route, hops, Some(vip), &tls, job),
                     None => d.submit(route, hops, own, &tls, job),

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::lab::{
-    arp_points_to, arrived, block_on, greeter, release, send, send_to, sink, until_greeted_by,
-    Received, CLIENT, PATIENCE,
+    arp_points_to, arrived, block_on, greeter, release, send, send_sized, send_to, sink,
+    until_greeted_by, Received, CLIENT, PATIENCE,
 };
-use common::netns::{mac_text, node_config, who_has, Lab, NODES, VIP};
+use common::netns::{mac_text, node_config, who_has, Lab, MAX_MESSAGE, NODES, VIP};
 
 fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
     let extra = "preferred_nodes = [\"n1\", \"n2\", \"n3\"]\nannounce_interval = \"2s\"";
@@ -98,6 +98,15 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
         std::net::IpAddr::V4(VIP),
         "never from a node address"
     );
+    // A message at the size limit, accepted by n3: handed over with n3's
+    // Received header on top, it must not bounce at the owner's limit.
+    send_sized(
+        &lab,
+        "198.18.0.3:2525".parse().unwrap(),
+        "at the limit",
+        MAX_MESSAGE,
+    );
+    arrived(&received, "at the limit");
 
     // SIGKILL the owner: n2 takes over, and the client's ARP entry follows.
     // The kernel keeps the address a killed process added; under systemd,

@@ -90,6 +90,9 @@ pub struct Clients {
     /// When idle entries were last forgotten (at most once a window: it
     /// walks the whole table).
     pruned: Mutex<Option<Instant>>,
+    /// The addresses of this node's cluster members (see
+    /// [`super::session::Session::for_cluster_member`]).
+    members: std::sync::RwLock<Vec<IpAddr>>,
 }
 
 /// Where clients are counted when the table is full: all together, under
@@ -184,6 +187,20 @@ fn key(ip: IpAddr) -> IpAddr {
 }
 
 impl Clients {
+    /// The cluster's members are now at `addrs`.
+    pub fn set_members(&self, addrs: Vec<IpAddr>) {
+        *self.members.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+    }
+
+    /// Whether `ip` is a cluster member's address.
+    pub fn is_member(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ip)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }

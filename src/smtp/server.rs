@@ -172,9 +172,10 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
             // No certificate: nothing to speak on this port.
             (true, None) => continue,
         };
+        let member = clients.is_member(peer.ip());
         tracker.spawn(connection(
             stream,
-            peer,
+            (peer, member),
             slot,
             now,
             tls,
@@ -301,7 +302,7 @@ enum Tls {
 #[allow(clippy::too_many_arguments)]
 async fn connection(
     mut stream: TcpStream,
-    peer: SocketAddr,
+    (peer, member): (SocketAddr, bool),
     permit: Slot,
     cfg: Arc<SmtpConfig>,
     tls: Tls,
@@ -333,6 +334,9 @@ async fn connection(
     }
     if creds.is_none() {
         session.without_auth();
+    }
+    if member {
+        session.for_cluster_member();
     }
     let with = Serving {
         accept: accept.as_ref(),

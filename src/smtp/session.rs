@@ -142,7 +142,14 @@ pub struct Session {
     memory: Option<Arc<BodyMemory>>,
     /// What the body being stored holds of it.
     charge: Option<Charge>,
+    /// The largest message accepted from this client.
+    max_size: u64,
 }
+
+/// How far past `max_message_size` a cluster member's message may be: it
+/// was accepted within the limit where it entered the cluster, and each
+/// node it passed through since added a Received header of its own.
+pub const MEMBER_ALLOWANCE: u64 = 64 * 1024;
 
 impl Session {
     /// A session for a client connected from `client_ip`.
@@ -152,6 +159,7 @@ impl Session {
         let may_relay = cfg.trusts(client_ip);
         let cfg_tls = cfg.tls.is_some();
         let cfg_auth = cfg.auth.is_some();
+        let max_size = cfg.max_message_size;
         Self {
             cfg,
             client_ip,
@@ -169,7 +177,16 @@ impl Session {
             user: None,
             memory: None,
             charge: None,
+            max_size,
         }
+    }
+
+    /// The client is another member of this node's cluster, handing on
+    /// mail the cluster has accepted already: its size limit is
+    /// `max_message_size` plus [`MEMBER_ALLOWANCE`], so such mail never
+    /// bounces for the Received headers added on its way.
+    pub fn for_cluster_member(&mut self) {
+        self.max_size = self.cfg.max_message_size.saturating_add(MEMBER_ALLOWANCE);
     }
 
     /// Do not offer AUTH after all (the credentials could not be loaded).
@@ -494,7 +511,7 @@ impl Session {
             Request::Ehlo { host } => {
                 self.helo = Some(host.into_owned());
                 self.tx = None;
-                let (h, max) = (&self.cfg.hostname, self.cfg.max_message_size);
+                let (h, max) = (&self.cfg.hostname, self.max_size);
                 let starttls = match self.offer_tls && !self.tls {
                     true => "250-STARTTLS\r\n",
                     false => "",
@@ -701,14 +718,14 @@ impl Session {
         if unoffered {
             return self.error("555 5.5.4 Unsupported MAIL parameter", out);
         }
-        if from.size as u64 > self.cfg.max_message_size {
+        if from.size as u64 > self.max_size {
             return self.error("552 5.3.4 Message size exceeds fixed maximum", out);
         }
         // RFC 1870: a size that does not fit now is a temporary refusal.
         // Without SIZE, there must be room for the first step at least.
         let size = (from.size as u64)
             .max(DataReceiver::FIRST_STEP)
-            .min(self.cfg.max_message_size);
+            .min(self.max_size);
         let room = |m: &Arc<BodyMemory>| m.has_room(size, self.cfg.receive_memory);
         if self.memory.as_ref().is_some_and(|m| !room(m)) {
             return self.reply(NO_STORAGE, out);
@@ -792,7 +809,7 @@ impl Session {
                 self.error("554 5.5.1 Error: no valid recipients", out)
             }
             Some(_) => {
-                let mut receiver = DataReceiver::new(self.cfg.max_message_size);
+                let mut receiver = DataReceiver::new(self.max_size);
                 if let Some(m) = &self.memory {
                     let limit = self.cfg.receive_memory;
                     let mut charge = Charge::new(m.clone(), limit);

@@ -557,6 +557,32 @@ fn oversized_content_is_rejected_and_session_goes_on() {
 }
 
 #[test]
+fn a_cluster_member_may_hand_on_mail_a_little_past_the_limit() {
+    // A message of 1000 bytes (the limit) with a 250-byte Received header
+    // that the member which accepted it added.
+    let body = "R".repeat(248) + "\r\n" + &"x".repeat(998) + "\r\n";
+    let input = format!(
+        "EHLO m\r\nMAIL FROM:<a@b.test> SIZE=1250\r\nRCPT TO:<u@example.test>\r\nDATA\r\n{body}.\r\n"
+    );
+    let mut s = Session::new(cfg(), OUTSIDER);
+    s.for_cluster_member();
+    let mut out = Vec::new();
+    s.feed(input.as_bytes(), &mut out);
+    assert!(s.is_storing(), "{:?}", replies(&out));
+    let ehlo = &replies(&out)[0];
+    assert!(
+        ehlo.contains(&format!("SIZE {}", 1000 + MEMBER_ALLOWANCE)),
+        "{ehlo}"
+    );
+    // Anyone else: refused, at MAIL and for the content.
+    let r = replies(&run(OUTSIDER, &input));
+    assert_eq!(r[1], "552 5.3.4 Message size exceeds fixed maximum");
+    let without_size = input.replace(" SIZE=1250", "");
+    let r = replies(&run(OUTSIDER, &without_size));
+    assert_eq!(r[4], "552 5.3.4 Message size exceeds fixed maximum");
+}
+
+#[test]
 fn pipelined_input_waits_for_the_store() {
     let mut s = Session::new(cfg(), OUTSIDER);
     let mut out = Vec::new();

@@ -100,11 +100,25 @@ pub fn send(lab: &Lab, subject: &'static str) {
 }
 
 pub fn send_to(lab: &Lab, to: SocketAddr, subject: &'static str) {
+    send_sized(lab, to, subject, 0)
+}
+
+/// Send one message through `to` from the client, its body padded to
+/// `size` bytes (0: small).
+pub fn send_sized(lab: &Lab, to: SocketAddr, subject: &'static str, size: usize) {
     let reply = lab
         .within("client", move || {
             block_on(async move {
                 let mut c = super::client::Client::connect(to).await.unwrap();
-                let body = format!("Subject: {subject}\r\n\r\nx\r\n");
+                let mut body = format!("Subject: {subject}\r\n\r\n");
+                // Lines of 78 characters and CRLF, then the last one short
+                // (the client ends it with the CRLF before the dot).
+                while body.len() + 82 < size {
+                    body.push_str(&"x".repeat(78));
+                    body.push_str("\r\n");
+                }
+                let last = size.saturating_sub(body.len() + 2).max(1);
+                body.push_str(&"x".repeat(last));
                 c.send("a@example.test", &["b@dest.example"], &body)
                     .await
                     .unwrap()
@@ -119,7 +133,12 @@ pub fn arrived(received: &Received, subject: &str) -> SocketAddr {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let got = received.lock().unwrap().clone();
-        if let Some((peer, _)) = got.iter().find(|(_, t)| t.contains(subject)) {
+        if let Some((peer, text)) = got.iter().find(|(_, t)| t.contains(subject)) {
+            let head = text.lines().take(40).collect::<Vec<_>>().join("\n");
+            assert!(
+                !text.contains("delivery-status"),
+                "{subject} bounced:\n{head}"
+            );
             return *peer;
         }
         assert!(

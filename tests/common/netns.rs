@@ -19,6 +19,8 @@ pub const NODES: [(&str, u8); 3] = [("n1", 1), ("n2", 2), ("n3", 3)];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// Where the nodes relay to (a sink in its own namespace).
 pub const SINK: &str = "198.18.0.20:2526";
+/// The lab nodes' `max_message_size`, in bytes.
+pub const MAX_MESSAGE: usize = 65_536;
 
 /// Write node `name`'s config (address 198.18.0.`last`) into `dir`: a
 /// member of the lab cluster with one netlink VIP group on eth0, relaying
@@ -44,6 +46,7 @@ data_dir = "{data}"
 listen = ["198.18.0.{last}:2525"]
 hostname = "{name}.example.test"
 relay_networks = ["198.18.0.0/15"]
+max_message_size = "{MAX_MESSAGE}"
 
 [delivery]
 retry = ["1s"]
