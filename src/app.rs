@@ -227,7 +227,6 @@ impl Node {
         let router = Arc::new(Router {
             source: source.clone(),
             handover,
-            config: live.config(),
             spool: spool.clone(),
             destinations,
             results: results_tx,
@@ -597,8 +596,6 @@ struct Router {
     source: SourceSlot,
     /// While no group is online here, such mail goes to a group's owner.
     handover: Option<Handover>,
-    /// The routes as a reload leaves them.
-    config: watch::Receiver<Arc<Config>>,
     spool: Arc<dyn Spool>,
     destinations: Destinations,
     results: mpsc::UnboundedSender<JobResult>,
@@ -655,11 +652,7 @@ impl Handover {
 }
 
 impl Dispatch for Router {
-    fn dispatch(&self, route: usize, job: Job) {
-        let config = self.config.borrow().clone();
-        let Some(r) = config.routes.get(route) else {
-            return;
-        };
+    fn dispatch(&self, route: usize, r: Arc<crate::config::Route>, job: Job) {
         match &r.target {
             RouteTarget::Smtp(hops) => {
                 let own = r.source_address.or_else(|| self.source.get());
@@ -668,7 +661,7 @@ impl Dispatch for Router {
                     .then(|| self.handover.as_ref()?.via())
                     .flatten();
                 let member = self.handover.as_ref().and_then(|h| h.from);
-                let tls = OutboundTls::of(r);
+                let tls = OutboundTls::of(&r);
                 let d = &self.destinations;
                 match via {
                     // To a cluster member's VIP: inside the cluster.

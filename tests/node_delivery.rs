@@ -125,3 +125,41 @@ async fn mail_that_stays_deferred_expires_with_a_4_4_7_bounce() {
     assert!(dsn.contains("Status: 4.4.7"), "{dsn}");
     assert!(dsn.contains("451 4.2.0 mailbox busy"));
 }
+
+#[tokio::test]
+async fn mail_arriving_after_a_reload_that_removed_its_route_is_still_delivered() {
+    // Two routes, then a reload leaves one: mail for other.example took the
+    // second before, the first after. The queue, idle through the reload,
+    // must not route it by a route that is no longer there.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let routes = |first: bool| {
+        let one = format!(
+            "[[route]]\ndomains = [\"a.example\"]\ndrop_dir = \"{}\"\n\n",
+            a.display()
+        );
+        let all = format!(
+            "[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"\n",
+            b.display()
+        );
+        if first {
+            one + &all
+        } else {
+            all
+        }
+    };
+    let relay = "relay_networks = [\"127.0.0.0/8\"]";
+    let node = start(config(dir.path(), relay, &routes(true))).await;
+    // One message first: once it is delivered, the queue waits for the
+    // next event with the configuration of before the reload in hand.
+    let reply = send(&node, "s@example.test", &["r@a.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    wait_for(&node, "the first delivery", |s| s.delivered == 1).await;
+    node.reload(config(dir.path(), relay, &routes(false)))
+        .expect("routes change live");
+    let reply = send(&node, "s@example.test", &["r@other.example"]).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    wait_for(&node, "the second delivery", |s| s.delivered == 2).await;
+    assert_eq!(eml_files(&b).len(), 1, "delivered by the route left");
+    node.shutdown(std::time::Duration::from_secs(5)).await;
+}

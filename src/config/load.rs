@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::reader::{position, Ctx, Fields, Node, Span};
@@ -511,7 +512,7 @@ struct Served {
     domains: HashMap<String, usize>,
 }
 
-fn read_routes(ctx: &mut Ctx<'_>, root: &mut Fields<'_>, required: bool) -> Vec<Route> {
+fn read_routes(ctx: &mut Ctx<'_>, root: &mut Fields<'_>, required: bool) -> Vec<Arc<Route>> {
     let Some(n) = root.take("route") else {
         if !required {
             return Vec::new();
@@ -531,7 +532,7 @@ fn read_routes(ctx: &mut Ctx<'_>, root: &mut Fields<'_>, required: bool) -> Vec<
     tables
         .into_iter()
         .enumerate()
-        .map(|(i, f)| read_route(ctx, f, i, &mut served))
+        .map(|(i, f)| Arc::new(read_route(ctx, f, i, &mut served)))
         .collect()
 }
 
@@ -640,7 +641,7 @@ fn read_route(ctx: &mut Ctx<'_>, mut f: Fields<'_>, index: usize, served: &mut S
 }
 
 /// Mail accepted for a domain that no route serves could never leave.
-fn check_accept_domains_routed(ctx: &mut Ctx<'_>, accept: &[Placed], routes: &[Route]) {
+fn check_accept_domains_routed(ctx: &mut Ctx<'_>, accept: &[Placed], routes: &[Arc<Route>]) {
     if routes.is_empty() {
         return; // "at least one route" already said it
     }

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -28,7 +29,9 @@ pub struct Config {
     /// `[delivery]`
     pub delivery: DeliveryConfig,
     /// `[[route]]`, first match wins.
-    pub routes: Vec<Route>,
+    /// Shared with the jobs routed by them: a job keeps its route across
+    /// a reload that changes the list.
+    pub routes: Vec<Arc<Route>>,
     /// `[log]`
     pub log: LogConfig,
     /// `[cluster]`; absent for a single node.

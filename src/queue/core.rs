@@ -3,11 +3,12 @@
 //! is finished. The driver feeds it events and carries out its actions.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, Route};
 use crate::delivery::{Job, JobRcpt, JobResult, Outcome, RcptResult};
 use crate::events::{self, MessageEvent};
 use crate::spool::{Envelope, QueueId, RcptState};
@@ -26,12 +27,14 @@ pub struct Failure {
 }
 
 /// What the driver must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Hand a job to route `route`.
     Dispatch {
         /// Route index.
         route: usize,
+        /// The route itself, as the configuration it was chosen in says.
+        target: Arc<Route>,
         /// The job.
         job: Job,
     },
@@ -440,6 +443,7 @@ fn route_jobs(
         );
         out.push(Action::Dispatch {
             route,
+            target: cfg.routes[route].clone(),
             job: Job {
                 id: env.id,
                 sender: env.sender.clone(),

@@ -6,13 +6,15 @@ use crate::delivery::RcptResult;
 use crate::spool::Recipient;
 
 pub(crate) fn config() -> Config {
-    let route = |domains: &[&str], target| Route {
-        domains: domains.iter().map(|d| d.to_string()).collect(),
-        target,
-        source_address: None,
-        tls: TlsPolicy::None,
-        tls_ca: None,
-        tls_name: None,
+    let route = |domains: &[&str], target| {
+        Arc::new(Route {
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            target,
+            source_address: None,
+            tls: TlsPolicy::None,
+            tls_ca: None,
+            tls_name: None,
+        })
     };
     Config {
         node: NodeConfig {
@@ -87,7 +89,7 @@ pub(crate) fn message(id: u64, rcpts: &[&str]) -> Envelope {
 pub(crate) fn jobs(out: &[Action]) -> Vec<(usize, Vec<usize>)> {
     out.iter()
         .filter_map(|a| match a {
-            Action::Dispatch { route, job } => {
+            Action::Dispatch { route, job, .. } => {
                 Some((*route, job.recipients.iter().map(|r| r.index).collect()))
             }
             _ => None,

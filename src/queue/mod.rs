@@ -18,16 +18,17 @@ use tokio_util::task::TaskTracker;
 pub use self::core::Stats;
 use self::core::{now_ms, Action, Core, Failure};
 use self::ops::{DestinationRow, Filter, MessageDetail, Op, Page, Selector};
-use crate::config::Config;
+use crate::config::{Config, Route};
 use crate::delivery::{Job, JobResult};
 use crate::events;
 use crate::spool::{Envelope, IdGen, QueueId, RcptState, Recipient, Spool};
 
 /// Where the queue sends jobs: one call per job, never blocking.
 pub trait Dispatch: Send + Sync + 'static {
-    /// Deliver `job` by route `route`; its result comes back on the
+    /// Deliver `job` by `target`, route number `route` of the
+    /// configuration it was routed under; its result comes back on the
     /// queue's result channel.
-    fn dispatch(&self, route: usize, job: Job);
+    fn dispatch(&self, route: usize, target: Arc<Route>, job: Job);
 }
 
 /// Hands durable messages to the queue, and operators' requests.
@@ -217,18 +218,20 @@ impl Driver {
         loop {
             self.carry_out(&mut out);
             let due = self.core.next_due();
-            let cfg = self.parts.config.borrow().clone();
+            // The configuration as it is when the event comes, not as it
+            // was when the wait began: a reload may have come between.
+            let cfg = || self.parts.config.borrow().clone();
             tokio::select! {
                 _ = self.parts.cancel.cancelled() => break,
                 Some(env) = new.recv() => {
-                    self.core.admit(&cfg, env, false, Instant::now(), now_ms(), &mut out);
+                    self.core.admit(&cfg(), env, false, Instant::now(), now_ms(), &mut out);
                 }
-                Some(req) = ops.recv() => self.answer(&cfg, req, &mut out),
+                Some(req) = ops.recv() => self.answer(&cfg(), req, &mut out),
                 Some(r) = self.parts.results.recv() => {
-                    self.core.result(&cfg, r, Instant::now(), now_ms(), &mut out);
+                    self.core.result(&cfg(), r, Instant::now(), now_ms(), &mut out);
                 }
                 _ = sleep_until(due) => {
-                    self.core.due(&cfg, Instant::now(), now_ms(), &mut out);
+                    self.core.due(&cfg(), Instant::now(), now_ms(), &mut out);
                 }
             }
         }
@@ -280,7 +283,9 @@ impl Driver {
             .send_if_modified(|s| std::mem::replace(s, stats) != stats);
         for action in out.drain(..) {
             match action {
-                Action::Dispatch { route, job } => self.parts.dispatch.dispatch(route, job),
+                Action::Dispatch { route, target, job } => {
+                    self.parts.dispatch.dispatch(route, target, job)
+                }
                 Action::Settle {
                     envelope,
                     changes,
