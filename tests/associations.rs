@@ -37,6 +37,7 @@ fn config() -> DeliveryConfig {
         association_lifetime: Duration::from_secs(300),
         idle_timeout: Duration::from_secs(30),
         stall_timeout: Duration::from_secs(60),
+        transaction_timeout: Duration::from_secs(600),
         connect_timeout: Duration::from_secs(10),
         retry: vec![Duration::from_secs(60)],
         max_queue_lifetime: Duration::from_secs(5 * 86400),
@@ -79,8 +80,25 @@ impl Harness {
         self.submit_from(hops, None, n, rcpts);
     }
 
+    /// Like `submit` (one recipient), for a message that expires at
+    /// `expires_ms`.
+    fn submit_expiring(&self, hops: &[SocketAddr], n: u64, expires_ms: u64) {
+        self.submit_job(hops, None, n, &["a@dest.test"], expires_ms);
+    }
+
     /// Like `submit`, from a given source address.
     fn submit_from(&self, hops: &[SocketAddr], source: Option<IpAddr>, n: u64, rcpts: &[&str]) {
+        self.submit_job(hops, source, n, rcpts, 0);
+    }
+
+    fn submit_job(
+        &self,
+        hops: &[SocketAddr],
+        source: Option<IpAddr>,
+        n: u64,
+        rcpts: &[&str],
+        expires_ms: u64,
+    ) {
         let id = QueueId(n);
         self.spool.put(
             id,
@@ -95,6 +113,7 @@ impl Harness {
             })
             .collect();
         let job = Job {
+            expires_ms,
             id,
             sender: "sender@src.test".into(),
             recipients,
@@ -238,6 +257,48 @@ async fn stall_tears_down_requeues_and_delivers_through_a_new_association() {
     assert_eq!(conns, vec![0, 1, 1]);
     assert_eq!(events.count("closed", "stall"), 1);
     assert_eq!(events.count("opened", "stall"), 1);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_next_hop_that_dribbles_its_replies_is_given_up_on_at_the_transaction_timeout() {
+    // Never silent long enough to stall; far too slow to finish in time.
+    let peer = Peer::start(Behavior {
+        dribble: Some((Fault::always(0), Duration::from_millis(100))),
+        ..Behavior::default()
+    })
+    .await;
+    let events = Events::capture();
+    let mut h = Harness::new(DeliveryConfig {
+        stall_timeout: Duration::from_secs(5),
+        transaction_timeout: Duration::from_secs(1),
+        ..config()
+    });
+    h.submit(&[peer.addr], 1, &["a@dest.test"]);
+    let r = h.results(1).await;
+    assert_eq!(outcomes(&r[0]), [Outcome::Deferred]);
+    let reply = &r[0].results[0].reply;
+    assert!(reply.contains("took longer than 1s"), "{reply}");
+    assert_eq!(peer.stats().messages, 0);
+    assert_eq!(events.count("closed", "stall"), 1);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_job_is_never_sent() {
+    let peer = Peer::start(Behavior::default()).await;
+    let mut h = Harness::new(config());
+    h.submit_expiring(&[peer.addr], 1, 1);
+    h.submit(&[peer.addr], 2, &["a@dest.test"]);
+    let r = h.results(2).await;
+    assert_eq!(outcomes(&r[0]), [Outcome::Deferred]);
+    let reply = &r[0].results[0].reply;
+    assert!(
+        reply.contains("4.4.7") && reply.contains("expired"),
+        "{reply}"
+    );
+    assert_eq!(outcomes(&r[1]), [Outcome::Delivered]);
+    assert_eq!(delivered_once(&peer), HashSet::from([2]));
     h.shutdown().await;
 }
 
@@ -395,6 +456,7 @@ async fn unreadable_message_is_deferred() {
     let peer = Peer::start(Behavior::default()).await;
     let mut h = Harness::new(config());
     let job = Job {
+        expires_ms: 0,
         id: QueueId(99),
         sender: String::new(),
         recipients: vec![JobRcpt {

@@ -478,6 +478,7 @@ fn read_delivery(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> DeliveryConfig {
     let association_lifetime = duration_or(ctx, &mut f, "association_lifetime", 300);
     let idle_timeout = duration_or(ctx, &mut f, "idle_timeout", 30);
     let stall_timeout = duration_or(ctx, &mut f, "stall_timeout", 60);
+    let transaction_timeout = duration_or(ctx, &mut f, "transaction_timeout", 600);
     let connect_timeout = duration_or(ctx, &mut f, "connect_timeout", 30);
     let retry = f
         .take("retry")
@@ -499,6 +500,7 @@ fn read_delivery(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> DeliveryConfig {
         association_lifetime,
         idle_timeout,
         stall_timeout,
+        transaction_timeout,
         connect_timeout,
         retry,
         max_queue_lifetime,

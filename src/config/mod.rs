@@ -253,6 +253,9 @@ pub struct DeliveryConfig {
     pub idle_timeout: Duration,
     /// An association with work but no progress for this long is torn down.
     pub stall_timeout: Duration,
+    /// Longest one transaction may take, from MAIL to the reply after the
+    /// content, however steadily the next hop answers.
+    pub transaction_timeout: Duration,
     /// Time to establish a TCP connection to a next hop.
     pub connect_timeout: Duration,
     /// Delays between attempts; the last one repeats.

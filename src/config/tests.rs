@@ -123,6 +123,7 @@ fn minimal_file_gets_defaults() {
             association_lifetime: secs(300),
             idle_timeout: secs(30),
             stall_timeout: secs(60),
+            transaction_timeout: secs(600),
             connect_timeout: secs(30),
             retry: vec![secs(60), secs(300), secs(900), secs(3600), secs(4 * 3600)],
             max_queue_lifetime: secs(5 * 86400),

@@ -121,6 +121,8 @@ struct Conn {
 enum IoFail {
     /// No progress within the stall timeout.
     Timeout,
+    /// The transaction's time is up, however steadily the peer answered.
+    Overtime,
     /// EOF or a socket error.
     Lost(String),
 }
@@ -129,6 +131,7 @@ impl IoFail {
     fn text(&self, stall: Duration) -> String {
         match self {
             Self::Timeout => format!("no progress within {stall:?}"),
+            Self::Overtime => "the transaction took too long".into(),
             Self::Lost(e) => e.clone(),
         }
     }
@@ -157,6 +160,34 @@ impl Conn {
         timeout(limit, self.read(client))
             .await
             .unwrap_or(Err(IoFail::Timeout))
+    }
+
+    /// Like `read_within`, and never past `deadline`.
+    async fn read_before(
+        &mut self,
+        client: &mut Client,
+        limit: Duration,
+        deadline: Instant,
+    ) -> Result<Vec<Action>, IoFail> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.read_within(client, limit.min(left)).await {
+            Err(IoFail::Timeout) if Instant::now() >= deadline => Err(IoFail::Overtime),
+            other => other,
+        }
+    }
+
+    /// Like `write_within`, and never past `deadline`.
+    async fn write_before(
+        &mut self,
+        bytes: &Bytes,
+        limit: Duration,
+        deadline: Instant,
+    ) -> Result<(), IoFail> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.write_within(bytes, limit.min(left)).await {
+            Err(IoFail::Timeout) if Instant::now() >= deadline => Err(IoFail::Overtime),
+            other => other,
+        }
     }
 
     async fn write_within(&mut self, bytes: &Bytes, limit: Duration) -> Result<(), IoFail> {
@@ -274,23 +305,28 @@ async fn session(
     };
     let mut client = Client::with_tls(shared.helo_name.clone(), want);
     let mut pending: std::collections::VecDeque<Action> = Default::default();
+    // The greeting, EHLO and STARTTLS are bounded as a transaction is.
+    let deadline = Instant::now() + cfg.transaction_timeout;
     loop {
         if pending.is_empty() {
-            match conn.read_within(&mut client, cfg.stall_timeout).await {
+            match conn
+                .read_before(&mut client, cfg.stall_timeout, deadline)
+                .await
+            {
                 Ok(a) => pending.extend(a),
-                Err(IoFail::Timeout) => {
-                    let stall = cfg.stall_timeout;
-                    return Err(fail(format!("4.4.2 no reply from {hop} within {stall:?}")));
-                }
                 Err(IoFail::Lost(e)) => {
                     return Err(fail(format!("4.4.2 {hop}: {e} before the session began")))
+                }
+                Err(e) => {
+                    let why = e.text(cfg.stall_timeout);
+                    return Err(fail(format!("4.4.2 {hop}: {why} before the session began")));
                 }
             }
         }
         while let Some(a) = pending.pop_front() {
             match a {
                 Action::Send(b) => {
-                    if let Err(e) = conn.write_within(&b, cfg.stall_timeout).await {
+                    if let Err(e) = conn.write_before(&b, cfg.stall_timeout, deadline).await {
                         return Err(fail(format!("4.4.2 {hop}: {}", e.text(cfg.stall_timeout))));
                     }
                 }
@@ -446,6 +482,12 @@ impl Session<'_> {
             self.shared.report(&q, &hop, Vec::new());
             return TxEnd::Skipped;
         }
+        // Never sent once expired: the queue bounces it on this answer.
+        if q.job.expired(crate::queue::core::now_ms()) {
+            let reply = "451 4.4.7 the message expired before it could be sent";
+            self.shared.report_all(&q, &hop, Outcome::Deferred, reply);
+            return TxEnd::Skipped;
+        }
         let body = match self.shared.spool.body(q.job.id).await {
             Ok(b) => b,
             Err(e) => {
@@ -455,6 +497,7 @@ impl Session<'_> {
             }
         };
         let stall = self.policy.stall_timeout;
+        let deadline = Instant::now() + self.policy.transaction_timeout;
         let mut actions = match self.client.start(&q.job.sender, &q.job.recipients, body) {
             Ok(a) => a,
             Err(e) => {
@@ -468,7 +511,7 @@ impl Session<'_> {
             for a in actions {
                 match a {
                     Action::Send(b) => {
-                        if let Err(e) = self.conn.write_within(&b, stall).await {
+                        if let Err(e) = self.conn.write_before(&b, stall, deadline).await {
                             return self.broken(q, e);
                         }
                     }
@@ -492,7 +535,11 @@ impl Session<'_> {
                 (Some(progress), None) => return TxEnd::Done(progress),
                 (None, None) => {}
             }
-            actions = match self.conn.read_within(&mut self.client, stall).await {
+            actions = match self
+                .conn
+                .read_before(&mut self.client, stall, deadline)
+                .await
+            {
                 Ok(a) => a,
                 Err(e) => return self.broken(q, e),
             };
@@ -518,6 +565,17 @@ impl Session<'_> {
                     });
                 }
                 TxEnd::End(Why::Stall, detail)
+            }
+            IoFail::Overtime => {
+                // A next hop that answers, but too slowly to finish: not
+                // put back for another association to wait on too.
+                let limit = self.policy.transaction_timeout;
+                let text = format!("4.4.2 {hop}: the transaction took longer than {limit:?}");
+                let reply = Reply::local(451, text.clone());
+                if let Some(d) = self.client.abort(&reply) {
+                    self.shared.report(&q, &hop, d.results);
+                }
+                TxEnd::End(Why::Stall, text)
             }
             IoFail::Lost(e) => {
                 let reply = Reply::local(451, format!("4.4.2 {hop}: {e}"));

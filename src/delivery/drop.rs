@@ -72,6 +72,7 @@ mod tests {
 
     fn job() -> Job {
         Job {
+            expires_ms: 0,
             id: QueueId(0x1F),
             sender: "a@example.test".into(),
             recipients: vec![

@@ -25,6 +25,16 @@ pub struct Job {
     pub sender: String,
     /// The recipients this destination should take.
     pub recipients: Vec<JobRcpt>,
+    /// When the message expires (ms since the Unix epoch; 0: never): it
+    /// is not sent after that, and the queue bounces it.
+    pub expires_ms: u64,
+}
+
+impl Job {
+    /// Whether the message has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && now_ms >= self.expires_ms
+    }
 }
 
 /// A recipient inside a job, with its index in the envelope.

@@ -24,6 +24,8 @@ pub struct Policy {
     pub idle_timeout: Duration,
     /// Time without progress, while there is work, before a teardown.
     pub stall_timeout: Duration,
+    /// Longest one transaction may take in all.
+    pub transaction_timeout: Duration,
 }
 
 impl Policy {
@@ -36,6 +38,7 @@ impl Policy {
             lifetime: cfg.association_lifetime,
             idle_timeout: cfg.idle_timeout,
             stall_timeout: cfg.stall_timeout,
+            transaction_timeout: cfg.transaction_timeout,
         }
     }
 
@@ -173,6 +176,7 @@ mod tests {
             lifetime: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(60),
+            transaction_timeout: Duration::from_secs(600),
         }
     }
 

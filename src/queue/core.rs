@@ -371,6 +371,7 @@ impl Core {
                 id: env.id,
                 sender: env.sender.clone(),
                 recipients,
+                expires_ms: env.arrived_ms.saturating_add(lifetime),
             };
             self.retries.insert((due, self.seq), (result.route, job));
             scheduled.push(((due, self.seq), due_ms));
@@ -448,6 +449,9 @@ fn route_jobs(
                 id: env.id,
                 sender: env.sender.clone(),
                 recipients,
+                expires_ms: env
+                    .arrived_ms
+                    .saturating_add(cfg.delivery.max_queue_lifetime.as_millis() as u64),
             },
         });
     }

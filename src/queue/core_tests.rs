@@ -45,6 +45,7 @@ pub(crate) fn config() -> Config {
             association_lifetime: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(60),
+            transaction_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(5),
             retry: vec![Duration::from_secs(60), Duration::from_secs(300)],
             max_queue_lifetime: Duration::from_secs(3600),

@@ -62,6 +62,9 @@ pub struct Behavior {
     pub stall_final: Option<Fault>,
     /// Answer the next MAIL with 421 and close.
     pub close_421: Option<Fault>,
+    /// Answer the next MAIL one byte at a time, this far apart: never
+    /// silent for long, never done.
+    pub dribble: Option<(Fault, std::time::Duration)>,
 }
 
 impl Default for Behavior {
@@ -75,6 +78,7 @@ impl Default for Behavior {
             stall: None,
             stall_final: None,
             close_421: None,
+            dribble: None,
         }
     }
 }
@@ -308,7 +312,17 @@ impl Connection {
             } else {
                 "500 5.5.2 what?".into()
             };
-            stream.write_all(format!("{reply}\r\n").as_bytes()).await?;
+            let reply = format!("{reply}\r\n");
+            let slow = b.dribble.filter(|(f, _)| f.hits(self.conn, self.done));
+            match slow {
+                Some((_, pause)) if upper.starts_with("MAIL FROM:") => {
+                    for byte in reply.as_bytes() {
+                        stream.write_all(&[*byte]).await?;
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+                _ => stream.write_all(reply.as_bytes()).await?,
+            }
         }
     }
 }
