@@ -561,6 +561,18 @@ impl Client {
                 }
             }
             Expect::Data | Expect::Final => {
+                let early = matches!(expect, Expect::Data) && reply.code < 400;
+                let reply = if early {
+                    // Anything but 354 or a refusal, before the content:
+                    // nothing can have been delivered.
+                    let text = format!(
+                        "4.5.0 the next hop answered DATA with {} before the content was sent",
+                        reply.code
+                    );
+                    Reply::local(451, text)
+                } else {
+                    reply
+                };
                 if tx.mail_ok() && tx.any_accepted() {
                     tx.data = Some(reply);
                 }

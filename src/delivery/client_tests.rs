@@ -363,6 +363,14 @@ fn data_and_final_replies_decide_accepted_recipients() {
             Failed,
             "554 5.6.0 content refused",
         ),
+        // A 2xx to DATA itself: the content never went, nothing was
+        // delivered, whatever the server claims.
+        (
+            EHLO_PIPE,
+            b"250 Ok\r\n250 Ok\r\n250 2.0.0 queued\r\n",
+            Deferred,
+            "451 4.5.0 the next hop answered DATA with 250 before the content was sent",
+        ),
     ] {
         let t = check(
             &setup(ehlo),
