@@ -163,3 +163,48 @@ async fn mail_arriving_after_a_reload_that_removed_its_route_is_still_delivered(
     assert_eq!(eml_files(&b).len(), 1, "delivered by the route left");
     node.shutdown(std::time::Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn results_that_could_not_be_recorded_are_recorded_once_the_spool_recovers() {
+    // The first attempt is deferred (recorded); then the spool is full
+    // when the second attempt delivers: the queue must not forget that
+    // the disk still says pending, or a restart would send it again.
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::start(Behavior {
+        close_421: Some(Fault::first(0)),
+        ..Behavior::default()
+    })
+    .await;
+    let spool = mtad::spool::MemorySpool::new();
+    let cfg = config(
+        dir.path(),
+        "",
+        &(delivery("1h", "5d") + &routes(&peer, dir.path())),
+    );
+    let node = common::node::start_on(cfg, std::sync::Arc::new(spool.clone())).await;
+    assert!(send(&node, "a@example.test", &["x@dest.example"])
+        .await
+        .starts_with("250"));
+    wait_for(&node, "the first attempt", |s| s.deferred == 1).await;
+    spool.set_full(true);
+    let all = mtad::queue::ops::Selector {
+        all: true,
+        ..Default::default()
+    };
+    let flushed = node.queue().act(mtad::queue::ops::Op::Flush, all).await;
+    assert_eq!(flushed, Some(Ok(1)));
+    wait_for(&node, "the delivery", |s| s.delivered == 1).await;
+    assert_eq!(peer.messages().len(), 1);
+    assert_eq!(
+        spool.envelopes().len(),
+        1,
+        "not recorded: the spool is full"
+    );
+    spool.set_full(false);
+    let deadline = tokio::time::Instant::now() + common::node::PATIENCE;
+    while !spool.envelopes().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    node.shutdown(std::time::Duration::from_secs(5)).await;
+}

@@ -8,6 +8,7 @@ pub mod ops;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +22,7 @@ use self::ops::{DestinationRow, Filter, MessageDetail, Op, Page, Selector};
 use crate::config::{Config, Route};
 use crate::delivery::{Job, JobResult};
 use crate::events;
-use crate::spool::{Envelope, IdGen, QueueId, RcptState, Recipient, Spool};
+use crate::spool::{Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
 
 /// Where the queue sends jobs: one call per job, never blocking.
 pub trait Dispatch: Send + Sync + 'static {
@@ -117,7 +118,10 @@ pub fn spawn(parts: QueueParts) -> QueueHandle {
     let mut out = Vec::new();
     let cfg = parts.config.borrow().clone();
     for r in parts.spool.recovered() {
-        let hold = was_held.contains(&r.envelope.id);
+        let hold = match &was_held {
+            Held::These(ids) => ids.contains(&r.envelope.id),
+            Held::Unknown => true,
+        };
         core.admit(&cfg, r.envelope, hold, Instant::now(), now_ms(), &mut out);
     }
     let driver = Driver {
@@ -129,6 +133,16 @@ pub fn spawn(parts: QueueParts) -> QueueHandle {
     let tracker = driver.parts.tracker.clone();
     tracker.spawn(driver.run(rx, ops_rx, out));
     handle
+}
+
+/// What the held file says at start.
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    /// These messages are held.
+    These(HashSet<QueueId>),
+    /// It could not be read: any message may have been held, so every
+    /// one is, until an operator releases them.
+    Unknown,
 }
 
 /// The ids of held messages, one per line in hex, rewritten whole (and
@@ -150,18 +164,28 @@ impl HeldFile {
         }
     }
 
-    fn load(&self) -> HashSet<QueueId> {
+    fn load(&self) -> Held {
         let Some(path) = &self.path else {
-            return HashSet::new();
+            return Held::These(HashSet::new());
         };
-        match std::fs::read_to_string(path) {
-            Ok(text) => text.lines().filter_map(ops::parse_id).collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "cannot read the held messages: none is held");
-                HashSet::new()
-            }
-        }
+        let read = std::fs::read_to_string(path).map_err(|e| e.to_string());
+        let ids = match read {
+            Err(_) if !path.exists() => return Held::These(HashSet::new()),
+            Ok(text) => text
+                .lines()
+                .map(|l| ops::parse_id(l).ok_or_else(|| format!("not a queue id: {l:?}")))
+                .collect::<Result<HashSet<QueueId>, String>>(),
+            Err(e) => Err(e),
+        };
+        ids.map(Held::These).unwrap_or_else(|e| {
+            tracing::error!(
+                path = %path.display(),
+                error = %e,
+                "cannot read which messages are held: holding every queued message; \
+                 release them with `mtad ctl queue release`"
+            );
+            Held::Unknown
+        })
     }
 
     /// A version for the held set as it is now: take it together with
@@ -292,19 +316,16 @@ impl Driver {
                     bounce,
                     finished,
                 } => {
-                    let spool = self.parts.spool.clone();
-                    let ids = self.parts.ids.clone();
-                    let queue = self.handle.clone();
-                    let host = cfg.smtp.hostname.clone();
-                    self.parts.tracker.spawn(async move {
-                        let s = Settle {
-                            spool,
-                            ids,
-                            queue,
-                            host,
-                        };
-                        s.run(envelope, changes, bounce, finished).await
-                    });
+                    let s = Settle {
+                        spool: self.parts.spool.clone(),
+                        ids: self.parts.ids.clone(),
+                        queue: self.handle.clone(),
+                        host: cfg.smtp.hostname.clone(),
+                        cancel: self.parts.cancel.clone(),
+                    };
+                    self.parts
+                        .tracker
+                        .spawn(s.run(envelope, changes, bounce, finished));
                 }
             }
         }
@@ -326,9 +347,20 @@ struct Settle {
     ids: Arc<IdGen>,
     queue: QueueHandle,
     host: String,
+    /// The node stops: what is not durable yet is done again after the
+    /// restart (the disk still says pending).
+    cancel: CancellationToken,
 }
 
+/// Pauses between attempts to make a result durable: from the first, to
+/// the longest.
+const SETTLE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
 impl Settle {
+    /// Make the result durable, trying again (backing off) until it is or
+    /// the node stops: the queue already acts on it, and the disk must
+    /// come to say the same — else a restart would send again what was
+    /// delivered meanwhile, and a bounce would wait for that restart.
     async fn run(
         self,
         original: Envelope,
@@ -337,31 +369,59 @@ impl Settle {
         finished: bool,
     ) {
         let id = original.id;
-        if !bounce.is_empty() && !self.bounce(&original, &bounce).await {
-            // The failures stay pending on disk and bounce again after a
-            // restart; better twice than never.
-            return;
+        let mut dsn = match bounce.is_empty() {
+            true => None,
+            false => self.dsn(&original, &bounce).await,
+        };
+        let mut pause = SETTLE_RETRY.0;
+        loop {
+            let done = self.once(id, &mut dsn, &changes, finished).await;
+            let Err(e) = done else { return };
+            tracing::error!(queue_id = %id, error = %e, retry_in = ?pause, "could not record delivery results");
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(SETTLE_RETRY.1);
+        }
+    }
+
+    /// One attempt: the DSN first (once stored, it is not stored again),
+    /// then the recipients' states.
+    async fn once(
+        &self,
+        id: QueueId,
+        dsn: &mut Option<(Envelope, Bytes)>,
+        changes: &[(usize, RcptState)],
+        finished: bool,
+    ) -> Result<(), SpoolError> {
+        if let Some((envelope, body)) = dsn.clone() {
+            self.spool.store(envelope.clone(), body).await?;
+            *dsn = None;
+            let rcpt = &envelope.recipients[0].address;
+            events::received(envelope.id, "", rcpt, "local", "", "DSN");
+            self.queue.admit(envelope);
         }
         let r = if finished {
             self.spool.remove(id).await
         } else {
-            self.spool.update(id, changes).await
+            self.spool.update(id, changes.to_vec()).await
         };
-        if let Err(e) = r {
-            tracing::error!(queue_id = %id, error = %e, "could not record delivery results");
+        match r {
+            // Removed meanwhile (a later result finished it, or an
+            // operator deleted it): nothing left to record.
+            Err(SpoolError::NotFound(_)) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
-    /// Queue a DSN for `failures`; false if it could not be made durable.
-    async fn bounce(&self, original: &Envelope, failures: &[Failure]) -> bool {
+    /// The DSN for `failures`, if one goes out.
+    async fn dsn(&self, original: &Envelope, failures: &[Failure]) -> Option<(Envelope, Bytes)> {
         let body = self.spool.body(original.id).await.unwrap_or_default();
         let dsn_id = self.ids.next();
         let date = jiff::fmt::rfc2822::to_string(&jiff::Zoned::now()).unwrap_or_default();
         let message_id = format!("{dsn_id}@{}", self.host);
-        let Some(n) = crate::dsn::build(&self.host, original, &body, failures, &date, &message_id)
-        else {
-            return true;
-        };
+        let n = crate::dsn::build(&self.host, original, &body, failures, &date, &message_id)?;
         let envelope = Envelope {
             id: dsn_id,
             sender: String::new(),
@@ -371,21 +431,30 @@ impl Settle {
             }],
             arrived_ms: now_ms(),
         };
-        match self
-            .spool
-            .store(envelope.clone(), Bytes::from(n.body))
-            .await
-        {
-            Ok(()) => {
-                let rcpt = &envelope.recipients[0].address;
-                events::received(dsn_id, "", rcpt, "local", "", "DSN");
-                self.queue.admit(envelope);
-                true
-            }
-            Err(e) => {
-                tracing::error!(queue_id = %original.id, error = %e, "could not store DSN");
-                false
-            }
-        }
+        Some((envelope, Bytes::from(n.body)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_file_that_cannot_be_read_holds_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held");
+        let file = HeldFile::new(Some(path.clone()));
+        assert_eq!(file.load(), Held::These(HashSet::new()), "no file yet");
+        std::fs::write(&path, "00000000000000A1\n00000000000000B2\n").unwrap();
+        let ids = HashSet::from([QueueId(0xA1), QueueId(0xB2)]);
+        assert_eq!(file.load(), Held::These(ids));
+        // A torn or foreign line: which were held is unknown.
+        std::fs::write(&path, "00000000000000A1\n0000garbage\n").unwrap();
+        assert_eq!(file.load(), Held::Unknown);
+        // Unreadable.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert_eq!(file.load(), Held::Unknown);
+        assert_eq!(HeldFile::new(None).load(), Held::These(HashSet::new()));
     }
 }
