@@ -69,6 +69,8 @@ pub struct Node {
     groups: Option<Groups>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
     queue: queue::QueueHandle,
+    /// What the watchdog probes.
+    health: Health,
     /// The configuration a reload changes.
     live: Live,
     /// True while the node's own listeners turn new clients away.
@@ -90,6 +92,31 @@ pub struct Node {
     tracker: TaskTracker,
     /// Held while the node runs: no other daemon uses its data directory.
     _data_dir: DataDirLock,
+}
+
+/// The parts of a node that must answer for it to be alive: the queue's
+/// driver and the spool's writer (a hung fsync stops the one, a stuck
+/// driver the other).
+#[derive(Clone)]
+pub struct Health {
+    queue: queue::QueueHandle,
+    spool: Arc<dyn Spool>,
+}
+
+impl Health {
+    /// Ok if both answer within `within`; else which does not.
+    pub async fn probe(&self, within: Duration) -> Result<(), &'static str> {
+        let queue = self.queue.list(Default::default(), None, 1);
+        match tokio::time::timeout(within, queue).await {
+            Ok(Some(_)) => {}
+            _ => return Err("the queue does not answer"),
+        }
+        match tokio::time::timeout(within, self.spool.probe()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the spool is closed"),
+            Err(_) => Err("the spool does not answer (a write or fsync hangs)"),
+        }
+    }
 }
 
 /// Longest a node spends saying goodbye to its cluster at shutdown.
@@ -246,6 +273,10 @@ impl Node {
             held_file: Some(config.node.data_dir.join("spool").join("held")),
         });
         let queue_handle = queue.clone();
+        let health = Health {
+            queue: queue.clone(),
+            spool: spool.clone(),
+        };
         let mail = crate::admin::MailReadout {
             queue: queue.clone(),
             spool: spool.clone(),
@@ -345,6 +376,7 @@ impl Node {
             groups,
             stats,
             queue: queue_handle,
+            health,
             live,
             drain,
             drain_follow,
@@ -393,6 +425,11 @@ impl Node {
     /// The configuration now.
     pub fn config(&self) -> Arc<Config> {
         self.live.current()
+    }
+
+    /// What a watchdog probes: the queue and the spool.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// The queue, for operators' requests.

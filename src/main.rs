@@ -443,7 +443,7 @@ async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
     tracing::info!("mtad ready");
     notify::ready();
     if let Some(every) = notify::watchdog_interval() {
-        tokio::spawn(watchdog(node.queue().clone(), every));
+        tokio::spawn(watchdog(node.health(), every));
     }
     let mut requests = node.reload_requests();
     // SIGTERM and SIGINT stop the node, SIGHUP reloads its configuration.
@@ -479,14 +479,13 @@ async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
 /// Tell systemd the node is alive twice per watchdog interval — only while
 /// the queue driver answers, so a wedged node is restarted rather than
 /// vouched for.
-async fn watchdog(queue: mtad::queue::QueueHandle, every: std::time::Duration) {
+async fn watchdog(health: mtad::app::Health, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every / 2);
     loop {
         tick.tick().await;
-        let probe = queue.list(Filter::default(), None, 1);
-        match tokio::time::timeout(every / 2, probe).await {
-            Ok(Some(_)) => notify::watchdog(),
-            _ => tracing::error!("the queue does not answer: no watchdog notification"),
+        match health.probe(every / 4).await {
+            Ok(()) => notify::watchdog(),
+            Err(why) => tracing::error!(%why, "no watchdog notification"),
         }
     }
 }

@@ -208,3 +208,29 @@ async fn results_that_could_not_be_recorded_are_recorded_once_the_spool_recovers
     }
     node.shutdown(std::time::Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn the_watchdog_probe_fails_while_the_spool_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = mtad::spool::MemorySpool::new();
+    let route = format!(
+        "[[route]]\ndomains = [\"*\"]\ndrop_dir = \"{}\"\n",
+        dir.path().join("outbox").display()
+    );
+    let cfg = config(dir.path(), "", &route);
+    let node = common::node::start_on(cfg, std::sync::Arc::new(spool.clone())).await;
+    let health = node.health();
+    let long = std::time::Duration::from_secs(30);
+    assert_eq!(health.probe(long).await, Ok(()));
+    // A write or fsync that never returns: the queue still answers, but
+    // systemd must not be told all is well.
+    spool.hang(true);
+    let why = health
+        .probe(std::time::Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(why.contains("spool"), "{why}");
+    spool.hang(false);
+    assert_eq!(health.probe(long).await, Ok(()));
+    node.shutdown(std::time::Duration::from_secs(5)).await;
+}

@@ -212,3 +212,23 @@ async fn a_long_deferred_message_does_not_pin_old_segments() {
     assert_eq!(e.recipients[1].state, RcptState::Pending { attempts: 0 });
     assert_eq!(spool.body(QueueId(1)).await.unwrap(), body(1));
 }
+
+#[tokio::test]
+async fn a_probe_is_answered_behind_the_writes_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = DiskSpool::open(dir.path()).unwrap();
+    let size = |dir: &std::path::Path| -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    spool.probe().await.unwrap();
+    let (store, probe) = (spool.store(envelope(1, 1), body(1)), spool.probe());
+    let (stored, probed) = tokio::join!(store, probe);
+    stored.unwrap();
+    probed.unwrap();
+    let before = size(dir.path());
+    spool.probe().await.unwrap();
+    assert_eq!(size(dir.path()), before, "a probe writes nothing");
+}

@@ -17,6 +17,8 @@ use super::{Envelope, QueueId, RcptState, Recovered, Spool, SpoolError, SpoolFut
 struct Faults {
     fsync: AtomicBool,
     full: AtomicBool,
+    /// Writes (and probes) wait until this turns false.
+    hung: tokio::sync::watch::Sender<bool>,
 }
 
 /// A spool held in memory; clones share the same contents.
@@ -41,6 +43,18 @@ impl MemorySpool {
     /// Make every following write fail as if the disk were full (or recover).
     pub fn set_full(&self, full: bool) {
         self.faults.full.store(full, Ordering::SeqCst);
+    }
+
+    /// Make every following write and probe wait, as behind an fsync that
+    /// never returns (or let them go on).
+    pub fn hang(&self, hung: bool) {
+        self.faults.hung.send_replace(hung);
+    }
+
+    /// Until the spool is not hung.
+    async fn unhung(&self) {
+        let mut hung = self.faults.hung.subscribe();
+        let _ = hung.wait_for(|h| !h).await;
     }
 
     /// Put a message in place directly, bypassing fault injection (test setup).
@@ -90,7 +104,10 @@ impl Spool for MemorySpool {
             let mut m = self.messages.lock().expect("spool");
             m.insert(envelope.id, (envelope, body));
         });
-        Box::pin(async move { r })
+        Box::pin(async move {
+            self.unhung().await;
+            r
+        })
     }
 
     fn update(&self, id: QueueId, changes: Vec<(usize, RcptState)>) -> SpoolFuture<'_, ()> {
@@ -104,14 +121,20 @@ impl Spool for MemorySpool {
             }
             Ok(())
         });
-        Box::pin(async move { r })
+        Box::pin(async move {
+            self.unhung().await;
+            r
+        })
     }
 
     fn remove(&self, id: QueueId) -> SpoolFuture<'_, ()> {
         let r = self.check().map(|()| {
             self.messages.lock().expect("spool").remove(&id);
         });
-        Box::pin(async move { r })
+        Box::pin(async move {
+            self.unhung().await;
+            r
+        })
     }
 
     fn body(&self, id: QueueId) -> SpoolFuture<'_, Bytes> {
@@ -127,5 +150,12 @@ impl Spool for MemorySpool {
 
     fn recovered(&self) -> Vec<Recovered> {
         self.recovered.clone()
+    }
+
+    fn probe(&self) -> SpoolFuture<'_, ()> {
+        Box::pin(async move {
+            self.unhung().await;
+            Ok(())
+        })
     }
 }

@@ -114,6 +114,9 @@ pub trait Spool: Send + Sync + 'static {
     fn body(&self, id: QueueId) -> SpoolFuture<'_, Bytes>;
     /// Messages that were stored and not removed, as of opening.
     fn recovered(&self) -> Vec<Recovered>;
+    /// Answers once the spool would take a write now: behind every write
+    /// already asked for (a hung fsync holds it up). Writes nothing.
+    fn probe(&self) -> SpoolFuture<'_, ()>;
 }
 
 /// Hands out queue ids: the current time in milliseconds shifted left 16
