@@ -6,6 +6,7 @@
 pub mod client;
 pub mod daemon;
 pub mod lab;
+pub mod nemesis;
 pub mod netns;
 pub mod node;
 pub mod peer;
