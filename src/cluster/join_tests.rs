@@ -32,12 +32,20 @@ fn request(name: &str, id: NodeId, addr: SocketAddr) -> Request {
     })
 }
 
+/// Ask `sponsor` to admit `req`'s node, again while it says to retry (a
+/// follower that has not heard from a new leader yet), as joiners do.
 async fn join_via(sponsor: SocketAddr, req: Request) -> JoinReply {
     let client = PeerClient::new(sponsor, cfg("joiner", 999), None);
-    match client.call(req, LONG).await.unwrap() {
-        Reply::Join(r) => r,
-        other => panic!("{other:?}"),
+    for _ in 0..100 {
+        match client.call(req.clone(), LONG).await.unwrap() {
+            Reply::Join(JoinReply::Retry { .. }) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Reply::Join(r) => return r,
+            other => panic!("{other:?}"),
+        }
     }
+    panic!("the sponsor never stopped asking to retry");
 }
 
 /// Waits for a settled membership of these voters and learners.

@@ -7,13 +7,29 @@
 //!
 //! Segments are deleted oldest first once no live message has a record in
 //! them; deleting only from the oldest end keeps every `Remove` record
-//! around for as long as the `Store` it cancels.
+//! around for as long as the `Store` it cancels. A segment is closed once
+//! as many new bytes as `segment_bytes` went into it. Then, if the spool
+//! holds more dead bytes than live ones (and more than the allowance of
+//! `max_segments`), the live messages of the oldest segments are copied
+//! forward so that they, and the dead segments behind them, can go.
+//! Copies never count towards closing a segment, and at most two
+//! segments' worth is copied per segment of new data: writes stay under
+//! three times what was stored, however large a long-deferred backlog
+//! grows, and the copying outpaces the new dead data, so the disk holds
+//! at most about three times the live data.
+//!
+//! The spool refuses new messages (`SpoolError::Full`) before the disk is
+//! full: past `max_bytes` on disk, or when less than `reserve` would be
+//! left free on the filesystem — room that updates, removals and the
+//! copies that free space always have. A failed write or fsync cuts the
+//! segment back to its last durable length and goes on in it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -25,12 +41,18 @@ use super::{Envelope, QueueId, RcptState, Recovered, Spool, SpoolError, SpoolFut
 /// Sizes that bound the spool's files.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// A segment is closed and a new one started past this size.
+    /// A segment is closed and a new one started once this many new bytes
+    /// went into it.
     pub segment_bytes: u64,
-    /// Past this many segments, live messages in the oldest one are copied
-    /// forward so it can be deleted: a message deferred for days must not
-    /// pin every segment written after it.
+    /// Dead bytes allowed before live messages are copied forward, in
+    /// segments (beyond that, as many dead bytes as live ones): a message
+    /// deferred for days must not pin every segment written after it.
     pub max_segments: usize,
+    /// New messages are refused once the spool's files would exceed this.
+    pub max_bytes: u64,
+    /// New messages are refused unless this much would stay free on the
+    /// filesystem.
+    pub reserve: u64,
 }
 
 impl Default for Limits {
@@ -38,8 +60,24 @@ impl Default for Limits {
         Self {
             segment_bytes: 64 << 20,
             max_segments: 4,
+            max_bytes: u64::MAX,
+            reserve: 0,
         }
     }
+}
+
+/// The size of the filesystem holding `dir` and the bytes free on it for
+/// an unprivileged writer.
+pub fn filesystem_space(dir: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs fills the struct it is given for a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = st.f_frsize as u64;
+    Ok((st.f_blocks as u64 * unit, st.f_bavail as u64 * unit))
 }
 /// Most bytes written in one batch; more waits for the next fsync.
 const BATCH_LIMIT: usize = 16 << 20;
@@ -67,6 +105,8 @@ struct Location {
     segment: u32,
     body_at: u64,
     body_len: usize,
+    /// The size of its latest Store record: what a copy would write.
+    record_len: u64,
     segments: Vec<u32>,
 }
 
@@ -76,6 +116,29 @@ struct Index {
     /// Live references per existing segment; every segment file is a key.
     refs: BTreeMap<u32, usize>,
     readers: HashMap<u32, Arc<File>>,
+    /// The size of each segment file.
+    sizes: BTreeMap<u32, u64>,
+    /// Bytes of the live messages' latest Store records.
+    live: u64,
+}
+
+impl Index {
+    fn insert(&mut self, id: QueueId, loc: Location) {
+        self.live += loc.record_len;
+        if let Some(old) = self.messages.insert(id, loc) {
+            self.live -= old.record_len;
+        }
+    }
+
+    fn remove(&mut self, id: &QueueId) -> Option<Location> {
+        let loc = self.messages.remove(id)?;
+        self.live -= loc.record_len;
+        Some(loc)
+    }
+
+    fn disk(&self) -> u64 {
+        self.sizes.values().sum()
+    }
 }
 
 #[derive(Default)]
@@ -88,6 +151,11 @@ struct Shared {
     dir: PathBuf,
     index: Mutex<Index>,
     cache: Mutex<Cache>,
+    limits: Limits,
+    /// Bytes in the spool's files, as of the last commit.
+    disk: AtomicU64,
+    /// Bytes ever appended since opening (records and copies).
+    written: AtomicU64,
 }
 
 /// The on-disk spool under `<data_dir>/spool`.
@@ -98,6 +166,31 @@ pub struct DiskSpool {
 }
 
 impl Shared {
+    /// Take the spool's size again.
+    fn measure(&self) {
+        let disk = self.index.lock().expect("index").disk();
+        self.disk.store(disk, Ordering::Relaxed);
+        crate::metrics::spool_bytes(disk);
+    }
+
+    /// Whether a new message of `len` bytes fits under the limits. The
+    /// free space is asked of the kernel each time (a statvfs, about a
+    /// microsecond): another file may fill or free the disk at any time.
+    fn room_for(&self, len: u64) -> bool {
+        let disk = self.disk.load(Ordering::Relaxed);
+        if disk.saturating_add(len) > self.limits.max_bytes {
+            return false;
+        }
+        if self.limits.reserve == 0 {
+            return true;
+        }
+        match filesystem_space(&self.dir) {
+            Ok((_, free)) => free >= len.saturating_add(self.limits.reserve),
+            // Unknown: the write itself will tell.
+            Err(_) => true,
+        }
+    }
+
     fn cache_insert(&self, id: QueueId, body: &Bytes) {
         let mut cache = self.cache.lock().expect("cache");
         if cache.bytes + body.len() <= CACHE_LIMIT {
@@ -151,14 +244,12 @@ impl DiskSpool {
         numbers.sort_unstable();
 
         let mut live: HashMap<QueueId, Location> = HashMap::new();
+        let mut index = Index::default();
         for &n in &numbers {
             let data = fs::read(segment_path(dir, n))?;
             replay(n, &data, &mut live);
-        }
-
-        let mut index = Index::default();
-        for &n in &numbers {
             index.refs.insert(n, 0);
+            index.sizes.insert(n, data.len() as u64);
         }
         let mut recovered = Vec::new();
         let mut finished = Vec::new();
@@ -173,7 +264,7 @@ impl DiskSpool {
                     envelope: loc.envelope.clone(),
                 });
             }
-            index.messages.insert(id, loc);
+            index.insert(id, loc);
         }
         recovered.sort_by_key(|r| r.envelope.id);
 
@@ -182,10 +273,18 @@ impl DiskSpool {
             dir: dir.to_path_buf(),
             index: Mutex::new(index),
             cache: Mutex::new(Cache::default()),
+            limits,
+            disk: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         });
         delete_unreferenced(&shared, active);
         let file = open_segment(dir, active)?;
-        shared.index.lock().expect("index").refs.insert(active, 0);
+        {
+            let mut index = shared.index.lock().expect("index");
+            index.refs.insert(active, 0);
+            index.sizes.insert(active, 0);
+        }
+        shared.measure();
 
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
@@ -193,6 +292,7 @@ impl DiskSpool {
             file: Some(file),
             active,
             len: 0,
+            fresh: 0,
             buf: Vec::new(),
             limits,
         };
@@ -269,6 +369,7 @@ fn replay(n: u32, data: &[u8], live: &mut HashMap<QueueId, Location>) {
                     segment: n,
                     body_at: (at + body_offset) as u64,
                     body_len,
+                    record_len: size as u64,
                     segments,
                 };
                 live.insert(loc.envelope.id, loc);
@@ -317,6 +418,7 @@ fn delete_unreferenced(shared: &Shared, active: u32) {
         }
         index.refs.remove(&n);
         index.readers.remove(&n);
+        index.sizes.remove(&n);
         if let Err(e) = fs::remove_file(segment_path(&shared.dir, n)) {
             tracing::warn!(segment = n, error = %e, "could not delete spool segment");
         }
@@ -327,7 +429,11 @@ struct Writer {
     shared: Arc<Shared>,
     file: Option<File>,
     active: u32,
+    /// The active segment's durable length.
     len: u64,
+    /// New records (not copies) in the active segment: it closes when
+    /// they reach `segment_bytes`.
+    fresh: u64,
     buf: Vec<u8>,
     limits: Limits,
 }
@@ -365,19 +471,31 @@ impl Writer {
         if batch.iter().all(|r| matches!(r.op, Op::Probe)) {
             return Ok(());
         }
-        if self.file.is_none() || self.len >= self.limits.segment_bytes {
+        if self.file.is_none() {
             self.rotate().map_err(io_error)?;
-            if let Err(e) = self.compact() {
-                // Only disk usage suffers; the messages are where they were.
-                tracing::warn!(error = %e, "spool compaction failed");
+        } else if self.fresh >= self.limits.segment_bytes {
+            self.rotate().map_err(io_error)?;
+            let mut budget = 2 * self.limits.segment_bytes;
+            while budget > 0 {
+                match self.compact() {
+                    Ok(0) => break,
+                    Ok(copied) => budget = budget.saturating_sub(copied.max(1)),
+                    Err(e) => {
+                        // Only disk usage suffers; the messages stay put.
+                        tracing::warn!(error = %e, "spool compaction failed");
+                        break;
+                    }
+                }
             }
         }
         self.buf.clear();
-        let mut body_at = Vec::new();
+        let mut stored = Vec::new();
         for r in batch {
+            let start = self.buf.len();
             match &r.op {
                 Op::Store(env, body) => {
-                    body_at.push(record::encode_store(&mut self.buf, env, body))
+                    let at = record::encode_store(&mut self.buf, env, body);
+                    stored.push((at, (self.buf.len() - start) as u64));
                 }
                 Op::Update(id, changes) => record::encode_update(&mut self.buf, *id, changes),
                 Op::Remove(id) => record::encode_remove(&mut self.buf, *id),
@@ -385,9 +503,12 @@ impl Writer {
             }
         }
         let started = std::time::Instant::now();
-        let base = self.append()?;
+        let result = self.append();
+        self.shared.measure();
+        let base = result?;
+        self.fresh += self.buf.len() as u64;
         crate::metrics::spool_commit(batch.len(), started.elapsed());
-        self.index(batch, base, &body_at);
+        self.index(batch, base, &stored);
         delete_unreferenced(&self.shared, self.active);
         Ok(())
     }
@@ -396,75 +517,95 @@ impl Writer {
     fn append(&mut self) -> Result<u64, SpoolError> {
         let file = self.file.as_mut().ok_or(SpoolError::Closed)?;
         if let Err(e) = file.write_all(&self.buf).and_then(|_| file.sync_data()) {
-            // After a failed write or fsync the file's tail is unknown; no
-            // later record may follow it, so start a new segment next time.
-            self.file = None;
+            // The tail after the last durable length is unknown: cut it
+            // off and go on in this segment. If even that fails, no later
+            // record may follow it: a new segment is started next time.
+            let cut = file.set_len(self.len).and_then(|()| file.sync_all());
+            if cut.is_err() {
+                self.file = None;
+            }
             return Err(io_error(e));
         }
         let base = self.len;
-        self.len += self.buf.len() as u64;
+        let n = self.buf.len() as u64;
+        self.len += n;
+        self.shared.written.fetch_add(n, Ordering::Relaxed);
+        let mut index = self.shared.index.lock().expect("index");
+        *index.sizes.entry(self.active).or_default() = self.len;
         Ok(base)
     }
 
-    /// While there are more segments than allowed, copy the live messages
-    /// of the oldest into the active one (envelope as it now stands, one
-    /// Store record each), so the oldest holds nothing live and goes.
-    fn compact(&mut self) -> Result<(), SpoolError> {
-        loop {
-            let victims: Vec<(Envelope, u32, u64, usize)> = {
-                let index = self.shared.index.lock().expect("index");
-                let oldest = match index.refs.keys().next() {
-                    Some(&n) if index.refs.len() > self.limits.max_segments && n < self.active => n,
-                    _ => return Ok(()),
-                };
-                index
-                    .messages
-                    .values()
-                    .filter(|l| l.segments.contains(&oldest))
-                    .map(|l| (l.envelope.clone(), l.segment, l.body_at, l.body_len))
-                    .collect()
+    /// If the spool holds more dead bytes than live ones (and more than
+    /// the allowance), copy the live messages of the oldest segment into
+    /// the active one (envelope as it now stands, one Store record each),
+    /// so the oldest holds nothing live and goes — with the dead segments
+    /// behind it. One segment per call; returns the bytes copied (0:
+    /// nothing to do).
+    fn compact(&mut self) -> Result<u64, SpoolError> {
+        let victims: Vec<(Envelope, u32, u64, usize)> = {
+            let index = self.shared.index.lock().expect("index");
+            let allowance = self.limits.max_segments.saturating_sub(1) as u64
+                * self.limits.segment_bytes;
+            let dead = index.disk().saturating_sub(index.live);
+            if dead <= index.live.max(allowance) {
+                return Ok(0);
+            }
+            let oldest = match index.refs.keys().next() {
+                Some(&n) if n < self.active => n,
+                _ => return Ok(0),
             };
-            self.buf.clear();
-            let mut body_at = Vec::with_capacity(victims.len());
-            for (env, seg, at, len) in &victims {
-                let body = read_at(&self.shared, *seg, *at, *len)?;
-                body_at.push(record::encode_store(&mut self.buf, env, &body));
-            }
-            let base = self.append()?;
-            let seg = self.active;
-            let mut index = self.shared.index.lock().expect("index");
-            for ((env, ..), at) in victims.iter().zip(body_at) {
-                let Some(loc) = index.messages.get_mut(&env.id) else {
-                    continue;
-                };
-                // The copy supersedes every earlier record of the message.
-                let old = std::mem::replace(&mut loc.segments, vec![seg]);
-                loc.segment = seg;
-                loc.body_at = base + at as u64;
-                for s in old {
-                    if let Some(n) = index.refs.get_mut(&s) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
-                *index.refs.entry(seg).or_default() += 1;
-            }
-            drop(index);
-            delete_unreferenced(&self.shared, self.active);
+            index
+                .messages
+                .values()
+                .filter(|l| l.segments.contains(&oldest))
+                .map(|l| (l.envelope.clone(), l.segment, l.body_at, l.body_len))
+                .collect()
+        };
+        self.buf.clear();
+        let mut stored = Vec::with_capacity(victims.len());
+        for (env, seg, at, len) in &victims {
+            let body = read_at(&self.shared, *seg, *at, *len)?;
+            let start = self.buf.len();
+            let at = record::encode_store(&mut self.buf, env, &body);
+            stored.push((at, (self.buf.len() - start) as u64));
         }
+        let base = self.append()?;
+        let seg = self.active;
+        let mut index = self.shared.index.lock().expect("index");
+        for ((env, ..), (at, record_len)) in victims.iter().zip(stored) {
+            let Some(loc) = index.messages.get_mut(&env.id) else {
+                continue;
+            };
+            // The copy supersedes every earlier record of the message.
+            let old = std::mem::replace(&mut loc.segments, vec![seg]);
+            loc.segment = seg;
+            loc.body_at = base + at as u64;
+            let before = std::mem::replace(&mut loc.record_len, record_len);
+            index.live = index.live - before + record_len;
+            for s in old {
+                if let Some(n) = index.refs.get_mut(&s) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            *index.refs.entry(seg).or_default() += 1;
+        }
+        drop(index);
+        delete_unreferenced(&self.shared, self.active);
+        self.shared.measure();
+        Ok(self.buf.len() as u64)
     }
 
-    fn index(&self, batch: &[Request], base: u64, body_at: &[usize]) {
+    fn index(&self, batch: &[Request], base: u64, stored: &[(usize, u64)]) {
         let seg = self.active;
-        let mut bodies = body_at.iter();
+        let mut stores = stored.iter();
         let mut index = self.shared.index.lock().expect("index");
         for r in batch {
             match &r.op {
                 Op::Store(env, body) => {
-                    let at = *bodies.next().expect("one offset per store");
+                    let &(at, record_len) = stores.next().expect("one offset per store");
                     // A re-store (compaction copy) keeps the old segments
                     // referenced: they still hold records of this message.
                     let mut segments = index
-                        .messages
                         .remove(&env.id)
                         .map(|l| l.segments)
                         .unwrap_or_default();
@@ -472,13 +613,14 @@ impl Writer {
                         segments.push(seg);
                         *index.refs.entry(seg).or_default() += 1;
                     }
-                    index.messages.insert(
+                    index.insert(
                         env.id,
                         Location {
                             envelope: env.clone(),
                             segment: seg,
                             body_at: base + at as u64,
                             body_len: body.len(),
+                            record_len,
                             segments,
                         },
                     );
@@ -501,7 +643,7 @@ impl Writer {
                 }
                 Op::Probe => {}
                 Op::Remove(id) => {
-                    if let Some(loc) = index.messages.remove(id) {
+                    if let Some(loc) = index.remove(id) {
                         for s in loc.segments {
                             if let Some(n) = index.refs.get_mut(&s) {
                                 *n = n.saturating_sub(1);
@@ -516,15 +658,14 @@ impl Writer {
     fn rotate(&mut self) -> io::Result<()> {
         let next = self.active + 1;
         let file = open_segment(&self.shared.dir, next)?;
-        self.shared
-            .index
-            .lock()
-            .expect("index")
-            .refs
-            .insert(next, 0);
+        let mut index = self.shared.index.lock().expect("index");
+        index.refs.insert(next, 0);
+        index.sizes.insert(next, 0);
+        drop(index);
         self.file = Some(file);
         self.active = next;
         self.len = 0;
+        self.fresh = 0;
         Ok(())
     }
 }
@@ -539,8 +680,25 @@ fn copy_error(e: &SpoolError) -> SpoolError {
     }
 }
 
+impl DiskSpool {
+    /// Bytes in the spool's files now (as of the last commit).
+    pub fn bytes_on_disk(&self) -> u64 {
+        self.shared.disk.load(Ordering::Relaxed)
+    }
+
+    /// Bytes appended since opening: records and compaction copies.
+    pub fn bytes_written(&self) -> u64 {
+        self.shared.written.load(Ordering::Relaxed)
+    }
+}
+
 impl Spool for DiskSpool {
     fn store(&self, envelope: Envelope, body: Bytes) -> SpoolFuture<'_, ()> {
+        // Refused before the disk is full, not by it: updates, removals
+        // and compaction copies keep their room.
+        if !self.shared.room_for(body.len() as u64 + 4096) {
+            return Box::pin(async { Err(SpoolError::Full) });
+        }
         let id = envelope.id;
         self.shared.cache_insert(id, &body);
         let stored = self.submit(Op::Store(envelope, body));
