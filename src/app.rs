@@ -94,6 +94,26 @@ pub struct Node {
     _data_dir: DataDirLock,
 }
 
+/// The spool's limits from `[spool]`, on the filesystem holding `dir`.
+fn spool_limits(
+    cfg: &crate::config::SpoolConfig,
+    dir: &std::path::Path,
+) -> std::io::Result<crate::spool::disk::Limits> {
+    let (total, _) = crate::spool::disk::filesystem_space(dir)?;
+    let defaults = crate::spool::disk::Limits::default();
+    let max_bytes = match cfg.max_size {
+        crate::config::SpoolSize::Percent(p) => total / 100 * u64::from(p),
+        crate::config::SpoolSize::Bytes(b) => b,
+    };
+    Ok(crate::spool::disk::Limits {
+        max_bytes,
+        // Room for updates, removals and compaction copies whatever else
+        // fills the filesystem: a segment, or a twentieth of a small one.
+        reserve: defaults.segment_bytes.min(total / 20),
+        ..defaults
+    })
+}
+
 /// The parts of a node that must answer for it to be alive: the queue's
 /// driver and the spool's writer (a hung fsync stops the one, a stuck
 /// driver the other).
@@ -132,10 +152,13 @@ impl Node {
         // Before anything in it is opened.
         let lock = DataDirLock::acquire(&config.node.data_dir)?;
         let dir = config.node.data_dir.join("spool");
-        let spool = DiskSpool::open(&dir).map_err(|source| StartError::Spool {
+        let fail = |source| StartError::Spool {
             path: dir.display().to_string(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| fail(e.into()))?;
+        let limits = spool_limits(&config.spool, &dir).map_err(|e| fail(e.into()))?;
+        let spool = DiskSpool::open_with(&dir, limits).map_err(fail)?;
         Self::start_locked(config, Arc::new(spool), lock).await
     }
 

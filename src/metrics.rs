@@ -105,6 +105,11 @@ pub fn spool_commit(records: usize, fsync: Duration) {
     histogram!("mtad_spool_fsync_seconds").record(fsync.as_secs_f64());
 }
 
+/// The spool's files hold `bytes` now.
+pub fn spool_bytes(bytes: u64) {
+    gauge!("mtad_spool_bytes").set(bytes as f64);
+}
+
 /// An SMTP session began (`+1`) or ended (`-1`).
 pub fn smtp_session(delta: i8) {
     if delta > 0 {

@@ -322,7 +322,7 @@ async fn a_spool_failure_gets_451_and_nothing_is_acknowledged() {
         &["--from", "a@example.test", "--to", "b@example.test"],
     )
     .await;
-    assert!(!ok && out.contains("451 4.3.1"), "{out}");
+    assert!(!ok && out.contains("452 4.3.1"), "{out}");
     spool.set_full(false);
     let (ok, out) = swaks(
         addr,

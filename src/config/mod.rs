@@ -28,6 +28,8 @@ pub struct Config {
     pub smtp: SmtpConfig,
     /// `[delivery]`
     pub delivery: DeliveryConfig,
+    /// `[spool]`
+    pub spool: SpoolConfig,
     /// `[[route]]`, first match wins.
     /// Shared with the jobs routed by them: a job keeps its route across
     /// a reload that changes the list.
@@ -40,6 +42,30 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[[group]]`s, in file order.
     pub groups: Vec<GroupConfig>,
+}
+
+/// `[spool]`: the durable store of accepted messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// Past this, new messages get `452 4.3.1` (before the disk is full).
+    pub max_size: SpoolSize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            max_size: SpoolSize::Percent(80),
+        }
+    }
+}
+
+/// How large the spool may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolSize {
+    /// This share of its filesystem's size, in percent.
+    Percent(u8),
+    /// This many bytes.
+    Bytes(u64),
 }
 
 /// `[admin]`: the admin HTTP API that `mtad ctl` talks to.

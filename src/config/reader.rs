@@ -64,7 +64,7 @@ impl<'d> Ref<'d> {
         }
     }
 
-    fn as_str(self) -> Option<&'d str> {
+    pub(super) fn as_str(self) -> Option<&'d str> {
         self.value().and_then(Value::as_str)
     }
 }

@@ -788,3 +788,21 @@ fn file_problems_are_reported_at_their_fields() {
         "t.toml:11:3: cluster.accept_secret_files[1]: unusable"
     );
 }
+
+#[test]
+fn spool_size_is_a_share_of_the_filesystem_or_bytes() {
+    assert_eq!(ok(MIN).spool.max_size, SpoolSize::Percent(80));
+    let c = ok(&with("[spool]\nmax_size = \"50%\"\n"));
+    assert_eq!(c.spool.max_size, SpoolSize::Percent(50));
+    let c = ok(&with("[spool]\nmax_size = \"10GiB\"\n"));
+    assert_eq!(c.spool.max_size, SpoolSize::Bytes(10 << 30));
+    for bad in ["\"0%\"", "\"120%\"", "\"lots\"", "100"] {
+        let e = one(
+            &with(&format!("[spool]\nmax_size = {bad}\n")),
+            "spool.max_size",
+            9,
+            "expected",
+        );
+        assert!(e.to_string().contains("t.toml:9"), "{e}");
+    }
+}

@@ -50,6 +50,7 @@ pub(crate) fn config() -> Config {
             retry: vec![Duration::from_secs(60), Duration::from_secs(300)],
             max_queue_lifetime: Duration::from_secs(3600),
         },
+        spool: Default::default(),
         routes: vec![
             route(
                 &["a.example"],

@@ -305,7 +305,7 @@ impl Session {
         let reply = match result {
             Ok(id) => format!("250 2.0.0 Ok: queued as {id}\r\n"),
             Err(SpoolError::Full) => {
-                "451 4.3.1 Insufficient system storage, try again later\r\n".to_owned()
+                format!("{NO_STORAGE}\r\n")
             }
             Err(_) => "451 4.3.0 Error: queue file write error\r\n".to_owned(),
         };

@@ -634,7 +634,7 @@ fn failed_store_acknowledges_nothing() {
     s.stored(Err(SpoolError::Full), &mut out);
     assert_eq!(
         replies(&out)[0],
-        "451 4.3.1 Insufficient system storage, try again later"
+        "452 4.3.1 Insufficient system storage, try again later"
     );
 }
 

@@ -544,8 +544,8 @@ impl Writer {
     fn compact(&mut self) -> Result<u64, SpoolError> {
         let victims: Vec<(Envelope, u32, u64, usize)> = {
             let index = self.shared.index.lock().expect("index");
-            let allowance = self.limits.max_segments.saturating_sub(1) as u64
-                * self.limits.segment_bytes;
+            let allowance =
+                self.limits.max_segments.saturating_sub(1) as u64 * self.limits.segment_bytes;
             let dead = index.disk().saturating_sub(index.live);
             if dead <= index.live.max(allowance) {
                 return Ok(0);

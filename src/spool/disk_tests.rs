@@ -173,6 +173,7 @@ async fn a_long_deferred_message_does_not_pin_old_segments() {
     let limits = Limits {
         segment_bytes: 2048,
         max_segments: 3,
+        ..Limits::default()
     };
     let segments = |d: &Path| {
         fs::read_dir(d)
@@ -231,4 +232,108 @@ async fn a_probe_is_answered_behind_the_writes_and_writes_nothing() {
     let before = size(dir.path());
     spool.probe().await.unwrap();
     assert_eq!(size(dir.path()), before, "a probe writes nothing");
+}
+
+/// A message of about 1 KiB.
+fn kib(id: u64) -> Bytes {
+    Bytes::from(format!("Subject: {id}\r\n\r\n{}\r\n", "k".repeat(1000)))
+}
+
+#[tokio::test]
+async fn writes_stay_under_three_times_the_payload_behind_a_long_deferred_backlog() {
+    // Far more live data than max_segments segments: every message stays
+    // queued (a dead next hop), deferred now and then.
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        segment_bytes: 16 << 10,
+        max_segments: 4,
+        ..Limits::default()
+    };
+    let spool = DiskSpool::open_with(dir.path(), limits).unwrap();
+    for id in 1..=400 {
+        spool.store(envelope(id, 1), kib(id)).await.unwrap();
+    }
+    let (written, mut payload) = (spool.bytes_written(), 0);
+    for id in 401..=800 {
+        let b = kib(id);
+        payload += b.len() as u64;
+        spool.store(envelope(id, 1), b).await.unwrap();
+        let deferred = vec![(0, RcptState::Pending { attempts: 1 })];
+        spool.update(QueueId(id - 400), deferred).await.unwrap();
+    }
+    let ratio = (spool.bytes_written() - written) as f64 / payload as f64;
+    assert!(ratio < 3.0, "wrote {ratio:.1}x the payload");
+    // And the backlog is intact.
+    drop(spool);
+    let spool = DiskSpool::open_with(dir.path(), limits).unwrap();
+    assert_eq!(spool.recovered().len(), 800);
+    assert_eq!(spool.body(QueueId(7)).await.unwrap(), kib(7));
+}
+
+#[tokio::test]
+async fn dead_data_behind_a_backlog_is_reclaimed() {
+    // A backlog, then heavy traffic delivered at once: the disk holds no
+    // more than about three times the live data (plus the allowance), and
+    // the copying that keeps it so stays under twice what was written.
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        segment_bytes: 16 << 10,
+        max_segments: 2,
+        ..Limits::default()
+    };
+    let spool = DiskSpool::open_with(dir.path(), limits).unwrap();
+    for id in 1..=100 {
+        spool.store(envelope(id, 1), kib(id)).await.unwrap();
+    }
+    let live = spool.bytes_on_disk();
+    let (written, mut payload) = (spool.bytes_written(), 0);
+    for id in 101..=3000 {
+        let b = kib(id);
+        payload += b.len() as u64;
+        spool.store(envelope(id, 1), b).await.unwrap();
+        spool.remove(QueueId(id)).await.unwrap();
+        let bound = 3 * live + 4 * limits.segment_bytes;
+        assert!(
+            spool.bytes_on_disk() <= bound,
+            "{} > {bound}",
+            spool.bytes_on_disk()
+        );
+    }
+    let ratio = (spool.bytes_written() - written) as f64 / payload as f64;
+    assert!(ratio < 3.0, "wrote {ratio:.1}x the payload");
+    assert_eq!(spool.body(QueueId(50)).await.unwrap(), kib(50));
+}
+
+#[tokio::test]
+async fn past_max_bytes_new_messages_are_refused_and_room_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        segment_bytes: 8 << 10,
+        max_segments: 2,
+        max_bytes: 40 << 10,
+        reserve: 0,
+    };
+    let spool = DiskSpool::open_with(dir.path(), limits).unwrap();
+    let mut stored = Vec::new();
+    for id in 1..=100 {
+        match spool.store(envelope(id, 1), kib(id)).await {
+            Ok(()) => stored.push(id),
+            Err(SpoolError::Full) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!((30..=45).contains(&stored.len()), "{}", stored.len());
+    assert!(spool.bytes_on_disk() <= limits.max_bytes);
+    // Updates and removals still go in; once delivered, room again.
+    for &id in &stored {
+        spool.remove(QueueId(id)).await.unwrap();
+    }
+    let mut later = 0;
+    for id in 200..=260 {
+        if spool.store(envelope(id, 1), kib(id)).await.is_ok() {
+            later += 1;
+            spool.remove(QueueId(id)).await.unwrap();
+        }
+    }
+    assert_eq!(later, 61, "every later message fits once the rest is gone");
 }

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod daemon;
 pub mod lab;
+pub mod loopfs;
 pub mod nemesis;
 pub mod netns;
 pub mod node;
