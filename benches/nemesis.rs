@@ -18,6 +18,9 @@ mod daemon;
 #[path = "../tests/common/lab.rs"]
 #[allow(dead_code)]
 mod lab;
+#[path = "../tests/common/loopfs.rs"]
+#[allow(dead_code)]
+mod loopfs;
 #[path = "../tests/common/nemesis.rs"]
 #[allow(dead_code)]
 mod nemesis;

@@ -105,11 +105,20 @@ fn spool_limits(
         crate::config::SpoolSize::Percent(p) => total / 100 * u64::from(p),
         crate::config::SpoolSize::Bytes(b) => b,
     };
+    // Dead data is given back a segment at a time: segments must be
+    // small next to the space the spool may use, or a small disk fills
+    // with dead data in the open segment and stays full.
+    let segment_bytes = defaults
+        .segment_bytes
+        .min(max_bytes / 8)
+        .min(total / 16)
+        .max(64 << 10);
     Ok(crate::spool::disk::Limits {
+        segment_bytes,
         max_bytes,
         // Room for updates, removals and compaction copies whatever else
         // fills the filesystem: a segment, or a twentieth of a small one.
-        reserve: defaults.segment_bytes.min(total / 20),
+        reserve: segment_bytes.min(total / 20),
         ..defaults
     })
 }

@@ -135,3 +135,55 @@ async fn a_node_on_a_nearly_full_disk_answers_452_and_recovers() {
     assert_eq!(eml_files(&outbox).len(), 2, "the refused one never went");
     node.shutdown(std::time::Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(netns_tests),
+    ignore = "needs root: build and run with MTAD_NETNS_TESTS=1"
+)]
+async fn the_cluster_log_waits_for_room_on_a_full_disk_and_goes_on() {
+    use mtad::cluster::store::LogStore;
+    use mtad::cluster::types::{Command, Member, Role, TypeConfig};
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::testing::log_id;
+    use openraft::{Entry, EntryPayload, RaftLogReader};
+
+    // Entries large enough that each needs new blocks of the disk.
+    let entry = |index: u64| Entry::<TypeConfig> {
+        log_id: log_id(1, 1, index),
+        payload: EntryPayload::Normal(Command::Upsert {
+            id: index,
+            member: Member {
+                name: "n".repeat(16 << 10),
+                addr: "127.0.0.1:7400".into(),
+                role: Role::Member,
+            },
+        }),
+    };
+    let fs = LoopFs::new(16).unwrap_or_else(|e| panic!("loop filesystem: {e}"));
+    let dir = fs.path().join("cluster");
+    let mut log = LogStore::open(&dir).unwrap();
+    log.blocking_append([entry(1)]).await.unwrap();
+    let filler = fs.fill(0);
+    // openraft stops for good at a storage error: the write must wait.
+    let writing = tokio::spawn(async move {
+        let r = log.blocking_append([entry(2), entry(3)]).await;
+        (log, r)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!writing.is_finished(), "the append gave up on a full disk");
+    std::fs::remove_file(filler).unwrap();
+    let (mut log, r) = writing.await.unwrap();
+    r.unwrap();
+    log.blocking_append([entry(4)]).await.unwrap();
+    drop(log);
+    let mut log = LogStore::open(&dir).unwrap();
+    let got: Vec<u64> = log
+        .try_get_log_entries(0..)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect();
+    assert_eq!(got, [1, 2, 3, 4]);
+}

@@ -29,9 +29,19 @@ impl LoopFs {
     /// A fresh ext4 filesystem of `mib` MiB.
     pub fn new(mib: u64) -> Result<LoopFs, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let image = dir.path().join("fs.img");
         let mount = dir.path().join("mnt");
-        std::fs::create_dir(&mount).map_err(|e| e.to_string())?;
+        Self::mount(dir, mount, mib)
+    }
+
+    /// A fresh ext4 filesystem of `mib` MiB mounted at `mount` (made).
+    pub fn at(mount: &Path, mib: u64) -> Result<LoopFs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        Self::mount(dir, mount.to_path_buf(), mib)
+    }
+
+    fn mount(dir: tempfile::TempDir, mount: PathBuf, mib: u64) -> Result<LoopFs, String> {
+        let image = dir.path().join("fs.img");
+        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
         let file = std::fs::File::create(&image).map_err(|e| e.to_string())?;
         file.set_len(mib << 20).map_err(|e| e.to_string())?;
         let (img, mnt) = (image.to_str().unwrap(), mount.to_str().unwrap());

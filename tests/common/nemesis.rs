@@ -14,7 +14,9 @@
 //! (with or without the `mtad release` systemd would run) and a restart;
 //! SIGSTOP for 1-15 s; a partition of one node from the others, both ways
 //! or one way, with the client on either side; random packet loss on one
-//! node. (Delay is not injected: this kernel has no netem.)
+//! node; a full disk under one node's data directory (each is a small
+//! ext4 filesystem of its own). (Delay is not injected: this kernel has
+//! no netem.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::daemon::Daemon;
 use super::lab::{sink, Received, CLIENT};
+use super::loopfs::LoopFs;
 use super::netns::{node_config, Lab, NODES, VIP};
 use super::wire::{self, Double};
 
@@ -88,6 +91,8 @@ pub enum Fault {
         percent: u64,
         for_: Duration,
     },
+    /// Fill the node's disk for `for_`.
+    DiskFull { node: usize, for_: Duration },
 }
 
 impl Fault {
@@ -101,12 +106,13 @@ impl Fault {
             Fault::Partition { client: true, .. } => "partition, client with the node",
             Fault::Partition { .. } => "partition, client with the rest",
             Fault::Loss { .. } => "packet loss",
+            Fault::DiskFull { .. } => "full disk",
         }
     }
 
     fn random(rng: &mut Rng) -> Fault {
         let node = rng.below(3) as usize;
-        match rng.below(5) {
+        match rng.below(6) {
             0 => Fault::Kill {
                 node,
                 release: rng.below(2) == 0,
@@ -122,9 +128,13 @@ impl Fault {
                 client: rng.below(2) == 0,
                 for_: rng.millis(2_000, 10_000),
             },
-            _ => Fault::Loss {
+            4 => Fault::Loss {
                 node,
                 percent: 10 + rng.below(30),
+                for_: rng.millis(2_000, 10_000),
+            },
+            _ => Fault::DiskFull {
+                node,
                 for_: rng.millis(2_000, 10_000),
             },
         }
@@ -157,6 +167,8 @@ struct Nodes {
     lab: Lab,
     configs: Vec<PathBuf>,
     running: Vec<Option<Daemon>>,
+    /// Each node's data directory, a filesystem of its own.
+    disks: Vec<LoopFs>,
 }
 
 impl Nodes {
@@ -250,6 +262,11 @@ impl Nodes {
                 self.nft_script(node, &rules);
                 tokio::time::sleep(for_).await;
                 self.nft(node, "delete table inet nemesis");
+            }
+            Fault::DiskFull { node, for_ } => {
+                let filler = self.disks[node].fill(0);
+                tokio::time::sleep(for_).await;
+                std::fs::remove_file(filler).unwrap();
             }
         }
     }
@@ -406,10 +423,17 @@ pub async fn run(seed: u64, faulting: Duration, dir: &Path) -> Report {
         .iter()
         .map(|(name, last)| node_config(dir, name, *last, extra, "info"))
         .collect();
+    // node_config puts node NAME's data in DIR/NAME.
+    let disks = NODES
+        .iter()
+        .map(|(name, _)| LoopFs::at(&dir.join(name), 128))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("loop filesystem: {e}"));
     let mut nodes = Nodes {
         lab,
         configs,
         running: (0..3).map(|_| None).collect(),
+        disks,
     };
     for i in 0..3 {
         nodes.start(i).await;

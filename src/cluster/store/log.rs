@@ -71,9 +71,10 @@ pub struct LogStore {
     entries: Arc<RwLock<Entries>>,
     /// Records in the file that no longer back a live entry.
     dead: usize,
-    /// Set after a failed append: the file may end in a partial frame, and
-    /// frames written after it would be lost on replay, so no more writes
-    /// until the store is reopened (which drops the partial frame).
+    /// Set after a failed append that could not be cut back: the file may
+    /// end in a partial frame, and frames written after it would be lost
+    /// on replay, so no more writes until the store is reopened (which
+    /// drops the partial frame).
     failed: bool,
 }
 
@@ -183,18 +184,32 @@ impl LogStore {
         })
     }
 
-    /// Appends framed records and makes them durable with one fsync.
+    /// Appends framed records and makes them durable with one fsync,
+    /// waiting for room on a full disk.
+    async fn append_records(&mut self, buf: &[u8]) -> io::Result<()> {
+        super::until_room("cluster log", || self.write_records(buf)).await
+    }
+
+    /// One attempt at `append_records`; a failed one is cut back off the
+    /// file, so that another may follow it.
     fn write_records(&mut self, buf: &[u8]) -> io::Result<()> {
         if self.failed {
             return Err(io::Error::other(
                 "cluster log store failed earlier; reopen it",
             ));
         }
+        let len = self.file.metadata()?.len();
         let res = self.file.write_all(buf).and_then(|_| self.file.sync_data());
         if res.is_err() {
-            self.failed = true;
+            let cut = self.file.set_len(len).and_then(|_| self.file.sync_all());
+            self.failed = cut.is_err();
         }
         res
+    }
+
+    /// `save_meta`, waiting for room on a full disk.
+    async fn store_meta(&mut self, meta: Meta) -> io::Result<()> {
+        super::until_room("cluster log meta", || self.save_meta(meta.clone())).await
     }
 
     /// Replaces the meta file, then the in-memory copy (only once durable).
@@ -212,7 +227,13 @@ impl LogStore {
     fn maybe_compact(&mut self) -> io::Result<()> {
         let live = read(&self.entries).len();
         if self.dead >= COMPACT_MIN_DEAD && self.dead >= live {
-            self.compact()?;
+            match self.compact() {
+                // Not written, the old file in place: next time.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    tracing::warn!(error = %e, "cluster log not compacted: the disk is full");
+                }
+                other => other?,
+            }
         }
         Ok(())
     }
@@ -296,7 +317,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             vote: Some(*vote),
             ..self.meta.clone()
         };
-        self.save_meta(meta)
+        self.store_meta(meta)
+            .await
             .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
@@ -315,7 +337,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             committed,
             ..self.meta.clone()
         };
-        self.save_meta(meta)
+        self.store_meta(meta)
+            .await
             .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, e))
     }
 
@@ -339,7 +362,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in &entries {
             encode(&mut buf, &RecordRef::Entry(e));
         }
-        if let Err(e) = self.write_records(&buf) {
+        if let Err(e) = self.append_records(&buf).await {
             callback.log_io_completed(Err(io::Error::new(e.kind(), e.to_string())));
             return Err(io_error(ErrorSubject::Logs, ErrorVerb::Write, e));
         }
@@ -361,7 +384,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let since = log_id.index;
         let mut buf = Vec::new();
         encode(&mut buf, &RecordRef::Truncate { since });
-        self.write_records(&buf)
+        self.append_records(&buf)
+            .await
             .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         let removed = write(&self.entries).split_off(&since).len();
         self.dead += removed + 1;
@@ -379,7 +403,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             purged: Some(log_id),
             ..self.meta.clone()
         };
-        self.save_meta(meta)
+        self.store_meta(meta)
+            .await
             .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         let removed = {
             let mut map = write(&self.entries);

@@ -4,6 +4,11 @@
 //! Both live in one directory (the node passes `data_dir/cluster`) under
 //! distinct file names; every write that openraft relies on is fsynced
 //! before it is acknowledged.
+//!
+//! A write that finds the disk full waits for room (see [`until_room`])
+//! rather than fail: openraft stops for good at the first storage error,
+//! and a node must not need a restart because another file filled its
+//! disk for a while. Meanwhile this node's raft is stalled, as if paused.
 
 mod frame;
 mod log;
@@ -17,6 +22,37 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use log::{LogReader, LogStore};
+
+/// How long a write waits for the disk to have room before it fails.
+const OUT_OF_SPACE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Run `write` until it succeeds, trying again (from 100 ms, doubling to
+/// 2 s) while it fails for want of space (ENOSPC, EDQUOT), for at most
+/// [`OUT_OF_SPACE_PATIENCE`]; any other error at once. `write` must leave
+/// things as they were when it fails (cut a partial append back).
+pub(crate) async fn until_room<T>(
+    what: &str,
+    mut write: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match write() {
+            Err(e) if out_of_space(&e) && started.elapsed() < OUT_OF_SPACE_PATIENCE => {
+                if pause.as_millis() == 100 {
+                    tracing::error!(%what, error = %e, "the disk is full: cluster writes wait for room");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            done => return done,
+        }
+    }
+}
+
+fn out_of_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
 pub use sm::{ClusterView, SnapshotBuilder, StateMachine};
 
 /// Why the cluster store could not be opened.

@@ -7,7 +7,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::storage::RaftStateMachine;
@@ -40,11 +40,17 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-type Slot = Arc<Mutex<Option<StoredSnapshot>>>;
+/// The latest snapshot. An async lock: it is held while the file is
+/// written, which may wait for room on a full disk.
+type Slot = Arc<tokio::sync::Mutex<Option<StoredSnapshot>>>;
 
-fn lock(slot: &Slot) -> MutexGuard<'_, Option<StoredSnapshot>> {
-    // The slot is replaced in one assignment, so a poisoned lock is consistent.
-    slot.lock().unwrap_or_else(|e| e.into_inner())
+async fn lock(slot: &Slot) -> tokio::sync::MutexGuard<'_, Option<StoredSnapshot>> {
+    slot.lock().await
+}
+
+/// `persist`, waiting for room on a full disk.
+async fn persist_durably(dir: &Path, snap: &StoredSnapshot) -> std::io::Result<()> {
+    super::until_room("cluster snapshot", || persist(dir, snap)).await
 }
 
 /// The cluster state as of a log position, published after every change.
@@ -132,7 +138,7 @@ impl StateMachine {
         Ok(StateMachine {
             dir,
             data,
-            snapshot: Arc::new(Mutex::new(snapshot)),
+            snapshot: Arc::new(tokio::sync::Mutex::new(snapshot)),
             published: watch::Sender::new(view),
         })
     }
@@ -176,12 +182,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let stored = StoredSnapshot { meta, data };
         {
-            let mut slot = lock(&self.snapshot);
+            let mut slot = lock(&self.snapshot).await;
             // A snapshot installed from the leader while this one was being
             // built may be newer; never replace newer with older.
             let newer_exists = slot.as_ref().is_some_and(|s| s.meta.last_log_id > last);
             if !newer_exists {
-                persist(&self.dir, &stored)
+                persist_durably(&self.dir, &stored)
+                    .await
                     .map_err(|e| snapshot_error(Some(&stored.meta), ErrorVerb::Write, &e))?;
                 *slot = Some(stored.clone());
             }
@@ -259,8 +266,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Durable before the state changes: openraft may purge the log up to
         // this snapshot as soon as we return.
         {
-            let mut slot = lock(&self.snapshot);
-            persist(&self.dir, &stored)
+            let mut slot = lock(&self.snapshot).await;
+            persist_durably(&self.dir, &stored)
+                .await
                 .map_err(|e| snapshot_error(Some(meta), ErrorVerb::Write, &e))?;
             *slot = Some(stored);
         }
@@ -278,7 +286,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(lock(&self.snapshot).clone().map(|s| Snapshot {
+        Ok(lock(&self.snapshot).await.clone().map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
