@@ -1,11 +1,19 @@
 //! Failover time of a VIP group, measured from the client's side: three
 //! nodes and a client in network namespaces on one bridge (the lab of
 //! tests/netns.rs), the netlink provider, default group timings. Each run
-//! SIGKILLs the VIP's owner, runs `mtad release` for it as systemd's
-//! ExecStopPost would, and polls the VIP from the client until a new node
-//! greets with 220; then the killed node is restarted and rejoins. Mail
-//! goes through the VIP all along; at the end every acknowledged message
-//! must have reached the sink.
+//! strikes the VIP's owner and polls the VIP from the client until a new
+//! node greets with 220; then the owner comes back and rejoins. FAULT
+//! says how it is struck:
+//! - `kill` (default): SIGKILL, then `mtad release` as systemd's
+//!   ExecStopPost would;
+//! - `kill-norelease`: SIGKILL alone: the kernel drops the address when
+//!   its lifetime runs out;
+//! - `freeze`: SIGSTOP (SIGCONT once another node greets);
+//! - `partition`: cut off from the other nodes, not from the client
+//!   (healed once another node greets).
+//!
+//! Mail goes through the VIP all along; at the end every acknowledged
+//! message must have reached the sink.
 //!
 //! Needs root. Run: `cargo bench --bench failover` (RUNS=n to change the
 //! count, default 20; MTAD_BENCH_LOGS=DIR keeps each node's info log in
@@ -135,6 +143,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let fault = std::env::var("FAULT").unwrap_or_else(|_| "kill".into());
     let names: Vec<&str> = NODES
         .iter()
         .map(|(n, _)| *n)
@@ -212,10 +221,30 @@ fn main() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let leader = leads(&lab, other, &name);
+        let ip = format!("198.18.0.{}", NODES[i].1);
+        let peers: Vec<(&str, String)> = NODES
+            .iter()
+            .filter(|(n, _)| *n != name)
+            .map(|(n, l)| (*n, format!("198.18.0.{l}")))
+            .collect();
+        let peers: Vec<(&str, &str)> = peers.iter().map(|(n, a)| (*n, a.as_str())).collect();
+        let signal = |child: &Child, sig| {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        };
         let t0 = Instant::now();
-        procs[i].kill().unwrap();
-        procs[i].wait().unwrap();
-        release(&lab, &name, &cfgs[i]);
+        match fault.as_str() {
+            "kill" | "kill-norelease" => {
+                procs[i].kill().unwrap();
+                procs[i].wait().unwrap();
+                if fault == "kill" {
+                    release(&lab, &name, &cfgs[i]);
+                }
+            }
+            "freeze" => signal(&procs[i], libc::SIGSTOP),
+            "partition" => lab.cut((&name, &ip), &peers),
+            other => panic!("FAULT={other}: kill, kill-norelease, freeze or partition"),
+        }
         let next = {
             let not = name.clone();
             lab.within("client", move || {
@@ -225,9 +254,15 @@ fn main() {
             .unwrap()
         };
         let took = t0.elapsed();
-        eprintln!("run {run}: {name} (leader: {leader}) killed, {next} greets after {took:?}");
+        eprintln!(
+            "run {run}: {name} (leader: {leader}) struck ({fault}), {next} greets after {took:?}"
+        );
         times.push((took, leader));
-        procs[i] = start(&lab, &name, &cfgs[i]);
+        match fault.as_str() {
+            "freeze" => signal(&procs[i], libc::SIGCONT),
+            "partition" => lab.heal((&name, &ip), &peers),
+            _ => procs[i] = start(&lab, &name, &cfgs[i]),
+        }
         // Let it rejoin and be published up before the next kill.
         lab.until_voting(&next, 3);
         // A restarted voter holds back its answers about leases for one
@@ -257,7 +292,8 @@ fn main() {
         let _ = p.wait();
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("| owner killed | failovers | median | max | min |\n|---|---|---|---|---|");
+    println!("FAULT={fault}");
+    println!("| owner struck | failovers | median | max | min |\n|---|---|---|---|---|");
     for (label, pick) in [
         ("any", None),
         ("a follower", Some(false)),

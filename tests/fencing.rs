@@ -26,7 +26,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::lab::{greeter, sink, until_greeted_by, Received, CLIENT, PATIENCE};
+use common::lab::{greeter, until_greeted_by, CLIENT, PATIENCE};
 use common::netns::{node_config, Lab, NODES, VIP};
 use common::wire::{self, Claim};
 use mtad::resource::netlink::NetlinkVip;
@@ -50,20 +50,8 @@ struct Fenced {
 }
 
 async fn up() -> Fenced {
-    let names: Vec<&str> = NODES
-        .iter()
-        .map(|(n, _)| *n)
-        .chain(["client", "sink"])
-        .collect();
-    let lab = Lab::new(&names, &[1, 2, 3, 10, 20]).unwrap_or_else(|e| panic!("lab: {e}"));
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cluster.key"),
-        "namespace lab secret, long enough",
-    )
-    .unwrap();
-    let received: Received = Arc::default();
-    lab.within("sink", move || common::lab::block_on(sink(received)));
+    let (lab, _received) = common::lab::with_sink(dir.path());
     let stop = Arc::new(AtomicBool::new(false));
     let recorder = wire::record(&lab, VIP, stop.clone());
     let rounds = Arc::new(AtomicU64::new(0));

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::lab::{
-    arp_points_to, arrived, block_on, greeter, release, send, send_sized, send_to, sink,
-    until_greeted_by, Received, CLIENT, PATIENCE,
+    arp_points_to, arrived, block_on, greeter, release, send, send_sized, send_to,
+    until_greeted_by, CLIENT, PATIENCE,
 };
 use common::netns::{mac_text, node_config, who_has, Lab, MAX_MESSAGE, NODES, VIP};
 
@@ -40,23 +40,8 @@ fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
     ignore = "needs root: build and run with MTAD_NETNS_TESTS=1"
 )]
 async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
-    let names: Vec<&str> = NODES
-        .iter()
-        .map(|(n, _)| *n)
-        .chain(["client", "sink"])
-        .collect();
-    let lab = Lab::new(&names, &[1, 2, 3, 10, 20]).unwrap_or_else(|e| panic!("lab: {e}"));
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cluster.key"),
-        "namespace lab secret, long enough",
-    )
-    .unwrap();
-    let received: Received = Arc::default();
-    {
-        let received = received.clone();
-        lab.within("sink", move || block_on(sink(received)));
-    }
+    let (lab, received) = common::lab::with_sink(dir.path());
     // The client keeps asking who has the VIP; a round with two answers
     // would mean two owners at once.
     let stop = Arc::new(AtomicBool::new(false));

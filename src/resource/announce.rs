@@ -99,9 +99,8 @@ impl Drop for Fd {
     }
 }
 
-/// Broadcast a gratuitous ARP for `ip` on interface `index`.
-pub fn send_garp(index: u32, mac: Mac, ip: Ipv4Addr) -> io::Result<()> {
-    let frame = garp_frame(mac, ip);
+/// An ARP packet socket and the broadcast address on interface `index`.
+fn arp_socket(index: u32) -> io::Result<(Fd, libc::sockaddr_ll)> {
     let proto = ETH_P_ARP.to_be();
     // SAFETY: plain socket creation; the result is checked.
     let fd = Fd(check(unsafe {
@@ -114,6 +113,13 @@ pub fn send_garp(index: u32, mac: Mac, ip: Ipv4Addr) -> io::Result<()> {
     to.sll_ifindex = index as i32;
     to.sll_halen = 6;
     to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    Ok((fd, to))
+}
+
+const SOCKADDR_LL_LEN: u32 = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+
+/// Send `frame` to `to` on `fd`.
+fn send_frame(fd: &Fd, frame: &[u8], to: &libc::sockaddr_ll) -> io::Result<()> {
     // SAFETY: the buffer and address are valid for the lengths given.
     check(unsafe {
         libc::sendto(
@@ -121,11 +127,17 @@ pub fn send_garp(index: u32, mac: Mac, ip: Ipv4Addr) -> io::Result<()> {
             frame.as_ptr().cast(),
             frame.len(),
             0,
-            (&to as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            (to as *const libc::sockaddr_ll).cast(),
+            SOCKADDR_LL_LEN,
         ) as libc::c_int
     })?;
     Ok(())
+}
+
+/// Broadcast a gratuitous ARP for `ip` on interface `index`.
+pub fn send_garp(index: u32, mac: Mac, ip: Ipv4Addr) -> io::Result<()> {
+    let (fd, to) = arp_socket(index)?;
+    send_frame(&fd, &garp_frame(mac, ip), &to)
 }
 
 /// Probe for `ip` on interface `index` (blocking): `rounds` probes,
@@ -139,19 +151,16 @@ pub fn probe(
     spacing: std::time::Duration,
 ) -> io::Result<Option<Mac>> {
     let frame = probe_frame(mac, ip);
-    let proto = ETH_P_ARP.to_be();
-    // SAFETY: plain socket creation; the result is checked.
-    let fd = Fd(check(unsafe {
-        libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto))
-    })?);
-    // SAFETY: sockaddr_ll is plain old data; zeroed is a valid value.
-    let mut here: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    here.sll_family = libc::AF_PACKET as u16;
-    here.sll_protocol = proto;
-    here.sll_ifindex = index as i32;
-    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    let (fd, to) = arp_socket(index)?;
+    // Only this interface's frames.
     // SAFETY: the address is valid for its length.
-    check(unsafe { libc::bind(fd.0, (&here as *const libc::sockaddr_ll).cast(), len) })?;
+    check(unsafe {
+        libc::bind(
+            fd.0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            SOCKADDR_LL_LEN,
+        )
+    })?;
     let wait = libc::timeval {
         tv_sec: 0,
         tv_usec: 5_000,
@@ -166,27 +175,14 @@ pub fn probe(
             std::mem::size_of::<libc::timeval>() as u32,
         )
     })?;
-    let mut to = here;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
     let mut buf = [0u8; 64];
     for _ in 0..rounds {
-        // SAFETY: the buffer and address are valid for the lengths given.
-        check(unsafe {
-            libc::sendto(
-                fd.0,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&to as *const libc::sockaddr_ll).cast(),
-                len,
-            ) as libc::c_int
-        })?;
+        send_frame(&fd, &frame, &to)?;
         let until = std::time::Instant::now() + spacing;
         while std::time::Instant::now() < until {
             // SAFETY: sockaddr_ll is plain old data.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut from_len = len;
+            let mut from_len = SOCKADDR_LL_LEN;
             // SAFETY: the buffer and address are valid for their lengths.
             let n = unsafe {
                 libc::recvfrom(

@@ -9,12 +9,28 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::netns::{Lab, SINK, VIP};
+use super::netns::{Lab, NODES, SINK, VIP};
 
 /// The lab's client host's address.
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// How long a wait for the lab may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The three nodes' lab with a client and a sink host, the cluster secret
+/// written into `dir`, and the sink running; what the sink receives.
+pub fn with_sink(dir: &Path) -> (Lab, Received) {
+    let names: Vec<&str> = NODES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(["client", "sink"])
+        .collect();
+    let lab = Lab::new(&names, &[1, 2, 3, 10, 20]).unwrap_or_else(|e| panic!("lab: {e}"));
+    std::fs::write(dir.join("cluster.key"), "namespace lab secret, long enough").unwrap();
+    let received: Received = Arc::default();
+    let r = received.clone();
+    lab.within("sink", move || block_on(sink(r)));
+    (lab, received)
+}
 
 /// What the sink received: (peer address, message text).
 pub type Received = Arc<Mutex<Vec<(SocketAddr, String)>>>;

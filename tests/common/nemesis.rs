@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::daemon::Daemon;
-use super::lab::{sink, Received, CLIENT};
+use super::lab::{Received, CLIENT};
 use super::loopfs::LoopFs;
 use super::netns::{node_config, Lab, NODES, VIP};
 use super::wire::{self, Double};
@@ -402,18 +402,7 @@ fn arrivals(received: &Received, seed: u64) -> BTreeMap<u64, usize> {
 
 /// Run the nemesis with `seed` for `faulting` (then heal and check).
 pub async fn run(seed: u64, faulting: Duration, dir: &Path) -> Report {
-    let names: Vec<&str> = NODES
-        .iter()
-        .map(|(n, _)| *n)
-        .chain(["client", "sink"])
-        .collect();
-    let lab = Lab::new(&names, &[1, 2, 3, 10, 20]).unwrap_or_else(|e| panic!("lab: {e}"));
-    std::fs::write(dir.join("cluster.key"), "nemesis lab secret, long enough").unwrap();
-    let received: Received = Arc::default();
-    {
-        let received = received.clone();
-        lab.within("sink", move || super::lab::block_on(sink(received)));
-    }
+    let (lab, received) = super::lab::with_sink(dir);
     let stop = Arc::new(AtomicBool::new(false));
     let recorder = wire::record(&lab, VIP, stop.clone());
     let rounds = Arc::new(AtomicU64::new(0));
