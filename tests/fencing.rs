@@ -300,37 +300,39 @@ async fn the_kernel_drops_a_vip_whose_lease_is_no_longer_renewed() {
 )]
 async fn a_claim_finds_the_vip_held_by_another_host_until_it_is_gone() {
     let lab = Lab::new(&["h1", "h2"], &[1, 2]).unwrap_or_else(|e| panic!("lab: {e}"));
-    let net: ipnet::IpNet = "198.18.0.100/24".parse().unwrap();
-    let provider = move || NetlinkVip::new(net, "eth0".into(), Duration::from_secs(10));
-    let h1 = provider();
-    let (up, held) = (h1.clone(), h1.clone());
-    let claim = move |lab: &Lab| {
-        let p = provider();
-        lab.within("h2", move || common::lab::block_on(p.claim()))
+    for vip in ["198.18.0.100/24", "2001:db8::100/64"] {
+        let net: ipnet::IpNet = vip.parse().unwrap();
+        let provider = move || NetlinkVip::new(net, "eth0".into(), Duration::from_secs(10));
+        let h1 = provider();
+        let (up, held) = (h1.clone(), h1.clone());
+        let claim = move |lab: &Lab| {
+            let p = provider();
+            lab.within("h2", move || common::lab::block_on(p.claim()))
+                .join()
+                .unwrap()
+        };
+        assert_eq!(claim(&lab), Ok(()), "{vip}: nobody holds it yet");
+        lab.within("h1", move || {
+            common::lab::block_on(async move {
+                up.lease(tokio::time::Instant::now() + Duration::from_secs(30));
+                up.start().await
+            })
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        let err = claim(&lab).unwrap_err();
+        let mac = lab.mac("h1");
+        assert!(err.contains(&mac), "{vip}: names the holder {mac}: {err}");
+        // Its own host's claim is no conflict (a restart in place).
+        lab.within("h1", move || common::lab::block_on(held.claim()))
             .join()
             .unwrap()
-    };
-    assert_eq!(claim(&lab), Ok(()), "nobody holds it yet");
-    lab.within("h1", move || {
-        common::lab::block_on(async move {
-            up.lease(tokio::time::Instant::now() + Duration::from_secs(30));
-            up.start().await
-        })
-    })
-    .join()
-    .unwrap()
-    .unwrap();
-    let err = claim(&lab).unwrap_err();
-    let mac = lab.mac("h1");
-    assert!(err.contains(&mac), "names the holder {mac}: {err}");
-    // Its own host's claim is no conflict (a restart in place).
-    lab.within("h1", move || common::lab::block_on(held.claim()))
-        .join()
-        .unwrap()
-        .unwrap();
-    lab.within("h1", move || common::lab::block_on(h1.stop()))
-        .join()
-        .unwrap()
-        .unwrap();
-    assert_eq!(claim(&lab), Ok(()), "free once removed");
+            .unwrap();
+        lab.within("h1", move || common::lab::block_on(h1.stop()))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(claim(&lab), Ok(()), "{vip}: free once removed");
+    }
 }

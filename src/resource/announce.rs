@@ -4,14 +4,7 @@
 //! override flag), both carrying this interface's MAC. Switches and hosts
 //! then send to the new owner without waiting for their caches to expire.
 //!
-//! Before claiming an IPv4 address, the new owner probes for it (RFC 5227
-//! address conflict detection, on a faster schedule: a LAN answers within
-//! a millisecond): an ARP request for the address from 0.0.0.0. Any host
-//! that still holds it answers, and so does the kernel of a former owner
-//! frozen with the address still on its interface.
-//!
-//! The frames are built and read by pure functions; sending needs
-//! CAP_NET_RAW.
+//! The frames are built by pure functions; sending needs CAP_NET_RAW.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -19,7 +12,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 /// A MAC address.
 pub type Mac = [u8; 6];
 
-const ETH_P_ARP: u16 = 0x0806;
+pub(super) const ETH_P_ARP: u16 = 0x0806;
 
 /// "aa:bb:cc:dd:ee:ff".
 pub fn mac_text(mac: &Mac) -> String {
@@ -45,29 +38,6 @@ pub fn garp_frame(mac: Mac, ip: Ipv4Addr) -> [u8; 42] {
     f
 }
 
-/// The Ethernet frame of an ARP probe for `ip` from `mac` (RFC 5227: a
-/// request with sender address 0.0.0.0, so no cache learns anything).
-pub fn probe_frame(mac: Mac, ip: Ipv4Addr) -> [u8; 42] {
-    let mut f = garp_frame(mac, ip);
-    f[28..32].copy_from_slice(&[0; 4]);
-    f
-}
-
-/// Whether an ARP frame heard while probing for `ip` shows another host
-/// using it (RFC 5227 section 2.1.1): it comes from a MAC other than
-/// `mine` and has `ip` as its sender address, or it probes for `ip` too.
-/// Returns that host's MAC.
-pub fn conflict(frame: &[u8], mine: Mac, ip: Ipv4Addr) -> Option<Mac> {
-    if frame.len() < 42 || frame[12..14] != ETH_P_ARP.to_be_bytes() {
-        return None;
-    }
-    let sha: Mac = frame[22..28].try_into().ok()?;
-    let (spa, tpa) = (&frame[28..32], &frame[38..42]);
-    let request = frame[20..22] == [0, 1];
-    let probing = request && spa == [0; 4] && tpa == ip.octets();
-    (sha != mine && (spa == ip.octets() || probing)).then_some(sha)
-}
-
 /// The ICMPv6 body of an unsolicited neighbour advertisement for `ip` at
 /// `mac` (the kernel fills in the checksum on a raw ICMPv6 socket).
 pub fn unsolicited_na(mac: Mac, ip: Ipv6Addr) -> [u8; 32] {
@@ -81,7 +51,7 @@ pub fn unsolicited_na(mac: Mac, ip: Ipv6Addr) -> [u8; 32] {
     b
 }
 
-fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+pub(super) fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -90,7 +60,7 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// A socket that closes itself.
-struct Fd(libc::c_int);
+pub(super) struct Fd(pub(super) libc::c_int);
 
 impl Drop for Fd {
     fn drop(&mut self) {
@@ -100,7 +70,7 @@ impl Drop for Fd {
 }
 
 /// An ARP packet socket and the broadcast address on interface `index`.
-fn arp_socket(index: u32) -> io::Result<(Fd, libc::sockaddr_ll)> {
+pub(super) fn arp_socket(index: u32) -> io::Result<(Fd, libc::sockaddr_ll)> {
     let proto = ETH_P_ARP.to_be();
     // SAFETY: plain socket creation; the result is checked.
     let fd = Fd(check(unsafe {
@@ -116,10 +86,10 @@ fn arp_socket(index: u32) -> io::Result<(Fd, libc::sockaddr_ll)> {
     Ok((fd, to))
 }
 
-const SOCKADDR_LL_LEN: u32 = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+pub(super) const SOCKADDR_LL_LEN: u32 = std::mem::size_of::<libc::sockaddr_ll>() as u32;
 
 /// Send `frame` to `to` on `fd`.
-fn send_frame(fd: &Fd, frame: &[u8], to: &libc::sockaddr_ll) -> io::Result<()> {
+pub(super) fn send_frame(fd: &Fd, frame: &[u8], to: &libc::sockaddr_ll) -> io::Result<()> {
     // SAFETY: the buffer and address are valid for the lengths given.
     check(unsafe {
         libc::sendto(
@@ -140,76 +110,17 @@ pub fn send_garp(index: u32, mac: Mac, ip: Ipv4Addr) -> io::Result<()> {
     send_frame(&fd, &garp_frame(mac, ip), &to)
 }
 
-/// Probe for `ip` on interface `index` (blocking): `rounds` probes,
-/// `spacing` apart, listening all the while. The MAC of a host that holds
-/// it, if one answered.
-pub fn probe(
-    index: u32,
-    mac: Mac,
-    ip: Ipv4Addr,
-    rounds: u32,
-    spacing: std::time::Duration,
-) -> io::Result<Option<Mac>> {
-    let frame = probe_frame(mac, ip);
-    let (fd, to) = arp_socket(index)?;
-    // Only this interface's frames.
-    // SAFETY: the address is valid for its length.
-    check(unsafe {
-        libc::bind(
-            fd.0,
-            (&to as *const libc::sockaddr_ll).cast(),
-            SOCKADDR_LL_LEN,
-        )
-    })?;
-    let wait = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 5_000,
-    };
-    // SAFETY: the option value lives across the call.
-    check(unsafe {
-        libc::setsockopt(
-            fd.0,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&wait as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    })?;
-    let mut buf = [0u8; 64];
-    for _ in 0..rounds {
-        send_frame(&fd, &frame, &to)?;
-        let until = std::time::Instant::now() + spacing;
-        while std::time::Instant::now() < until {
-            // SAFETY: sockaddr_ll is plain old data.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut from_len = SOCKADDR_LL_LEN;
-            // SAFETY: the buffer and address are valid for their lengths.
-            let n = unsafe {
-                libc::recvfrom(
-                    fd.0,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut from_len,
-                )
-            };
-            // Our own probes come back as outgoing frames: not a conflict.
-            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            if let Some(other) = conflict(&buf[..n as usize], mac, ip) {
-                return Ok(Some(other));
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// Send an unsolicited neighbour advertisement for `ip` to all nodes on
 /// interface `index`.
 pub fn send_na(index: u32, mac: Mac, ip: Ipv6Addr) -> io::Result<()> {
-    let body = unsolicited_na(mac, ip);
+    let fd = icmp6_socket(index)?;
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    send_icmp6(&fd, &unsolicited_na(mac, ip), all_nodes, index)
+}
+
+/// An ICMPv6 raw socket that sends neighbour discovery on interface
+/// `index` (the kernel fills in checksums).
+pub(super) fn icmp6_socket(index: u32) -> io::Result<Fd> {
     // SAFETY: plain socket creation; the result is checked.
     let fd = Fd(check(unsafe {
         libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6)
@@ -219,6 +130,7 @@ pub fn send_na(index: u32, mac: Mac, ip: Ipv6Addr) -> io::Result<()> {
     let ifindex = index as libc::c_int;
     for (opt, val) in [
         (libc::IPV6_MULTICAST_HOPS, &hops),
+        (libc::IPV6_UNICAST_HOPS, &hops),
         (libc::IPV6_MULTICAST_IF, &ifindex),
     ] {
         // SAFETY: the option value is a c_int that lives across the call.
@@ -232,11 +144,16 @@ pub fn send_na(index: u32, mac: Mac, ip: Ipv6Addr) -> io::Result<()> {
             )
         })?;
     }
+    Ok(fd)
+}
+
+/// Send the ICMPv6 message `body` to `to` on interface `index`.
+pub(super) fn send_icmp6(fd: &Fd, body: &[u8], to: Ipv6Addr, index: u32) -> io::Result<()> {
     // SAFETY: sockaddr_in6 is plain old data; zeroed is a valid value.
-    let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    to.sin6_family = libc::AF_INET6 as u16;
-    to.sin6_addr.s6_addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets();
-    to.sin6_scope_id = index;
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    addr.sin6_family = libc::AF_INET6 as u16;
+    addr.sin6_addr.s6_addr = to.octets();
+    addr.sin6_scope_id = index;
     // SAFETY: the buffer and address are valid for the lengths given.
     check(unsafe {
         libc::sendto(
@@ -244,7 +161,7 @@ pub fn send_na(index: u32, mac: Mac, ip: Ipv6Addr) -> io::Result<()> {
             body.as_ptr().cast(),
             body.len(),
             0,
-            (&to as *const libc::sockaddr_in6).cast(),
+            (&addr as *const libc::sockaddr_in6).cast(),
             std::mem::size_of::<libc::sockaddr_in6>() as u32,
         ) as libc::c_int
     })?;
@@ -268,43 +185,6 @@ mod tests {
         assert_eq!(&f[28..32], &[198, 18, 0, 100], "sender IP");
         assert_eq!(&f[32..38], &[0; 6]);
         assert_eq!(&f[38..42], &[198, 18, 0, 100], "target IP");
-    }
-
-    #[test]
-    fn a_probe_asks_for_the_address_from_nowhere() {
-        let ip = Ipv4Addr::new(198, 18, 0, 100);
-        let f = probe_frame(MAC, ip);
-        assert_eq!(&f[0..6], &[0xff; 6]);
-        assert_eq!(&f[20..22], &[0, 1], "request");
-        assert_eq!(&f[22..28], &MAC, "sender MAC");
-        assert_eq!(&f[28..32], &[0; 4], "sender IP 0.0.0.0");
-        assert_eq!(&f[38..42], &ip.octets(), "target IP");
-    }
-
-    #[test]
-    fn a_conflict_is_another_mac_using_or_probing_for_the_address() {
-        let ip = Ipv4Addr::new(198, 18, 0, 100);
-        let other = [0x02, 0, 0, 0, 0, 9];
-        // An answer from a host holding it (reply, sender = the address).
-        let mut reply = garp_frame(other, ip);
-        reply[20..22].copy_from_slice(&[0, 2]);
-        assert_eq!(conflict(&reply, MAC, ip), Some(other));
-        // Its announcement, and its own probe for the address.
-        assert_eq!(conflict(&garp_frame(other, ip), MAC, ip), Some(other));
-        assert_eq!(conflict(&probe_frame(other, ip), MAC, ip), Some(other));
-        // Not: our own frames, another address, a question about it from
-        // a host that does not claim it, a short or non-ARP frame.
-        assert_eq!(conflict(&garp_frame(MAC, ip), MAC, ip), None);
-        assert_eq!(conflict(&probe_frame(MAC, ip), MAC, ip), None);
-        let elsewhere = Ipv4Addr::new(198, 18, 0, 101);
-        assert_eq!(conflict(&garp_frame(other, elsewhere), MAC, ip), None);
-        let mut asking = garp_frame(other, Ipv4Addr::new(198, 18, 0, 10));
-        asking[38..42].copy_from_slice(&ip.octets());
-        assert_eq!(conflict(&asking, MAC, ip), None);
-        assert_eq!(conflict(&reply[..30], MAC, ip), None);
-        let mut ipv4 = reply;
-        ipv4[12..14].copy_from_slice(&[0x08, 0x00]);
-        assert_eq!(conflict(&ipv4, MAC, ip), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! failure to handle, never a hang of the node or its admin interface.
 
 pub mod announce;
+pub mod claim;
 pub mod listener;
 pub mod machine;
 pub mod netlink;

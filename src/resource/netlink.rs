@@ -9,7 +9,8 @@
 //! up), refreshed at every renewal, so the kernel drops it even when this
 //! process is frozen and cannot. The next owner claims it only once
 //! nobody answers for it any more (an ARP probe, RFC 5227), so a frozen
-//! former owner's kernel and the new owner never answer side by side. And
+//! former owner's kernel and the new owner never answer side by side
+//! (IPv6: a neighbour solicitation, see [`super::claim`]). And
 //! nothing is announced, nor the lifetime refreshed, once the lease has
 //! run out by this process's clock — a process thawed after its lease
 //! stops without a word.
@@ -30,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::announce::{self, Mac};
+use super::claim;
 use super::{OpFuture, Resource};
 
 /// Announcements right after the address is added, this far apart.
@@ -243,21 +245,18 @@ impl Resource for NetlinkVip {
     fn claim(&self) -> OpFuture {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let IpAddr::V4(ip) = inner.vip.addr() else {
-                // IPv6: no probe yet; the lifetime alone fences a frozen
-                // former owner (see SECURITY.md).
-                return Ok(());
-            };
+            let ip = inner.vip.addr();
             let handle = connect()?;
             let (index, mac) = link(&handle, &inner.interface).await?;
-            if !find(&handle, index, ip.into()).await?.is_empty() {
+            if !find(&handle, index, ip).await?.is_empty() {
                 return Ok(()); // ours already: a restart in place
             }
             let Some(mac) = mac else {
                 return Ok(()); // no neighbours to ask
             };
-            let probed = tokio::task::spawn_blocking(move || {
-                announce::probe(index, mac, ip, PROBES, PROBE_SPACING)
+            let probed = tokio::task::spawn_blocking(move || match ip {
+                IpAddr::V4(v4) => claim::probe_arp(index, mac, v4, PROBES, PROBE_SPACING),
+                IpAddr::V6(v6) => claim::probe_nd(index, mac, v6, PROBES, PROBE_SPACING),
             })
             .await
             .map_err(|e| format!("probing for {ip}: {e}"))?

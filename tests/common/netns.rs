@@ -127,6 +127,12 @@ impl Lab {
             let ns = lab.ns(name);
             run(&["ip", "netns", "add", &ns])?;
             lab.hosts.push(name.to_string());
+            // Link-local IPv6 addresses usable at once, not after a second
+            // of duplicate address detection on a link just made.
+            for knob in ["all", "default"] {
+                let key = format!("net.ipv6.conf.{knob}.accept_dad=0");
+                run(&["ip", "netns", "exec", &ns, "sysctl", "-qw", &key])?;
+            }
             let port = format!("{}p{i}", lab.prefix);
             run(&[
                 "ip", "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
