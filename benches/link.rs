@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mtad::cluster::frame::{encode, FrameDecoder};
 use mtad::cluster::identity::{Identity, Secret};
+use mtad::cluster::link::frame::{encode, FrameDecoder};
+use mtad::cluster::link::message::LinkMessage;
+use mtad::cluster::link::transport::Tcp;
 use mtad::cluster::link::{accept, connect, LinkConfig};
-use mtad::cluster::message::LinkMessage;
-use mtad::cluster::transport::Tcp;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -87,11 +87,11 @@ pub fn replies(data: &[u8]) {
 /// 64 KiB limit, as handshake (plain) frames and as sealed frames of an
 /// established link: errors are fine, panics and huge allocations are not.
 pub fn frames(data: &[u8]) {
-    use crate::cluster::frame::FrameDecoder;
-    use crate::cluster::handshake::Role;
     use crate::cluster::identity::Secret;
-    use crate::cluster::message::LinkMessage;
-    use crate::cluster::seal;
+    use crate::cluster::link::frame::FrameDecoder;
+    use crate::cluster::link::handshake::Role;
+    use crate::cluster::link::message::LinkMessage;
+    use crate::cluster::link::seal;
     let mut d = FrameDecoder::new(64 * 1024);
     d.feed(data);
     while let Ok(Some(_)) = d.next_message::<LinkMessage>() {}

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use mtad::cluster::frame;
-use mtad::cluster::message::LinkMessage;
+use mtad::cluster::link::frame;
+use mtad::cluster::link::message::LinkMessage;
 
 fn replay(target: &str, run: fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -37,7 +37,7 @@ fn the_frame_corpus_replays() {
     assert!(replay("frames", mtad::fuzzing::frames) > 0);
     // Well-formed frames too, then cut and bent ones.
     let refuse = frame::encode(&LinkMessage::Refuse {
-        reason: mtad::cluster::message::RefuseReason::TimedOut,
+        reason: mtad::cluster::link::message::RefuseReason::TimedOut,
     })
     .unwrap();
     let app = frame::encode(&LinkMessage::App {

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::cluster::memnet::MemNet;
+use crate::cluster::link::memnet::MemNet;
 use crate::cluster::NodeState;
 
 fn mem_addr(n: u8) -> SocketAddr {

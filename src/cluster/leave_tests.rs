@@ -3,7 +3,7 @@
 //! again without anyone else restarting.
 
 use super::*;
-use crate::cluster::memnet::MemNet;
+use crate::cluster::link::memnet::MemNet;
 use crate::cluster::NodeState;
 
 fn mem_addr(n: u8) -> SocketAddr {

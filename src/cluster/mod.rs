@@ -6,28 +6,22 @@
 
 pub mod admit;
 pub mod detector;
-pub mod frame;
 pub mod group_rpc;
 pub mod groups;
 pub mod handle;
-pub mod handshake;
 pub mod history;
 pub mod identity;
 pub mod lease;
 pub mod link;
 pub mod manager;
 pub mod membership;
-pub mod memnet;
-pub mod message;
 pub mod network;
 pub mod node;
 pub mod peer;
 pub mod placement;
 pub mod rpc;
-pub mod seal;
 pub mod server;
 pub mod store;
-pub mod transport;
 pub mod types;
 
 pub use types::{

@@ -18,6 +18,7 @@ use super::detector::{self, Thresholds};
 use super::group_rpc::GroupService;
 use super::handle::ClusterHandle;
 use super::identity::{self, Identity};
+use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;
 use super::membership::{self, jitter, Backoff, SeedView, Start};
 use super::network::{JoinSettings, Network, RaftHandler};
@@ -25,7 +26,6 @@ use super::peer::PeerClient;
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
 use super::server::{self, Handler};
 use super::store::{self, ClusterView};
-use super::transport::{Tcp, Transport};
 use super::types::{Member, NodeState, Role, TypeConfig};
 use crate::config::{ClusterConfig, ClusterRole};
 

@@ -35,7 +35,7 @@ fn config(listen: SocketAddr, seeds: &[SocketAddr], secret: &Path) -> ClusterCon
 struct Harness {
     max_voters: usize,
     /// Links over this in-memory network instead of TCP.
-    net: Option<crate::cluster::memnet::MemNet>,
+    net: Option<crate::cluster::link::memnet::MemNet>,
     dir: tempfile::TempDir,
     secret: PathBuf,
     cancel: CancellationToken,
@@ -93,7 +93,7 @@ impl Harness {
         let data = self.dir.path().join(name);
         let transport = match &self.net {
             Some(net) => net.transport(listen.ip()),
-            None => crate::cluster::transport::Tcp::shared(),
+            None => crate::cluster::link::transport::Tcp::shared(),
         };
         ClusterNode::start_on(transport, &cfg, name, &data, cancel, &self.tracker)
             .await

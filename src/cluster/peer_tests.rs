@@ -4,9 +4,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::cluster::handshake::LinkEnd;
 use crate::cluster::identity::Secret;
-use crate::cluster::message::RefuseReason;
+use crate::cluster::link::handshake::LinkEnd;
+use crate::cluster::link::message::RefuseReason;
 use crate::cluster::rpc::StatusReply;
 use crate::cluster::server::{self, BoxFuture, Handler};
 
@@ -22,7 +22,7 @@ pub(crate) fn cfg_with(name: &str, incarnation: u64, key: &[u8]) -> LinkConfig {
         secrets: Secret::new(key).unwrap().into(),
         cluster: "test".into(),
         handshake_timeout: Duration::from_secs(5),
-        transport: crate::cluster::transport::Tcp::shared(),
+        transport: crate::cluster::link::transport::Tcp::shared(),
     }
 }
 

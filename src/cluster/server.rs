@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use super::identity::Identity;
+use super::link::transport::{Listener, Stream};
 use super::link::{self, LinkConfig, LinkReader, LinkWriter};
 use super::rpc::{Envelope, Reply, Request};
-use super::transport::{Listener, Stream};
 
 /// A boxed, sendable future, as trait objects must return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

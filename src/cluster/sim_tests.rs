@@ -30,7 +30,7 @@ use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::memnet::MemNet;
+use super::link::memnet::MemNet;
 use super::node::ClusterNode;
 use super::types::{NodeId, NodeState};
 use crate::config::{ClusterConfig, ClusterRole};

@@ -19,8 +19,8 @@ use ring::hkdf::{Salt, HKDF_SHA256};
 
 use super::frame::{FrameDecoder, FrameError, HEADER_LEN, MAX_FRAME};
 use super::handshake::Role;
-use super::identity::Secret;
 use super::message::LinkMessage;
+use crate::cluster::identity::Secret;
 
 /// Bytes the tag adds to each frame.
 pub const TAG_LEN: usize = 16;

@@ -220,9 +220,9 @@ proptest! {
 fn a_refusal_in_the_clear_is_taken_only_as_the_first_frame() {
     // A peer that could not verify our proof refuses before it has keys.
     let refusal = LinkMessage::Refuse {
-        reason: crate::cluster::message::RefuseReason::BadProof,
+        reason: crate::cluster::link::message::RefuseReason::BadProof,
     };
-    let plain = crate::cluster::frame::encode(&refusal).unwrap();
+    let plain = crate::cluster::link::frame::encode(&refusal).unwrap();
     let (_, mut b) = pair();
     let mut dec = FrameDecoder::new(MAX_SEALED_FRAME);
     dec.feed(&plain);
@@ -237,6 +237,6 @@ fn a_refusal_in_the_clear_is_taken_only_as_the_first_frame() {
     // Nor is any other plaintext message taken.
     let (_, mut b) = pair();
     let mut dec = FrameDecoder::new(MAX_SEALED_FRAME);
-    dec.feed(&crate::cluster::frame::encode(&app(0)).unwrap());
+    dec.feed(&crate::cluster::link::frame::encode(&app(0)).unwrap());
     assert_eq!(b.recv.next(&mut dec), Err(FrameError::Forged));
 }

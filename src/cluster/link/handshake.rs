@@ -54,8 +54,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::frame::FrameError;
-use super::identity::{Identity, Keyring, Secret, MAX_NAME_LEN};
 use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
+use crate::cluster::identity::{Identity, Keyring, Secret, MAX_NAME_LEN};
 
 /// The link protocol version this build speaks.
 pub const PROTO_VERSION: u16 = 2;

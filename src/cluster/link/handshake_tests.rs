@@ -1,7 +1,7 @@
 use std::collections::VecDeque;
 
 use super::*;
-use crate::cluster::frame::{encode, FrameDecoder};
+use crate::cluster::link::frame::{encode, FrameDecoder};
 
 pub(super) const KEY: &[u8] = b"correct horse battery staple";
 pub(super) const OTHER_KEY: &[u8] = b"incorrect horse battery staple";

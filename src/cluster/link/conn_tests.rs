@@ -3,7 +3,7 @@ use tokio::io::{duplex, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::cluster::identity::Secret;
-use crate::cluster::transport::Tcp;
+use crate::cluster::link::transport::Tcp;
 
 use super::*;
 

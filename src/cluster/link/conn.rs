@@ -16,10 +16,10 @@ use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, X
 
 use super::frame::{encode_with_max, FrameDecoder, FrameError};
 use super::handshake::{Action, Handshake, LinkEnd, Role, MAX_HANDSHAKE_FRAME};
-use super::identity::{Identity, Keyring};
 use super::message::{LinkMessage, Nonce, PublicKey, RefuseReason};
 use super::seal::{self, Opener, Sealer, MAX_SEALED_FRAME};
 use super::transport::{Io, Stream, Transport};
+use crate::cluster::identity::{Identity, Keyring};
 use thiserror::Error;
 
 /// Default time allowed for connect plus handshake.
@@ -379,5 +379,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LinkWriter<S> {
 }
 
 #[cfg(test)]
-#[path = "link_tests.rs"]
+#[path = "conn_tests.rs"]
 mod tests;
