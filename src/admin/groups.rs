@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::{problem, AdminState, Answer, ClusterReadout, ACTION_DEADLINE};
 use crate::cluster::detector::now_ms;
 use crate::cluster::group_rpc::{GroupReply, GroupRequest};
-use crate::cluster::groups::GroupCommand;
-use crate::cluster::types::ClusterState;
+use crate::cluster::state::groups::GroupCommand;
+use crate::cluster::state::ClusterState;
 
 /// One row of `GET /v1/groups`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -135,7 +135,7 @@ pub(super) async fn scrape(State(s): State<Arc<AdminState>>) -> impl IntoRespons
                 );
             }
             let l = [("group", name.as_str())];
-            let online = live && g.status == crate::cluster::groups::GroupStatus::Online;
+            let online = live && g.status == crate::cluster::state::groups::GroupStatus::Online;
             p.gauge(
                 "mtad_group_online",
                 "1 while the group serves on its owner.",

@@ -9,7 +9,7 @@ use openraft::{ChangeMembers, Raft};
 
 use super::membership::{self, Admission, Known, Step};
 use super::rpc::{JoinReply, JoinRequest};
-use super::types::{Command, Member, NodeId, NodeState, TypeConfig};
+use super::state::{Command, Member, NodeId, NodeState, TypeConfig};
 
 /// Members as the leader's raft membership has them: every node with its
 /// record, and whether it votes.

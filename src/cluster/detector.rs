@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::network::{Acks, Signals};
+use super::state::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
 use super::store::ClusterView;
-use super::types::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
 
 /// How long silence may last before each verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,7 +405,7 @@ pub(crate) fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::types::{MemberState, Role};
+    use crate::cluster::state::{MemberState, Role};
 
     const T: Thresholds = Thresholds {
         suspect_after: Duration::from_millis(300),
@@ -593,7 +593,7 @@ mod tests {
 
     #[test]
     fn an_owner_leaves_leading_to_a_voter_that_owns_nothing() {
-        use crate::cluster::groups::GroupState;
+        use crate::cluster::state::groups::GroupState;
         let up = NodeState::Up;
         let mut s = state(&[(1, up), (2, up), (3, up)]);
         let voters: BTreeSet<NodeId> = [1, 2, 3].into();

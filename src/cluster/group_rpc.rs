@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::groups::GroupCommand;
 use super::identity::Identity;
 use super::lease::{Grants, MAX_LEASE};
+use super::state::groups::GroupCommand;
+use super::state::{Command, NodeId, Response, TypeConfig};
 use super::store::ClusterView;
-use super::types::{Command, NodeId, Response, TypeConfig};
 
 /// A group call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

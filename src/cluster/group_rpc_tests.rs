@@ -1,5 +1,5 @@
 use super::*;
-use crate::cluster::groups::GroupStatus;
+use crate::cluster::state::groups::GroupStatus;
 use crate::cluster::store::raft_tests::{single_leader, ME};
 
 const TTL_MS: u64 = 600;

@@ -15,8 +15,8 @@ use super::identity::Identity;
 use super::link::LinkConfig;
 use super::peer::PeerClient;
 use super::rpc::{Reply, Request};
+use super::state::{NodeId, TypeConfig};
 use super::store::ClusterView;
-use super::types::{NodeId, TypeConfig};
 
 /// A cheap-to-clone handle on the running cluster side.
 #[derive(Clone)]
@@ -64,7 +64,7 @@ impl ClusterHandle {
 
     /// Every voter configuration the owner of `group` may still count
     /// its lease in: those since its recorded membership and those in
-    /// force here (see [`super::history`]). A majority of each must
+    /// force here (see [`super::state::history`]). A majority of each must
     /// answer before a revoked group is free.
     pub fn lease_configs(&self, group: &str) -> Vec<BTreeSet<NodeId>> {
         let since = {

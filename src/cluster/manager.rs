@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::detector::now_ms;
 use super::group_rpc::{GroupReply, GroupRequest};
-use super::groups::GroupCommand;
 use super::handle::ClusterHandle;
 use super::lease;
 use super::placement::{decide, Decision, Policy};
-use super::types::{Command, NodeId, Response};
+use super::state::groups::GroupCommand;
+use super::state::{Command, NodeId, Response};
 
 /// A group as the leader needs to know it.
 #[derive(Debug, Clone)]

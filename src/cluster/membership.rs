@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::rpc::JoinRequest;
-use super::types::{Member, NodeId};
+use super::state::{Member, NodeId};
 
 /// What a seed said when a fresh node asked for its status.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::cluster::types::Role;
+use crate::cluster::state::Role;
 
 fn addr(n: u8) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, n], 7400))

@@ -7,9 +7,7 @@
 pub mod admit;
 pub mod detector;
 pub mod group_rpc;
-pub mod groups;
 pub mod handle;
-pub mod history;
 pub mod identity;
 pub mod lease;
 pub mod link;
@@ -21,10 +19,10 @@ pub mod peer;
 pub mod placement;
 pub mod rpc;
 pub mod server;
+pub mod state;
 pub mod store;
-pub mod types;
 
-pub use types::{
+pub use state::{
     ClusterState, Command, Member, MemberState, NodeId, NodeState, Response, Role, TypeConfig,
 };
 

@@ -26,8 +26,8 @@ use super::link::LinkConfig;
 use super::peer::{CallError, PeerClient};
 use super::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
 use super::server::{BoxFuture, Handler};
+use super::state::{Command, Member, NodeId, NodeState, TypeConfig};
 use super::store::ClusterView;
-use super::types::{Command, Member, NodeId, NodeState, TypeConfig};
 
 /// Why a reply could not be used; surfaces inside openraft's errors.
 #[derive(Debug, thiserror::Error)]

@@ -25,8 +25,8 @@ use super::network::{JoinSettings, Network, RaftHandler};
 use super::peer::PeerClient;
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
 use super::server::{self, Handler};
+use super::state::{Member, NodeState, Role, TypeConfig};
 use super::store::{self, ClusterView};
-use super::types::{Member, NodeState, Role, TypeConfig};
 use crate::config::{ClusterConfig, ClusterRole};
 
 /// Deadline for one Status or connect to a seed during the join loop.

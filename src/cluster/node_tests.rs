@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use super::*;
-use crate::cluster::types::NodeId;
+use crate::cluster::state::NodeId;
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(20));
 

@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 
-use super::groups::{GroupState, GroupStatus};
-use super::types::{ClusterState, NodeId, NodeState, Role};
+use super::state::groups::{GroupState, GroupStatus};
+use super::state::{ClusterState, NodeId, NodeState, Role};
 
 /// What the leader knows of a group from configuration.
 #[derive(Debug, Clone, Copy)]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::cluster::types::{Command, Member, MemberState, Response};
+use crate::cluster::state::{Command, Member, MemberState, Response};
 
 /// Members a=1, b=2, c=3 (all up) and witness w=9.
 fn state() -> ClusterState {

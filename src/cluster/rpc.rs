@@ -13,7 +13,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use super::group_rpc::{GroupReply, GroupRequest};
-use super::types::{NodeId, Role, TypeConfig};
+use super::state::{NodeId, Role, TypeConfig};
 
 /// What travels in a link's `App` body.
 #[derive(Debug, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use super::*;
 use crate::cluster::peer::tests::{cfg, serve_on, Echo, LONG};
 use crate::cluster::peer::{CallError, PeerClient};
 use crate::cluster::rpc::{JoinReply, JoinRequest};
-use crate::cluster::types::Role;
+use crate::cluster::state::Role;
 
 /// Holds every Join until released; answers Status at once.
 struct SlowJoin {

@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use super::link::memnet::MemNet;
 use super::node::ClusterNode;
-use super::types::{NodeId, NodeState};
+use super::state::{NodeId, NodeState};
 use crate::config::{ClusterConfig, ClusterRole};
 
 /// Virtual time a healed cluster has to converge.

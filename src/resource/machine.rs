@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster::groups::GroupStatus;
+use crate::cluster::state::groups::GroupStatus;
 
 /// Timings and limits.
 #[derive(Debug, Clone, Copy)]

@@ -17,10 +17,10 @@ use super::machine::{Action, Event, Machine, Op, Phase, Settings};
 use super::{run_op, Resource};
 use crate::cluster::detector::now_ms;
 use crate::cluster::group_rpc::{GroupReply, GroupRequest};
-use crate::cluster::groups::GroupCommand;
 use crate::cluster::handle::ClusterHandle;
 use crate::cluster::lease::Holding;
-use crate::cluster::types::NodeId;
+use crate::cluster::state::groups::GroupCommand;
+use crate::cluster::state::NodeId;
 use crate::config::GroupConfig;
 
 /// What this owner told the leader about the memberships it counts in.
@@ -265,7 +265,7 @@ impl GroupRunner {
     /// state records, if later), and those in force now. Holding a
     /// majority of any one of them is enough: the leader, to free the
     /// group, hears from a majority of every one (see
-    /// [`crate::cluster::history`]).
+    /// [`crate::cluster::state::history`]).
     fn owner_configs(&self, counting: &Counting) -> Vec<BTreeSet<NodeId>> {
         let recorded = {
             let v = self.cluster.view.borrow();
@@ -526,7 +526,7 @@ async fn declare(cluster: ClusterHandle, cfg: GroupConfig) {
             .is_some_and(|g| {
                 let mut declared = g.clone();
                 // Stale if nothing would change.
-                cmd.apply(&mut declared) == crate::cluster::types::Response::Stale
+                cmd.apply(&mut declared) == crate::cluster::state::Response::Stale
             });
         if done {
             return;

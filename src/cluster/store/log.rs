@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::frame;
 use super::StoreError;
-use crate::cluster::types::{NodeId, TypeConfig};
+use crate::cluster::state::{NodeId, TypeConfig};
 
 const LOG_FILE: &str = "raft-log";
 const META_FILE: &str = "raft-meta";

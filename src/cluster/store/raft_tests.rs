@@ -16,7 +16,7 @@ use openraft::raft::{
 use openraft::{Config, Raft, ServerState};
 
 use super::{open, ClusterView};
-use crate::cluster::types::{Command, Member, NodeId, NodeState, Response, Role, TypeConfig};
+use crate::cluster::state::{Command, Member, NodeId, NodeState, Response, Role, TypeConfig};
 
 /// A single node never sends an RPC; any attempt is a test failure.
 struct NoNetwork;

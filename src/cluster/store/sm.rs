@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::frame;
 use super::StoreError;
-use crate::cluster::types::{ClusterState, Member, NodeId, Response, TypeConfig};
+use crate::cluster::state::{ClusterState, Member, NodeId, Response, TypeConfig};
 
 const SNAPSHOT_FILE: &str = "raft-snapshot";
 

@@ -11,7 +11,7 @@ use openraft::{Entry, EntryPayload, RaftLogReader, RaftSnapshotBuilder, StorageE
 use tempfile::TempDir;
 
 use super::{open, LogStore, StateMachine, StoreError};
-use crate::cluster::types::{Command, Member, NodeId, NodeState, Role, TypeConfig};
+use crate::cluster::state::{Command, Member, NodeId, NodeState, Role, TypeConfig};
 
 struct Builder;
 

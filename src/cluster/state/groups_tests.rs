@@ -1,5 +1,5 @@
 use super::*;
-use crate::cluster::types::{ClusterState, Command};
+use crate::cluster::state::{ClusterState, Command};
 
 fn assign(epoch: u64, owner: Option<NodeId>) -> GroupCommand {
     GroupCommand::Assign {

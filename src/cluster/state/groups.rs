@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{NodeId, Response};
+use super::{NodeId, Response};
 
 /// The state of a group's resources as its owner last reported it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

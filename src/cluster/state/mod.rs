@@ -4,6 +4,14 @@
 //! `ClusterState::apply` is pure and deterministic: every node applies the same
 //! committed commands in the same order and must reach the same state, so
 //! nothing here reads a clock or a random source (times travel in commands).
+//! Its children: each group's state and commands ([`groups`]) and the
+//! voter configurations owners may count their leases in ([`history`]).
+//!
+//! May import: nothing of the cluster (openraft's type config aside);
+//! every other layer reads and writes the cluster through these types.
+
+pub mod groups;
+pub mod history;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -11,8 +19,8 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use super::groups::{GroupCommand, GroupState};
-use super::history::VoterHistory;
+use groups::{GroupCommand, GroupState};
+use history::VoterHistory;
 
 /// A raft node id: the node's *incarnation*, a random id made when its data
 /// dir is first created, so a node that returns with a wiped disk is a new id.

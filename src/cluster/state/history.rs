@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::types::NodeId;
+use super::NodeId;
 
 /// Voter configurations by the log index of the membership entry that
 /// brought them in (two in a joint membership).
