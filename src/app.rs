@@ -605,7 +605,7 @@ impl Accept for Intake {
 
 /// Keep `drain` equal to whether the cluster drains node `me`.
 async fn follow_drain(
-    mut view: watch::Receiver<crate::cluster::store::ClusterView>,
+    mut view: watch::Receiver<crate::cluster::raft::store::ClusterView>,
     me: u64,
     drain: Arc<watch::Sender<bool>>,
     cancel: CancellationToken,
@@ -623,7 +623,7 @@ async fn follow_drain(
 /// Keep the SMTP side's list of cluster members' addresses in step with
 /// the cluster (mail they hand on gets the member allowance).
 async fn follow_members(
-    mut view: watch::Receiver<crate::cluster::store::ClusterView>,
+    mut view: watch::Receiver<crate::cluster::raft::store::ClusterView>,
     clients: Arc<crate::smtp::clients::Clients>,
     cancel: CancellationToken,
 ) {
@@ -680,7 +680,7 @@ struct Router {
 /// accepted on a node's own address leaves. The owner must let members
 /// relay (their addresses in `relay_networks`).
 struct Handover {
-    view: tokio::sync::watch::Receiver<crate::cluster::store::ClusterView>,
+    view: tokio::sync::watch::Receiver<crate::cluster::raft::store::ClusterView>,
     me: u64,
     /// Where handed-on mail leaves from: this node's cluster address, by
     /// which the owner tells it comes from a member.

@@ -142,8 +142,8 @@ async fn a_node_on_a_nearly_full_disk_answers_452_and_recovers() {
     ignore = "needs root: build and run with MTAD_NETNS_TESTS=1"
 )]
 async fn the_cluster_log_waits_for_room_on_a_full_disk_and_goes_on() {
+    use mtad::cluster::raft::store::LogStore;
     use mtad::cluster::state::{Command, Member, Role, TypeConfig};
-    use mtad::cluster::store::LogStore;
     use openraft::storage::RaftLogStorageExt;
     use openraft::testing::log_id;
     use openraft::{Entry, EntryPayload, RaftLogReader};

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::network::{Acks, Signals};
+use super::raft::network::{Acks, Signals};
+use super::raft::store::ClusterView;
 use super::state::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
-use super::store::ClusterView;
 
 /// How long silence may last before each verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,9 +14,9 @@ use tokio::time::Instant;
 
 use super::identity::Identity;
 use super::lease::{Grants, MAX_LEASE};
+use super::raft::store::ClusterView;
 use super::state::groups::GroupCommand;
 use super::state::{Command, NodeId, Response, TypeConfig};
-use super::store::ClusterView;
 
 /// A group call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

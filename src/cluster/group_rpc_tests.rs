@@ -1,6 +1,6 @@
 use super::*;
+use crate::cluster::raft::store::raft_tests::{single_leader, ME};
 use crate::cluster::state::groups::GroupStatus;
-use crate::cluster::store::raft_tests::{single_leader, ME};
 
 const TTL_MS: u64 = 600;
 

@@ -14,9 +14,9 @@ use super::group_rpc::{GroupReply, GroupRequest, GroupService};
 use super::identity::Identity;
 use super::link::LinkConfig;
 use super::peer::PeerClient;
+use super::raft::store::ClusterView;
 use super::rpc::{Reply, Request};
 use super::state::{NodeId, TypeConfig};
-use super::store::ClusterView;
 
 /// A cheap-to-clone handle on the running cluster side.
 #[derive(Clone)]

@@ -13,14 +13,13 @@ pub mod lease;
 pub mod link;
 pub mod manager;
 pub mod membership;
-pub mod network;
 pub mod node;
 pub mod peer;
 pub mod placement;
+pub mod raft;
 pub mod rpc;
 pub mod server;
 pub mod state;
-pub mod store;
 
 pub use state::{
     ClusterState, Command, Member, MemberState, NodeId, NodeState, Response, Role, TypeConfig,

@@ -21,12 +21,12 @@ use super::identity::{self, Identity};
 use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;
 use super::membership::{self, jitter, Backoff, SeedView, Start};
-use super::network::{JoinSettings, Network, RaftHandler};
 use super::peer::PeerClient;
+use super::raft::network::{JoinSettings, Network, RaftHandler};
+use super::raft::store::{self, ClusterView};
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
 use super::server::{self, Handler};
 use super::state::{Member, NodeState, Role, TypeConfig};
-use super::store::{self, ClusterView};
 use crate::config::{ClusterConfig, ClusterRole};
 
 /// Deadline for one Status or connect to a seed during the join loop.

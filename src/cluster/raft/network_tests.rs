@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::cluster::peer::tests::{cfg, serve_on, LONG};
+use crate::cluster::raft::store::{self, ClusterView};
 use crate::cluster::state::{Command, Role};
-use crate::cluster::store::{self, ClusterView};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 

@@ -18,16 +18,16 @@ use openraft::raft::{
 };
 use openraft::{RPCTypes, Raft, Vote};
 
-use super::admit;
-use super::detector;
-use super::group_rpc::GroupService;
-use super::identity::Identity;
-use super::link::LinkConfig;
-use super::peer::{CallError, PeerClient};
-use super::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
-use super::server::{BoxFuture, Handler};
-use super::state::{Command, Member, NodeId, NodeState, TypeConfig};
 use super::store::ClusterView;
+use crate::cluster::admit;
+use crate::cluster::detector;
+use crate::cluster::group_rpc::GroupService;
+use crate::cluster::identity::Identity;
+use crate::cluster::link::LinkConfig;
+use crate::cluster::peer::{CallError, PeerClient};
+use crate::cluster::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
+use crate::cluster::server::{BoxFuture, Handler};
+use crate::cluster::state::{Command, Member, NodeId, NodeState, TypeConfig};
 
 /// Why a reply could not be used; surfaces inside openraft's errors.
 #[derive(Debug, thiserror::Error)]
