@@ -19,6 +19,7 @@ pub mod placement;
 pub mod raft;
 pub mod rpc;
 pub mod server;
+pub mod service;
 pub mod state;
 
 pub use state::{

@@ -22,10 +22,11 @@ use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;
 use super::membership::{self, jitter, Backoff, SeedView, Start};
 use super::peer::PeerClient;
-use super::raft::network::{JoinSettings, Network, RaftHandler};
+use super::raft::network::Network;
 use super::raft::store::{self, ClusterView};
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
 use super::server::{self, Handler};
+use super::service::{JoinSettings, NodeService};
 use super::state::{Member, NodeState, Role, TypeConfig};
 use crate::config::{ClusterConfig, ClusterRole};
 
@@ -76,7 +77,7 @@ pub struct ClusterNode {
     /// Why this node is not (yet) in its cluster, from its last join or
     /// rejoin attempt; None once admitted.
     pub problem: watch::Receiver<Option<String>>,
-    handler: RaftHandler,
+    handler: NodeService,
     link: LinkConfig,
     /// Cancelled when the node leaves (or stops): failure detection ends,
     /// as its writes would keep the followers' leader lease fresh and
@@ -172,7 +173,7 @@ impl ClusterNode {
             view.clone(),
             dir.join("longest-lease"),
         );
-        let handler = RaftHandler::new(identity.clone(), raft.clone())
+        let handler = NodeService::new(identity.clone(), raft.clone())
             .with_heard(signals.acks.clone())
             .with_join(join)
             .with_groups(groups.clone());
@@ -331,7 +332,7 @@ struct Joiner {
     raft: Raft<TypeConfig>,
     view: watch::Receiver<ClusterView>,
     leaving: CancellationToken,
-    handler: RaftHandler,
+    handler: NodeService,
     link: LinkConfig,
     me: Member,
     seeds: Vec<SocketAddr>,

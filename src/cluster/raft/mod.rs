@@ -1,7 +1,8 @@
 //! Raft: openraft's network over cluster links ([`network`]) and the
 //! durable storage of the cluster log and state machine ([`store`]).
 //!
-//! May import: `cluster::link`, `cluster::rpc` and `cluster::state`.
+//! May import: `cluster::identity`, `cluster::link`, `cluster::rpc`,
+//! `cluster::peer` and `cluster::state`.
 
 pub mod network;
 pub mod store;

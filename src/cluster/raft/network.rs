@@ -1,12 +1,10 @@
-//! openraft's network over cluster links: the client side
-//! ([`Network`], one [`PeerClient`] per target) and the serving side
-//! ([`RaftHandler`], which hands incoming raft RPCs to the local node).
+//! openraft's network over cluster links: one [`PeerClient`] per target
+//! (the serving side is [`crate::cluster::service::NodeService`]).
 
 use std::collections::HashMap;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
@@ -16,18 +14,12 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{RPCTypes, Raft, Vote};
+use openraft::RPCTypes;
 
-use super::store::ClusterView;
-use crate::cluster::admit;
-use crate::cluster::detector;
-use crate::cluster::group_rpc::GroupService;
-use crate::cluster::identity::Identity;
 use crate::cluster::link::LinkConfig;
 use crate::cluster::peer::{CallError, PeerClient};
-use crate::cluster::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
-use crate::cluster::server::{BoxFuture, Handler};
-use crate::cluster::state::{Command, Member, NodeId, NodeState, TypeConfig};
+use crate::cluster::rpc::{Reply, Request};
+use crate::cluster::state::{Member, NodeId, TypeConfig};
 
 /// Why a reply could not be used; surfaces inside openraft's errors.
 #[derive(Debug, thiserror::Error)]
@@ -232,189 +224,6 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             Reply::Vote(Err(e)) => Err(self.remote(e)),
             other => Err(wrong("Vote", &other)),
         }
-    }
-}
-
-/// Serves incoming calls from the local raft node: raft RPCs and status.
-#[derive(Clone)]
-pub struct RaftHandler {
-    me: Identity,
-    raft: Raft<TypeConfig>,
-    join: Option<Arc<JoinSettings>>,
-    groups: Option<Arc<GroupService>>,
-    /// When each leader last sent entries or a heartbeat here: a follower's
-    /// view of its leader's silence (the failure detector reads it).
-    heard: Acks,
-}
-
-/// How this node answers joins: as leader it admits, as follower it
-/// forwards to the leader over a fresh link.
-#[derive(Clone)]
-pub struct JoinSettings {
-    /// Most voters; later members join without a vote.
-    pub max_voters: usize,
-    /// A learner must catch up within this, or it is removed again.
-    pub join_timeout: Duration,
-    /// How to reach the leader when forwarding.
-    pub link: LinkConfig,
-    /// The replicated state as applied here (a rejoining member that left
-    /// is marked up again).
-    pub view: tokio::sync::watch::Receiver<ClusterView>,
-}
-
-impl JoinSettings {
-    async fn handle(&self, raft: &Raft<TypeConfig>, req: JoinRequest) -> JoinReply {
-        let m = raft.metrics().borrow().clone();
-        if m.current_leader == Some(m.id) {
-            let back = self
-                .view
-                .borrow()
-                .state
-                .members
-                .get(&req.incarnation)
-                .is_some_and(|m| m.state == NodeState::Left);
-            return admit::admit(raft, &req, self.max_voters, self.join_timeout, back).await;
-        }
-        let leader = m.current_leader.and_then(|id| {
-            let node = m.membership_config.membership().get_node(&id)?;
-            Some((id, node.addr.parse::<SocketAddr>().ok()?))
-        });
-        let Some((id, addr)) = leader else {
-            return JoinReply::Retry {
-                reason: "no leader elected yet".into(),
-            };
-        };
-        // The sponsor forwards rather than redirects, so a joiner needs to
-        // reach only one member; the leader's answer comes back unchanged.
-        let client = PeerClient::new(addr, self.link.clone(), Some(id));
-        let deadline = self.join_timeout + FORWARD_MARGIN;
-        match client.call(Request::Join(req), deadline).await {
-            Ok(Reply::Join(answer)) => answer,
-            Ok(other) => JoinReply::Retry {
-                reason: format!("the leader could not take the join: {other:?}"),
-            },
-            Err(e) => JoinReply::Retry {
-                reason: format!("forwarding to the leader at {addr}: {e}"),
-            },
-        }
-    }
-}
-
-/// Time beyond the join timeout a forwarded join may take (the extra hop).
-const FORWARD_MARGIN: Duration = Duration::from_secs(5);
-
-impl RaftHandler {
-    /// A handler for node `me`, whose raft instance is `raft`.
-    pub fn new(me: Identity, raft: Raft<TypeConfig>) -> RaftHandler {
-        RaftHandler {
-            me,
-            raft,
-            join: None,
-            groups: None,
-            heard: Acks::default(),
-        }
-    }
-
-    /// Record when leaders were last heard from in `heard`.
-    pub fn with_heard(mut self, heard: Acks) -> RaftHandler {
-        self.heard = heard;
-        self
-    }
-
-    /// Also answer group calls.
-    pub fn with_groups(mut self, groups: Arc<GroupService>) -> RaftHandler {
-        self.groups = Some(groups);
-        self
-    }
-
-    /// Also answer joins, with these settings.
-    pub fn with_join(mut self, join: JoinSettings) -> RaftHandler {
-        self.join = Some(Arc::new(join));
-        self
-    }
-
-    /// What this node knows: whether it is in a cluster and who leads it.
-    pub async fn status(&self) -> StatusReply {
-        let initialized = self.raft.is_initialized().await.unwrap_or(false);
-        let m = self.raft.metrics().borrow().clone();
-        let leader = m.current_leader.and_then(|id| {
-            let node = m.membership_config.membership().get_node(&id)?;
-            Some((id, node.addr.parse().ok()?))
-        });
-        StatusReply {
-            name: self.me.name.clone(),
-            incarnation: self.me.incarnation,
-            initialized,
-            leader,
-        }
-    }
-}
-
-impl RaftHandler {
-    /// Records the authenticated caller as left, if this node leads.
-    pub async fn leave(&self, from: &Identity) -> Reply {
-        let m = self.raft.metrics().borrow().clone();
-        if m.current_leader != Some(m.id) {
-            return Reply::Unavailable("not the leader".into());
-        }
-        let cmd = Command::SetState {
-            id: from.incarnation,
-            state: NodeState::Left,
-            at_ms: detector::now_ms(),
-            from: None,
-        };
-        match self.raft.client_write(cmd).await {
-            Ok(r) if r.data.is_ok() => {
-                tracing::info!(node = %from.name, "member left");
-                Reply::Left
-            }
-            Ok(_) => Reply::Unavailable(format!("{} is not a member", from.name)),
-            Err(e) => Reply::Unavailable(format!("cannot record the leave: {e}")),
-        }
-    }
-}
-
-/// True when the authenticated caller is the node the raft message speaks
-/// for: a link's identity must not be usable to act as another node.
-fn sent_by(from: &Identity, vote: &Vote<NodeId>) -> bool {
-    vote.leader_id().voted_for() == Some(from.incarnation)
-}
-
-impl Handler for RaftHandler {
-    fn handle(&self, from: Identity, req: Request) -> BoxFuture<Reply> {
-        let this = self.clone();
-        Box::pin(async move {
-            let impostor = || {
-                tracing::warn!(peer = %from.name, "raft message names another sender");
-                Reply::Unavailable(format!("sender {} does not match message", from.name))
-            };
-            match req {
-                Request::AppendEntries(r) if sent_by(&from, &r.vote) => {
-                    this.heard
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(from.incarnation, tokio::time::Instant::now());
-                    Reply::AppendEntries(this.raft.append_entries(r).await)
-                }
-                Request::Vote(r) if sent_by(&from, &r.vote) => Reply::Vote(this.raft.vote(r).await),
-                Request::InstallSnapshot(r) if sent_by(&from, &r.vote) => {
-                    Reply::InstallSnapshot(this.raft.install_snapshot(r).await)
-                }
-                Request::AppendEntries(_) | Request::Vote(_) | Request::InstallSnapshot(_) => {
-                    impostor()
-                }
-                Request::Status => Reply::Status(this.status().await),
-                Request::Leave => this.leave(&from).await,
-                Request::Group(g) => match &this.groups {
-                    Some(service) => Reply::Group(service.handle(&from, g).await),
-                    None => Reply::Unavailable("this node runs no groups".into()),
-                },
-                Request::Join(j) => match &this.join {
-                    Some(settings) => Reply::Join(settings.handle(&this.raft, j).await),
-                    None => Reply::Unavailable("this node does not admit members".into()),
-                },
-            }
-        })
     }
 }
 

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::cluster::peer::tests::{cfg, serve_on, LONG};
 use crate::cluster::raft::store::{self, ClusterView};
+use crate::cluster::service::{JoinSettings, NodeService};
 use crate::cluster::state::{Command, Role};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
@@ -63,7 +64,7 @@ async fn start_named(id: NodeId, name: &str, listener: TcpListener, dir: &Path) 
         link: link.clone(),
         view: view.clone(),
     };
-    let handler = RaftHandler::new(link.identity.clone(), raft.clone()).with_join(join);
+    let handler = NodeService::new(link.identity.clone(), raft.clone()).with_join(join);
     let (cancel, server) = serve_on(listener, link, Arc::new(handler));
     Node {
         id,
