@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use super::group_rpc::{GroupReply, GroupRequest, GroupService};
 use super::identity::Identity;
 use super::link::LinkConfig;
-use super::peer::PeerClient;
 use super::raft::store::ClusterView;
+use super::rpc::peer::PeerClient;
 use super::rpc::{Reply, Request};
 use super::state::{NodeId, TypeConfig};
 

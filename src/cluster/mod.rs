@@ -14,11 +14,9 @@ pub mod link;
 pub mod manager;
 pub mod membership;
 pub mod node;
-pub mod peer;
 pub mod placement;
 pub mod raft;
 pub mod rpc;
-pub mod server;
 pub mod service;
 pub mod state;
 

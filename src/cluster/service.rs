@@ -13,11 +13,11 @@ use super::detector;
 use super::group_rpc::GroupService;
 use super::identity::Identity;
 use super::link::LinkConfig;
-use super::peer::PeerClient;
 use super::raft::network::Acks;
 use super::raft::store::ClusterView;
+use super::rpc::peer::PeerClient;
+use super::rpc::server::{BoxFuture, Handler};
 use super::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
-use super::server::{BoxFuture, Handler};
 use super::state::{Command, NodeId, NodeState, TypeConfig};
 
 /// Answers every call that reaches this node: raft RPCs (handed to the

@@ -4,10 +4,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
 use super::*;
-use crate::cluster::peer::tests::{cfg, Echo, LONG};
-use crate::cluster::peer::PeerClient;
+use crate::cluster::rpc::peer::tests::{cfg, Echo, LONG};
+use crate::cluster::rpc::peer::PeerClient;
+use crate::cluster::rpc::server;
 use crate::cluster::rpc::{Reply, Request};
-use crate::cluster::server;
 
 fn ip(n: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, n])

@@ -2,7 +2,7 @@
 //! durable storage of the cluster log and state machine ([`store`]).
 //!
 //! May import: `cluster::identity`, `cluster::link`, `cluster::rpc`,
-//! `cluster::peer` and `cluster::state`.
+//! `cluster::rpc::peer` and `cluster::state`.
 
 pub mod network;
 pub mod store;

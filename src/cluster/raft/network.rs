@@ -17,7 +17,7 @@ use openraft::raft::{
 use openraft::RPCTypes;
 
 use crate::cluster::link::LinkConfig;
-use crate::cluster::peer::{CallError, PeerClient};
+use crate::cluster::rpc::peer::{CallError, PeerClient};
 use crate::cluster::rpc::{Reply, Request};
 use crate::cluster::state::{Member, NodeId, TypeConfig};
 

@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::cluster::peer::tests::{cfg, serve_on, LONG};
 use crate::cluster::raft::store::{self, ClusterView};
+use crate::cluster::rpc::peer::tests::{cfg, serve_on, LONG};
 use crate::cluster::service::{JoinSettings, NodeService};
 use crate::cluster::state::{Command, Role};
 

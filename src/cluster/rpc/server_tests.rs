@@ -5,8 +5,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use super::*;
-use crate::cluster::peer::tests::{cfg, serve_on, Echo, LONG};
-use crate::cluster::peer::{CallError, PeerClient};
+use crate::cluster::rpc::peer::tests::{cfg, serve_on, Echo, LONG};
+use crate::cluster::rpc::peer::{CallError, PeerClient};
 use crate::cluster::rpc::{JoinReply, JoinRequest};
 use crate::cluster::state::Role;
 

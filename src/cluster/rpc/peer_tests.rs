@@ -7,8 +7,8 @@ use super::*;
 use crate::cluster::identity::Secret;
 use crate::cluster::link::handshake::LinkEnd;
 use crate::cluster::link::message::RefuseReason;
+use crate::cluster::rpc::server::{self, BoxFuture, Handler};
 use crate::cluster::rpc::StatusReply;
-use crate::cluster::server::{self, BoxFuture, Handler};
 
 pub(crate) const KEY: &[u8] = b"0123456789abcdef0123";
 pub(crate) const LONG: Duration = Duration::from_secs(10);

@@ -12,8 +12,8 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::group_rpc::{GroupReply, GroupRequest};
-use super::state::{NodeId, Role, TypeConfig};
+use crate::cluster::group_rpc::{GroupReply, GroupRequest};
+use crate::cluster::state::{NodeId, Role, TypeConfig};
 
 /// What travels in a link's `App` body.
 #[derive(Debug, Serialize, Deserialize)]

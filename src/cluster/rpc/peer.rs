@@ -18,9 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::identity::Identity;
-use super::link::{self, Link, LinkConfig, LinkError, LinkReader, LinkWriter};
-use super::rpc::{Envelope, Reply, Request};
+use super::messages::{Envelope, Reply, Request};
+use crate::cluster::identity::Identity;
+use crate::cluster::link::{self, Link, LinkConfig, LinkError, LinkReader, LinkWriter};
 
 /// First delay after a failed connect.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);

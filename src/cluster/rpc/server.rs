@@ -16,10 +16,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use super::identity::Identity;
-use super::link::transport::{Listener, Stream};
-use super::link::{self, LinkConfig, LinkReader, LinkWriter};
-use super::rpc::{Envelope, Reply, Request};
+use super::messages::{Envelope, Reply, Request};
+use crate::cluster::identity::Identity;
+use crate::cluster::link::transport::{Listener, Stream};
+use crate::cluster::link::{self, LinkConfig, LinkReader, LinkWriter};
 
 /// A boxed, sendable future, as trait objects must return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
