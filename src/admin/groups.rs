@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{problem, AdminState, Answer, ClusterReadout, ACTION_DEADLINE};
 use crate::cluster::detector::now_ms;
-use crate::cluster::group_rpc::{GroupReply, GroupRequest};
+use crate::cluster::rpc::group::{GroupReply, GroupRequest};
 use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::ClusterState;
 

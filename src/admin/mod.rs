@@ -428,11 +428,11 @@ async fn set_drain(
     let Some(node) = id else {
         return problem(StatusCode::NOT_FOUND, format!("no member named {name}"));
     };
-    let req = crate::cluster::group_rpc::GroupRequest::SetDrain { node, draining };
+    let req = crate::cluster::rpc::group::GroupRequest::SetDrain { node, draining };
     match handle.to_leader(req, ACTION_DEADLINE).await {
-        Ok(crate::cluster::group_rpc::GroupReply::Recorded) => done(),
+        Ok(crate::cluster::rpc::group::GroupReply::Recorded) => done(),
         // Already so.
-        Ok(crate::cluster::group_rpc::GroupReply::Refused(why)) if why.contains("Stale") => done(),
+        Ok(crate::cluster::rpc::group::GroupReply::Refused(why)) if why.contains("Stale") => done(),
         Ok(other) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("{other:?}")),
         Err(e) => problem(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -10,10 +10,11 @@ use std::time::Duration;
 use openraft::Raft;
 use tokio::sync::watch;
 
-use super::group_rpc::{GroupReply, GroupRequest, GroupService};
+use super::group_rpc::GroupService;
 use super::identity::Identity;
 use super::link::LinkConfig;
 use super::raft::store::ClusterView;
+use super::rpc::group::{GroupReply, GroupRequest};
 use super::rpc::peer::PeerClient;
 use super::rpc::{Reply, Request};
 use super::state::{NodeId, TypeConfig};

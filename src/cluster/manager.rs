@@ -13,10 +13,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::detector::now_ms;
-use super::group_rpc::{GroupReply, GroupRequest};
 use super::handle::ClusterHandle;
 use super::lease;
 use super::placement::{decide, Decision, Policy};
+use super::rpc::group::{GroupReply, GroupRequest};
 use super::state::groups::GroupCommand;
 use super::state::{Command, NodeId, Response};
 

@@ -12,7 +12,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::group_rpc::{GroupReply, GroupRequest};
+use crate::cluster::rpc::group::{GroupReply, GroupRequest};
 use crate::cluster::state::{NodeId, Role, TypeConfig};
 
 /// What travels in a link's `App` body.

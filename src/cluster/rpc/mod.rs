@@ -4,9 +4,9 @@
 //! and the server that accepts links and hands each call to a handler
 //! ([`server`]).
 //!
-//! May import: `cluster::identity`, `cluster::link` and `cluster::state`
-//! (and, until they move here, the group service's wire types).
+//! May import: `cluster::identity`, `cluster::link` and `cluster::state`.
 
+pub mod group;
 pub mod messages;
 pub mod peer;
 pub mod server;
