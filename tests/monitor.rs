@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::daemon::free_port;
 use mtad::admin::client::{self, Command};
 use mtad::admin::{AdminState, ClusterReadout};
-use mtad::cluster::manager::{self, GroupPolicy};
+use mtad::cluster::groups::manager::{self, GroupPolicy};
 use mtad::cluster::node::ClusterNode;
 use mtad::cluster::rpc::group::{GroupReply, GroupRequest};
 use mtad::cluster::state::groups::GroupCommand;

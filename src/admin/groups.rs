@@ -12,7 +12,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::{problem, AdminState, Answer, ClusterReadout, ACTION_DEADLINE};
-use crate::cluster::detector::now_ms;
+use crate::cluster::membership::detector::now_ms;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest};
 use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::ClusterState;

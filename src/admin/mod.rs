@@ -23,8 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::groups::placement;
 use crate::cluster::handle::ClusterHandle;
-use crate::cluster::placement;
 use crate::cluster::NodeState;
 use crate::queue::Stats;
 
@@ -313,7 +313,7 @@ async fn evict(
     if id == m.id {
         return problem(StatusCode::CONFLICT, "a leader does not evict itself");
     }
-    let work = crate::cluster::admit::evict(raft, id);
+    let work = crate::cluster::membership::admit::evict(raft, id);
     match tokio::time::timeout(ACTION_DEADLINE, work).await {
         Ok(Ok(_)) => Ok(Json(serde_json::json!({ "evicted": name }))),
         Ok(Err(e)) => problem(StatusCode::SERVICE_UNAVAILABLE, e),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use openraft::Raft;
 use tokio::sync::watch;
 
-use super::group_rpc::GroupService;
+use super::groups::service::GroupService;
 use super::identity::Identity;
 use super::link::LinkConfig;
 use super::raft::store::ClusterView;

@@ -4,17 +4,12 @@
 //! Work in progress (issue 3): the pieces land one by one, each tested,
 //! before a node runs them.
 
-pub mod admit;
-pub mod detector;
-pub mod group_rpc;
+pub mod groups;
 pub mod handle;
 pub mod identity;
-pub mod lease;
 pub mod link;
-pub mod manager;
 pub mod membership;
 pub mod node;
-pub mod placement;
 pub mod raft;
 pub mod rpc;
 pub mod service;

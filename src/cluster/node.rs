@@ -14,12 +14,12 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::detector::{self, Thresholds};
-use super::group_rpc::GroupService;
+use super::groups::service::GroupService;
 use super::handle::ClusterHandle;
 use super::identity::{self, Identity};
 use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;
+use super::membership::detector::{self, Thresholds};
 use super::membership::{self, jitter, Backoff, SeedView, Start};
 use super::raft::network::Network;
 use super::raft::store::{self, ClusterView};

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use openraft::{Raft, Vote};
 
-use super::admit;
-use super::detector;
-use super::group_rpc::GroupService;
+use super::groups::service::GroupService;
 use super::identity::Identity;
 use super::link::LinkConfig;
+use super::membership::admit;
+use super::membership::detector;
 use super::raft::network::Acks;
 use super::raft::store::ClusterView;
 use super::rpc::peer::PeerClient;

@@ -16,7 +16,7 @@ use super::runner::GroupRunner;
 use super::source::{DeliverySource, SourceSlot};
 use super::vip::LoopbackVip;
 use super::Resource;
-use crate::cluster::manager::{self, GroupPolicy};
+use crate::cluster::groups::manager::{self, GroupPolicy};
 use crate::cluster::node::ClusterNode;
 use crate::config::{ClusterRole, Config, GroupConfig, VipProvider};
 use crate::smtp::clients::Clients;

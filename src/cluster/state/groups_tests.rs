@@ -240,7 +240,7 @@ fn voters(ids: &[NodeId]) -> std::collections::BTreeSet<NodeId> {
 /// the owner says it has caught up.
 #[test]
 fn a_lagging_owner_keeps_its_old_configuration_counted() {
-    use crate::cluster::lease::{free_at, Holding};
+    use crate::cluster::groups::lease::{free_at, Holding};
     use tokio::time::{Duration, Instant};
 
     let mut s = ClusterState::default();

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::raft::network::{Acks, Signals};
-use super::raft::store::ClusterView;
-use super::state::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
+use crate::cluster::raft::network::{Acks, Signals};
+use crate::cluster::raft::store::ClusterView;
+use crate::cluster::state::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
 
 /// How long silence may last before each verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +161,7 @@ pub async fn run(
     // nobody took over last time.
     let (mut stepping, mut step_again): (Option<Instant>, Option<Instant>) = (None, None);
     let mut leader_seen = Instant::now();
-    let mut gone_jitter = period.mul_f64(super::membership::jitter());
+    let mut gone_jitter = period.mul_f64(super::decide::jitter());
     let Signals { acks, outlogged } = signals;
     loop {
         tokio::select! {
@@ -206,7 +206,7 @@ pub async fn run(
             let since = *candidate_since.get_or_insert(Instant::now());
             if since.elapsed() >= t.down_after {
                 candidate_since = None;
-                let pause = (period * 3).mul_f64(super::membership::jitter());
+                let pause = (period * 3).mul_f64(super::decide::jitter());
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
@@ -256,7 +256,7 @@ pub async fn run(
             if let Some(at) = heard.filter(|_| voter && !called && !quiet) {
                 let silent = at.elapsed();
                 if silent >= wait && !cancel.is_cancelled() {
-                    (called, gone_jitter) = (true, period.mul_f64(super::membership::jitter()));
+                    (called, gone_jitter) = (true, period.mul_f64(super::decide::jitter()));
                     tracing::info!(silent = ?silent, "the leader is silent: calling an election");
                     let _ = raft.trigger().elect().await;
                 }

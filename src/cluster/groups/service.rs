@@ -11,12 +11,12 @@ use openraft::Raft;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::identity::Identity;
 use super::lease::{Grants, MAX_LEASE};
-use super::raft::store::ClusterView;
-use super::rpc::group::{GroupReply, GroupRequest};
-use super::state::groups::GroupCommand;
-use super::state::{Command, NodeId, Response, TypeConfig};
+use crate::cluster::identity::Identity;
+use crate::cluster::raft::store::ClusterView;
+use crate::cluster::rpc::group::{GroupReply, GroupRequest};
+use crate::cluster::state::groups::GroupCommand;
+use crate::cluster::state::{Command, NodeId, Response, TypeConfig};
 
 /// Answers group calls on this node.
 pub struct GroupService {
@@ -189,5 +189,5 @@ impl GroupService {
 }
 
 #[cfg(test)]
-#[path = "group_rpc_tests.rs"]
+#[path = "service_tests.rs"]
 mod tests;

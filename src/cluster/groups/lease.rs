@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::state::groups::GroupState;
-use super::state::NodeId;
+use crate::cluster::state::groups::GroupState;
+use crate::cluster::state::NodeId;
 
 /// Longest grant a voter gives, whatever the owner asks for.
 pub const MAX_LEASE: Duration = Duration::from_secs(60);
@@ -128,7 +128,7 @@ impl Holding {
     /// Until when the lease holds in at least one of `configs`: enough
     /// for an owner when the leader, to free the group, needs a majority
     /// of *every* configuration the owner may count in — two majorities of
-    /// one configuration share a voter (see [`super::state::history`]).
+    /// one configuration share a voter (see [`crate::cluster::state::history`]).
     pub fn valid_in_any(&self, configs: &[BTreeSet<NodeId>]) -> Option<Instant> {
         configs
             .iter()

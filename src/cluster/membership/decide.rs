@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::rpc::JoinRequest;
-use super::state::{Member, NodeId};
+use crate::cluster::rpc::JoinRequest;
+use crate::cluster::state::{Member, NodeId};
 
 /// What a seed said when a fresh node asked for its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,5 +206,5 @@ impl Backoff {
 }
 
 #[cfg(test)]
-#[path = "membership_tests.rs"]
+#[path = "decide_tests.rs"]
 mod tests;

@@ -1,5 +1,5 @@
 //! The leader's side of a join: read who is a member from raft's
-//! membership, decide with `membership::admit`, and carry the steps out
+//! membership, decide with `decide::admit`, and carry the steps out
 //! through openraft, one change at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use openraft::{ChangeMembers, Raft};
 
-use super::membership::{self, Admission, Known, Step};
-use super::rpc::{JoinReply, JoinRequest};
-use super::state::{Command, Member, NodeId, NodeState, TypeConfig};
+use super::decide::{self, Admission, Known, Step};
+use crate::cluster::rpc::{JoinReply, JoinRequest};
+use crate::cluster::state::{Command, Member, NodeId, NodeState, TypeConfig};
 
 /// Members as the leader's raft membership has them: every node with its
 /// record, and whether it votes.
@@ -41,7 +41,7 @@ pub async fn admit(
     join_timeout: Duration,
     back: bool,
 ) -> JoinReply {
-    let (steps, voter) = match membership::admit(&known(raft), req, max_voters) {
+    let (steps, voter) = match decide::admit(&known(raft), req, max_voters) {
         Admission::Steps { steps, voter } => (steps, voter),
         Admission::Refuse(reason) => {
             tracing::warn!(node = %req.name, incarnation = req.incarnation, %reason, "join refused");

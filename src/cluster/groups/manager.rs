@@ -12,13 +12,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::detector::now_ms;
-use super::handle::ClusterHandle;
 use super::lease;
 use super::placement::{decide, Decision, Policy};
-use super::rpc::group::{GroupReply, GroupRequest};
-use super::state::groups::GroupCommand;
-use super::state::{Command, NodeId, Response};
+use crate::cluster::handle::ClusterHandle;
+use crate::cluster::membership::detector::now_ms;
+use crate::cluster::rpc::group::{GroupReply, GroupRequest};
+use crate::cluster::state::groups::GroupCommand;
+use crate::cluster::state::{Command, NodeId, Response};
 
 /// A group as the leader needs to know it.
 #[derive(Debug, Clone)]

@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 
-use super::state::groups::{GroupState, GroupStatus};
-use super::state::{ClusterState, NodeId, NodeState, Role};
+use crate::cluster::state::groups::{GroupState, GroupStatus};
+use crate::cluster::state::{ClusterState, NodeId, NodeState, Role};
 
 /// What the leader knows of a group from configuration.
 #[derive(Debug, Clone, Copy)]
