@@ -30,5 +30,4 @@ pub use state::{
 };
 
 #[cfg(test)]
-#[path = "sim_tests.rs"]
-mod sim;
+mod tests;

@@ -493,7 +493,3 @@ impl Joiner {
         }
     }
 }
-
-#[cfg(test)]
-#[path = "node_tests.rs"]
-mod tests;

@@ -226,7 +226,3 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         }
     }
 }
-
-#[cfg(test)]
-#[path = "network_tests.rs"]
-mod tests;

@@ -30,9 +30,9 @@ use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::link::memnet::MemNet;
-use super::node::ClusterNode;
-use super::state::{NodeId, NodeState};
+use crate::cluster::link::memnet::MemNet;
+use crate::cluster::node::ClusterNode;
+use crate::cluster::state::{NodeId, NodeState};
 use crate::config::{ClusterConfig, ClusterRole};
 
 /// Virtual time a healed cluster has to converge.

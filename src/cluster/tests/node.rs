@@ -1,10 +1,17 @@
 //! Nodes started from configuration form a cluster through their seeds.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::*;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::node::*;
 use crate::cluster::state::NodeId;
+use crate::config::{ClusterConfig, ClusterRole};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(20));
 
@@ -305,11 +312,11 @@ async fn a_non_voter_is_promoted_when_a_voter_slot_frees() {
     h.stop([a, b, c, d]).await;
 }
 
-#[path = "join_cut_tests.rs"]
+#[path = "join_cut.rs"]
 mod join_cut;
 
-#[path = "heal_tests.rs"]
+#[path = "heal.rs"]
 mod heal;
 
-#[path = "leave_tests.rs"]
+#[path = "leave.rs"]
 mod leave;

@@ -2,6 +2,7 @@
 //! authenticated links on loopback.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +12,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::*;
+use crate::cluster::raft::network::*;
 use crate::cluster::raft::store::{self, ClusterView};
 use crate::cluster::rpc::peer::tests::{cfg, serve_on, LONG};
+use crate::cluster::rpc::peer::PeerClient;
+use crate::cluster::rpc::{Reply, Request};
 use crate::cluster::service::{JoinSettings, NodeService};
-use crate::cluster::state::{Command, Role};
+use crate::cluster::state::{Command, Member, NodeId, Role, TypeConfig};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -199,5 +202,5 @@ async fn three_nodes_replicate_and_fail_over_over_links() {
 }
 
 #[cfg(test)]
-#[path = "join_tests.rs"]
+#[path = "join.rs"]
 mod join;
