@@ -95,7 +95,7 @@ pub enum Op {
     Claim,
     /// Start them all, in order.
     Start,
-    /// Stop them all, in reverse order.
+    /// Stop them all (drained first, if graceful), the address first.
     Stop,
     /// Check their health.
     Check,
@@ -171,14 +171,13 @@ pub struct Machine {
     restarts: VecDeque<Instant>,
     /// Why the current stop happened, for the report after it.
     why: String,
-    /// A claim found the resources free.
+    /// A claim found the resources free just now: good for the start that
+    /// follows it at once, never for a later one.
     claimed: bool,
     /// Since when claims keep finding them held.
     held_elsewhere: Option<Instant>,
     /// When to claim (fenced: stop) again.
     retry_at: Option<Instant>,
-    /// Stops that failed in a row.
-    failed_stops: u32,
 }
 
 impl Machine {
@@ -201,7 +200,6 @@ impl Machine {
             claimed: false,
             held_elsewhere: None,
             retry_at: None,
-            failed_stops: 0,
         }
     }
 
@@ -265,7 +263,6 @@ impl Machine {
                         self.phase = Phase::Idle;
                     }
                     self.lease = None;
-                    self.claimed = false;
                     self.held_elsewhere = None;
                 }
                 self.ours = ours;
@@ -322,7 +319,6 @@ impl Machine {
                     Phase::Idle
                 };
                 if self.phase == Phase::Fenced {
-                    self.failed_stops = 0;
                     self.retry_at = None;
                     out.push(Action::Unfence);
                     if over == Phase::Done && self.ours && self.live {
@@ -354,12 +350,12 @@ impl Machine {
                 }
             }
             (Op::Stop, Err(why)) => {
-                self.phase = Phase::Fenced;
-                self.failed_stops += 1;
-                self.retry_at = Some(now + self.s.stop_retry);
-                if self.failed_stops == 1 {
+                // Fenced once; later failures only try again.
+                if self.phase != Phase::Fenced {
                     out.push(Action::Fence(format!("stop failed: {why}")));
                 }
+                self.phase = Phase::Fenced;
+                self.retry_at = Some(now + self.s.stop_retry);
             }
             // A start that ended after we decided to stop: the stop follows.
             _ => {}
@@ -435,6 +431,8 @@ impl Machine {
         if self.busy == Some(Op::Claim) && (must_stop || self.draining) {
             self.busy = None;
         }
+        // A claim is good for the start that follows it in this very step.
+        let claimed = std::mem::take(&mut self.claimed);
         if self.busy.is_some() {
             return;
         }
@@ -451,7 +449,6 @@ impl Machine {
             }
             Phase::Waiting if !mine || self.draining => {
                 // Never started under this epoch: releasing needs no stop.
-                self.claimed = false;
                 self.held_elsewhere = None;
                 self.phase = if self.ours {
                     out.push(Action::Report(
@@ -496,7 +493,10 @@ impl Machine {
             }
             _ => {}
         }
-        if self.phase == Phase::Waiting && mine && self.lease_ok(now) && !self.claimed {
+        if !(self.phase == Phase::Waiting && mine && self.lease_ok(now)) {
+            return;
+        }
+        if !claimed {
             if due(self.retry_at) {
                 self.retry_at = None;
                 self.busy = Some(Op::Claim);
@@ -504,20 +504,17 @@ impl Machine {
             }
             return;
         }
-        if self.phase == Phase::Waiting && mine && self.lease_ok(now) {
-            self.claimed = false;
-            self.phase = Phase::Starting;
-            self.held = self.epoch;
-            self.busy = Some(Op::Start);
-            let lease_end = self.lease.map_or(now, |l| l - self.s.stop_margin);
-            let deadline = (now + self.s.start_timeout).min(lease_end);
-            out.push(Action::Report(
-                self.held,
-                GroupStatus::Starting,
-                "lease held".into(),
-            ));
-            out.push(Action::Start { deadline });
-        }
+        self.phase = Phase::Starting;
+        self.held = self.epoch;
+        self.busy = Some(Op::Start);
+        let lease_end = self.lease.map_or(now, |l| l - self.s.stop_margin);
+        let deadline = (now + self.s.start_timeout).min(lease_end);
+        out.push(Action::Report(
+            self.held,
+            GroupStatus::Starting,
+            "lease held".into(),
+        ));
+        out.push(Action::Start { deadline });
     }
 
     fn stop(&mut self, after: After, graceful: bool, out: &mut Vec<Action>) {

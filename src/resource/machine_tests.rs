@@ -405,3 +405,25 @@ fn a_late_report_speaks_for_the_epoch_it_stopped() {
     assert_eq!(m.phase(), Phase::Waiting);
     assert_eq!(m.renewing(), Some(2));
 }
+
+#[test]
+fn a_claim_is_good_only_for_the_start_right_after_it() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(S);
+    m.on(mine(1), t0);
+    assert_eq!(
+        m.on(Event::Lease(Some(t0 + ms(600))), t0),
+        vec![Action::Claim]
+    );
+    // The lease is too short to start by the time the claim answers.
+    assert_eq!(m.on(Event::Lease(Some(t0 + ms(150))), t0 + ms(10)), vec![]);
+    assert_eq!(
+        claimed(&mut m, t0 + ms(120)),
+        vec![],
+        "no start on a short lease"
+    );
+    // Seconds later the lease holds again: another host may have taken
+    // the address meanwhile, so it claims again first.
+    let out = m.on(Event::Lease(Some(t0 + ms(5600))), t0 + ms(5000));
+    assert_eq!(out, vec![Action::Claim]);
+}
