@@ -20,6 +20,7 @@ use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
 use crate::resource::setup::Groups;
 use crate::resource::source::SourceSlot;
 use crate::smtp::{server, Accept, Incoming};
+use crate::spool::disk::{filesystem_space, Limits};
 use crate::spool::{DiskSpool, Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
 
 /// Why a node could not start.
@@ -94,35 +95,6 @@ pub struct Node {
     _data_dir: DataDirLock,
 }
 
-/// The spool's limits from `[spool]`, on the filesystem holding `dir`.
-fn spool_limits(
-    cfg: &crate::config::SpoolConfig,
-    dir: &std::path::Path,
-) -> std::io::Result<crate::spool::disk::Limits> {
-    let (total, _) = crate::spool::disk::filesystem_space(dir)?;
-    let defaults = crate::spool::disk::Limits::default();
-    let max_bytes = match cfg.max_size {
-        crate::config::SpoolSize::Percent(p) => total / 100 * u64::from(p),
-        crate::config::SpoolSize::Bytes(b) => b,
-    };
-    // Dead data is given back a segment at a time: segments must be
-    // small next to the space the spool may use, or a small disk fills
-    // with dead data in the open segment and stays full.
-    let segment_bytes = defaults
-        .segment_bytes
-        .min(max_bytes / 8)
-        .min(total / 16)
-        .max(64 << 10);
-    Ok(crate::spool::disk::Limits {
-        segment_bytes,
-        max_bytes,
-        // Room for updates, removals and compaction copies whatever else
-        // fills the filesystem: a segment, or a twentieth of a small one.
-        reserve: segment_bytes.min(total / 20),
-        ..defaults
-    })
-}
-
 /// The parts of a node that must answer for it to be alive: the queue's
 /// driver and the spool's writer (a hung fsync stops the one, a stuck
 /// driver the other).
@@ -166,7 +138,8 @@ impl Node {
             source,
         };
         std::fs::create_dir_all(&dir).map_err(|e| fail(e.into()))?;
-        let limits = spool_limits(&config.spool, &dir).map_err(|e| fail(e.into()))?;
+        let (total, _) = filesystem_space(&dir).map_err(|e| fail(e.into()))?;
+        let limits = Limits::for_filesystem(total, config.spool.max_size);
         let spool = DiskSpool::open_with(&dir, limits).map_err(fail)?;
         Self::start_locked(config, Arc::new(spool), lock).await
     }

@@ -66,6 +66,35 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The limits for a spool that may grow to `max_size` on a filesystem
+    /// of `total` bytes.
+    pub fn for_filesystem(total: u64, max_size: crate::config::SpoolSize) -> Limits {
+        let defaults = Limits::default();
+        let max_bytes = match max_size {
+            crate::config::SpoolSize::Percent(p) => total / 100 * u64::from(p),
+            crate::config::SpoolSize::Bytes(b) => b,
+        };
+        // Dead data is given back a segment at a time: segments must be
+        // small next to the space the spool may use, or a small disk fills
+        // with dead data in the open segment and stays full.
+        let segment_bytes = defaults
+            .segment_bytes
+            .min(max_bytes / 8)
+            .min(total / 16)
+            .max(64 << 10);
+        Limits {
+            segment_bytes,
+            max_bytes,
+            // Room for updates, removals and compaction copies whatever
+            // else fills the filesystem: a segment, or a twentieth of a
+            // small filesystem.
+            reserve: segment_bytes.min(total / 20),
+            ..defaults
+        }
+    }
+}
+
 /// The size of the filesystem holding `dir` and the bytes free on it for
 /// an unprivileged writer.
 pub fn filesystem_space(dir: &Path) -> io::Result<(u64, u64)> {
@@ -79,6 +108,9 @@ pub fn filesystem_space(dir: &Path) -> io::Result<(u64, u64)> {
     let unit = st.f_frsize as u64;
     Ok((st.f_blocks as u64 * unit, st.f_bavail as u64 * unit))
 }
+/// What a message's record takes beside its body, at most in practice:
+/// the envelope and framing (counted when a store is checked for room).
+const ENVELOPE_ROOM: u64 = 4096;
 /// Most bytes written in one batch; more waits for the next fsync.
 const BATCH_LIMIT: usize = 16 << 20;
 /// Contents of recently stored messages kept in memory, so that the usual
@@ -696,7 +728,7 @@ impl Spool for DiskSpool {
     fn store(&self, envelope: Envelope, body: Bytes) -> SpoolFuture<'_, ()> {
         // Refused before the disk is full, not by it: updates, removals
         // and compaction copies keep their room.
-        if !self.shared.room_for(body.len() as u64 + 4096) {
+        if !self.shared.room_for(body.len() as u64 + ENVELOPE_ROOM) {
             return Box::pin(async { Err(SpoolError::Full) });
         }
         let id = envelope.id;

@@ -337,3 +337,22 @@ async fn past_max_bytes_new_messages_are_refused_and_room_comes_back() {
     }
     assert_eq!(later, 61, "every later message fits once the rest is gone");
 }
+
+#[test]
+fn limits_follow_the_filesystem_and_max_size() {
+    use crate::config::SpoolSize;
+    const GIB: u64 = 1 << 30;
+    // A large disk: default segments, 80% of it, a segment kept free.
+    let l = Limits::for_filesystem(500 * GIB, SpoolSize::Percent(80));
+    assert_eq!(l.max_bytes, 400 * GIB);
+    assert_eq!(l.segment_bytes, 64 << 20);
+    assert_eq!(l.reserve, 64 << 20);
+    // A small one: segments a sixteenth of it, so dead data goes back
+    // long before the disk fills; a twentieth kept free.
+    let l = Limits::for_filesystem(32 << 20, SpoolSize::Percent(80));
+    assert_eq!(l.segment_bytes, 2 << 20);
+    assert_eq!(l.reserve, (32 << 20) / 20);
+    // A byte cap smaller than the disk sets the segment size too.
+    let l = Limits::for_filesystem(500 * GIB, SpoolSize::Bytes(64 << 20));
+    assert_eq!((l.max_bytes, l.segment_bytes), (64 << 20, 8 << 20));
+}
