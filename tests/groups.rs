@@ -363,8 +363,19 @@ async fn draining_the_owner_hands_its_group_over() {
     // take groups again.
     let (ok, text) = ctl(admin[2], &["drain", "--cancel", "node-a"]).await;
     assert!(ok, "{text}");
-    let s: serde_json::Value = ctl_json(admin[0], &["status"]).await;
-    assert!(s.get("drain").is_none() || s["drain"].is_null(), "{s}");
+    // Committed by the leader; node-a reads it once it has applied it.
+    let undrained = async {
+        loop {
+            let s: serde_json::Value = ctl_json(admin[0], &["status"]).await;
+            if s.get("drain").is_none() || s["drain"].is_null() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), undrained)
+        .await
+        .expect("the drain ended on node-a");
     for n in &mut nodes {
         let _ = n.child.start_kill();
     }
