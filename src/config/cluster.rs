@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::reader::{Ctx, Fields, Node};
+use super::reader::{ms_or, Ctx, Fields, Node};
 use super::{ClusterConfig, ClusterRole};
 
 /// `[cluster]` with its defaults; timings are checked against each other
@@ -105,18 +105,6 @@ fn name(ctx: &mut Ctx<'_>, n: &Node<'_>) -> Option<String> {
         ctx.mismatch(n, what);
         None
     }
-}
-
-/// An optional duration with a default in milliseconds.
-pub(super) fn ms_or(
-    ctx: &mut Ctx<'_>,
-    f: &mut Fields<'_>,
-    key: &'static str,
-    default_ms: u64,
-) -> Duration {
-    f.take(key)
-        .and_then(|n| ctx.duration(&n))
-        .unwrap_or(Duration::from_millis(default_ms))
 }
 
 #[cfg(test)]

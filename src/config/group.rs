@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::cluster::ms_or;
-use super::reader::{Ctx, Fields, Node};
+use super::reader::{ms_or, Ctx, Fields, Node};
 use super::{GroupConfig, VipProvider};
 
 /// A group's lease unless configured.

@@ -9,15 +9,18 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 mod cluster;
+mod error;
 mod group;
 mod live;
 mod load;
 mod reader;
+mod smtp;
 #[cfg(test)]
 mod tests;
 
+pub use error::{file_errors, ConfigError, ConfigErrors, FileProblem};
 pub use live::{needs_restart, Live};
-pub use load::{file_errors, load_file, load_str, ConfigError, ConfigErrors, FileProblem};
+pub use load::{load_file, load_str};
 
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq)]

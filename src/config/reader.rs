@@ -13,7 +13,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml_edit::{Item, TableLike, Value};
 
-use super::load::ConfigError;
+use super::error::{position, ConfigError};
 
 /// Byte range of an item in the source, when the parser recorded one.
 pub(super) type Span = Option<Range<usize>>;
@@ -435,18 +435,6 @@ impl<'d> Fields<'d> {
     }
 }
 
-/// 1-based line and column (in characters) of byte `offset` in `src`.
-pub(super) fn position(src: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(src.len());
-    while !src.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &src[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
-}
-
 /// What an item is, for "found …" in messages.
 fn describe(item: Ref<'_>) -> String {
     match item {
@@ -485,19 +473,77 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// An optional integer in `min..=max`, or `default`.
+pub(super) fn int_or(
+    ctx: &mut Ctx<'_>,
+    f: &mut Fields<'_>,
+    key: &'static str,
+    min: i64,
+    max: i64,
+    default: i64,
+) -> i64 {
+    f.take(key)
+        .and_then(|n| ctx.int(&n, min, max))
+        .unwrap_or(default)
+}
+
+/// An optional duration with a default in seconds.
+pub(super) fn duration_or(
+    ctx: &mut Ctx<'_>,
+    f: &mut Fields<'_>,
+    key: &'static str,
+    default_secs: u64,
+) -> Duration {
+    f.take(key)
+        .and_then(|n| ctx.duration(&n))
+        .unwrap_or(Duration::from_secs(default_secs))
+}
+
+/// A plausible domain name, lower-cased, without a trailing dot.
+pub(super) fn domain(ctx: &mut Ctx<'_>, n: &Node<'_>, what: &str) -> Option<String> {
+    let s = ctx.str(n, what)?;
+    let d = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    if is_domain(&d) {
+        Some(d)
+    } else {
+        ctx.mismatch(n, what);
+        None
+    }
+}
+
+/// LDH labels of 1..=63 characters, 253 in all, and a last label that is
+/// not all digits (that would be an IP address, not a name).
+fn is_domain(d: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(label_ok)
+        && !d
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// An optional duration with a default in milliseconds.
+pub(super) fn ms_or(
+    ctx: &mut Ctx<'_>,
+    f: &mut Fields<'_>,
+    key: &'static str,
+    default_ms: u64,
+) -> Duration {
+    f.take(key)
+        .and_then(|n| ctx.duration(&n))
+        .unwrap_or(Duration::from_millis(default_ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn positions_count_lines_and_characters() {
-        let src = "ab\nçd = 1\n";
-        assert_eq!(position(src, 0), (1, 1));
-        assert_eq!(position(src, 3), (2, 1));
-        // 'ç' is two bytes but one column.
-        assert_eq!(position(src, 6), (2, 3));
-        assert_eq!(position(src, 999), (3, 1));
-    }
 
     #[test]
     fn edit_distance_is_levenshtein() {
