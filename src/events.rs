@@ -57,7 +57,7 @@ pub fn message(
     next_hop: Option<&str>,
     reply: Option<&str>,
 ) {
-    crate::metrics::recipient(kind, next_hop.unwrap_or(""));
+    crate::metrics::recipient(kind.as_str(), next_hop.unwrap_or(""));
     tracing::info!(
         target: TARGET,
         event = kind.as_str(),
@@ -161,7 +161,7 @@ pub fn association(
     reason: AssociationReason,
     detail: &str,
 ) {
-    crate::metrics::association(kind, destination, reason);
+    crate::metrics::association(kind.as_str(), destination, reason.as_str());
     tracing::info!(
         target: TARGET,
         event = kind.as_str(),

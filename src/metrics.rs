@@ -13,8 +13,6 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::events::{AssociationEvent, AssociationReason, MessageEvent};
-
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Record from now on (once per process; later calls return the same
@@ -71,29 +69,31 @@ pub fn received() {
     counter!("mtad_received_total").increment(1);
 }
 
-/// A recipient's delivery attempt ended as `kind` at `destination`.
-pub fn recipient(kind: MessageEvent, destination: &str) {
-    let name = match kind {
-        MessageEvent::Delivered => "mtad_delivered_total",
-        MessageEvent::Deferred => "mtad_deferred_total",
-        MessageEvent::Bounced => "mtad_bounced_total",
-        MessageEvent::Expired => "mtad_expired_total",
+/// A recipient's delivery attempt ended as `event` (the event log's
+/// name for it: "delivered", "deferred", ...) at `destination`.
+pub fn recipient(event: &str, destination: &str) {
+    let name = match event {
+        "delivered" => "mtad_delivered_total",
+        "deferred" => "mtad_deferred_total",
+        "bounced" => "mtad_bounced_total",
+        "expired" => "mtad_expired_total",
         _ => return,
     };
     counter!(name, "destination" => destination.to_string()).increment(1);
 }
 
-/// An association opened, was renegotiated or closed.
-pub fn association(kind: AssociationEvent, destination: &str, reason: AssociationReason) {
-    let name = match kind {
-        AssociationEvent::Opened => "mtad_associations_opened_total",
-        AssociationEvent::Closed => "mtad_associations_closed_total",
-        AssociationEvent::Renegotiated => "mtad_associations_renegotiated_total",
-        AssociationEvent::Reused => return,
+/// An association opened, was renegotiated or closed (`event` as the
+/// event log names it), for `reason`.
+pub fn association(event: &str, destination: &str, reason: &str) {
+    let name = match event {
+        "association_opened" => "mtad_associations_opened_total",
+        "association_closed" => "mtad_associations_closed_total",
+        "association_renegotiated" => "mtad_associations_renegotiated_total",
+        _ => return,
     };
     let labels = [
         ("destination", destination.to_string()),
-        ("reason", reason.as_str().to_string()),
+        ("reason", reason.to_string()),
     ];
     counter!(name, &labels).increment(1);
 }
