@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::clients::Budget;
+use super::budget::Budget;
 
 /// Bytes held by bodies being received or stored, across sessions.
 #[derive(Debug, Default)]

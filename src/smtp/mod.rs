@@ -5,6 +5,7 @@
 
 mod address;
 pub mod auth;
+pub mod budget;
 pub mod clients;
 mod data;
 pub mod memory;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use smtp_proto::{Error as ParseError, Request};
 
 use super::address::{self, PathError};
-use super::clients::Budget;
+use super::budget::Budget;
 use super::data::{DataOutcome, DataReceiver};
 use super::memory::{client_share, BodyMemory, Charge};
 use super::Incoming;

@@ -674,7 +674,7 @@ struct Share {
     recipients: std::sync::atomic::AtomicUsize,
 }
 
-impl crate::smtp::clients::Budget for Share {
+impl crate::smtp::budget::Budget for Share {
     fn message(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
         self.messages
