@@ -16,8 +16,8 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{Action, Client, Reply, SessionEnd, WantTls};
-use super::destinations::{Destination, Queued, Shared, WITHDRAWN};
 use super::pool::{self, Next, Policy};
+use super::ready::{Destination, Queued, Shared, WITHDRAWN};
 use super::Outcome;
 use crate::events::{self, AssociationEvent as Ev, AssociationReason as Why};
 

@@ -10,6 +10,7 @@ pub mod client;
 mod destinations;
 pub mod drop;
 pub mod pool;
+mod ready;
 pub mod tls;
 
 pub use destinations::{DestinationStatus, Destinations};
