@@ -82,7 +82,7 @@ pub struct Node {
     sessions: TaskTracker,
     /// Reloads asked for through the admin API, for whoever runs the node
     /// (it knows the file).
-    reloads: std::sync::Mutex<Option<mpsc::Receiver<crate::reload::Request>>>,
+    reloads: std::sync::Mutex<Option<mpsc::Receiver<crate::admin::ReloadRequest>>>,
     /// The node's own SMTP listeners: stopped first at shutdown, while the
     /// queue still delivers what the groups' draining sessions accept.
     smtp_cancel: CancellationToken,
@@ -420,7 +420,7 @@ impl Node {
 
     /// Reloads asked for through the admin API (once: the caller serves
     /// them, answering each).
-    pub fn reload_requests(&self) -> Option<mpsc::Receiver<crate::reload::Request>> {
+    pub fn reload_requests(&self) -> Option<mpsc::Receiver<crate::admin::ReloadRequest>> {
         self.reloads
             .lock()
             .unwrap_or_else(|e| e.into_inner())

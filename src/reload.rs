@@ -5,24 +5,10 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-
+use crate::admin::ReloadOutcome as Outcome;
 use crate::app::Node;
 use crate::events::Logging;
 use crate::notify;
-
-/// A reload asked for through the admin API, with where to answer.
-pub type Request = oneshot::Sender<Outcome>;
-
-/// What a reload did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outcome {
-    /// The sections that changed (empty: none did, or it was refused).
-    pub changed: Vec<String>,
-    /// Why it was refused; empty when it was applied.
-    pub errors: Vec<String>,
-}
 
 /// Reload `node` from `path`; the service manager hears RELOADING, then
 /// READY again.

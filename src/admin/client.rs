@@ -186,7 +186,7 @@ pub async fn run_with(api: &Api, cmd: &Command, json: bool) -> Result<Output, St
         ),
         (Command::Drain(name, false), _) => format!("{name} no longer drained\n"),
         (Command::Reload, _) => {
-            let o: crate::reload::Outcome = serde_json::from_str(&body).map_err(parse_err)?;
+            let o: crate::admin::ReloadOutcome = serde_json::from_str(&body).map_err(parse_err)?;
             match o.changed.is_empty() {
                 true => "reloaded: nothing changed\n".to_string(),
                 false => format!("reloaded: {} changed\n", o.changed.join(", ")),

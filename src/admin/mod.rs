@@ -45,12 +45,24 @@ pub struct AdminState {
     /// The queue, if this node queues mail.
     pub mail: Option<MailReadout>,
     /// Where reloads are asked for, if the node can reload.
-    pub reload: Option<tokio::sync::mpsc::Sender<crate::reload::Request>>,
+    pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
     /// The bearer token every request must carry, if one is configured.
     pub token: Option<String>,
     /// Whether an operator drains this node (set here for a node alone,
     /// from the replicated state in a cluster).
     pub drain: Arc<watch::Sender<bool>>,
+}
+
+/// A reload asked for through the admin API, with where to answer.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<ReloadOutcome>;
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// The sections that changed (empty: none did, or it was refused).
+    pub changed: Vec<String>,
+    /// Why it was refused; empty when it was applied.
+    pub errors: Vec<String>,
 }
 
 /// What the API reads of the cluster side.
@@ -325,7 +337,7 @@ async fn evict(
 }
 
 /// `POST /v1/reload`: what changed, or 400 with every reason it did not.
-async fn reload(State(s): State<Arc<AdminState>>) -> Answer<crate::reload::Outcome> {
+async fn reload(State(s): State<Arc<AdminState>>) -> Answer<ReloadOutcome> {
     let Some(requests) = &s.reload else {
         return problem(StatusCode::NOT_FOUND, "this node cannot reload");
     };
