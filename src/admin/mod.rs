@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::groups::placement;
-use crate::cluster::handle::ClusterHandle;
+use crate::cluster::groups::handle::ClusterHandle;
 use crate::cluster::NodeState;
 use crate::queue::Stats;
 

@@ -2,20 +2,19 @@
 //! through openraft, and place resource groups on one node at a time.
 //!
 //! Layers, lowest first; a layer imports only those before it (cross-layer
-//! tests aside, and for now the leader's group manager, which works
-//! through [`handle`]):
+//! tests aside; `tests/layers.rs` checks it):
 //! - [`identity`]: who this node is, and the cluster secrets;
 //! - [`link`]: authenticated, encrypted connections between nodes;
 //! - [`state`]: the replicated state and the commands that change it;
 //! - [`rpc`]: the calls nodes make to each other, their client and server;
 //! - [`raft`]: openraft's network and durable storage;
 //! - [`membership`]: joining, admission, failure detection;
-//! - [`groups`]: leases, placement, the leader's manager, the group service;
-//! - [`service`] (what this node answers), [`handle`] (what the rest of
-//!   mtad may ask of the cluster) and [`node`] (starting and stopping it).
+//! - [`groups`]: leases, placement, the leader's manager, the group service,
+//!   and the [`ClusterHandle`] the rest of mtad asks the cluster through;
+//! - [`service`] (what this node answers) and [`node`] (starting and
+//!   stopping it).
 
 pub mod groups;
-pub mod handle;
 pub mod identity;
 pub mod link;
 pub mod membership;
@@ -25,6 +24,7 @@ pub mod rpc;
 pub mod service;
 pub mod state;
 
+pub use groups::handle::ClusterHandle;
 pub use state::{
     ClusterState, Command, Member, MemberState, NodeId, NodeState, Response, Role, TypeConfig,
 };

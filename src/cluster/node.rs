@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::groups::service::GroupService;
-use super::handle::ClusterHandle;
+use super::groups::handle::ClusterHandle;
 use super::identity::{self, Identity};
 use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::machine::{Action, Event, Machine, Op, Phase, Settings};
 use super::{run_op, Resource};
 use crate::cluster::groups::lease::Holding;
-use crate::cluster::handle::ClusterHandle;
+use crate::cluster::groups::handle::ClusterHandle;
 use crate::cluster::membership::detector::now_ms;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest};
 use crate::cluster::state::groups::GroupCommand;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::lease;
 use super::placement::{decide, Decision, Policy};
-use crate::cluster::handle::ClusterHandle;
+use super::handle::ClusterHandle;
 use crate::cluster::membership::detector::now_ms;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest};
 use crate::cluster::state::groups::GroupCommand;

@@ -10,14 +10,14 @@ use std::time::Duration;
 use openraft::Raft;
 use tokio::sync::watch;
 
-use super::groups::service::GroupService;
-use super::identity::Identity;
-use super::link::LinkConfig;
-use super::raft::store::ClusterView;
-use super::rpc::group::{GroupReply, GroupRequest};
-use super::rpc::peer::PeerClient;
-use super::rpc::{Reply, Request};
-use super::state::{NodeId, TypeConfig};
+use super::service::GroupService;
+use crate::cluster::identity::Identity;
+use crate::cluster::link::LinkConfig;
+use crate::cluster::raft::store::ClusterView;
+use crate::cluster::rpc::group::{GroupReply, GroupRequest};
+use crate::cluster::rpc::peer::PeerClient;
+use crate::cluster::rpc::{Reply, Request};
+use crate::cluster::state::{NodeId, TypeConfig};
 
 /// A cheap-to-clone handle on the running cluster side.
 #[derive(Clone)]
@@ -65,7 +65,7 @@ impl ClusterHandle {
 
     /// Every voter configuration the owner of `group` may still count
     /// its lease in: those since its recorded membership and those in
-    /// force here (see [`super::state::history`]). A majority of each must
+    /// force here (see [`crate::cluster::state::history`]). A majority of each must
     /// answer before a revoked group is free.
     pub fn lease_configs(&self, group: &str) -> Vec<BTreeSet<NodeId>> {
         let since = {
