@@ -13,8 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{problem, AdminState, Answer, ClusterReadout, ACTION_DEADLINE};
 use crate::cluster::membership::detector::now_ms;
-use crate::cluster::rpc::group::{GroupReply, GroupRequest};
-use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::ClusterState;
 
 /// One row of `GET /v1/groups`.
@@ -97,34 +95,14 @@ pub(super) async fn move_to(
     if !known {
         return problem(StatusCode::NOT_FOUND, format!("no group named {group}"));
     }
-    let to = {
-        let v = handle.view.borrow();
-        v.state
-            .members
-            .iter()
-            .find(|(_, m)| m.member.name == node)
-            .map(|(id, _)| *id)
-    };
-    let Some(to) = to else {
-        return problem(StatusCode::NOT_FOUND, format!("no member named {node}"));
-    };
-    let cmd = GroupCommand::Move {
-        group: group.clone(),
-        to: Some(to),
-        at_ms: now_ms(),
-    };
     match handle
-        .to_leader(GroupRequest::Record(cmd), ACTION_DEADLINE)
+        .move_group(&group, &node, now_ms(), ACTION_DEADLINE)
         .await
     {
-        Ok(GroupReply::Recorded) => Ok(Json(serde_json::json!({
+        Ok(()) => Ok(Json(serde_json::json!({
             "group": group,
             "moving_to": node,
         }))),
-        Ok(other) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("{other:?}")),
-        Err(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the leader did not take the move: {e}"),
-        ),
+        Err(e) => super::refused(e),
     }
 }

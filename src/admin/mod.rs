@@ -23,8 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::groups::handle::{ActionError, ClusterHandle};
 use crate::cluster::groups::placement;
-use crate::cluster::groups::handle::ClusterHandle;
 use crate::cluster::NodeState;
 use crate::queue::Stats;
 
@@ -306,34 +306,21 @@ async fn evict(
     let Some(ClusterReadout { handle, .. }) = &s.cluster else {
         return problem(StatusCode::NOT_FOUND, "this node runs alone: no cluster");
     };
-    let raft = &handle.raft;
-    let m = raft.metrics().borrow().clone();
-    if m.current_leader != Some(m.id) {
-        return problem(
-            StatusCode::CONFLICT,
-            "not the leader: ask the leader's admin API",
-        );
+    match handle.evict(&name, ACTION_DEADLINE).await {
+        Ok(()) => Ok(Json(serde_json::json!({ "evicted": name }))),
+        Err(e) => refused(e),
     }
-    let membership = m.membership_config.membership();
-    let Some(id) = membership
-        .nodes()
-        .find(|(_, n)| n.name == name)
-        .map(|(id, _)| *id)
-    else {
-        return problem(StatusCode::NOT_FOUND, format!("no member named {name}"));
+}
+
+/// An operator's action the cluster did not carry out, as an HTTP problem.
+fn refused<T>(e: ActionError) -> Answer<T> {
+    let status = match e {
+        ActionError::NoSuchMember(_) => StatusCode::NOT_FOUND,
+        ActionError::NotLeader | ActionError::EvictSelf => StatusCode::CONFLICT,
+        ActionError::Unavailable(_) | ActionError::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ActionError::TimedOut => StatusCode::GATEWAY_TIMEOUT,
     };
-    if id == m.id {
-        return problem(StatusCode::CONFLICT, "a leader does not evict itself");
-    }
-    let work = crate::cluster::membership::admit::evict(raft, id);
-    match tokio::time::timeout(ACTION_DEADLINE, work).await {
-        Ok(Ok(_)) => Ok(Json(serde_json::json!({ "evicted": name }))),
-        Ok(Err(e)) => problem(StatusCode::SERVICE_UNAVAILABLE, e),
-        Err(_) => problem(
-            StatusCode::GATEWAY_TIMEOUT,
-            "the cluster did not commit the change in time",
-        ),
-    }
+    problem(status, e.to_string())
 }
 
 /// `POST /v1/reload`: what changed, or 400 with every reason it did not.
@@ -436,19 +423,8 @@ async fn set_drain(
         s.drain.send_replace(draining);
         return done();
     };
-    let id = handle.view.borrow().state.by_name(&name).map(|(id, _)| id);
-    let Some(node) = id else {
-        return problem(StatusCode::NOT_FOUND, format!("no member named {name}"));
-    };
-    let req = crate::cluster::rpc::group::GroupRequest::SetDrain { node, draining };
-    match handle.to_leader(req, ACTION_DEADLINE).await {
-        Ok(crate::cluster::rpc::group::GroupReply::Recorded) => done(),
-        // Already so.
-        Ok(crate::cluster::rpc::group::GroupReply::Refused(why)) if why.contains("Stale") => done(),
-        Ok(other) => problem(StatusCode::SERVICE_UNAVAILABLE, format!("{other:?}")),
-        Err(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the leader did not take the drain: {e}"),
-        ),
+    match handle.set_drain(&name, draining, ACTION_DEADLINE).await {
+        Ok(()) => done(),
+        Err(e) => refused(e),
     }
 }

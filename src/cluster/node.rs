@@ -14,8 +14,8 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::groups::service::GroupService;
 use super::groups::handle::ClusterHandle;
+use super::groups::service::GroupService;
 use super::identity::{self, Identity};
 use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;

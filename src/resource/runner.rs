@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{Action, Event, Machine, Op, Phase, Settings};
 use super::{run_op, Resource};
-use crate::cluster::groups::lease::Holding;
 use crate::cluster::groups::handle::ClusterHandle;
+use crate::cluster::groups::lease::Holding;
 use crate::cluster::membership::detector::now_ms;
-use crate::cluster::rpc::group::{GroupReply, GroupRequest};
+use crate::cluster::rpc::group::{GroupReply, GroupRequest, Refusal};
 use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::NodeId;
 use crate::config::GroupConfig;
@@ -492,7 +492,7 @@ impl GroupRunner {
                     match cluster.to_leader(req, pause * 4).await {
                         Ok(GroupReply::Recorded) => break,
                         // Another epoch by now: the report is moot.
-                        Ok(GroupReply::Refused(why)) if why.starts_with("not applied") => break,
+                        Ok(GroupReply::Refused(Refusal::NotApplied(_))) => break,
                         other => tracing::debug!(answer = ?other, "report not recorded yet"),
                     }
                     tokio::time::sleep(wait).await;

@@ -1,6 +1,7 @@
-//! What the group code needs of the cluster: this node, the replicated
-//! state, the voters, and calls to any member (answered locally when the
-//! member is this node), each with a deadline.
+//! What the group code and the admin API need of the cluster: this node,
+//! the replicated state, the voters, calls to any member (answered locally
+//! when the member is this node), each with a deadline, and the operator's
+//! actions (drain, move, evict) with typed refusals.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -13,11 +14,36 @@ use tokio::sync::watch;
 use super::service::GroupService;
 use crate::cluster::identity::Identity;
 use crate::cluster::link::LinkConfig;
+use crate::cluster::membership::admit;
 use crate::cluster::raft::store::ClusterView;
-use crate::cluster::rpc::group::{GroupReply, GroupRequest};
+use crate::cluster::rpc::group::{GroupReply, GroupRequest, Refusal};
 use crate::cluster::rpc::peer::PeerClient;
 use crate::cluster::rpc::{Reply, Request};
-use crate::cluster::state::{NodeId, TypeConfig};
+use crate::cluster::state::groups::GroupCommand;
+use crate::cluster::state::{NodeId, Response, TypeConfig};
+
+/// Why an operator's action was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// The name is no member's.
+    #[error("no member named {0}")]
+    NoSuchMember(String),
+    /// Membership changes are made by the leader's admin API.
+    #[error("not the leader: ask the leader's admin API")]
+    NotLeader,
+    /// Evicting itself would leave the cluster leaderless mid-change.
+    #[error("a leader does not evict itself")]
+    EvictSelf,
+    /// The leader could not be reached or did not take it.
+    #[error("the leader did not take it: {0}")]
+    Unavailable(String),
+    /// The change failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The change was not committed within the deadline.
+    #[error("the cluster did not commit the change in time")]
+    TimedOut,
+}
 
 /// A cheap-to-clone handle on the running cluster side.
 #[derive(Clone)]
@@ -169,6 +195,78 @@ impl ClusterHandle {
                 clients.insert(id, (addr, c.clone()));
                 Ok(c)
             }
+        }
+    }
+
+    /// The member called `name`, by the replicated state.
+    pub fn member(&self, name: &str) -> Result<NodeId, ActionError> {
+        let v = self.view.borrow();
+        v.state
+            .by_name(name)
+            .map(|(id, _)| id)
+            .ok_or_else(|| ActionError::NoSuchMember(name.to_string()))
+    }
+
+    /// Drain the member `name` (or end its drain), through the leader.
+    pub async fn set_drain(
+        &self,
+        name: &str,
+        draining: bool,
+        timeout: Duration,
+    ) -> Result<(), ActionError> {
+        let node = self.member(name)?;
+        let req = GroupRequest::SetDrain { node, draining };
+        match self.to_leader(req, timeout).await {
+            // Stale: already so.
+            Ok(GroupReply::Recorded)
+            | Ok(GroupReply::Refused(Refusal::NotApplied(Response::Stale))) => Ok(()),
+            Ok(other) => Err(ActionError::Unavailable(format!("{other:?}"))),
+            Err(e) => Err(ActionError::Unavailable(e)),
+        }
+    }
+
+    /// Move `group` to the member `name`, through the leader; `at_ms` is
+    /// the wall-clock time of the request, for the record.
+    pub async fn move_group(
+        &self,
+        group: &str,
+        name: &str,
+        at_ms: u64,
+        timeout: Duration,
+    ) -> Result<(), ActionError> {
+        let to = self.member(name)?;
+        let cmd = GroupCommand::Move {
+            group: group.to_string(),
+            to: Some(to),
+            at_ms,
+        };
+        match self.to_leader(GroupRequest::Record(cmd), timeout).await {
+            Ok(GroupReply::Recorded) => Ok(()),
+            Ok(other) => Err(ActionError::Unavailable(format!("{other:?}"))),
+            Err(e) => Err(ActionError::Unavailable(e)),
+        }
+    }
+
+    /// Take the member `name` out of the cluster; only the leader does.
+    pub async fn evict(&self, name: &str, timeout: Duration) -> Result<(), ActionError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(m.id) {
+            return Err(ActionError::NotLeader);
+        }
+        let id = m
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.name == name)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| ActionError::NoSuchMember(name.to_string()))?;
+        if id == m.id {
+            return Err(ActionError::EvictSelf);
+        }
+        match tokio::time::timeout(timeout, admit::evict(&self.raft, id)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ActionError::Failed(e)),
+            Err(_) => Err(ActionError::TimedOut),
         }
     }
 }

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::cluster::rpc::group::GrantRefusal;
 use crate::cluster::state::groups::GroupState;
 use crate::cluster::state::NodeId;
 
@@ -63,18 +64,18 @@ impl Grants {
         g: Option<&GroupState>,
         ttl: Duration,
         now: Instant,
-    ) -> Result<Duration, String> {
+    ) -> Result<Duration, GrantRefusal> {
         let Some(g) = g else {
-            return Err(format!("no group {group} here yet"));
+            return Err(GrantRefusal::UnknownGroup);
         };
         if g.epoch != epoch || g.owner != Some(owner) {
-            return Err(format!(
-                "{group} is at epoch {} with owner {:?} here, not {epoch} with {owner:x}",
-                g.epoch, g.owner
-            ));
+            return Err(GrantRefusal::OtherOwner {
+                epoch: g.epoch,
+                owner: g.owner,
+            });
         }
         if g.revoked || g.released {
-            return Err(format!("{group} epoch {epoch} is over"));
+            return Err(GrantRefusal::EpochOver);
         }
         let ttl = ttl.min(MAX_LEASE);
         let until = now + ttl;

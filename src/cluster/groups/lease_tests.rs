@@ -26,32 +26,26 @@ fn a_voter_grants_only_the_owner_of_a_live_epoch() {
     let mut v = Grants::new(t0, TTL);
     let g = group(7, 3);
     assert_eq!(v.grant("mta", 7, 3, Some(&g), TTL, t0), Ok(TTL));
-    assert!(
-        v.grant("mta", 8, 3, Some(&g), TTL, t0).is_err(),
-        "not the owner"
+    let other = |epoch, owner| Err(GrantRefusal::OtherOwner { epoch, owner });
+    // Not the owner; an old epoch; an epoch not seen here yet.
+    assert_eq!(v.grant("mta", 8, 3, Some(&g), TTL, t0), other(3, Some(7)));
+    assert_eq!(v.grant("mta", 7, 2, Some(&g), TTL, t0), other(3, Some(7)));
+    assert_eq!(v.grant("mta", 7, 4, Some(&g), TTL, t0), other(3, Some(7)));
+    assert_eq!(
+        v.grant("mta", 7, 3, None, TTL, t0),
+        Err(GrantRefusal::UnknownGroup)
     );
-    assert!(
-        v.grant("mta", 7, 2, Some(&g), TTL, t0).is_err(),
-        "old epoch"
-    );
-    assert!(
-        v.grant("mta", 7, 4, Some(&g), TTL, t0).is_err(),
-        "epoch not seen here yet"
-    );
-    assert!(
-        v.grant("mta", 7, 3, None, TTL, t0).is_err(),
-        "unknown group"
-    );
+    let over = Err(GrantRefusal::EpochOver);
     let revoked = GroupState {
         revoked: true,
         ..g.clone()
     };
-    assert!(v.grant("mta", 7, 3, Some(&revoked), TTL, t0).is_err());
+    assert_eq!(v.grant("mta", 7, 3, Some(&revoked), TTL, t0), over);
     let released = GroupState {
         released: true,
         ..g
     };
-    assert!(v.grant("mta", 7, 3, Some(&released), TTL, t0).is_err());
+    assert_eq!(v.grant("mta", 7, 3, Some(&released), TTL, t0), over);
 }
 
 #[test]

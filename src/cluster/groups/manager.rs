@@ -12,9 +12,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::handle::ClusterHandle;
 use super::lease;
 use super::placement::{decide, Decision, Policy};
-use super::handle::ClusterHandle;
 use crate::cluster::membership::detector::now_ms;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest};
 use crate::cluster::state::groups::GroupCommand;

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::lease::{Grants, MAX_LEASE};
 use crate::cluster::identity::Identity;
 use crate::cluster::raft::store::ClusterView;
-use crate::cluster::rpc::group::{GroupReply, GroupRequest};
+use crate::cluster::rpc::group::{GroupReply, GroupRequest, Refusal};
 use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::{Command, NodeId, Response, TypeConfig};
 
@@ -114,7 +114,7 @@ impl GroupService {
 
     fn grant(&self, from: &Identity, group: &str, epoch: u64, ttl_ms: u64) -> GroupReply {
         if !self.voters().contains(&self.me.incarnation) {
-            return GroupReply::Refused(format!("{} does not vote", self.me.name));
+            return GroupReply::Refused(Refusal::NotAVoter);
         }
         let view = self.view.borrow();
         let g = view.state.groups.get(group);
@@ -125,14 +125,14 @@ impl GroupService {
             .unwrap_or_else(|e| e.into_inner())
             .cover(ttl);
         if let Err(e) = covered {
-            return GroupReply::Refused(format!("cannot record the lease length: {e}"));
+            return GroupReply::Refused(Refusal::LeaseNotRecorded(e.to_string()));
         }
         let mut grants = self.grants.lock().unwrap_or_else(|e| e.into_inner());
         match grants.grant(group, from.incarnation, epoch, g, ttl, Instant::now()) {
             Ok(t) => GroupReply::Granted {
                 ttl_ms: t.as_millis() as u64,
             },
-            Err(why) => GroupReply::Refused(why),
+            Err(why) => GroupReply::Refused(why.into()),
         }
     }
 
@@ -165,10 +165,7 @@ impl GroupService {
             | GroupCommand::Drain { .. } => false,
         };
         if !allowed {
-            return GroupReply::Refused(
-                "a node records only moves, declarations, and reports, fences and counts about itself"
-                    .into(),
-            );
+            return GroupReply::Refused(Refusal::NotItsOwn);
         }
         self.write(Command::Group(cmd)).await
     }
@@ -177,13 +174,13 @@ impl GroupService {
     async fn write(&self, cmd: Command) -> GroupReply {
         let m = self.raft.metrics().borrow().clone();
         if m.current_leader != Some(m.id) {
-            return GroupReply::Refused("not the leader".into());
+            return GroupReply::Refused(Refusal::NotLeader);
         }
         match self.raft.client_write(cmd).await {
             Ok(r) if r.data == Response::Done => GroupReply::Recorded,
             // Another epoch by now: the report no longer matters.
-            Ok(r) => GroupReply::Refused(format!("not applied: {:?}", r.data)),
-            Err(e) => GroupReply::Refused(format!("cannot write to the cluster log: {e}")),
+            Ok(r) => GroupReply::Refused(Refusal::NotApplied(r.data)),
+            Err(e) => GroupReply::Refused(Refusal::LogWrite(e.to_string())),
         }
     }
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::cluster::raft::store::raft_tests::{single_leader, ME};
+use crate::cluster::rpc::group::GrantRefusal;
 use crate::cluster::state::groups::GroupStatus;
 
 const TTL_MS: u64 = 600;
@@ -40,14 +41,21 @@ async fn a_voter_grants_the_owner_and_reports_outstanding_after_the_revoke() {
     let svc = GroupService::new(ident(ME), raft.clone(), view, dir.path().join("longest"));
     let owner = ident(7);
     let refused = svc.handle(&owner, grant(1)).await;
-    assert!(matches!(refused, GroupReply::Refused(_)), "{refused:?}");
+    let unknown = GroupReply::Refused(GrantRefusal::UnknownGroup.into());
+    assert_eq!(refused, unknown);
     write(&raft, assign(1, 7)).await;
     assert_eq!(
         svc.handle(&owner, grant(1)).await,
         GroupReply::Granted { ttl_ms: TTL_MS }
     );
     let other = svc.handle(&ident(8), grant(1)).await;
-    assert!(matches!(other, GroupReply::Refused(_)), "not the owner");
+    assert!(
+        matches!(
+            other,
+            GroupReply::Refused(Refusal::Grant(GrantRefusal::OtherOwner { .. }))
+        ),
+        "not the owner: {other:?}"
+    );
     let ask = GroupRequest::Outstanding {
         group: "mta".into(),
         epoch: 1,
@@ -72,7 +80,8 @@ async fn a_voter_grants_the_owner_and_reports_outstanding_after_the_revoke() {
     }
     // Revoked: no more grants for the epoch.
     let late = svc.handle(&owner, grant(1)).await;
-    assert!(matches!(late, GroupReply::Refused(_)), "{late:?}");
+    let over = GroupReply::Refused(GrantRefusal::EpochOver.into());
+    assert_eq!(late, over);
     raft.shutdown().await.unwrap();
 }
 
@@ -98,7 +107,7 @@ async fn the_leader_records_reports_only_about_the_caller() {
         })
     };
     let forged = svc.handle(&ident(8), report(7)).await;
-    assert!(matches!(forged, GroupReply::Refused(_)), "{forged:?}");
+    assert_eq!(forged, GroupReply::Refused(Refusal::NotItsOwn));
     assert_eq!(svc.handle(&ident(7), report(7)).await, GroupReply::Recorded);
     assert_eq!(
         view.borrow().state.groups["mta"].status,
@@ -111,7 +120,7 @@ async fn the_leader_records_reports_only_about_the_caller() {
         at_ms: 4,
     });
     let refused = svc.handle(&ident(7), revoke).await;
-    assert!(matches!(refused, GroupReply::Refused(_)), "{refused:?}");
+    assert_eq!(refused, GroupReply::Refused(Refusal::NotItsOwn));
     let move_req = GroupRequest::Record(GroupCommand::Move {
         group: "mta".into(),
         to: Some(8),
