@@ -198,6 +198,7 @@ async fn the_vip_moves_to_a_survivor_when_its_owner_is_killed() {
                 .any(|r| r["leader"] == true && r["name"] != "node-a")
     })
     .await;
+    until_counted_in_all(admin[1]).await;
     // SIGKILL the owner: node-b, next in preference, takes the VIP over.
     nodes[0].child.start_kill().unwrap();
     nodes[0].child.wait().await.unwrap();
@@ -293,6 +294,18 @@ async fn groups_json(admin: SocketAddr) -> Vec<serde_json::Value> {
     ctl_json(admin, &["groups"]).await
 }
 
+/// Until the owner counts its lease in the membership of all three alone.
+/// The group is placed while its first owner is the only voter; until
+/// then the others cannot free it without that owner's answer (a known
+/// limit, see SECURITY.md), and a test that kills it would wait forever.
+async fn until_counted_in_all(admin: SocketAddr) {
+    let deadline = Instant::now() + PATIENCE;
+    while groups_json(admin).await[0]["lease_counted_in"] != serde_json::json!([NAMES]) {
+        assert!(Instant::now() < deadline, "the owner never counted in all three");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_failback_the_vip_returns_to_its_preferred_node() {
     let Three {
@@ -305,6 +318,7 @@ async fn with_failback_the_vip_returns_to_its_preferred_node() {
     let mut seen = Vec::new();
     until_greeted_by(vip, "node-a", &mut seen).await;
     nodes_until(admin[1], |rows| all_voting(rows, 3)).await;
+    until_counted_in_all(admin[1]).await;
     nodes[0].child.start_kill().unwrap();
     nodes[0].child.wait().await.unwrap();
     until_greeted_by(vip, "node-b", &mut seen).await;

@@ -36,6 +36,12 @@ pub struct GroupRow {
     pub fenced: Vec<String>,
     /// When the last transition happened (ms since the epoch; 0 never).
     pub since_ms: u64,
+    /// The voter sets the owner may count its lease in: to take the group
+    /// from it, a majority of each must say its grants ran out. More than
+    /// one just after a membership change, until the owner counts in the
+    /// newest (a set whose majority is gone holds the group where it is).
+    #[serde(default)]
+    pub lease_counted_in: Vec<Vec<String>>,
     /// Why.
     pub reason: String,
 }
@@ -59,6 +65,7 @@ pub(super) async fn list(State(s): State<Arc<AdminState>>) -> Answer<Vec<GroupRo
         .into_iter()
         .map(|n| {
             let g = state.groups.get(&n).cloned().unwrap_or_default();
+            let counted_in = handle.lease_configs(&n);
             let phase = match (g.owner, g.revoked, g.released) {
                 (None, ..) => "unplaced",
                 (_, _, true) => "released",
@@ -75,6 +82,14 @@ pub(super) async fn list(State(s): State<Arc<AdminState>>) -> Answer<Vec<GroupRo
                 move_to: g.move_to.map(|t| name(&state, t)),
                 fenced: g.fenced.iter().map(|f| name(&state, *f)).collect(),
                 since_ms: g.since_ms,
+                lease_counted_in: counted_in
+                    .iter()
+                    .map(|c| {
+                        let mut names: Vec<String> = c.iter().map(|id| name(&state, *id)).collect();
+                        names.sort();
+                        names
+                    })
+                    .collect(),
                 reason: g.reason,
             }
         })

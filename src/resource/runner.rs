@@ -316,6 +316,7 @@ impl GroupRunner {
                 .filter(|until| *until > Instant::now())?;
             counting.sent = newest;
             counting.sent_at = Some(Instant::now());
+            tracing::info!(group = %self.cfg.name, epoch, since = newest, "lease counted in the newest membership");
             let _ = reports.send(report(newest));
             return Some(Event::Lease(Some(lease)));
         }
