@@ -17,6 +17,8 @@ use crate::cluster::raft::network::{Acks, Signals};
 use crate::cluster::raft::store::ClusterView;
 use crate::cluster::state::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
 
+pub mod machine;
+
 /// How long silence may last before each verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Thresholds {
