@@ -4,11 +4,17 @@
 //! replicated state, so every node (and the admin interface) reads the
 //! same verdicts. It also records members that raft knows but the state
 //! does not (the bootstrap node admits itself without a join).
+//!
+//! Every node also steers elections here, where openraft alone would be
+//! slow or stuck (split votes, a silent leader, an owner leading). The
+//! decisions are a pure [`Machine`]; [`run`] only shows it what this node
+//! sees each period and carries out its answer through openraft.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
 use std::time::Duration;
 
-use openraft::{Raft, ServerState};
+use openraft::{ChangeMembers, Raft, RaftMetrics, ServerState};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +24,8 @@ use crate::cluster::raft::store::ClusterView;
 use crate::cluster::state::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
 
 pub mod machine;
+
+pub use machine::{Action, Machine, Observed, Settings};
 
 /// How long silence may last before each verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,8 +144,8 @@ pub fn promotion(
         .collect()
 }
 
-/// Run detection on this node until `cancel`: every `period`, if it leads,
-/// publish what changed.
+/// Run detection on this node until `cancel`: every `period`, show the
+/// [`Machine`] what this node sees and carry out what it decides.
 pub async fn run(
     raft: Raft<TypeConfig>,
     view: watch::Receiver<ClusterView>,
@@ -149,22 +157,12 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut leading_since: Option<Instant> = None;
-    // A joint configuration and when this leader first saw it.
-    let mut joint_seen: Option<(Option<openraft::LogId<NodeId>>, Instant)> = None;
-    let mut candidate_since: Option<Instant> = None;
-    // The leader this node followed last, and whether it called an election
-    // for that leader's silence already.
-    let mut followed: Option<NodeId> = None;
-    let mut called = false;
-    // This node does not campaign (stands back, or abstains).
-    let mut quiet = false;
-    // Stepping down as leader (since when), and when to try again if
-    // nobody took over last time.
-    let (mut stepping, mut step_again): (Option<Instant>, Option<Instant>) = (None, None);
-    let mut leader_seen = Instant::now();
-    let mut gone_jitter = period.mul_f64(super::decide::jitter());
-    let Signals { acks, outlogged } = signals;
+    let settings = Settings {
+        period,
+        thresholds: t,
+        max_voters,
+    };
+    let mut machine = Machine::new(settings, Instant::now(), super::decide::jitter);
     loop {
         tokio::select! {
             // A leaving node must not campaign again (nor re-enable its
@@ -174,223 +172,149 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         let m = raft.metrics().borrow().clone();
-        // Outlogged recently: no campaigns of ours, and none of openraft's
-        // (its election timer is fixed per process, so this node would
-        // otherwise go first, and lose, in every term).
-        let outlogged_at = *outlogged.lock().unwrap_or_else(|e| e.into_inner());
-        let back = outlogged_at.is_some_and(|at| at.elapsed() < t.leader_gone_after);
-        if m.current_leader.is_some() {
-            leader_seen = Instant::now();
-        }
-        // An owner leaves campaigns to a voter that owns nothing — unless
-        // the cluster has been leaderless a while (the state it judged by
-        // may be stale): then anyone campaigns.
-        let voter_ids: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
-        let abstain = abstains(m.id, &view.borrow().state, &voter_ids)
-            && leader_seen.elapsed() < t.leader_gone_after * 2;
-        if (back || abstain) != quiet && !cancel.is_cancelled() {
-            quiet = back || abstain;
-            raft.runtime_config().elect(!quiet);
-            if back {
-                tracing::info!("a voter has a longer log: standing back from elections");
+        let seen = observe(&m, &view, &signals);
+        for action in machine.tick(&seen, Instant::now()) {
+            if carry_out(&raft, action, &seen, &cancel).await.is_break() {
+                return;
             }
         }
-        if quiet {
-            candidate_since = None;
-        } else if m.state == ServerState::Candidate {
-            // openraft draws a node's election timeout once per process and
-            // checks it on a tick: two candidates whose timeouts land on
-            // the same tick split the vote in every term, for ever; and a
-            // voter that refused a shorter log keeps its old term, so the
-            // candidates of one term block each other. A candidate that has
-            // not won within an election timeout calls another election
-            // after a random pause of up to three heartbeats.
-            let since = *candidate_since.get_or_insert(Instant::now());
-            if since.elapsed() >= t.down_after {
-                candidate_since = None;
-                let pause = (period * 3).mul_f64(super::decide::jitter());
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-                // Someone may have won meanwhile: then an election would
-                // only unseat them.
-                let now = raft.metrics().borrow().clone();
-                let still = now.state == ServerState::Candidate && now.current_leader.is_none();
-                if still && !cancel.is_cancelled() {
-                    tracing::info!(
-                        term = now.current_term,
-                        "split votes: calling an election off-beat"
-                    );
-                    let _ = raft.trigger().elect().await;
-                }
-            }
-        } else {
-            candidate_since = None;
-        }
-        if m.state == ServerState::Follower {
-            let leader = m.current_leader.filter(|l| *l != m.id);
-            if leader != followed {
-                (followed, called) = (leader, false);
-            }
-            let voter = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|v| v == m.id);
-            let heard = followed.and_then(|l| lock(&acks).get(&l).copied());
-            // openraft waits out its lease and then a random election
-            // timeout more before it campaigns (1.5–2 s by default); the
-            // other voters grant votes as soon as the lease is over. A
-            // voter that finds its leader silent past the lease (plus a
-            // heartbeat and a jitter, so one goes first) campaigns then:
-            // a dead leader costs one lease, not two.
-            // A follower holding entries past what it has applied probably
-            // has the longest log, which the others will insist on; a
-            // shorter log that campaigns first only costs a round.
-            let ahead = m.last_log_index > m.last_applied.map(|l| l.index);
-            let wait = t.leader_gone_after
-                + if ahead {
-                    gone_jitter / 2
-                } else {
-                    gone_jitter + period
-                };
-            if let Some(at) = heard.filter(|_| voter && !called && !quiet) {
-                let silent = at.elapsed();
-                if silent >= wait && !cancel.is_cancelled() {
-                    (called, gone_jitter) = (true, period.mul_f64(super::decide::jitter()));
-                    tracing::info!(silent = ?silent, "the leader is silent: calling an election");
-                    let _ = raft.trigger().elect().await;
+    }
+}
+
+/// What this node sees now, for the machine.
+fn observe(
+    m: &RaftMetrics<NodeId, Member>,
+    view: &watch::Receiver<ClusterView>,
+    signals: &Signals,
+) -> Observed {
+    let membership = m.membership_config.membership();
+    let matched = m
+        .replication
+        .iter()
+        .flatten()
+        .filter_map(|(id, l)| Some((*id, l.as_ref()?.index)))
+        .collect();
+    Observed {
+        id: m.id,
+        state: m.state,
+        leader: m.current_leader,
+        voters: membership.voter_ids().collect(),
+        joint: membership.get_joint_config().clone(),
+        membership_log: *m.membership_config.log_id(),
+        last_applied: m.last_applied,
+        last_log_index: m.last_log_index,
+        matched,
+        members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+        cluster: view.borrow().state.clone(),
+        acks: lock(&signals.acks)
+            .iter()
+            .map(|(id, at)| (*id, *at))
+            .collect(),
+        outlogged_at: *signals.outlogged.lock().unwrap_or_else(|e| e.into_inner()),
+        now_ms: now_ms(),
+    }
+}
+
+/// Carry out one action with openraft. Breaks when `cancel` ends a pause.
+/// Once cancelled, this node neither campaigns nor switches elections or
+/// heartbeats back on; what it started as a leader it finishes.
+async fn carry_out(
+    raft: &Raft<TypeConfig>,
+    action: Action,
+    seen: &Observed,
+    cancel: &CancellationToken,
+) -> ControlFlow<()> {
+    match action {
+        Action::Elections { on, outlogged } => {
+            if !cancel.is_cancelled() {
+                raft.runtime_config().elect(on);
+                if outlogged {
+                    tracing::info!("a voter has a longer log: standing back from elections");
                 }
             }
         }
-        if m.state != ServerState::Leader {
-            leading_since = None;
-            if stepping.take().is_some() && !cancel.is_cancelled() {
+        Action::CallElectionOffBeat { pause } => {
+            tokio::select! {
+                _ = cancel.cancelled() => return ControlFlow::Break(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            // Someone may have won meanwhile: then an election would only
+            // unseat them.
+            let now = raft.metrics().borrow().clone();
+            let still = now.state == ServerState::Candidate && now.current_leader.is_none();
+            if still && !cancel.is_cancelled() {
+                tracing::info!(
+                    term = now.current_term,
+                    "split votes: calling an election off-beat"
+                );
+                let _ = raft.trigger().elect().await;
+            }
+        }
+        Action::CallElection { silent } => {
+            if !cancel.is_cancelled() {
+                tracing::info!(silent = ?silent, "the leader is silent: calling an election");
+                let _ = raft.trigger().elect().await;
+            }
+        }
+        Action::ResumeHeartbeats => {
+            if !cancel.is_cancelled() {
                 raft.runtime_config().heartbeat(true);
             }
-            continue;
         }
-        let now = Instant::now();
-        let since = *leading_since.get_or_insert(now);
-        // A leader that owns a group steps down: without its heartbeats a
-        // voter that owns nothing campaigns after the lease (openraft 0.9
-        // has no leadership transfer). If nobody has after a while, it
-        // leads on and tries again later.
-        if abstain && stepping.is_none() && step_again.is_none_or(|at| now >= at) {
+        Action::StepDown => {
             tracing::info!(
                 "leading while owning a group: leaving leadership to a voter that owns none"
             );
             raft.runtime_config().heartbeat(false);
-            stepping = Some(now);
         }
-        if let Some(at) = stepping.filter(|at| now - *at > t.leader_gone_after * 3 || !abstain) {
-            if abstain {
-                tracing::warn!(since = ?now - at, "nobody took leadership over; leading on");
+        Action::LeadOn { gave_up_after } => {
+            if let Some(since) = gave_up_after {
+                tracing::warn!(since = ?since, "nobody took leadership over; leading on");
             }
             raft.runtime_config().heartbeat(true);
-            stepping = None;
-            step_again = Some(now + t.leader_gone_after * 20);
         }
-        if stepping.is_some() {
-            // Quiet: any write would refresh the followers' leader lease
-            // (and without heartbeats they would all look suspect).
-            continue;
-        }
-        let members: BTreeMap<NodeId, Member> = m
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, n)| (*id, n.clone()))
-            .collect();
-        let silence: BTreeMap<NodeId, Duration> = lock(&acks)
-            .iter()
-            .map(|(id, at)| {
-                // An answer from before this term's leadership says nothing
-                // about now — except from the leader this node followed:
-                // its silence is why this node leads, so it counts in full.
-                let from = if Some(*id) == followed {
-                    *at
-                } else {
-                    (*at).max(since)
-                };
-                (*id, now.saturating_duration_since(from))
-            })
-            .collect();
-        let state = view.borrow().state.clone();
-        let voters: BTreeMap<NodeId, ()> = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .map(|id| (id, ()))
-            .collect();
-        // One membership change at a time; joint phases finish first.
-        let joint = m.membership_config.membership().get_joint_config();
-        let settled = joint.len() == 1;
-        // A change cut off between its two steps (its leader lost office)
-        // leaves a joint configuration that openraft does not finish by
-        // itself. Once it has lasted long enough that nobody here can still
-        // be in the middle of it, this leader finishes it.
-        let log_id = *m.membership_config.log_id();
-        joint_seen = match joint_seen.take() {
-            Some((seen, at)) if !settled && seen == log_id => Some((seen, at)),
-            _ if !settled => Some((log_id, now)),
-            _ => None,
-        };
-        let committed = log_id <= m.last_applied;
-        if let Some((_, at)) = joint_seen.filter(|(_, at)| committed && now - *at >= t.down_after) {
-            let target = joint.last().cloned().unwrap_or_default();
-            tracing::info!(voters = ?target, since = ?now - at, "finishing an interrupted membership change");
+        Action::FinishJoint { voters, since } => {
+            tracing::info!(voters = ?voters, since = ?since, "finishing an interrupted membership change");
             if let Err(e) = raft
-                .change_membership(openraft::ChangeMembers::ReplaceAllVoters(target), false)
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
                 .await
             {
                 tracing::debug!(error = %e, "could not finish the membership change yet");
             }
-            continue;
         }
-        // Only a non-voter that has caught up may vote: a lagging one would
-        // weaken the quorum until it catches up.
-        let last = m.last_log_index.unwrap_or(0);
-        let caught_up: BTreeMap<NodeId, Member> = members
-            .iter()
-            .filter(|(id, _)| {
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).cloned().flatten());
-                matched.is_some_and(|l| l.index + 1 >= last)
-            })
-            .map(|(id, n)| (*id, n.clone()))
-            .collect();
-        let promote = promotion(&voters, &caught_up, &state, max_voters);
-        if settled && !promote.is_empty() {
-            let names: Vec<&str> = promote.iter().map(|id| members[id].name.as_str()).collect();
+        Action::Promote(ids) => {
+            let names: Vec<&str> = ids.iter().map(|id| name(seen, *id)).collect();
             match raft
-                .change_membership(openraft::ChangeMembers::AddVoterIds(promote), true)
+                .change_membership(ChangeMembers::AddVoterIds(ids), true)
                 .await
             {
                 Ok(_) => tracing::info!(nodes = ?names, "promoted to voter"),
                 Err(e) => tracing::debug!(error = %e, "promotion not possible now"),
             }
         }
-        let commands = reconcile(m.id, &members, &state, &silence, now - since, t, now_ms());
-        for c in commands {
-            let change = match &c {
-                Command::SetState { id, state, .. } => Some((*id, *state)),
-                _ => None,
-            };
-            if let Err(e) = raft.client_write(c).await {
-                tracing::debug!(error = %e, "could not publish member state");
-                break;
-            }
-            // Logged once committed: what the log says, everyone can read.
-            if let Some((id, state)) = change {
-                let name = members.get(&id).map_or("?", |m| m.name.as_str());
-                tracing::info!(node = name, state = ?state, "member state changed");
+        Action::Publish(commands) => {
+            for c in commands {
+                let change = match &c {
+                    Command::SetState { id, state, .. } => Some((*id, *state)),
+                    _ => None,
+                };
+                if let Err(e) = raft.client_write(c).await {
+                    tracing::debug!(error = %e, "could not publish member state");
+                    break;
+                }
+                // Logged once committed: what the log says, everyone can read.
+                if let Some((id, state)) = change {
+                    tracing::info!(node = name(seen, id), state = ?state, "member state changed");
+                }
             }
         }
     }
+    ControlFlow::Continue(())
+}
+
+/// A member's name, for logs.
+fn name(seen: &Observed, id: NodeId) -> &str {
+    seen.members.get(&id).map_or("?", |m| m.name.as_str())
 }
 
 fn lock(acks: &Acks) -> std::sync::MutexGuard<'_, std::collections::HashMap<NodeId, Instant>> {
