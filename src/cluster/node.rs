@@ -20,7 +20,7 @@ use super::identity::{self, Identity};
 use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;
 use super::membership::detector::{self, Thresholds};
-use super::membership::{self, jitter, Backoff, SeedView, Start};
+use super::membership::{self, SeedView, Start};
 use super::raft::network::Network;
 use super::raft::store::{self, ClusterView};
 use super::rpc::peer::PeerClient;
@@ -28,6 +28,7 @@ use super::rpc::server::{self, Handler};
 use super::rpc::{JoinReply, JoinRequest, Reply, Request};
 use super::service::{JoinSettings, NodeService};
 use super::state::{Member, NodeState, Role, TypeConfig};
+use crate::backoff::{jitter, Backoff};
 use crate::config::{ClusterConfig, ClusterRole};
 
 /// Deadline for one Status or connect to a seed during the join loop.

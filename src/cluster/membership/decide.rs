@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use crate::cluster::rpc::JoinRequest;
 use crate::cluster::state::{Member, NodeId};
@@ -159,49 +158,6 @@ pub fn admit(known: &BTreeMap<NodeId, Known>, req: &JoinRequest, max_voters: usi
     Admission::Steps {
         steps,
         voter: voters_now - stale_voters < max_voters,
-    }
-}
-
-/// A value in [0, 1) for backoff jitter.
-pub fn jitter() -> f64 {
-    let mut b = [0u8; 4];
-    match getrandom::fill(&mut b) {
-        Ok(()) => f64::from(u32::from_be_bytes(b)) / (f64::from(u32::MAX) + 1.0),
-        Err(_) => 0.5,
-    }
-}
-
-/// Exponential backoff with jitter for join attempts and reconnects.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    /// A backoff between `min` and `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max: max.max(min),
-            failures: 0,
-        }
-    }
-
-    /// The delay after one more failure; `jitter` in [0, 1) spreads
-    /// retries of many nodes apart (full jitter over the upper half).
-    pub fn next(&mut self, jitter: f64) -> Duration {
-        let exp = self.min.saturating_mul(1u32 << self.failures.min(20));
-        self.failures = self.failures.saturating_add(1);
-        let ceiling = exp.min(self.max);
-        let half = ceiling / 2;
-        half + half.mul_f64(jitter.clamp(0.0, 1.0))
-    }
-
-    /// Start over after a success.
-    pub fn reset(&mut self) {
-        self.failures = 0;
     }
 }
 

@@ -357,12 +357,8 @@ fn record_failure(st: &mut State, error: String) {
 /// to `BACKOFF_MAX`, then jittered down by up to half so that nodes which
 /// lost a peer together do not all retry in step.
 pub fn backoff(failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    let full = BACKOFF_MIN.saturating_mul(1 << exp).min(BACKOFF_MAX);
-    // Without a random source, retrying unjittered is still correct.
-    let r = getrandom::u32().unwrap_or(u32::MAX);
-    let half = full / 2;
-    half + half.mul_f64(f64::from(r) / f64::from(u32::MAX))
+    let jitter = crate::backoff::jitter();
+    crate::backoff::delay(BACKOFF_MIN, BACKOFF_MAX, failures.saturating_sub(1), jitter)
 }
 
 /// Starts the reader and writer tasks of a fresh link.
