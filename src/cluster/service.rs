@@ -12,13 +12,13 @@ use super::groups::service::GroupService;
 use super::identity::Identity;
 use super::link::LinkConfig;
 use super::membership::admit;
-use super::membership::detector;
 use super::raft::network::Acks;
 use super::raft::store::ClusterView;
 use super::rpc::peer::PeerClient;
-use super::rpc::server::{BoxFuture, Handler};
+use super::rpc::server::Handler;
 use super::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
 use super::state::{Command, NodeId, NodeState, TypeConfig};
+use futures_util::future::BoxFuture;
 
 /// Answers every call that reaches this node: raft RPCs (handed to the
 /// local raft), status, joins (admitted as leader, forwarded as
@@ -147,7 +147,7 @@ impl NodeService {
         let cmd = Command::SetState {
             id: from.incarnation,
             state: NodeState::Left,
-            at_ms: detector::now_ms(),
+            at_ms: crate::clock::now_ms(),
             from: None,
         };
         match self.raft.client_write(cmd).await {
@@ -168,7 +168,7 @@ fn sent_by(from: &Identity, vote: &Vote<NodeId>) -> bool {
 }
 
 impl Handler for NodeService {
-    fn handle(&self, from: Identity, req: Request) -> BoxFuture<Reply> {
+    fn handle(&self, from: Identity, req: Request) -> BoxFuture<'static, Reply> {
         let this = self.clone();
         Box::pin(async move {
             let impostor = || {

@@ -1,19 +1,13 @@
-use std::future::Future;
-use std::pin::Pin;
-
 use tokio::io::AsyncReadExt;
 
 use super::*;
 use crate::smtp::Incoming;
-use crate::spool::{QueueId, SpoolError};
+use crate::spool::QueueId;
 
 struct Count(std::sync::atomic::AtomicU64);
 
 impl Accept for Count {
-    fn accept(
-        &self,
-        _m: Incoming,
-    ) -> Pin<Box<dyn Future<Output = Result<QueueId, SpoolError>> + Send + '_>> {
+    fn accept(&self, _m: Incoming) -> crate::spool::SpoolFuture<'_, QueueId> {
         let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move { Ok(QueueId(n + 1)) })
     }

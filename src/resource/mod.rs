@@ -14,13 +14,10 @@ pub mod setup;
 pub mod source;
 pub mod vip;
 
-use std::future::Future;
-use std::pin::Pin;
-
 use tokio::time::{timeout_at, Instant};
 
 /// A resource operation: Ok, or why it failed.
-pub type OpFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
+pub type OpFuture = futures_util::future::BoxFuture<'static, Result<(), String>>;
 
 /// Something a group brings up on its owner.
 ///

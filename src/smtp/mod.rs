@@ -30,15 +30,12 @@ pub fn check_files(cfg: &crate::config::SmtpConfig) -> Vec<FileProblem> {
     problems
 }
 
-use std::future::Future;
-
 use crate::config::FileProblem;
 use std::net::IpAddr;
-use std::pin::Pin;
 
 use bytes::Bytes;
 
-use crate::spool::{QueueId, SpoolError};
+use crate::spool::QueueId;
 
 /// A complete message received from a client, handed to the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,8 +60,5 @@ pub struct Incoming {
 /// returns the queue id only once the message is on disk.
 pub trait Accept: Send + Sync + 'static {
     /// Store the message; Ok means durable and the client may get "250".
-    fn accept(
-        &self,
-        message: Incoming,
-    ) -> Pin<Box<dyn Future<Output = Result<QueueId, SpoolError>> + Send + '_>>;
+    fn accept(&self, message: Incoming) -> crate::spool::SpoolFuture<'_, QueueId>;
 }

@@ -1,6 +1,4 @@
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Mutex;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -36,10 +34,7 @@ impl Memory {
 }
 
 impl Accept for Memory {
-    fn accept(
-        &self,
-        message: Incoming,
-    ) -> Pin<Box<dyn Future<Output = Result<QueueId, SpoolError>> + Send + '_>> {
+    fn accept(&self, message: Incoming) -> crate::spool::SpoolFuture<'_, QueueId> {
         Box::pin(async move {
             if let Some((entered, release)) = &self.gate {
                 entered.notify_one();

@@ -3,9 +3,6 @@
 //! Nothing is acknowledged to a client before `Spool::store` returns Ok,
 //! and `store` returns only after the message is on disk (fsync).
 
-use std::future::Future;
-use std::pin::Pin;
-
 use bytes::Bytes;
 
 pub mod disk;
@@ -16,7 +13,7 @@ pub use disk::DiskSpool;
 pub use memory::MemorySpool;
 
 /// A future returned by a spool operation.
-pub type SpoolFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SpoolError>> + Send + 'a>>;
+pub type SpoolFuture<'a, T> = futures_util::future::BoxFuture<'a, Result<T, SpoolError>>;
 
 /// Queue id: unique per node, shown as 16 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,9 +124,7 @@ pub struct IdGen(std::sync::atomic::AtomicU64);
 impl IdGen {
     /// A generator whose ids are all above `floor` and the current time.
     pub fn new(floor: QueueId) -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = crate::clock::now_ms();
         Self(std::sync::atomic::AtomicU64::new(
             (now << 16).max(floor.0 + 1),
         ))

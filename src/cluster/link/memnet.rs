@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::transport::{BoxFut, Listener, Stream, Transport};
+use super::transport::{Listener, Stream, Transport};
+use futures_util::future::BoxFuture;
 
 /// Bytes a pipe buffers before its writer waits.
 const PIPE: usize = 64 * 1024;
@@ -295,7 +296,7 @@ impl std::fmt::Debug for MemTransport {
 }
 
 impl Transport for MemTransport {
-    fn connect(&self, to: SocketAddr) -> BoxFut<'_, io::Result<Stream>> {
+    fn connect(&self, to: SocketAddr) -> BoxFuture<'_, io::Result<Stream>> {
         Box::pin(async move {
             let never = CancellationToken::new();
             // A lost SYN or SYN-ACK: wait; the caller's deadline decides.
@@ -310,7 +311,7 @@ impl Transport for MemTransport {
         })
     }
 
-    fn listen(&self, addr: SocketAddr) -> BoxFut<'_, io::Result<Box<dyn Listener>>> {
+    fn listen(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Listener>>> {
         Box::pin(async move {
             if addr.ip() != self.ip {
                 return Err(io::Error::from(io::ErrorKind::AddrNotAvailable));
@@ -344,7 +345,7 @@ struct MemListener {
 }
 
 impl Listener for MemListener {
-    fn accept(&mut self) -> BoxFut<'_, io::Result<(Stream, SocketAddr)>> {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(Stream, SocketAddr)>> {
         Box::pin(async move {
             match self.rx.recv().await {
                 Some(c) => Ok(c),

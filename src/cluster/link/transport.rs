@@ -4,17 +4,13 @@
 //! code on both.
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A boxed, sendable future borrowing for `'a`.
-pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A byte stream a link runs over.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -27,21 +23,21 @@ pub type Stream = Box<dyn Io>;
 pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Connects to `to`; an unreachable peer may make this wait, so
     /// callers bound it with their own deadline.
-    fn connect(&self, to: SocketAddr) -> BoxFut<'_, io::Result<Stream>>;
+    fn connect(&self, to: SocketAddr) -> BoxFuture<'_, io::Result<Stream>>;
     /// Starts accepting connections on `addr`.
-    fn listen(&self, addr: SocketAddr) -> BoxFut<'_, io::Result<Box<dyn Listener>>>;
+    fn listen(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Listener>>>;
 }
 
 /// Accepts connections.
 pub trait Listener: Send + 'static {
     /// The next connection and the address it came from.
-    fn accept(&mut self) -> BoxFut<'_, io::Result<(Stream, SocketAddr)>>;
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(Stream, SocketAddr)>>;
     /// Where it listens.
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
 impl<L: Listener + ?Sized> Listener for Box<L> {
-    fn accept(&mut self) -> BoxFut<'_, io::Result<(Stream, SocketAddr)>> {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(Stream, SocketAddr)>> {
         (**self).accept()
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -61,7 +57,7 @@ impl Tcp {
 }
 
 impl Transport for Tcp {
-    fn connect(&self, to: SocketAddr) -> BoxFut<'_, io::Result<Stream>> {
+    fn connect(&self, to: SocketAddr) -> BoxFuture<'_, io::Result<Stream>> {
         Box::pin(async move {
             let stream = TcpStream::connect(to).await?;
             // Handshake and raft messages are small and latency-bound.
@@ -70,13 +66,13 @@ impl Transport for Tcp {
         })
     }
 
-    fn listen(&self, addr: SocketAddr) -> BoxFut<'_, io::Result<Box<dyn Listener>>> {
+    fn listen(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Listener>>> {
         Box::pin(async move { Ok(Box::new(TcpListener::bind(addr).await?) as Box<dyn Listener>) })
     }
 }
 
 impl Listener for TcpListener {
-    fn accept(&mut self) -> BoxFut<'_, io::Result<(Stream, SocketAddr)>> {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(Stream, SocketAddr)>> {
         Box::pin(async move {
             let (stream, peer) = TcpListener::accept(self).await?;
             stream.set_nodelay(true)?;

@@ -7,8 +7,9 @@ use super::*;
 use crate::cluster::identity::Secret;
 use crate::cluster::link::handshake::LinkEnd;
 use crate::cluster::link::message::RefuseReason;
-use crate::cluster::rpc::server::{self, BoxFuture, Handler};
+use crate::cluster::rpc::server::{self, Handler};
 use crate::cluster::rpc::StatusReply;
+use futures_util::future::BoxFuture;
 
 pub(crate) const KEY: &[u8] = b"0123456789abcdef0123";
 pub(crate) const LONG: Duration = Duration::from_secs(10);
@@ -34,7 +35,7 @@ pub(crate) fn cfg(name: &str, incarnation: u64) -> LinkConfig {
 pub(crate) struct Echo;
 
 impl Handler for Echo {
-    fn handle(&self, from: Identity, req: Request) -> BoxFuture<Reply> {
+    fn handle(&self, from: Identity, req: Request) -> BoxFuture<'static, Reply> {
         Box::pin(async move {
             match req {
                 Request::Status => Reply::Status(StatusReply {

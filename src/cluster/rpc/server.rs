@@ -5,12 +5,11 @@
 //! snapshot) never holds up raft heartbeats behind it; their replies go out
 //! through a single writer task in whatever order they finish.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -21,13 +20,10 @@ use crate::cluster::identity::Identity;
 use crate::cluster::link::transport::{Listener, Stream};
 use crate::cluster::link::{self, LinkConfig, LinkReader, LinkWriter};
 
-/// A boxed, sendable future, as trait objects must return.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 /// Answers the calls that arrive on accepted links.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one call from the authenticated peer `from`.
-    fn handle(&self, from: Identity, req: Request) -> BoxFuture<Reply>;
+    fn handle(&self, from: Identity, req: Request) -> BoxFuture<'static, Reply>;
 }
 
 /// Calls one link may have in progress before we stop reading from it, so

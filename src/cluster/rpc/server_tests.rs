@@ -17,7 +17,7 @@ struct SlowJoin {
 }
 
 impl Handler for SlowJoin {
-    fn handle(&self, from: Identity, req: Request) -> BoxFuture<Reply> {
+    fn handle(&self, from: Identity, req: Request) -> BoxFuture<'static, Reply> {
         let (release, started) = (self.release.clone(), self.started.clone());
         Box::pin(async move {
             match req {
