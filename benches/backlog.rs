@@ -11,7 +11,6 @@
 //! dir). Results go to BENCHMARKS.md.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use mtad::spool::disk::DiskSpool;
@@ -83,7 +82,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let spool = Arc::new(DiskSpool::open(&dir).unwrap());
-        let t = Instant::now();
+        let t = mtad::clock::instant();
         let b = body.clone();
         each(&spool, 1..=n, move |s, id| {
             let b = b.clone();
@@ -91,7 +90,7 @@ fn main() {
         })
         .await;
         let stored = t.elapsed();
-        let t = Instant::now();
+        let t = mtad::clock::instant();
         each(&spool, 1..=n, |s, id| {
             tokio::spawn(async move {
                 let deferred = vec![(0, RcptState::Pending { attempts: 1 })];
@@ -111,7 +110,7 @@ fn main() {
         // Traffic behind the backlog, delivered at once.
         let extra = (n / 10).max(10_000);
         let written = spool.bytes_written();
-        let t = Instant::now();
+        let t = mtad::clock::instant();
         let b = body.clone();
         each(&spool, n + 1..=n + extra, move |s, id| {
             let b = b.clone();
@@ -133,7 +132,7 @@ fn main() {
     });
     drop(rt);
     let before = rss_mib();
-    let t = Instant::now();
+    let t = mtad::clock::instant();
     let spool = DiskSpool::open(&dir).unwrap();
     println!(
         "restart: {} messages recovered in {:.1} s; resident memory {:.0} MiB (was {before:.0} MiB before opening)",

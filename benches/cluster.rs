@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mtad::cluster::node::ClusterNode;
 use mtad::cluster::{NodeId, NodeState};
@@ -89,7 +89,7 @@ async fn one_run() -> Run {
         }
     };
 
-    let t0 = Instant::now();
+    let t0 = mtad::clock::instant();
     let mut nodes = Vec::new();
     let mut stops = Vec::new();
     for i in 0..5 {
@@ -103,7 +103,7 @@ async fn one_run() -> Run {
     let form = t0.elapsed();
 
     // A sixth node joins (as a non-voter: five voters is the maximum).
-    let t1 = Instant::now();
+    let t1 = mtad::clock::instant();
     let f = start(5, root.child_token()).await;
     f.raft
         .wait(Some(Duration::from_secs(60)))
@@ -132,20 +132,20 @@ async fn one_run() -> Run {
         .position(|n| n.identity.incarnation == leader)
         .unwrap();
     state_of(&nodes[observer], victim_id, NodeState::Up).await;
-    let t2 = Instant::now();
+    let t2 = mtad::clock::instant();
     stops[victim].cancel();
     nodes[victim].raft.shutdown().await.unwrap();
     state_of(&nodes[observer], victim_id, NodeState::Down).await;
     let detect = t2.elapsed();
 
     // It returns with its data dir: until it is published up again.
-    let t3 = Instant::now();
+    let t3 = mtad::clock::instant();
     let back_node = start(victim, root.child_token()).await;
     state_of(&nodes[observer], victim_id, NodeState::Up).await;
     let back = t3.elapsed();
 
     // The leader leaves as on SIGTERM: recorded as left, a successor leads.
-    let t4 = Instant::now();
+    let t4 = mtad::clock::instant();
     nodes[observer].leave(Duration::from_secs(10)).await;
     let leave = t4.elapsed();
     let successor = nodes[observer].raft.metrics().borrow().current_leader;

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netns::{node_config, Lab, NODES, SINK, VIP};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -216,8 +216,8 @@ fn main() {
         // An owner that leads hands leadership to a node that owns nothing
         // (within about a second and a half): the steady state is measured,
         // and the table says when the owner still led all the same.
-        let settle = Instant::now() + Duration::from_secs(5);
-        while leads(&lab, other, &name) && Instant::now() < settle {
+        let settle = mtad::clock::instant() + Duration::from_secs(5);
+        while leads(&lab, other, &name) && mtad::clock::instant() < settle {
             std::thread::sleep(Duration::from_millis(50));
         }
         let leader = leads(&lab, other, &name);
@@ -232,7 +232,7 @@ fn main() {
             // SAFETY: kill only sends a signal to our own child.
             unsafe { libc::kill(child.id() as i32, sig) };
         };
-        let t0 = Instant::now();
+        let t0 = mtad::clock::instant();
         match fault.as_str() {
             "kill" | "kill-norelease" => {
                 procs[i].kill().unwrap();
@@ -274,7 +274,7 @@ fn main() {
     stop.store(true, Ordering::SeqCst);
     sender.join().unwrap();
     let acked = acked.lock().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = mtad::clock::instant() + Duration::from_secs(60);
     let missing = loop {
         let have = got.lock().unwrap().clone();
         let missing: Vec<u64> = acked
@@ -282,7 +282,7 @@ fn main() {
             .filter(|n| !have.contains(n))
             .copied()
             .collect();
-        if missing.is_empty() || Instant::now() > deadline {
+        if missing.is_empty() || mtad::clock::instant() > deadline {
             break missing;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -6,7 +6,7 @@
 //! BENCHMARKS.md.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mtad::cluster::identity::{Identity, Secret};
 use mtad::cluster::link::frame::{encode, FrameDecoder};
@@ -59,7 +59,7 @@ async fn handshakes() {
     let a = cfg("node-a", 1);
     let mut times = Vec::with_capacity(HANDSHAKES);
     for _ in 0..HANDSHAKES {
-        let start = Instant::now();
+        let start = mtad::clock::instant();
         let link = connect(addr, &a).await.unwrap();
         times.push(start.elapsed());
         drop(link);
@@ -86,7 +86,7 @@ async fn sealed(size: usize) -> f64 {
     });
     let mut link = connect(addr, &cfg("node-a", 1)).await.unwrap();
     let msg = body(size);
-    let start = Instant::now();
+    let start = mtad::clock::instant();
     for _ in 0..MESSAGES {
         link.writer.send(msg.clone()).await.unwrap();
     }
@@ -116,7 +116,7 @@ async fn plain(size: usize) -> f64 {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let msg = Arc::new(body(size));
-    let start = Instant::now();
+    let start = mtad::clock::instant();
     for _ in 0..MESSAGES {
         let frame = encode(&LinkMessage::App {
             body: (*msg).clone(),

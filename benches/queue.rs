@@ -7,7 +7,7 @@
 //! Run with `cargo bench --bench queue`; MESSAGES=n to change the size.
 //! Results go to BENCHMARKS.md.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mtad::config::load_str;
 use mtad::delivery::{JobResult, Outcome, RcptResult};
@@ -26,7 +26,7 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     let mut last = None;
     let samples = (0..runs)
         .map(|_| {
-            let t = Instant::now();
+            let t = mtad::clock::instant();
             last = Some(f());
             t.elapsed()
         })
@@ -55,7 +55,7 @@ fn main() {
     let mut core = Core::new();
     let now = tokio::time::Instant::now();
     let mut out = Vec::new();
-    let fill = Instant::now();
+    let fill = mtad::clock::instant();
     for i in 1..=n {
         let envelope = Envelope {
             id: QueueId(i),
@@ -104,7 +104,7 @@ fn main() {
     assert_eq!(rows.len(), DESTINATIONS);
     let (show, d) = time(21, || core.show(&cfg, QueueId(n / 3)));
     assert!(d.is_some());
-    let walk = Instant::now();
+    let walk = mtad::clock::instant();
     let mut after = None;
     let mut seen = 0;
     loop {

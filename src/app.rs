@@ -352,7 +352,7 @@ impl Node {
             admin_addr = listener.local_addr().ok();
             let state = crate::admin::AdminState {
                 node: config.node.name.clone(),
-                started: std::time::Instant::now(),
+                started: crate::clock::instant(),
                 stats: stats.clone(),
                 cluster: cluster.as_ref().map(|c| crate::admin::ClusterReadout {
                     secrets: c.secret_fingerprints(),
@@ -551,7 +551,7 @@ impl Accept for Intake {
                         state: RcptState::Pending { attempts: 0 },
                     })
                     .collect(),
-                arrived_ms: queue::core::now_ms(),
+                arrived_ms: crate::clock::now_ms(),
             };
             self.spool.store(envelope.clone(), body.freeze()).await?;
             let rcpts: Vec<&str> = envelope

@@ -5,6 +5,8 @@
 
 pub mod admin;
 pub mod app;
+pub mod backoff;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod delivery;

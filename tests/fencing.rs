@@ -23,7 +23,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::lab::{greeter, until_greeted_by, CLIENT, PATIENCE};
@@ -77,12 +77,15 @@ async fn up() -> Fenced {
 impl Fenced {
     /// Until a node other than `old` greets on the VIP; its name.
     fn successor(&self, old: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = mtad::clock::instant() + PATIENCE;
         loop {
             if let Some(w) = greeter(&self.lab).filter(|w| !w.starts_with(old)) {
                 return w.split('.').next().unwrap_or("").to_string();
             }
-            assert!(Instant::now() < deadline, "nobody took the VIP from {old}");
+            assert!(
+                mtad::clock::instant() < deadline,
+                "nobody took the VIP from {old}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -160,7 +163,7 @@ fn the_observer_tells_an_overlap_from_a_clean_handover() {
 )]
 async fn a_frozen_owner_never_answers_beside_its_successor() {
     let lab = up().await;
-    let frozen_at = Instant::now();
+    let frozen_at = mtad::clock::instant();
     lab.nodes[0].signal(libc::SIGSTOP);
     let next = lab.successor("n1");
     eprintln!(
@@ -171,9 +174,7 @@ async fn a_frozen_owner_never_answers_beside_its_successor() {
     // the group without claiming the VIP again.
     tokio::time::sleep_until((frozen_at + Duration::from_secs(5)).into()).await;
     let n1_mac = lab.lab.mac("n1");
-    let thawed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
+    let thawed = mtad::clock::since_epoch();
     lab.nodes[0].signal(libc::SIGCONT);
     let mut lab = lab;
     lab.until_let_go(0).await;
@@ -231,7 +232,7 @@ async fn a_partitioned_owner_mid_data_lets_go_before_its_successor_claims() {
     mid_data.1.recv().unwrap();
     let cut = [("n2", "198.18.0.2"), ("n3", "198.18.0.3")];
     lab.lab.cut(("n1", "198.18.0.1"), &cut);
-    let cut_at = Instant::now();
+    let cut_at = mtad::clock::instant();
     let next = lab.successor("n1");
     eprintln!(
         "partitioned owner: {next} greets on the VIP after {:?}",
@@ -283,7 +284,7 @@ async fn the_kernel_drops_a_vip_whose_lease_is_no_longer_renewed() {
         });
         rx.recv().unwrap();
         assert!(has(&lab, "h", ip), "{vip}: up while renewed");
-        let since = Instant::now();
+        let since = mtad::clock::instant();
         while has(&lab, "h", ip) {
             assert!(since.elapsed() < PATIENCE, "{vip}: the kernel kept it");
             std::thread::sleep(Duration::from_millis(20));

@@ -301,7 +301,10 @@ async fn groups_json(admin: SocketAddr) -> Vec<serde_json::Value> {
 async fn until_counted_in_all(admin: SocketAddr) {
     let deadline = Instant::now() + PATIENCE;
     while groups_json(admin).await[0]["lease_counted_in"] != serde_json::json!([NAMES]) {
-        assert!(Instant::now() < deadline, "the owner never counted in all three");
+        assert!(
+            Instant::now() < deadline,
+            "the owner never counted in all three"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

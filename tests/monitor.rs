@@ -197,7 +197,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
     let admin = format!("http://{}", listener.local_addr().unwrap());
     let state = AdminState {
         node: "a".into(),
-        started: std::time::Instant::now(),
+        started: mtad::clock::instant(),
         stats: watch::channel(Default::default()).1,
         cluster: Some(ClusterReadout {
             handle: nodes[0].handle.clone(),

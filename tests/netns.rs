@@ -20,7 +20,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::lab::{
@@ -118,14 +118,14 @@ async fn the_vip_moves_between_namespaces_and_never_answers_from_two_macs() {
     // go before n3 (preferred over... n1 returned, so either) takes it.
     let cut = [("n1", "198.18.0.1"), ("n3", "198.18.0.3")];
     lab.cut(("n2", "198.18.0.2"), &cut);
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = mtad::clock::instant() + PATIENCE;
     let new_owner = loop {
         match greeter(&lab) {
             Some(w) if !w.starts_with("n2") => break w,
             _ => {}
         }
         assert!(
-            Instant::now() < deadline,
+            mtad::clock::instant() < deadline,
             "nobody took the VIP from the cut-off n2"
         );
         std::thread::sleep(Duration::from_millis(20));

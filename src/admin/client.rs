@@ -282,7 +282,7 @@ fn encode(s: &str) -> String {
 }
 
 fn age(ms: u64) -> String {
-    let now = crate::queue::core::now_ms();
+    let now = crate::clock::now_ms();
     let s = now.saturating_sub(ms) / 1000;
     match s {
         0..=119 => format!("{s}s"),
@@ -351,7 +351,7 @@ fn detail(d: &MessageDetail) -> String {
         m.state
     );
     if let Some(at) = m.next_attempt_ms {
-        let wait = at.saturating_sub(crate::queue::core::now_ms()) / 1000;
+        let wait = at.saturating_sub(crate::clock::now_ms()) / 1000;
         out.push_str(&format!("next attempt: in {wait}s\n"));
     }
     if let Some(reply) = &m.last_reply {

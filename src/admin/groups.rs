@@ -12,7 +12,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::{problem, AdminState, Answer, ClusterReadout, ACTION_DEADLINE};
-use crate::cluster::membership::detector::now_ms;
+use crate::clock::now_ms;
 use crate::cluster::state::ClusterState;
 
 /// One row of `GET /v1/groups`.

@@ -28,7 +28,7 @@ pub(super) async fn scrape(State(s): State<Arc<AdminState>>) -> impl IntoRespons
     );
     if let Some(m) = &s.mail {
         if let Ok(Some(rows)) = tokio::time::timeout(QUEUE_WITHIN, m.queue.summary()).await {
-            let now = crate::queue::core::now_ms();
+            let now = crate::clock::now_ms();
             for r in &rows {
                 let d = [("destination", r.name.as_str())];
                 let age = now.saturating_sub(r.oldest_ms) as f64 / 1000.0;

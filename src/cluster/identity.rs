@@ -121,9 +121,7 @@ fn create_incarnation(dir: &Path, path: &Path) -> Result<u64, IdentityError> {
     let mut buf = [0u8; 4];
     getrandom::fill(&mut buf).map_err(IdentityError::Random)?;
     let random = u64::from(u32::from_be_bytes(buf) & 0xF_FFFF);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = crate::clock::now_ms();
     let incarnation = ((now_ms << 20) | random).max(1);
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     // A leftover temp file is from a crash before rename: it was never the

@@ -483,7 +483,7 @@ impl Session<'_> {
             return TxEnd::Skipped;
         }
         // Never sent once expired: the queue bounces it on this answer.
-        if q.job.expired(crate::queue::core::now_ms()) {
+        if q.job.expired(crate::clock::now_ms()) {
             let reply = "451 4.4.7 the message expired before it could be sent";
             self.shared.report_all(&q, &hop, Outcome::Deferred, reply);
             return TxEnd::Skipped;

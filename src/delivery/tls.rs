@@ -113,7 +113,7 @@ impl Connectors {
                 .with_no_client_auth(),
         };
         let c = TlsConnector::from(Arc::new(config));
-        built.insert(key, (Instant::now(), c.clone()));
+        built.insert(key, (crate::clock::instant(), c.clone()));
         Ok(c)
     }
 }

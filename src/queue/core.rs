@@ -477,13 +477,6 @@ pub fn route_name(cfg: &Config, route: usize) -> String {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 #[path = "core_tests.rs"]
 pub(super) mod tests;

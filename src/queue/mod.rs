@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::core::Stats;
-use self::core::{now_ms, Action, Core, Failure};
+use self::core::{Action, Core, Failure};
 use self::ops::{DestinationRow, Filter, MessageDetail, Op, Page, Selector};
+use crate::clock::now_ms;
 use crate::config::{Config, Route};
 use crate::delivery::{Job, JobResult};
 use crate::events;

@@ -16,7 +16,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::announce::{self, check, garp_frame, Fd, Mac, ETH_P_ARP, SOCKADDR_LL_LEN};
 
@@ -68,8 +68,8 @@ pub fn probe_arp(
     let mut buf = [0u8; 64];
     for _ in 0..rounds {
         announce::send_frame(&fd, &frame, &to)?;
-        let until = Instant::now() + spacing;
-        while Instant::now() < until {
+        let until = crate::clock::instant() + spacing;
+        while crate::clock::instant() < until {
             // SAFETY: sockaddr_ll is plain old data.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             let mut from_len = SOCKADDR_LL_LEN;
@@ -160,8 +160,8 @@ pub fn probe_nd(
     let mut buf = [0u8; 256];
     for _ in 0..rounds {
         announce::send_icmp6(&fd, &body, solicited_node(ip), index)?;
-        let until = Instant::now() + spacing;
-        while Instant::now() < until {
+        let until = crate::clock::instant() + spacing;
+        while crate::clock::instant() < until {
             // SAFETY: sockaddr_in6 is plain old data.
             let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
             let mut from_len = std::mem::size_of::<libc::sockaddr_in6>() as u32;

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{Action, Event, Machine, Op, Phase, Settings};
 use super::{run_op, Resource};
+use crate::clock::now_ms;
 use crate::cluster::groups::handle::ClusterHandle;
 use crate::cluster::groups::lease::Holding;
-use crate::cluster::membership::detector::now_ms;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest, Refusal};
 use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::NodeId;

@@ -534,7 +534,7 @@ impl Writer {
                 Op::Probe => {}
             }
         }
-        let started = std::time::Instant::now();
+        let started = crate::clock::instant();
         let result = self.append();
         self.shared.measure();
         let base = result?;

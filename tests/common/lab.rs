@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -97,13 +97,13 @@ pub fn greeter(lab: &Lab) -> Option<String> {
 }
 
 pub fn until_greeted_by(lab: &Lab, want: &str) {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = mtad::clock::instant() + PATIENCE;
     loop {
         if greeter(lab).is_some_and(|w| w.starts_with(want)) {
             return;
         }
         assert!(
-            Instant::now() < deadline,
+            mtad::clock::instant() < deadline,
             "{want} never answered on the VIP"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -146,7 +146,7 @@ pub fn send_sized(lab: &Lab, to: SocketAddr, subject: &'static str, size: usize)
 }
 
 pub fn arrived(received: &Received, subject: &str) -> SocketAddr {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = mtad::clock::instant() + PATIENCE;
     loop {
         let got = received.lock().unwrap().clone();
         if let Some((peer, text)) = got.iter().find(|(_, t)| t.contains(subject)) {
@@ -158,7 +158,7 @@ pub fn arrived(received: &Received, subject: &str) -> SocketAddr {
             return *peer;
         }
         assert!(
-            Instant::now() < deadline,
+            mtad::clock::instant() < deadline,
             "{subject} never reached the sink"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -185,14 +185,14 @@ pub async fn release(lab: &Lab, name: &str, cfg: &Path) {
 
 /// The client's view of the VIP's MAC once it matches `want`.
 pub fn arp_points_to(lab: &Lab, want: &str) {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = mtad::clock::instant() + PATIENCE;
     loop {
         let now = lab.neighbour("client", &VIP.to_string());
         if now.as_deref() == Some(want) {
             return;
         }
         assert!(
-            Instant::now() < deadline,
+            mtad::clock::instant() < deadline,
             "the client's ARP entry for the VIP is {now:?}, not {want}"
         );
         std::thread::sleep(Duration::from_millis(20));

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::daemon::Daemon;
 use super::lab::{Received, CLIENT};
@@ -301,7 +301,7 @@ impl Nodes {
     /// Until every node sees three members up and voting, and the group
     /// online.
     fn until_healed(&self) {
-        let deadline = Instant::now() + HEAL_WITHIN;
+        let deadline = mtad::clock::instant() + HEAL_WITHIN;
         loop {
             let healed = NODES.iter().all(|(name, _)| {
                 let rows = self.lab.nodes(name);
@@ -314,7 +314,7 @@ impl Nodes {
                 return;
             }
             assert!(
-                Instant::now() < deadline,
+                mtad::clock::instant() < deadline,
                 "not healed within {HEAL_WITHIN:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -436,21 +436,21 @@ pub async fn run(seed: u64, faulting: Duration, dir: &Path) -> Report {
         seed,
         ..Report::default()
     };
-    let until = Instant::now() + faulting;
-    while Instant::now() < until {
+    let until = mtad::clock::instant() + faulting;
+    while mtad::clock::instant() < until {
         let f = Fault::random(&mut rng);
         eprintln!("nemesis {seed}: {f:?}");
         *report.faults.entry(f.kind()).or_default() += 1;
         nodes.inflict(&f).await;
         tokio::time::sleep(rng.millis(500, 2_000)).await;
     }
-    let healing = Instant::now();
+    let healing = mtad::clock::instant();
     tokio::task::block_in_place(|| nodes.until_healed());
     report.healed_after = healing.elapsed();
     stop_mail.store(true, Ordering::SeqCst);
     let acked = sender.join().unwrap();
     report.acknowledged = acked.len();
-    let deadline = Instant::now() + DELIVER_WITHIN;
+    let deadline = mtad::clock::instant() + DELIVER_WITHIN;
     loop {
         let got = arrivals(&received, seed);
         report.lost = acked
@@ -459,7 +459,7 @@ pub async fn run(seed: u64, faulting: Duration, dir: &Path) -> Report {
             .filter(|n| !got.contains_key(n))
             .collect();
         report.duplicates = got.values().map(|c| c - 1).sum();
-        if report.lost.is_empty() || Instant::now() >= deadline {
+        if report.lost.is_empty() || mtad::clock::instant() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -177,7 +177,7 @@ impl Lab {
     /// Until host `name` sees `n` members, all up and voting (why: see
     /// `daemon::all_voting`). Another process: polled.
     pub fn until_voting(&self, name: &str, n: usize) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let deadline = mtad::clock::instant() + Duration::from_secs(60);
         loop {
             let rows = self.nodes(name);
             let ok = rows.len() == n
@@ -188,7 +188,7 @@ impl Lab {
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                mtad::clock::instant() < deadline,
                 "the cluster never settled: {rows:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -349,9 +349,9 @@ pub fn who_has(me: Ipv4Addr, ip: Ipv4Addr, wait: Duration) -> Heard {
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         );
         let mut heard = Heard::default();
-        let end = std::time::Instant::now() + wait;
+        let end = mtad::clock::instant() + wait;
         let mut buf = [0u8; 128];
-        while std::time::Instant::now() < end {
+        while mtad::clock::instant() < end {
             let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
             if n < 42 || buf[28..32] != ip.octets() {
                 continue;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::handle::ClusterHandle;
 use super::lease;
 use super::placement::{decide, Decision, Policy};
-use crate::cluster::membership::detector::now_ms;
+use crate::clock::now_ms;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest};
 use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::{Command, NodeId, Response};

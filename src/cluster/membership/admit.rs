@@ -58,7 +58,7 @@ pub async fn admit(
         let up = Command::SetState {
             id: req.incarnation,
             state: NodeState::Up,
-            at_ms: super::detector::now_ms(),
+            at_ms: crate::clock::now_ms(),
             from: Some(NodeState::Left),
         };
         if let Err(reason) = write(raft, up).await {

@@ -162,7 +162,7 @@ pub async fn run(
         thresholds: t,
         max_voters,
     };
-    let mut machine = Machine::new(settings, Instant::now(), super::decide::jitter);
+    let mut machine = Machine::new(settings, Instant::now(), crate::backoff::jitter);
     loop {
         tokio::select! {
             // A leaving node must not campaign again (nor re-enable its
@@ -211,7 +211,7 @@ fn observe(
             .map(|(id, at)| (*id, *at))
             .collect(),
         outlogged_at: *signals.outlogged.lock().unwrap_or_else(|e| e.into_inner()),
-        now_ms: now_ms(),
+        now_ms: crate::clock::now_ms(),
     }
 }
 
@@ -319,13 +319,6 @@ fn name(seen: &Observed, id: NodeId) -> &str {
 
 fn lock(acks: &Acks) -> std::sync::MutexGuard<'_, std::collections::HashMap<NodeId, Instant>> {
     acks.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Wall-clock time in ms since the Unix epoch, for state change records.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ pub(crate) async fn until_room<T>(
     what: &str,
     mut write: impl FnMut() -> io::Result<T>,
 ) -> io::Result<T> {
-    let started = std::time::Instant::now();
+    let started = crate::clock::instant();
     let mut pause = std::time::Duration::from_millis(100);
     loop {
         match write() {

@@ -8,7 +8,6 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -167,9 +166,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let data = serde_json::to_vec(&self.data).expect("state always serializes");
         // Unique per build even for the same log id: openraft uses the id to
         // tell snapshot transfers apart.
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        let nanos = crate::clock::since_epoch().as_nanos();
         let last = self.data.last_applied;
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
