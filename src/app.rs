@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::cluster::node::{ClusterError, ClusterNode};
 use crate::config::{ClusterRole, Config, Live, RouteTarget};
 use crate::delivery::tls::OutboundTls;
-use crate::delivery::{drop, Destinations, Job, JobResult};
+use crate::delivery::{drop_dir, Destinations, Job, JobResult};
 use crate::events;
 use crate::lock::DataDirLock;
 use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
@@ -725,7 +725,7 @@ impl Dispatch for Router {
                         Ok(body) => write_drop(dir.clone(), job.clone(), body).await,
                         Err(e) => Err(std::io::Error::other(e.to_string())),
                     };
-                    let _ = results.send(drop::result(route, &dir, &job, written));
+                    let _ = results.send(drop_dir::result(route, &dir, &job, written));
                 });
             }
         }
@@ -737,7 +737,7 @@ async fn write_drop(
     job: Job,
     body: Bytes,
 ) -> std::io::Result<std::path::PathBuf> {
-    tokio::task::spawn_blocking(move || drop::write(&dir, &job, &body))
+    tokio::task::spawn_blocking(move || drop_dir::write(&dir, &job, &body))
         .await
         .map_err(std::io::Error::other)?
 }

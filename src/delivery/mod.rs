@@ -8,7 +8,7 @@
 mod association;
 pub mod client;
 mod destinations;
-pub mod drop;
+pub mod drop_dir;
 pub mod pool;
 mod ready;
 pub mod tls;

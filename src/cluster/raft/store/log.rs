@@ -27,7 +27,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::frame;
+use super::record;
 use super::StoreError;
 use crate::cluster::state::{NodeId, TypeConfig};
 
@@ -104,7 +104,7 @@ fn io_error(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: io::Error) -> Sto
 
 fn encode(buf: &mut Vec<u8>, rec: &RecordRef<'_>) {
     let json = serde_json::to_vec(rec).expect("log records always serialize");
-    frame::encode_into(buf, &json);
+    record::encode_into(buf, &json);
 }
 
 impl LogStore {
@@ -117,10 +117,10 @@ impl LogStore {
         let meta = read_meta(&dir)?;
 
         let path = dir.join(LOG_FILE);
-        let bytes = frame::read_optional(&dir, LOG_FILE).map_err(|e| StoreError::io(&path, e))?;
+        let bytes = record::read_optional(&dir, LOG_FILE).map_err(|e| StoreError::io(&path, e))?;
         let existed = bytes.is_some();
         let bytes = bytes.unwrap_or_default();
-        let scan = frame::scan(&bytes);
+        let scan = record::scan(&bytes);
         let purged_index = meta.purged.map(|l| l.index);
 
         let mut entries = Entries::new();
@@ -171,7 +171,7 @@ impl LogStore {
                 .map_err(|e| StoreError::io(&path, e))?;
         }
         if !existed {
-            frame::sync_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            record::sync_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
         let dead = scan.frames.len() - entries.len();
         Ok(LogStore {
@@ -215,9 +215,9 @@ impl LogStore {
     /// Replaces the meta file, then the in-memory copy (only once durable).
     fn save_meta(&mut self, meta: Meta) -> io::Result<()> {
         let json = serde_json::to_vec(&meta).expect("meta always serializes");
-        let mut buf = Vec::with_capacity(json.len() + frame::HEADER);
-        frame::encode_into(&mut buf, &json);
-        frame::write_atomic(&self.dir, META_FILE, &buf)?;
+        let mut buf = Vec::with_capacity(json.len() + record::HEADER);
+        record::encode_into(&mut buf, &json);
+        record::write_atomic(&self.dir, META_FILE, &buf)?;
         self.meta = meta;
         Ok(())
     }
@@ -251,7 +251,7 @@ impl LogStore {
         }
         // The purge point is already in the meta file, so dropping purged
         // entries from the log cannot resurrect anything after a crash.
-        frame::write_atomic(&self.dir, LOG_FILE, &buf)?;
+        record::write_atomic(&self.dir, LOG_FILE, &buf)?;
         self.file = OpenOptions::new()
             .append(true)
             .open(self.dir.join(LOG_FILE))?;
@@ -262,12 +262,13 @@ impl LogStore {
 
 fn read_meta(dir: &Path) -> Result<Meta, StoreError> {
     let path = dir.join(META_FILE);
-    let Some(bytes) = frame::read_optional(dir, META_FILE).map_err(|e| StoreError::io(&path, e))?
+    let Some(bytes) =
+        record::read_optional(dir, META_FILE).map_err(|e| StoreError::io(&path, e))?
     else {
         return Ok(Meta::default());
     };
     // Written atomically, so anything but one intact frame is real damage.
-    let scan = frame::scan(&bytes);
+    let scan = record::scan(&bytes);
     if scan.frames.len() != 1 || scan.valid_len != bytes.len() {
         return Err(StoreError::corrupt(&path, "not one intact frame".into()));
     }

@@ -10,10 +10,10 @@
 //! and a node must not need a restart because another file filled its
 //! disk for a while. Meanwhile this node's raft is stalled, as if paused.
 
-mod frame;
 mod log;
 #[cfg(test)]
 pub(crate) mod raft_tests;
+mod record;
 mod sm;
 #[cfg(test)]
 mod tests;
@@ -102,7 +102,7 @@ fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     }
     std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        frame::sync_dir(parent).map_err(|e| StoreError::io(parent, e))?;
+        record::sync_dir(parent).map_err(|e| StoreError::io(parent, e))?;
     }
     Ok(())
 }

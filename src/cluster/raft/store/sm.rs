@@ -17,7 +17,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::frame;
+use super::record;
 use super::StoreError;
 use crate::cluster::state::{ClusterState, Member, NodeId, Response, TypeConfig};
 
@@ -90,22 +90,22 @@ fn snapshot_error(
 /// crash, never a mix.
 fn persist(dir: &Path, snap: &StoredSnapshot) -> std::io::Result<()> {
     let meta = serde_json::to_vec(&snap.meta).expect("snapshot meta always serializes");
-    let mut buf = Vec::with_capacity(meta.len() + snap.data.len() + 2 * frame::HEADER);
-    frame::encode_into(&mut buf, &meta);
-    frame::encode_into(&mut buf, &snap.data);
-    frame::write_atomic(dir, SNAPSHOT_FILE, &buf)
+    let mut buf = Vec::with_capacity(meta.len() + snap.data.len() + 2 * record::HEADER);
+    record::encode_into(&mut buf, &meta);
+    record::encode_into(&mut buf, &snap.data);
+    record::write_atomic(dir, SNAPSHOT_FILE, &buf)
 }
 
 /// Reads the snapshot file back: its stored form and the decoded data.
 fn load(dir: &Path) -> Result<Option<(StoredSnapshot, SmData)>, StoreError> {
     let path = dir.join(SNAPSHOT_FILE);
     let Some(bytes) =
-        frame::read_optional(dir, SNAPSHOT_FILE).map_err(|e| StoreError::io(&path, e))?
+        record::read_optional(dir, SNAPSHOT_FILE).map_err(|e| StoreError::io(&path, e))?
     else {
         return Ok(None);
     };
     // Written atomically, so anything but two intact frames is real damage.
-    let scan = frame::scan(&bytes);
+    let scan = record::scan(&bytes);
     if scan.frames.len() != 2 || scan.valid_len != bytes.len() {
         return Err(StoreError::corrupt(&path, "not two intact frames".into()));
     }
