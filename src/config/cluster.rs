@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::reader::{ms_or, Ctx, Fields, Node};
+use super::reader::{ms_or, Ctx, Fields, Located};
 use super::{ClusterConfig, ClusterRole};
 
 /// `[cluster]` with its defaults; timings are checked against each other
@@ -94,7 +94,7 @@ pub(super) fn read_cluster(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> ClusterConfi
     }
 }
 
-fn name(ctx: &mut Ctx<'_>, n: &Node<'_>) -> Option<String> {
+fn name(ctx: &mut Ctx<'_>, n: &Located<'_>) -> Option<String> {
     let what = "a cluster name of letters, digits, '.', '_' or '-' like \"prod\"";
     let s = ctx.string(n, what)?;
     if s.chars()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::reader::{ms_or, Ctx, Fields, Node};
+use super::reader::{ms_or, Ctx, Fields, Located};
 use super::{GroupConfig, VipProvider};
 
 /// A group's lease unless configured.
@@ -146,7 +146,7 @@ fn read_group(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> GroupConfig {
     }
 }
 
-fn group_name(ctx: &mut Ctx<'_>, n: &Node<'_>) -> Option<String> {
+fn group_name(ctx: &mut Ctx<'_>, n: &Located<'_>) -> Option<String> {
     let what = "a group name of letters, digits, '.', '_' or '-' like \"mta\"";
     let s = ctx.string(n, what)?;
     let ok = !s.is_empty()
@@ -162,7 +162,7 @@ fn group_name(ctx: &mut Ctx<'_>, n: &Node<'_>) -> Option<String> {
 }
 
 /// The VIP with its prefix length (host bits kept: it is an address).
-fn vip(ctx: &mut Ctx<'_>, n: &Node<'_>) -> Option<IpNet> {
+fn vip(ctx: &mut Ctx<'_>, n: &Located<'_>) -> Option<IpNet> {
     const WHAT: &str = "an address with its prefix like \"198.18.0.100/24\"";
     let s = ctx.str(n, WHAT)?;
     let net = IpNet::from_str(s)

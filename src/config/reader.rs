@@ -29,7 +29,7 @@ pub(super) struct Ctx<'s> {
 
 /// One item of the document together with where it is and what it is called.
 #[derive(Clone)]
-pub(super) struct Node<'d> {
+pub(super) struct Located<'d> {
     /// The TOML item itself.
     pub(super) item: Ref<'d>,
     /// Where to point at when the item is wrong.
@@ -106,13 +106,13 @@ impl<'s> Ctx<'s> {
     }
 
     /// Records "expected `what`, found <description of the node>".
-    pub(super) fn mismatch(&mut self, n: &Node<'_>, what: &str) {
+    pub(super) fn mismatch(&mut self, n: &Located<'_>, what: &str) {
         let msg = format!("expected {what}, found {}", describe(n.item));
         self.error(&n.span, &n.path, msg);
     }
 
     /// The node as a table, or an error.
-    pub(super) fn table<'d>(&mut self, n: &Node<'d>) -> Option<Fields<'d>> {
+    pub(super) fn table<'d>(&mut self, n: &Located<'d>) -> Option<Fields<'d>> {
         match n.item.table_like() {
             Some(t) => Some(Fields {
                 table: Some(t),
@@ -128,7 +128,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// The node as a list of tables (`[[name]]` or an array of inline tables).
-    pub(super) fn tables<'d>(&mut self, n: &Node<'d>, what: &str) -> Option<Vec<Fields<'d>>> {
+    pub(super) fn tables<'d>(&mut self, n: &Located<'d>, what: &str) -> Option<Vec<Fields<'d>>> {
         let fields = |i: usize, t: &'d dyn TableLike, span: Span| Fields {
             table: Some(t),
             path: format!("{}[{i}]", n.path),
@@ -171,10 +171,10 @@ impl<'s> Ctx<'s> {
     /// that fail to convert are left out (their errors are recorded).
     pub(super) fn list<'d, T>(
         &mut self,
-        n: &Node<'d>,
+        n: &Located<'d>,
         what: &str,
         non_empty: bool,
-        mut each: impl FnMut(&mut Self, &Node<'d>) -> Option<T>,
+        mut each: impl FnMut(&mut Self, &Located<'d>) -> Option<T>,
     ) -> Option<Vec<T>> {
         let Some(array) = n.item.value().and_then(Value::as_array) else {
             self.mismatch(n, what);
@@ -186,7 +186,7 @@ impl<'s> Ctx<'s> {
         }
         let mut out = Vec::with_capacity(array.len());
         for (i, v) in array.iter().enumerate() {
-            let elem = Node {
+            let elem = Located {
                 item: Ref::Value(v),
                 span: v.span().or_else(|| n.span.clone()),
                 path: format!("{}[{i}]", n.path),
@@ -199,7 +199,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// The node as a string, or an error naming `what` was expected.
-    pub(super) fn str<'d>(&mut self, n: &Node<'d>, what: &str) -> Option<&'d str> {
+    pub(super) fn str<'d>(&mut self, n: &Located<'d>, what: &str) -> Option<&'d str> {
         match n.item.as_str() {
             Some(s) => Some(s),
             None => {
@@ -210,7 +210,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// A non-empty string.
-    pub(super) fn string(&mut self, n: &Node<'_>, what: &str) -> Option<String> {
+    pub(super) fn string(&mut self, n: &Located<'_>, what: &str) -> Option<String> {
         let s = self.str(n, what)?;
         if s.is_empty() {
             self.mismatch(n, what);
@@ -220,7 +220,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// A boolean.
-    pub(super) fn boolean(&mut self, n: &Node<'_>) -> Option<bool> {
+    pub(super) fn boolean(&mut self, n: &Located<'_>) -> Option<bool> {
         match n.item.value().and_then(|v| v.as_bool()) {
             Some(b) => Some(b),
             None => {
@@ -231,7 +231,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// A string parsed with `FromStr`.
-    pub(super) fn parse<T: FromStr>(&mut self, n: &Node<'_>, what: &str) -> Option<T> {
+    pub(super) fn parse<T: FromStr>(&mut self, n: &Located<'_>, what: &str) -> Option<T> {
         let s = self.str(n, what)?;
         match s.parse() {
             Ok(v) => Some(v),
@@ -243,7 +243,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// An integer within `min..=max`.
-    pub(super) fn int(&mut self, n: &Node<'_>, min: i64, max: i64) -> Option<i64> {
+    pub(super) fn int(&mut self, n: &Located<'_>, min: i64, max: i64) -> Option<i64> {
         let what = if max == i64::MAX {
             format!("an integer >= {min}")
         } else {
@@ -259,7 +259,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// A humantime duration string greater than zero.
-    pub(super) fn duration(&mut self, n: &Node<'_>) -> Option<Duration> {
+    pub(super) fn duration(&mut self, n: &Located<'_>) -> Option<Duration> {
         const WHAT: &str = "a duration like \"30s\"";
         let s = self.str(n, WHAT)?;
         match humantime::parse_duration(s) {
@@ -277,7 +277,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// A size in bytes: a string like "50MiB" or an integer, at least `min`.
-    pub(super) fn size(&mut self, n: &Node<'_>, min: u64) -> Option<u64> {
+    pub(super) fn size(&mut self, n: &Located<'_>, min: u64) -> Option<u64> {
         const WHAT: &str = "a size like \"50MiB\" or a number of bytes";
         let bytes = match n.item.value() {
             Some(Value::Integer(i)) => u64::try_from(*i.value()).ok(),
@@ -308,7 +308,7 @@ impl<'s> Ctx<'s> {
     /// A socket address; port 0 only when `allow_port_zero`.
     pub(super) fn socket_addr(
         &mut self,
-        n: &Node<'_>,
+        n: &Located<'_>,
         allow_port_zero: bool,
     ) -> Option<SocketAddr> {
         const WHAT: &str = "a socket address like \"127.0.0.1:2525\" or \"[::1]:2525\"";
@@ -321,13 +321,13 @@ impl<'s> Ctx<'s> {
     }
 
     /// An IP address.
-    pub(super) fn ip(&mut self, n: &Node<'_>) -> Option<IpAddr> {
+    pub(super) fn ip(&mut self, n: &Located<'_>) -> Option<IpAddr> {
         self.parse(n, "an IP address like \"198.18.0.100\"")
     }
 
     /// A CIDR network; a bare address is a single-host network. Host bits
     /// are cleared, so "10.1.2.3/8" means 10.0.0.0/8.
-    pub(super) fn cidr(&mut self, n: &Node<'_>) -> Option<IpNet> {
+    pub(super) fn cidr(&mut self, n: &Located<'_>) -> Option<IpNet> {
         const WHAT: &str = "a network like \"127.0.0.0/8\" or an IP address";
         let s = self.str(n, WHAT)?;
         let net = IpNet::from_str(s)
@@ -343,7 +343,7 @@ impl<'s> Ctx<'s> {
     }
 
     /// One of a fixed set of strings.
-    pub(super) fn choice<T: Copy>(&mut self, n: &Node<'_>, options: &[(&str, T)]) -> Option<T> {
+    pub(super) fn choice<T: Copy>(&mut self, n: &Located<'_>, options: &[(&str, T)]) -> Option<T> {
         let mut what = String::from("one of ");
         for (i, (name, _)) in options.iter().enumerate() {
             let sep = if i == 0 { "" } else { ", " };
@@ -391,10 +391,10 @@ impl<'d> Fields<'d> {
     }
 
     /// Takes `key` if present; either way it is now a known key.
-    pub(super) fn take(&mut self, key: &'static str) -> Option<Node<'d>> {
+    pub(super) fn take(&mut self, key: &'static str) -> Option<Located<'d>> {
         self.asked.push(key);
         let (k, item) = self.table?.get_key_value(key)?;
-        Some(Node {
+        Some(Located {
             item: Ref::Item(item),
             span: item
                 .span()
@@ -405,7 +405,7 @@ impl<'d> Fields<'d> {
     }
 
     /// Takes `key`, recording an error at the table header when it is missing.
-    pub(super) fn require(&mut self, ctx: &mut Ctx<'_>, key: &'static str) -> Option<Node<'d>> {
+    pub(super) fn require(&mut self, ctx: &mut Ctx<'_>, key: &'static str) -> Option<Located<'d>> {
         let n = self.take(key);
         if n.is_none() {
             let path = self.child_path(key);
@@ -500,7 +500,7 @@ pub(super) fn duration_or(
 }
 
 /// A plausible domain name, lower-cased, without a trailing dot.
-pub(super) fn domain(ctx: &mut Ctx<'_>, n: &Node<'_>, what: &str) -> Option<String> {
+pub(super) fn domain(ctx: &mut Ctx<'_>, n: &Located<'_>, what: &str) -> Option<String> {
     let s = ctx.str(n, what)?;
     let d = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
     if is_domain(&d) {

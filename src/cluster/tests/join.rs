@@ -7,7 +7,7 @@ use super::*;
 use crate::cluster::rpc::{JoinReply, JoinRequest};
 
 /// Start three voters and return them with their addresses and the leader.
-async fn three(dirs: &[tempfile::TempDir]) -> (Vec<Node>, Vec<SocketAddr>, NodeId) {
+async fn three(dirs: &[tempfile::TempDir]) -> (Vec<Peer>, Vec<SocketAddr>, NodeId) {
     let mut nodes = Vec::new();
     let mut addrs = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
@@ -49,7 +49,7 @@ async fn join_via(sponsor: SocketAddr, req: Request) -> JoinReply {
 }
 
 /// Waits for a settled membership of these voters and learners.
-async fn membership(node: &Node, voters: &[NodeId], learners: &[NodeId]) {
+async fn membership(node: &Peer, voters: &[NodeId], learners: &[NodeId]) {
     let voters: BTreeSet<NodeId> = voters.iter().copied().collect();
     let learners: BTreeSet<NodeId> = learners.iter().copied().collect();
     node.raft

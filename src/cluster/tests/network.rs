@@ -22,7 +22,7 @@ use crate::cluster::state::{Command, Member, NodeId, Role, TypeConfig};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
-struct Node {
+struct Peer {
     id: NodeId,
     raft: Raft<TypeConfig>,
     view: watch::Receiver<ClusterView>,
@@ -42,13 +42,13 @@ fn member(id: NodeId, addr: SocketAddr) -> Member {
     }
 }
 
-async fn start(id: NodeId, listener: TcpListener, dir: &Path) -> Node {
+async fn start(id: NodeId, listener: TcpListener, dir: &Path) -> Peer {
     start_named(id, &name(id), listener, dir).await
 }
 
 /// A node under any name: a wiped node comes back under its old name with
 /// a new id.
-async fn start_named(id: NodeId, name: &str, listener: TcpListener, dir: &Path) -> Node {
+async fn start_named(id: NodeId, name: &str, listener: TcpListener, dir: &Path) -> Peer {
     let config = Config {
         heartbeat_interval: 50,
         election_timeout_min: 150,
@@ -69,7 +69,7 @@ async fn start_named(id: NodeId, name: &str, listener: TcpListener, dir: &Path) 
     };
     let handler = NodeService::new(link.identity.clone(), raft.clone()).with_join(join);
     let (cancel, server) = serve_on(listener, link, Arc::new(handler));
-    Node {
+    Peer {
         id,
         raft,
         view,
@@ -78,7 +78,7 @@ async fn start_named(id: NodeId, name: &str, listener: TcpListener, dir: &Path) 
     }
 }
 
-impl Node {
+impl Peer {
     /// Stops the node as a crash would look to its peers: no more serving,
     /// no more raft, every link closed.
     async fn stop(self) {

@@ -1,7 +1,7 @@
 //! The durable raft log store: vote, log entries, purge point, committed id.
 //!
 //! Layout under the store directory:
-//! - `raft-log`: append-only frames (see `frame`), each a JSON [`Record`]:
+//! - `raft-log`: append-only frames (see `record`), each a JSON [`Record`]:
 //!   an entry, or a truncate marker that drops every entry from an index on.
 //!   Replaying the file in order rebuilds the log.
 //! - `raft-meta`: one frame holding [`Meta`] (vote, purged log id, committed
