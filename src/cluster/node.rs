@@ -1,8 +1,7 @@
 //! A node's cluster side, running: identity, durable raft, the link
-//! server, and — for a node without cluster state — the join loop that
-//! bootstraps or joins through the seeds, retrying with backoff forever.
+//! server, the join loop ([`Joiner`]) and failure detection, started and
+//! stopped together.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,19 +19,19 @@ use super::identity::{self, Identity};
 use super::link::transport::{Tcp, Transport};
 use super::link::LinkConfig;
 use super::membership::detector::{self, Thresholds};
-use super::membership::{self, SeedView, Start};
+use super::membership::join::Joiner;
 use super::raft::network::Network;
 use super::raft::store::{self, ClusterView};
 use super::rpc::peer::PeerClient;
-use super::rpc::server::{self, Handler};
-use super::rpc::{JoinReply, JoinRequest, Reply, Request};
+use super::rpc::server;
+use super::rpc::{Reply, Request};
 use super::service::{JoinSettings, NodeService};
-use super::state::{Member, NodeState, Role, TypeConfig};
-use crate::backoff::{jitter, Backoff};
+use super::state::{Member, Role, TypeConfig};
+use crate::backoff::Backoff;
 use crate::config::{ClusterConfig, ClusterRole};
 
-/// Deadline for one Status or connect to a seed during the join loop.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline for one attempt to record a leave with the leader.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between attempts to record a leave.
 const LEAVE_RETRY: Duration = Duration::from_millis(50);
 /// Deadline for connect plus handshake on cluster links.
@@ -208,7 +207,7 @@ impl ClusterNode {
             raft: raft.clone(),
             view: view.clone(),
             leaving: leaving.clone(),
-            handler: handler.clone(),
+            local: Arc::new(handler.clone()),
             link: link.clone(),
             me,
             // Asking ourselves would only ever say "fresh".
@@ -311,7 +310,7 @@ impl ClusterNode {
                 }
                 Some((id, addr)) => {
                     let client = PeerClient::new(addr, self.link.clone(), Some(id));
-                    match client.call(Request::Leave, PROBE_TIMEOUT).await {
+                    match client.call(Request::Leave, LEAVE_TIMEOUT).await {
                         Ok(r) => r,
                         Err(e) => Reply::Unavailable(e.to_string()),
                     }
@@ -323,174 +322,6 @@ impl ClusterNode {
                 other => tracing::debug!(answer = ?other, "leave not recorded yet"),
             }
             tokio::time::sleep(LEAVE_RETRY).await;
-        }
-    }
-}
-
-/// The join loop of a node without cluster state.
-struct Joiner {
-    problem: watch::Sender<Option<String>>,
-    raft: Raft<TypeConfig>,
-    view: watch::Receiver<ClusterView>,
-    leaving: CancellationToken,
-    handler: NodeService,
-    link: LinkConfig,
-    me: Member,
-    seeds: Vec<SocketAddr>,
-    backoff: Backoff,
-}
-
-impl Joiner {
-    async fn run(mut self) {
-        // A node restarted with cluster state rejoins from what it
-        // persisted, and still tells the leader it is back, so a member
-        // that left is published up again. A node without state keeps
-        // going until admitted — not merely until some membership reached
-        // us, since a join cut short must come back to finish.
-        let mut rejoin = self.raft.is_initialized().await.unwrap_or(false);
-        loop {
-            let leaving = self.leaving.clone();
-            let outcome = tokio::select! {
-                _ = leaving.cancelled() => return,
-                o = async { if rejoin { self.rejoin().await } else { self.attempt().await } } => o,
-            };
-            let delay = match outcome {
-                Ok(()) => {
-                    tracing::info!(node = %self.me.name, rejoin, "joined the cluster");
-                    self.problem.send_replace(None);
-                    if !rejoin {
-                        self.backoff.reset();
-                    }
-                    rejoin = true;
-                    // A leave of ours that landed after we came back (it
-                    // was slow to commit) says "left" while we run: say
-                    // again that we are here.
-                    let me = self.link.identity.incarnation;
-                    let left = |v: &ClusterView| {
-                        v.state
-                            .members
-                            .get(&me)
-                            .is_some_and(|m| m.state == NodeState::Left)
-                    };
-                    let mut view = self.view.clone();
-                    tokio::select! {
-                        _ = self.leaving.cancelled() => return,
-                        r = view.wait_for(left) => if r.is_err() {
-                            return; // the state machine is gone: raft stopped
-                        },
-                    }
-                    // Pause first: a view lagging behind our announcement
-                    // still says "left" and must not make us spin.
-                    self.backoff.next(jitter())
-                }
-                Err(why) => {
-                    tracing::info!(node = %self.me.name, %why, rejoin, "not in a cluster yet");
-                    self.problem.send_replace(Some(why));
-                    self.backoff.next(jitter())
-                }
-            };
-            tokio::select! {
-                _ = self.leaving.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-    }
-
-    /// One attempt: ask every seed, then bootstrap, join, or wait.
-    async fn attempt(&mut self) -> Result<(), String> {
-        let mut views = Vec::with_capacity(self.seeds.len());
-        let mut problems = Vec::new();
-        for &seed in &self.seeds {
-            let view = match self.probe(seed).await {
-                Ok(v) => v,
-                Err(why) => {
-                    problems.push(format!("{seed}: {why}"));
-                    SeedView::Unreachable
-                }
-            };
-            views.push((seed, view));
-        }
-        match membership::start(&self.me.name, &views) {
-            Start::Bootstrap => {
-                let me = BTreeMap::from([(self.link.identity.incarnation, self.me.clone())]);
-                self.raft
-                    .initialize(me)
-                    .await
-                    .map_err(|e| format!("bootstrap failed: {e}"))?;
-                tracing::info!(node = %self.me.name, "bootstrapped a new cluster");
-                Ok(())
-            }
-            Start::Join(sponsor) => self.join(sponsor).await,
-            Start::Wait if problems.is_empty() => {
-                Err("waiting for a lower-named fresh seed to bootstrap".into())
-            }
-            Start::Wait => Err(format!("seeds not usable: {}", problems.join("; "))),
-        }
-    }
-
-    /// Announce a restarted member through our own handler, which admits
-    /// (as leader) or forwards to the leader it follows; then through the
-    /// seeds, for a node the cluster no longer replicates to (evicted).
-    async fn rejoin(&mut self) -> Result<(), String> {
-        let req = self.request()?;
-        let me = self.link.identity.clone();
-        let local = match self.handler.handle(me, Request::Join(req)).await {
-            Reply::Join(JoinReply::Admitted { .. }) => return Ok(()),
-            other => format!("{other:?}"),
-        };
-        let mut problems = vec![format!("here: {local}")];
-        for seed in self.seeds.clone() {
-            match self.join(seed).await {
-                Ok(()) => return Ok(()),
-                Err(e) => problems.push(e),
-            }
-        }
-        Err(problems.join("; "))
-    }
-
-    fn request(&self) -> Result<JoinRequest, String> {
-        Ok(JoinRequest {
-            name: self.me.name.clone(),
-            incarnation: self.link.identity.incarnation,
-            addr: self
-                .me
-                .addr
-                .parse()
-                .map_err(|e| format!("own address: {e}"))?,
-            role: self.me.role,
-        })
-    }
-
-    /// Ask a seed for its status; the error says why it is no use, in
-    /// words for the log (wrong secret, wrong cluster, refused, …).
-    async fn probe(&self, seed: SocketAddr) -> Result<SeedView, String> {
-        let client = PeerClient::new(seed, self.link.clone(), None);
-        match client.call(Request::Status, PROBE_TIMEOUT).await {
-            Ok(Reply::Status(s)) if s.initialized => Ok(SeedView::Member),
-            Ok(Reply::Status(s)) => Ok(SeedView::Fresh { name: s.name }),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    async fn join(&mut self, sponsor: SocketAddr) -> Result<(), String> {
-        let req = self.request()?;
-        let client = PeerClient::new(sponsor, self.link.clone(), None);
-        // The sponsor may wait for us to catch up as a learner.
-        let deadline = Duration::from_secs(60);
-        match client.call(Request::Join(req), deadline).await {
-            Ok(Reply::Join(JoinReply::Admitted { voter })) => {
-                tracing::info!(%sponsor, voter, "admitted");
-                self.backoff.reset();
-                Ok(())
-            }
-            Ok(Reply::Join(JoinReply::Retry { reason })) => Err(format!("{sponsor}: {reason}")),
-            Ok(Reply::Join(JoinReply::Refused { reason })) => {
-                tracing::error!(%sponsor, %reason, "join refused");
-                Err(format!("refused by {sponsor}: {reason}"))
-            }
-            Ok(other) => Err(format!("{sponsor} answered {other:?}")),
-            Err(e) => Err(format!("join through {sponsor}: {e}")),
         }
     }
 }
