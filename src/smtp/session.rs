@@ -31,13 +31,6 @@ fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Base64 to UTF-8 text, if it is both.
-fn decode(b64: &[u8]) -> Option<String> {
-    use base64ct::{Base64, Encoding};
-    let bytes = Base64::decode_vec(std::str::from_utf8(b64).ok()?).ok()?;
-    String::from_utf8(bytes).ok()
-}
-
 /// The node's memory for message bodies is spent for now (RFC 1870 6.2).
 const NO_STORAGE: &str = "452 4.3.1 Insufficient system storage, try again later";
 
@@ -249,29 +242,6 @@ impl Session {
     /// Who authenticated, if anyone.
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
-    }
-
-    /// The outcome of the last `Verify` for `user`; then input pipelined
-    /// behind it goes on.
-    pub fn verified(&mut self, user: &str, verdict: Verdict, out: &mut Vec<Output>) {
-        if !self.is_verifying() {
-            return;
-        }
-        self.mode = Mode::Command;
-        match verdict {
-            Verdict::Valid => {
-                if let Some(b) = &self.budget {
-                    b.auth_succeeded();
-                }
-                // An authenticated client may relay, as one in relay_networks.
-                self.user = Some(user.to_string());
-                self.may_relay = true;
-                self.reply("235 2.7.0 Authentication successful", out);
-            }
-            Verdict::Invalid => self.error("535 5.7.8 Authentication credentials invalid", out),
-            Verdict::Busy => self.reply("454 4.7.0 Temporary authentication failure", out),
-        }
-        self.process_buffered(out);
     }
 
     /// Consume client input, appending what to do to `out`.
@@ -588,243 +558,6 @@ impl Session {
         self.buf.clear();
     }
 
-    /// AUTH PLAIN and LOGIN (RFC 4954), only over TLS.
-    fn auth(&mut self, line: &[u8], out: &mut Vec<Output>) {
-        if !self.offer_auth {
-            return self.error("502 5.5.1 Command not implemented", out);
-        }
-        if !self.tls {
-            return self.error(
-                "538 5.7.11 Encryption required for requested authentication mechanism",
-                out,
-            );
-        }
-        if self.helo.is_none() {
-            return self.error("503 5.5.1 Error: send EHLO first", out);
-        }
-        if self.user.is_some() || self.tx.is_some() {
-            return self.error(
-                "503 5.5.1 Error: already authenticated or in a transaction",
-                out,
-            );
-        }
-        if self.budget.as_ref().is_some_and(|b| !b.auth_attempt()) {
-            let r = "454 4.7.0 Too many authentication failures from your address, try again later";
-            return self.reply(r, out);
-        }
-        let text = String::from_utf8_lossy(line);
-        let mut words = text.split_ascii_whitespace().skip(1);
-        let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
-        let initial = words.next();
-        match (mechanism.as_str(), initial) {
-            ("PLAIN", Some(resp)) => self.auth_plain(resp.as_bytes(), out),
-            ("PLAIN", None) => {
-                self.mode = Mode::AuthPlain;
-                out.push(Output::Reply("334 \r\n".into()));
-            }
-            ("LOGIN", Some(resp)) => self.auth_user(resp.as_bytes(), out),
-            ("LOGIN", None) => {
-                self.mode = Mode::AuthUser;
-                out.push(Output::Reply("334 VXNlcm5hbWU6\r\n".into()));
-            }
-            _ => self.error("504 5.5.4 Unrecognized authentication type", out),
-        }
-    }
-
-    /// A line answering a 334 challenge.
-    fn auth_line(&mut self, line: &[u8], out: &mut Vec<Output>) {
-        let line = trim_eol(line);
-        let mode = std::mem::replace(&mut self.mode, Mode::Command);
-        if line == b"*" {
-            return self.error("501 5.0.0 Authentication cancelled", out);
-        }
-        match mode {
-            Mode::AuthPlain => self.auth_plain(line, out),
-            Mode::AuthUser => self.auth_user(line, out),
-            Mode::AuthPassword(user) => match decode(line) {
-                Some(password) => self.verify(user, password, out),
-                None => self.error("501 5.5.2 Cannot decode response", out),
-            },
-            _ => {}
-        }
-    }
-
-    fn auth_plain(&mut self, b64: &[u8], out: &mut Vec<Output>) {
-        let Some(text) = decode(b64) else {
-            return self.error("501 5.5.2 Cannot decode response", out);
-        };
-        // authzid NUL authcid NUL password; acting as another is refused.
-        let parts: Vec<&str> = text.split('\0').collect();
-        match parts[..] {
-            [authz, user, password] if authz.is_empty() || authz == user => {
-                let (user, password) = (user.to_string(), password.to_string());
-                self.verify(user, password, out)
-            }
-            _ => self.error("501 5.5.2 Cannot decode response", out),
-        }
-    }
-
-    fn auth_user(&mut self, b64: &[u8], out: &mut Vec<Output>) {
-        match decode(b64) {
-            Some(user) => {
-                self.mode = Mode::AuthPassword(user);
-                out.push(Output::Reply("334 UGFzc3dvcmQ6\r\n".into()));
-            }
-            None => self.error("501 5.5.2 Cannot decode response", out),
-        }
-    }
-
-    fn verify(&mut self, user: String, password: String, out: &mut Vec<Output>) {
-        self.mode = Mode::Verifying;
-        out.push(Output::Verify { user, password });
-    }
-
-    fn mail(
-        &mut self,
-        from: smtp_proto::MailFrom<Cow<'_, str>>,
-        raw_path: Option<&[u8]>,
-        out: &mut Vec<Output>,
-    ) {
-        if self.helo.is_none() {
-            return self.error("503 5.5.1 Error: send HELO/EHLO first", out);
-        }
-        if self.tx.is_some() {
-            return self.error("503 5.5.1 Error: nested MAIL command", out);
-        }
-        let tls_required = self.cfg.tls.as_ref().is_some_and(|t| t.require_tls);
-        if tls_required && self.may_relay && !self.tls {
-            return match self.offer_tls {
-                true => self.error("530 5.7.0 Must issue a STARTTLS command first", out),
-                // Required but not on offer (the certificate did not load):
-                // a temporary failure, so the client waits and retries.
-                false => self.error("454 4.7.0 TLS not available due to temporary reason", out),
-            };
-        }
-        let sender = match raw_path.map(address::parse) {
-            Some(Ok(None)) => String::new(),
-            Some(Ok(Some(path))) => path.mailbox(),
-            _ => return self.error("501 5.1.7 Bad sender address syntax", out),
-        };
-        let unoffered = from.flags & !MAIL_FLAGS_OFFERED != 0
-            || from.trans_id.is_some()
-            || from.env_id.is_some()
-            || from.solicit.is_some()
-            || from.mtrk.is_some()
-            || from.auth.is_some()
-            || from.hold_for != 0
-            || from.hold_until != 0
-            || from.by != 0
-            || from.mt_priority != 0;
-        if unoffered {
-            return self.error("555 5.5.4 Unsupported MAIL parameter", out);
-        }
-        if from.size as u64 > self.max_size {
-            return self.error("552 5.3.4 Message size exceeds fixed maximum", out);
-        }
-        // RFC 1870: a size that does not fit now is a temporary refusal.
-        // Without SIZE, there must be room for the first step at least.
-        let size = (from.size as u64)
-            .max(DataReceiver::FIRST_STEP)
-            .min(self.max_size);
-        let room = |m: &Arc<BodyMemory>| m.has_room(size, self.cfg.receive_memory);
-        if self.memory.as_ref().is_some_and(|m| !room(m)) {
-            return self.reply(NO_STORAGE, out);
-        }
-        if self.budget.as_ref().is_some_and(|b| !b.message()) {
-            let r = "451 4.7.1 Too many messages from your address, try again later";
-            return self.reply(r, out);
-        }
-        self.tx = Some(Transaction {
-            sender,
-            recipients: Vec::new(),
-            rcpt_tried: false,
-        });
-        self.idle_commands = 0;
-        self.reply("250 2.1.0 Ok", out);
-    }
-
-    fn rcpt(
-        &mut self,
-        to: smtp_proto::RcptTo<Cow<'_, str>>,
-        raw_path: Option<&[u8]>,
-        out: &mut Vec<Output>,
-    ) {
-        let Some(tx) = self.tx.as_mut() else {
-            return self.error("503 5.5.1 Error: need MAIL command", out);
-        };
-        tx.rcpt_tried = true;
-        if to.orcpt.is_some() || to.flags != 0 || to.rrvs != 0 {
-            return self.error("555 5.5.4 Unsupported RCPT parameter", out);
-        }
-        let raw = raw_path.unwrap_or_default();
-        let rcpt = if raw.eq_ignore_ascii_case(b"postmaster") {
-            // RFC 5321 §4.5.1: must be accepted without a domain.
-            format!("postmaster@{}", self.cfg.hostname.to_ascii_lowercase())
-        } else {
-            match address::parse(raw) {
-                Ok(Some(path)) => {
-                    let denied = !self.may_relay
-                        && (path.routed
-                            || path.has_relay_syntax()
-                            || !address::domain_in(&path.domain, &self.cfg.accept_domains));
-                    if denied {
-                        return self.error("554 5.7.1 Relay access denied", out);
-                    }
-                    path.mailbox()
-                }
-                Ok(None) | Err(PathError::Syntax) => {
-                    return self.error("501 5.1.3 Bad recipient address syntax", out)
-                }
-                Err(PathError::NoDomain) => {
-                    return self.error("501 5.1.3 Recipient address must contain a domain", out)
-                }
-            }
-        };
-        // Re-borrow: `self.error` above needed all of `self`.
-        let (max, tx) = (self.cfg.max_recipients, self.tx.as_mut());
-        let Some(tx) = tx else { return };
-        if !tx.recipients.contains(&rcpt) {
-            if tx.recipients.len() >= max {
-                // A client sending a long list is not misbehaving; no penalty.
-                out.push(Output::Reply("452 4.5.3 Too many recipients\r\n".into()));
-                return;
-            }
-            if self.budget.as_ref().is_some_and(|b| !b.recipient()) {
-                let r = "451 4.7.1 Too many recipients from your address, try again later\r\n";
-                out.push(Output::Reply(r.into()));
-                return;
-            }
-            tx.recipients.push(rcpt);
-        }
-        self.reply("250 2.1.5 Ok", out);
-    }
-
-    fn data(&mut self, out: &mut Vec<Output>) {
-        match &self.tx {
-            None => self.error("503 5.5.1 Error: need MAIL command", out),
-            Some(tx) if tx.recipients.is_empty() && !tx.rcpt_tried => {
-                self.error("503 5.5.1 Error: need RCPT command", out)
-            }
-            Some(tx) if tx.recipients.is_empty() => {
-                self.error("554 5.5.1 Error: no valid recipients", out)
-            }
-            Some(_) => {
-                let mut receiver = DataReceiver::new(self.max_size);
-                if let Some(m) = &self.memory {
-                    let limit = self.cfg.receive_memory;
-                    let mut charge = Charge::new(m.clone(), limit);
-                    if let Some(b) = &self.budget {
-                        let share = client_share(limit, self.cfg.max_message_size);
-                        charge = charge.for_client(b.clone(), share);
-                    }
-                    receiver = receiver.counted(charge);
-                }
-                self.mode = Mode::Data(receiver);
-                self.reply("354 End data with <CR><LF>.<CR><LF>", out);
-            }
-        }
-    }
-
     /// A successful single-line reply; `text` without CRLF.
     fn reply(&mut self, text: &str, out: &mut Vec<Output>) {
         if !text.starts_with(['4', '5']) {
@@ -862,6 +595,11 @@ fn printable(s: &str) -> String {
         .take(64)
         .collect()
 }
+
+#[path = "session_auth.rs"]
+mod authenticate;
+#[path = "session_envelope.rs"]
+mod envelope;
 
 #[cfg(test)]
 #[path = "session_tests.rs"]
