@@ -2,6 +2,11 @@
 //! published state (watch channels), so no request ever waits on a raft
 //! round or a resource operation; the one action here (evict) runs under
 //! a deadline and answers 504 when it passes.
+//!
+//! May import: `cluster` (through `ClusterHandle` and the replicated
+//! state's types), `queue`, `delivery`, `spool` and the utilities
+//! (`clock`, `metrics`); only the wiring (`app`, `reload`, `main`)
+//! imports it.
 
 pub mod client;
 mod groups;

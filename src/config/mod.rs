@@ -1,5 +1,7 @@
 //! Configuration: typed structs, loaded from one TOML file by `load`,
 //! which reports every error with file, line and field path.
+//!
+//! May import: nothing of mtad; every other module reads it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

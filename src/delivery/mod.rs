@@ -4,6 +4,8 @@
 //! The queue hands `Job`s to a destination and gets `JobResult`s back; what
 //! happens between (how many associations, when to renegotiate) is decided
 //! here.
+//!
+//! May import: `config`, `spool`, `events` and `clock`.
 
 mod association;
 pub mod client;

@@ -1,8 +1,22 @@
 //! Delivery status notifications (RFC 3464): the bounce a sender gets
 //! when some of its recipients failed or expired.
+//!
+//! May import: `spool`.
 
-use crate::queue::core::Failure;
 use crate::spool::Envelope;
+
+/// A recipient that will never be delivered and needs a DSN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The recipient address.
+    pub address: String,
+    /// The reply (or local reason) that decided it.
+    pub reply: String,
+    /// The next hop that answered, if any.
+    pub next_hop: String,
+    /// True when it failed by growing too old rather than by a 5xx.
+    pub expired: bool,
+}
 
 /// A DSN ready to be queued: from the null sender to `recipient`.
 #[derive(Debug, Clone, PartialEq, Eq)]

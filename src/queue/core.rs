@@ -10,21 +10,9 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Route};
 use crate::delivery::{Job, JobRcpt, JobResult, Outcome, RcptResult};
+use crate::dsn::Failure;
 use crate::events::{self, MessageEvent};
 use crate::spool::{Envelope, QueueId, RcptState};
-
-/// A recipient that will never be delivered and needs a DSN.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// The recipient address.
-    pub address: String,
-    /// The reply (or local reason) that decided it.
-    pub reply: String,
-    /// The next hop that answered, if any.
-    pub next_hop: String,
-    /// True when it failed by growing too old rather than by a 5xx.
-    pub expired: bool,
-}
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,6 +1,8 @@
 //! The queue: tracks every durable message until all its recipients are
 //! done, hands jobs to routes, retries on the retry ladder, expires old
 //! mail and bounces failures. `core` decides; this driver does the I/O.
+//!
+//! May import: `delivery`, `dsn`, `spool`, `config`, `events` and `clock`.
 
 pub mod core;
 pub mod ops;
@@ -17,11 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::core::Stats;
-use self::core::{Action, Core, Failure};
+use self::core::{Action, Core};
 use self::ops::{DestinationRow, Filter, MessageDetail, Op, Page, Selector};
 use crate::clock::now_ms;
 use crate::config::{Config, Route};
 use crate::delivery::{Job, JobResult};
+use crate::dsn::Failure;
 use crate::events;
 use crate::spool::{Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
 

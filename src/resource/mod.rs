@@ -3,6 +3,9 @@
 //! [`machine`], and runs every start, stop and check in a task of its own
 //! under a deadline ([`run_op`]), so a hung or panicking resource is a
 //! failure to handle, never a hang of the node or its admin interface.
+//!
+//! May import: `cluster` (the handle, leases, the state's group
+//! records), `smtp`, `spool`, `config` and `clock`.
 
 pub mod announce;
 pub mod claim;

@@ -2,6 +2,8 @@
 //! socket driver (listeners, accept loop, one task per connection).
 //! `address` (MAIL/RCPT paths) and `data` (the strict DATA receiver) are
 //! the session's private helpers.
+//!
+//! May import: `config`, `spool` and `metrics`.
 
 mod address;
 pub mod auth;

@@ -2,6 +2,8 @@
 //!
 //! Nothing is acknowledged to a client before `Spool::store` returns Ok,
 //! and `store` returns only after the message is on disk (fsync).
+//!
+//! May import: `config`, `metrics` and `clock`.
 
 use bytes::Bytes;
 
