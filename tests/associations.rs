@@ -517,3 +517,54 @@ async fn shutdown_finishes_the_transaction_in_hand() {
     assert_eq!(reported, delivered_once(&peer).len());
     assert!(reported < 20);
 }
+
+#[tokio::test]
+async fn withdrawing_the_source_cuts_its_associations_mid_transaction() {
+    // The second message's content is taken and never answered: the
+    // association is mid-transaction when its source address goes away.
+    let peer = Peer::start(Behavior {
+        stall_final: Some(Fault::first(1)),
+        ..Behavior::default()
+    })
+    .await;
+    let events = Events::capture();
+    let mut h = Harness::new(config());
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    for n in 0..3 {
+        h.submit_from(&[peer.addr], Some(source), n, &["a@dest.test"]);
+    }
+    peer.wait(|s| s.held == 1).await;
+    h.dests.withdraw(source);
+    let results = h.results(3).await;
+    assert_eq!(
+        outcomes(&results[0]),
+        [Outcome::Delivered],
+        "before the cut"
+    );
+    // The job in hand and the one waiting come back deferred: the address
+    // they would leave from is another node's now.
+    let replies: Vec<&str> = results[1..]
+        .iter()
+        .map(|r| r.results[0].reply.as_str())
+        .collect();
+    assert!(
+        results[1..]
+            .iter()
+            .all(|r| outcomes(r) == [Outcome::Deferred]),
+        "{results:?}"
+    );
+    assert!(
+        replies[0].contains("source address was withdrawn"),
+        "{replies:?}"
+    );
+    assert!(replies[1].contains("moved to another node"), "{replies:?}");
+    events.wait("closed", "withdrawn", 1).await;
+    peer.wait(|s| s.closed == 1).await;
+    assert_eq!(
+        delivered_once(&peer),
+        HashSet::from([0]),
+        "nothing more went out"
+    );
+    assert!(h.dests.snapshot().is_empty(), "the destination is gone");
+    h.shutdown().await;
+}

@@ -127,6 +127,8 @@ pub struct Stats {
     pub closed: usize,
     /// QUIT commands received.
     pub quits: usize,
+    /// Message contents taken and left unanswered (`stall_final`).
+    pub held: usize,
 }
 
 /// A running scripted peer.
@@ -287,6 +289,7 @@ impl Connection {
                         t.body = body;
                         if b.stall_final.is_some_and(|f| f.hits(self.conn, self.done)) {
                             // Hold the connection open and say nothing more.
+                            self.stats.send_modify(|s| s.held += 1);
                             while next_line(stream, &mut buf).await?.is_some() {}
                             return Ok(());
                         }
