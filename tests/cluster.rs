@@ -355,6 +355,60 @@ async fn sigterm_leaves_gracefully_and_a_restart_is_up_again() {
     }
 }
 
+/// Copy directory `from` to `to` (which must not exist), files and all.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_restored_from_an_older_copy_is_refused_and_stops_raft() {
+    let dir = tempfile::tempdir().unwrap();
+    let Three {
+        mut nodes,
+        configs,
+        admin,
+        ..
+    } = Three::start(dir.path()).await;
+    let voting = |rows: &[serde_json::Value]| all_voting(rows, 3);
+    nodes_until(admin[0], voting).await;
+    // A backup of node-c's cluster state, taken while it is stopped.
+    let state = dir.path().join("node-c/cluster");
+    let backup = dir.path().join("backup");
+    sigterm(&nodes[2]);
+    assert!(nodes[2].child.wait().await.unwrap().success());
+    copy_dir(&state, &backup);
+    // It runs on past the backup: the cluster sees a later start.
+    nodes[2] = Daemon::start(&configs[2]).await;
+    nodes[2].wait_line(|l| l.contains("joined the cluster")).await;
+    nodes_until(admin[0], voting).await;
+    sigterm(&nodes[2]);
+    assert!(nodes[2].child.wait().await.unwrap().success());
+    // The backup comes back: refused, and its raft stops taking part.
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&backup, &state);
+    nodes[2] = Daemon::start(&configs[2]).await;
+    nodes[2].wait_line(|l| l.contains("an older copy")).await;
+    let status: serde_json::Value = ctl_json(admin[2], &["status"]).await;
+    let problem = status["cluster_problem"].as_str().unwrap_or_default();
+    assert!(problem.contains("older copy"), "{status}");
+    // The others carry on with a quorum of two.
+    let (ok, text) = ctl(admin[0], &["status"]).await;
+    assert!(ok, "{text}");
+    for mut n in nodes {
+        let _ = n.child.start_kill();
+        let _ = n.child.wait().await;
+    }
+}
+
 /// Point the config at `proving`, also accepting `accepted`.
 fn rekey(cfg: &Path, proving: &Path, accepted: &[&Path]) {
     let text = std::fs::read_to_string(cfg).unwrap();

@@ -16,6 +16,8 @@ use crate::config::FileProblem;
 
 /// File (inside the cluster data dir) that holds the incarnation.
 pub const INCARNATION_FILE: &str = "incarnation";
+/// The file counting the starts of a data directory ([`next_generation`]).
+pub const GENERATION_FILE: &str = "generation";
 /// Shortest secret accepted; shorter ones are guessable offline from a
 /// captured handshake.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -80,7 +82,7 @@ impl Identity {
                     reason,
                 })?
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create_incarnation(dir, &path)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create_incarnation(dir)?,
             Err(e) => return Err(io_err(&path)(e)),
         };
         Ok(Identity {
@@ -112,7 +114,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Makes a fresh incarnation and stores it so that a crash at any point
 /// leaves either no file (retried on next start) or the complete file.
-fn create_incarnation(dir: &Path, path: &Path) -> Result<u64, IdentityError> {
+fn create_incarnation(dir: &Path) -> Result<u64, IdentityError> {
     // Creation time in milliseconds in the high bits, randomness in the
     // low 20: a newer data dir always has the larger incarnation, so the
     // cluster can tell a wiped node (newer: replaces its stale entry) from
@@ -123,26 +125,57 @@ fn create_incarnation(dir: &Path, path: &Path) -> Result<u64, IdentityError> {
     let random = u64::from(u32::from_be_bytes(buf) & 0xF_FFFF);
     let now_ms = crate::clock::now_ms();
     let incarnation = ((now_ms << 20) | random).max(1);
+    write_atomic(dir, INCARNATION_FILE, incarnation)?;
+    Ok(incarnation)
+}
+
+/// Writes `value` to `dir/name` so that a crash at any point leaves the
+/// old file or the complete new one, durable once this returns.
+fn write_atomic(dir: &Path, name: &str, value: u64) -> Result<(), IdentityError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(name);
     // A leftover temp file is from a crash before rename: it was never the
-    // incarnation, so overwriting it is safe.
-    let tmp = dir.join(format!("{INCARNATION_FILE}.tmp"));
+    // value, so overwriting it is safe.
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
-    f.write_all(format!("{incarnation}\n").as_bytes())
+    f.write_all(format!("{value}\n").as_bytes())
         .map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
     // The rename is only durable once the directory entry is.
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    Ok(incarnation)
+        .map_err(io_err(dir))
+}
+
+/// Counts this start of the node's data directory: one more than the
+/// last, durable before the node takes part in the cluster. The cluster
+/// records the highest it has seen per incarnation, so a data directory
+/// restored from an older copy (whose count is behind) is recognised when
+/// it rejoins, instead of voting with a vote and log older than what the
+/// node promised its peers.
+pub fn next_generation(dir: &Path) -> Result<u64, IdentityError> {
+    let path = dir.join(GENERATION_FILE);
+    let last = match fs::read(&path) {
+        Ok(content) => std::str::from_utf8(&content)
+            .ok()
+            .and_then(|t| t.trim_end().parse::<u64>().ok())
+            .ok_or_else(|| IdentityError::Corrupt {
+                path: path.clone(),
+                reason: "expected a decimal number".into(),
+            })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let next = last + 1;
+    write_atomic(dir, GENERATION_FILE, next)?;
+    Ok(next)
 }
 
 /// The shared cluster secret. Its content never appears in Debug output or logs.
@@ -316,6 +349,21 @@ fn warn_if_exposed(_path: &Path) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_start_counts_one_more_and_a_damaged_count_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("cluster");
+        assert_eq!(next_generation(&sub).unwrap(), 1);
+        assert_eq!(next_generation(&sub).unwrap(), 2);
+        assert_eq!(fs::read_to_string(sub.join(GENERATION_FILE)).unwrap(), "2\n");
+        assert!(!sub.join("generation.tmp").exists());
+        fs::write(sub.join(GENERATION_FILE), "two").unwrap();
+        assert!(matches!(
+            next_generation(&sub),
+            Err(IdentityError::Corrupt { .. })
+        ));
+    }
 
     #[test]
     fn incarnation_is_created_once_and_read_back() {

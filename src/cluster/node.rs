@@ -114,6 +114,10 @@ impl ClusterNode {
     ) -> Result<ClusterNode, ClusterError> {
         let dir = data_dir.join("cluster");
         let identity = Identity::load_or_create(&dir, name)?;
+        // Counted before raft runs: the cluster tells a restored copy of
+        // this directory by a count behind what it has seen.
+        let generation = identity::next_generation(&dir)?;
+        let start = getrandom::u64().unwrap_or(generation);
         let secrets = identity::load_keyring(cfg)?;
         if !secrets.accepted.is_empty() {
             // Meant to be temporary: an old secret left accepted still
@@ -213,6 +217,8 @@ impl ClusterNode {
             // Asking ourselves would only ever say "fresh".
             seeds: cfg.seeds.iter().copied().filter(|s| *s != addr).collect(),
             backoff: Backoff::new(cfg.join_backoff_min, cfg.join_backoff_max),
+            generation,
+            start,
         };
         tracker.spawn(joiner.run());
         // Silence of three heartbeats is suspicious; an election timeout's

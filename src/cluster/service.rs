@@ -53,14 +53,38 @@ impl JoinSettings {
     async fn handle(&self, raft: &Raft<TypeConfig>, req: JoinRequest) -> JoinReply {
         let m = raft.metrics().borrow().clone();
         if m.current_leader == Some(m.id) {
-            let back = self
-                .view
-                .borrow()
-                .state
-                .members
-                .get(&req.incarnation)
-                .is_some_and(|m| m.state == NodeState::Left);
-            return admit::admit(raft, &req, self.max_voters, self.join_timeout, back).await;
+            let (back, seen) = {
+                let v = self.view.borrow();
+                let back = v
+                    .state
+                    .members
+                    .get(&req.incarnation)
+                    .is_some_and(|m| m.state == NodeState::Left);
+                let seen = v.state.restored(req.incarnation, req.generation, req.start);
+                (back, seen)
+            };
+            if let Some(seen) = seen {
+                tracing::error!(node = %req.name, incarnation = req.incarnation, generation = req.generation, seen, "refused: a data directory restored from an older copy");
+                return JoinReply::Restored {
+                    generation: req.generation,
+                    seen,
+                };
+            }
+            let reply = admit::admit(raft, &req, self.max_voters, self.join_timeout, back).await;
+            if matches!(reply, JoinReply::Admitted { .. }) && req.generation != 0 {
+                let started = Command::Started {
+                    id: req.incarnation,
+                    generation: req.generation,
+                    start: req.start,
+                };
+                // Not recorded: the joiner asks again, and is admitted again.
+                if let Err(e) = raft.client_write(started).await {
+                    return JoinReply::Retry {
+                        reason: format!("recording the start: {e}"),
+                    };
+                }
+            }
+            return reply;
         }
         let leader = m.current_leader.and_then(|id| {
             let node = m.membership_config.membership().get_node(&id)?;

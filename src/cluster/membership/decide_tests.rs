@@ -71,6 +71,8 @@ fn join(name: &str, incarnation: NodeId) -> JoinRequest {
         incarnation,
         addr: addr(9),
         role: Role::Member,
+        generation: 0,
+        start: 0,
     }
 }
 

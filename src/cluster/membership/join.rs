@@ -45,6 +45,10 @@ pub struct Joiner {
     pub seeds: Vec<SocketAddr>,
     /// The pause between attempts.
     pub backoff: Backoff,
+    /// This start of the data directory ([`crate::cluster::identity::next_generation`]).
+    pub generation: u64,
+    /// This start's random id.
+    pub start: u64,
 }
 
 impl Joiner {
@@ -145,6 +149,9 @@ impl Joiner {
         let me = self.link.identity.clone();
         let local = match self.local.handle(me, Request::Join(req)).await {
             Reply::Join(JoinReply::Admitted { .. }) => return Ok(()),
+            Reply::Join(JoinReply::Restored { generation, seen }) => {
+                return Err(self.restored(generation, seen).await)
+            }
             other => format!("{other:?}"),
         };
         let mut problems = vec![format!("here: {local}")];
@@ -167,7 +174,27 @@ impl Joiner {
                 .parse()
                 .map_err(|e| format!("own address: {e}"))?,
             role: self.me.role,
+            generation: self.generation,
+            start: self.start,
         })
+    }
+
+    /// The cluster says this data directory is an older copy of one that
+    /// ran since: stop raft (no vote, no log from it), and say why until
+    /// an operator wipes the cluster state. The loop ends with raft.
+    async fn restored(&mut self, generation: u64, seen: u64) -> String {
+        let why = format!(
+            "this data directory is an older copy (start {generation}; the cluster saw start {seen}): \
+             it no longer takes part; remove its cluster/ directory and start again to rejoin \
+             as a new member"
+        );
+        tracing::error!(node = %self.me.name, generation, seen, "{why}");
+        self.problem.send_replace(Some(why.clone()));
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::error!(error = %e, "raft did not stop");
+        }
+        self.leaving.cancel();
+        why
     }
 
     /// Ask a seed for its status; the error says why it is no use, in
@@ -194,6 +221,9 @@ impl Joiner {
                 Ok(())
             }
             Ok(Reply::Join(JoinReply::Retry { reason })) => Err(format!("{sponsor}: {reason}")),
+            Ok(Reply::Join(JoinReply::Restored { generation, seen })) => {
+                Err(self.restored(generation, seen).await)
+            }
             Ok(Reply::Join(JoinReply::Refused { reason })) => {
                 tracing::error!(%sponsor, %reason, "join refused");
                 Err(format!("refused by {sponsor}: {reason}"))

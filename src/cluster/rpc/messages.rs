@@ -90,6 +90,12 @@ pub struct JoinRequest {
     pub addr: SocketAddr,
     /// Member or witness.
     pub role: Role,
+    /// How many times its data directory has started (0: not counted).
+    #[serde(default)]
+    pub generation: u64,
+    /// Random for each start: the same start asking again is not a copy.
+    #[serde(default)]
+    pub start: u64,
 }
 
 /// The answer to a join.
@@ -111,6 +117,15 @@ pub enum JoinReply {
     Refused {
         /// Why.
         reason: String,
+    },
+    /// Never: its data directory is older than one this incarnation has
+    /// already run with (restored from a copy); its raft vote and log may
+    /// be older than what it promised. It must stop taking part.
+    Restored {
+        /// The generation it came with.
+        generation: u64,
+        /// The highest the cluster has seen for its incarnation.
+        seen: u64,
     },
 }
 
@@ -140,6 +155,8 @@ mod tests {
                 incarnation: 42,
                 addr: "127.0.0.14:7400".parse().unwrap(),
                 role: Role::Member,
+                generation: 0,
+                start: 0,
             }),
         };
         let text = serde_json::to_value(&call).unwrap();

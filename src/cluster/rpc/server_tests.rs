@@ -38,6 +38,8 @@ fn join() -> Request {
         incarnation: 1,
         addr: "127.0.0.1:7400".parse().unwrap(),
         role: Role::Member,
+        generation: 0,
+        start: 0,
     })
 }
 

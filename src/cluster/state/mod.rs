@@ -124,6 +124,16 @@ pub enum Command {
     },
     /// A change to a resource group.
     Group(GroupCommand),
+    /// A member joined or rejoined after its data directory's start
+    /// number `generation`; only a higher number than recorded applies.
+    Started {
+        /// The member's incarnation.
+        id: NodeId,
+        /// Its generation.
+        generation: u64,
+        /// The start's random id.
+        start: u64,
+    },
     /// An operator drains a member (it takes no new mail and hands its
     /// groups away) or ends the drain.
     Drain {
@@ -185,9 +195,23 @@ pub struct ClusterState {
     /// Members an operator drains: no group is placed on them.
     #[serde(default)]
     pub draining: BTreeSet<NodeId>,
+    /// The latest start each member joined or rejoined with: the count
+    /// of starts of its data directory, and the start's random id.
+    #[serde(default)]
+    pub generations: BTreeMap<NodeId, (u64, u64)>,
 }
 
 impl ClusterState {
+    /// The generation recorded for member `id` when a start counted
+    /// `generation` (with random id `start`) cannot be a later start of
+    /// the same data directory: its count is behind, or equal but from
+    /// another start — a copy of the directory that ran before.
+    pub fn restored(&self, id: NodeId, generation: u64, start: u64) -> Option<u64> {
+        let &(seen, seen_start) = self.generations.get(&id)?;
+        let copy = seen > generation || (seen == generation && seen_start != start);
+        (generation != 0 && copy).then_some(seen)
+    }
+
     /// Applies one command; pure and deterministic.
     pub fn apply(&mut self, cmd: &Command) -> Response {
         match cmd {
@@ -223,8 +247,20 @@ impl ClusterState {
                     None => Response::Done,
                 }
             }
+            Command::Started {
+                id,
+                generation,
+                start,
+            } => match self.restored(*id, *generation, *start) {
+                Some(_) => Response::Stale,
+                None => {
+                    self.generations.insert(*id, (*generation, *start));
+                    Response::Done
+                }
+            },
             Command::Remove { id } => {
                 self.draining.remove(id);
+                self.generations.remove(id);
                 match self.members.remove(id) {
                     Some(_) => Response::Done,
                     None => Response::UnknownMember,
@@ -334,6 +370,32 @@ openraft::declare_raft_types!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_behind_the_recorded_one_is_a_restored_copy() {
+        let mut s = ClusterState::default();
+        let started = |generation, start| Command::Started {
+            id: 7,
+            generation,
+            start,
+        };
+        assert_eq!(s.restored(7, 1, 10), None, "nothing recorded yet");
+        assert_eq!(s.apply(&started(1, 10)), Response::Done);
+        // The same start asking again (its answer was lost) is not a copy.
+        assert_eq!(s.restored(7, 1, 10), None);
+        assert_eq!(s.apply(&started(1, 10)), Response::Done);
+        assert_eq!(s.apply(&started(2, 20)), Response::Done);
+        // Behind, or the same count from another start: a copy.
+        assert_eq!(s.restored(7, 1, 30), Some(2));
+        assert_eq!(s.restored(7, 2, 30), Some(2));
+        assert_eq!(s.apply(&started(2, 30)), Response::Stale);
+        assert_eq!(s.generations[&7], (2, 20));
+        // Later starts, and nodes that do not count (0), are not.
+        assert_eq!(s.restored(7, 3, 40), None);
+        assert_eq!(s.restored(7, 0, 0), None);
+        assert_eq!(s.apply(&Command::Remove { id: 7 }), Response::UnknownMember);
+        assert!(s.generations.is_empty(), "forgotten with the member");
+    }
 
     fn member(name: &str, addr: &str) -> Member {
         Member {

@@ -29,6 +29,8 @@ fn request(name: &str, id: NodeId, addr: SocketAddr) -> Request {
         incarnation: id,
         addr,
         role: Role::Member,
+        generation: 0,
+        start: 0,
     })
 }
 
