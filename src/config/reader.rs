@@ -494,9 +494,7 @@ pub(super) fn duration_or(
     key: &'static str,
     default_secs: u64,
 ) -> Duration {
-    f.take(key)
-        .and_then(|n| ctx.duration(&n))
-        .unwrap_or(Duration::from_secs(default_secs))
+    duration_or_else(ctx, f, key, Duration::from_secs(default_secs))
 }
 
 /// A plausible domain name, lower-cased, without a trailing dot.
@@ -536,9 +534,18 @@ pub(super) fn ms_or(
     key: &'static str,
     default_ms: u64,
 ) -> Duration {
+    duration_or_else(ctx, f, key, Duration::from_millis(default_ms))
+}
+
+fn duration_or_else(
+    ctx: &mut Ctx<'_>,
+    f: &mut Fields<'_>,
+    key: &'static str,
+    default: Duration,
+) -> Duration {
     f.take(key)
         .and_then(|n| ctx.duration(&n))
-        .unwrap_or(Duration::from_millis(default_ms))
+        .unwrap_or(default)
 }
 
 #[cfg(test)]
