@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,14 +14,14 @@ use crate::cluster::node::{ClusterError, ClusterNode};
 use crate::config::{ClusterRole, Config, Live, RouteTarget};
 use crate::delivery::tls::OutboundTls;
 use crate::delivery::{drop_dir, Destinations, Job, JobResult};
-use crate::events;
 use crate::lock::DataDirLock;
-use crate::queue::{self, Dispatch, QueueHandle, QueueParts};
+use crate::queue::intake::Intake;
+use crate::queue::{self, Dispatch, QueueParts};
 use crate::resource::setup::Groups;
 use crate::resource::source::SourceSlot;
-use crate::smtp::{server, Accept, Incoming};
+use crate::smtp::{server, Accept};
 use crate::spool::disk::{filesystem_space, Limits};
-use crate::spool::{DiskSpool, Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
+use crate::spool::{DiskSpool, IdGen, QueueId, Spool, SpoolError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -287,12 +287,8 @@ impl Node {
             spool: spool.clone(),
             destinations: readout,
         };
-        let intake: Arc<dyn Accept> = Arc::new(Intake {
-            spool,
-            queue,
-            ids,
-            hostname: config.smtp.hostname.clone(),
-        });
+        let intake: Arc<dyn Accept> =
+            Arc::new(Intake::new(spool, queue, ids, config.smtp.hostname.clone()));
         let groups = cluster.as_ref().map(|c| {
             crate::resource::setup::start(
                 &config,
@@ -491,88 +487,6 @@ impl Node {
         {
             tracing::warn!("shutdown grace expired with tasks still running");
         }
-    }
-}
-
-/// Turns an SMTP transaction into a durable, queued message.
-struct Intake {
-    spool: Arc<dyn Spool>,
-    queue: QueueHandle,
-    ids: Arc<IdGen>,
-    hostname: String,
-}
-
-impl Intake {
-    fn received_header(&self, m: &Incoming, id: QueueId) -> String {
-        let date = jiff::fmt::rfc2822::to_string(&jiff::Zoned::now()).unwrap_or_default();
-        // The client's words go into a header: keep only printable ASCII.
-        let helo: String = m.helo.chars().filter(|c| c.is_ascii_graphic()).collect();
-        let helo = if helo.is_empty() { "unknown" } else { &helo };
-        let rcpt = match m.recipients.as_slice() {
-            [one] => format!("\r\n\tfor <{one}>"),
-            _ => String::new(),
-        };
-        // RFC 3848: S for TLS, A for an authenticated client.
-        let with = match (m.tls, m.user.is_some()) {
-            (true, true) => "ESMTPSA",
-            (true, false) => "ESMTPS",
-            (false, true) => "ESMTPA",
-            (false, false) => "ESMTP",
-        };
-        format!(
-            "Received: from {helo} ([{}])\r\n\tby {} (mtad) with {with} id {id}{rcpt};\r\n\t{date}\r\n",
-            m.client_ip, self.hostname
-        )
-    }
-}
-
-impl Accept for Intake {
-    fn accept(
-        &self,
-        mut m: Incoming,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<QueueId, SpoolError>> + Send + '_>>
-    {
-        Box::pin(async move {
-            let id = self.ids.next();
-            let header = self.received_header(&m, id);
-            let mut body = BytesMut::with_capacity(header.len() + m.body.len());
-            body.extend_from_slice(header.as_bytes());
-            body.extend_from_slice(&m.body);
-            // Not kept through the store: the copy is what goes to disk.
-            drop(std::mem::take(&mut m.body));
-            let envelope = Envelope {
-                id,
-                sender: m.sender,
-                recipients: m
-                    .recipients
-                    .into_iter()
-                    .map(|address| Recipient {
-                        address,
-                        state: RcptState::Pending { attempts: 0 },
-                    })
-                    .collect(),
-                arrived_ms: crate::clock::now_ms(),
-            };
-            self.spool.store(envelope.clone(), body.freeze()).await?;
-            let rcpts: Vec<&str> = envelope
-                .recipients
-                .iter()
-                .map(|r| r.address.as_str())
-                .collect();
-            let reply = format!("250 2.0.0 Ok: queued as {id}");
-            let client = m.client_ip.to_string();
-            let user = m.user.as_deref().unwrap_or("");
-            events::received(
-                id,
-                &envelope.sender,
-                &rcpts.join(","),
-                &client,
-                user,
-                &reply,
-            );
-            self.queue.admit(envelope);
-            Ok(id)
-        })
     }
 }
 

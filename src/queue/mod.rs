@@ -5,6 +5,7 @@
 //! May import: `delivery`, `dsn`, `spool`, `config`, `events` and `clock`.
 
 pub mod core;
+pub mod intake;
 pub mod ops;
 
 use std::collections::HashSet;
