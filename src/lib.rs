@@ -21,5 +21,6 @@ pub mod notify;
 pub mod queue;
 pub mod reload;
 pub mod resource;
+pub mod routing;
 pub mod smtp;
 pub mod spool;
