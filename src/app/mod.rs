@@ -1,5 +1,9 @@
 //! Wires the modules into a running node: spool, queue, delivery and the
-//! SMTP listeners, under one cancellation token and task tracker.
+//! SMTP listeners, under one cancellation token and task tracker. The
+//! stages it starts in are in `stages.rs`; what a node decides about mail
+//! is on the mail side (`queue::intake`, `routing`).
+
+mod stages;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,18 +13,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::stages::{Base, Listeners, Mail};
 use crate::cluster::node::{ClusterError, ClusterNode};
-use crate::config::{ClusterRole, Config, Live};
-use crate::delivery::Destinations;
+use crate::config::{Config, Live};
 use crate::lock::DataDirLock;
-use crate::queue::intake::Intake;
-use crate::queue::{self, QueueParts};
+use crate::queue;
 use crate::resource::setup::Groups;
-use crate::resource::source::SourceSlot;
-use crate::routing::{Handover, Router};
-use crate::smtp::{server, Accept};
 use crate::spool::disk::{filesystem_space, Limits};
-use crate::spool::{DiskSpool, IdGen, QueueId, Spool, SpoolError};
+use crate::spool::{DiskSpool, Spool, SpoolError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -148,227 +148,46 @@ impl Node {
         Self::start_locked(config, spool, lock).await
     }
 
+    /// Start the node in stages, each on what the earlier ones made.
     async fn start_locked(
         config: Config,
         spool: Arc<dyn Spool>,
         lock: DataDirLock,
     ) -> Result<Node, StartError> {
-        // Bind first: a node that cannot listen fails before it starts
-        // delivering anything. A witness only votes: no SMTP at all.
-        let witness = config
-            .cluster
-            .as_ref()
-            .is_some_and(|c| c.role == ClusterRole::Witness);
-        let smtp_listen = if witness {
-            &[][..]
-        } else {
-            &config.smtp.listen[..]
-        };
-        let admin =
-            match &config.admin {
-                Some(a) => Some(tokio::net::TcpListener::bind(a.listen).await.map_err(
-                    |source| StartError::Listen {
-                        addr: a.listen,
-                        source,
-                    },
-                )?),
-                None => None,
-            };
-        let implicit: &[SocketAddr] = match &config.smtp.tls {
-            Some(t) if !witness => &t.implicit_listen,
-            _ => &[],
-        };
-        let mut listeners = Vec::new();
-        for (&addr, implicit) in smtp_listen
-            .iter()
-            .map(|a| (a, false))
-            .chain(implicit.iter().map(|a| (a, true)))
-        {
-            let listener = server::bind(addr, config.smtp.backlog)
-                .map_err(|source| StartError::Listen { addr, source })?;
-            listeners.push((addr, listener, implicit));
-        }
-        let problems = crate::smtp::check_files(&config.smtp);
-        if !problems.is_empty() {
-            let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-            return Err(StartError::Tls(text.join("; ")));
-        }
-        let live = Live::new(config.clone());
-        // One table of client addresses for all the node's listeners,
-        // its own and its groups'.
-        let clients = Arc::new(crate::smtp::clients::Clients::default());
-        let config = Arc::new(config);
-        let cancel = CancellationToken::new();
-        let cluster_cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let cluster = match &config.cluster {
-            Some(c) => Some(
-                ClusterNode::start(
-                    c,
-                    &config.node.name,
-                    &config.node.data_dir,
-                    cluster_cancel.clone(),
-                    &tracker,
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let floor = spool
-            .recovered()
-            .iter()
-            .map(|r| r.envelope.id)
-            .max()
-            .unwrap_or(QueueId(0));
-        let ids = Arc::new(IdGen::new(floor));
-        let (results_tx, results) = mpsc::unbounded_channel();
-        let destinations = Destinations::new(
-            live.delivery(),
-            config.smtp.hostname.clone(),
-            spool.clone(),
-            results_tx.clone(),
-            cancel.child_token(),
-            tracker.clone(),
-        );
-        let source = SourceSlot::default();
-        {
-            let destinations = destinations.clone();
-            source.on_withdraw(move |addr| destinations.withdraw(addr));
-        }
-        let handover = cluster
-            .as_ref()
-            .map(|c| Handover::new(c.handle.view.clone(), c.identity.incarnation, &config));
-        let readout = destinations.clone();
-        let router = Arc::new(Router::new(
-            source.clone(),
-            handover,
-            spool.clone(),
-            destinations,
-            results_tx,
-            tracker.clone(),
-        ));
-        let (stats_tx, stats) = tokio::sync::watch::channel(queue::Stats::default());
-        let queue = queue::spawn(QueueParts {
-            stats: stats_tx,
-            config: live.config(),
-            spool: spool.clone(),
-            dispatch: router,
-            results,
-            ids: ids.clone(),
-            cancel: cancel.child_token(),
-            tracker: tracker.clone(),
-            held_file: Some(config.node.data_dir.join("spool").join("held")),
-        });
-        let queue_handle = queue.clone();
-        let health = Health {
-            queue: queue.clone(),
-            spool: spool.clone(),
-        };
-        let mail = crate::admin::MailReadout {
-            queue: queue.clone(),
-            spool: spool.clone(),
-            destinations: readout,
-        };
-        let intake: Arc<dyn Accept> =
-            Arc::new(Intake::new(spool, queue, ids, config.smtp.hostname.clone()));
-        let groups = cluster.as_ref().map(|c| {
-            crate::resource::setup::start(
-                &config,
-                (live.smtp(), clients.clone()),
-                c,
-                intake.clone(),
-                source,
-                cluster_cancel.clone(),
-            )
-        });
-        // While an operator drains the node its own listeners turn new
-        // clients away; in a cluster the drain is in the replicated state.
-        let drain = Arc::new(watch::Sender::new(false));
-        // Stopped first at shutdown: leaving changes the view, and the
-        // drain must not be lifted then.
-        let drain_follow = CancellationToken::new();
-        if let Some(c) = &cluster {
-            tracker.spawn(follow_drain(
-                c.handle.view.clone(),
-                c.identity.incarnation,
-                drain.clone(),
-                drain_follow.clone(),
-            ));
-            tracker.spawn(follow_members(
-                c.handle.view.clone(),
-                clients.clone(),
-                cluster_cancel.clone(),
-            ));
-        }
-        let smtp = live.smtp();
-        // The node's own sessions, apart: a stop waits for them to finish.
-        let sessions = TaskTracker::new();
-        let smtp_cancel = cancel.child_token();
-        let mut smtp_addrs = Vec::new();
-        for (addr, listener, implicit) in listeners {
-            let local = listener.local_addr().unwrap_or(addr);
-            smtp_addrs.push(local);
-            tracing::info!(address = %local, implicit_tls = implicit, "smtp listening");
-            let how = server::Listener {
-                cfg: smtp.clone(),
-                accept: intake.clone(),
-                drain: drain.subscribe(),
-                cancel: smtp_cancel.child_token(),
-                tracker: sessions.clone(),
-                implicit_tls: implicit,
-                clients: clients.clone(),
-            };
-            tracker.spawn(server::serve_listener(listener, how));
-        }
-        let (reload_requests, reloads) = mpsc::channel(4);
-        let mut admin_addr = None;
-        if let Some(listener) = admin {
-            let token = match config.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
-                Some(path) => Some(read_token(path)?),
-                None => None,
-            };
-            admin_addr = listener.local_addr().ok();
-            let state = crate::admin::AdminState {
-                node: config.node.name.clone(),
-                started: crate::clock::instant(),
-                stats: stats.clone(),
-                cluster: cluster.as_ref().map(|c| crate::admin::ClusterReadout {
-                    secrets: c.secret_fingerprints(),
-                    handle: c.handle.clone(),
-                    problem: c.problem.clone(),
-                    groups: config.groups.iter().map(|g| g.name.clone()).collect(),
-                    quorum_within: config
-                        .cluster
-                        .as_ref()
-                        .map_or(Duration::ZERO, |cc| cc.election_timeout * 2),
-                }),
-                mail: Some(mail),
-                reload: Some(reload_requests),
-                token,
-                drain: drain.clone(),
-            };
-            if let Some(address) = admin_addr {
-                tracing::info!(%address, "admin API listening");
-            }
-            tracker.spawn(crate::admin::serve(listener, state, cancel.child_token()));
-        }
+        let listeners = Listeners::bind(&config).await?;
+        stages::check_files(&config)?;
+        let base = Base::new(config);
+        let cluster = stages::start_cluster(&base).await?;
+        let mail = Mail::start(&base, spool, cluster.as_ref());
+        let groups =
+            stages::start_groups(&base, cluster.as_ref(), mail.intake.clone(), mail.source);
+        let drain = stages::follow_cluster(&base, cluster.as_ref());
+        let smtp = stages::serve_smtp(&base, listeners.smtp, &mail.intake, &drain.switch);
+        let admin = stages::serve_admin(
+            &base,
+            listeners.admin,
+            cluster.as_ref(),
+            &mail.stats,
+            mail.readout,
+            &drain.switch,
+        )?;
         Ok(Node {
-            smtp_addrs,
-            admin_addr,
+            smtp_addrs: smtp.addrs,
+            admin_addr: admin.addr,
             cluster,
             groups,
-            stats,
-            queue: queue_handle,
-            health,
-            live,
-            drain,
-            drain_follow,
-            sessions,
-            reloads: std::sync::Mutex::new(Some(reloads)),
-            smtp_cancel,
-            cancel,
-            cluster_cancel,
-            tracker,
+            stats: mail.stats,
+            queue: mail.queue,
+            health: mail.health,
+            live: base.live,
+            drain: drain.switch,
+            drain_follow: drain.follow,
+            sessions: smtp.sessions,
+            reloads: std::sync::Mutex::new(Some(admin.reloads)),
+            smtp_cancel: smtp.cancel,
+            cancel: base.cancel,
+            cluster_cancel: base.cluster_cancel,
+            tracker: base.tracker,
             _data_dir: lock,
         })
     }
@@ -470,59 +289,4 @@ impl Node {
             tracing::warn!("shutdown grace expired with tasks still running");
         }
     }
-}
-
-/// Keep `drain` equal to whether the cluster drains node `me`.
-async fn follow_drain(
-    mut view: watch::Receiver<crate::cluster::raft::store::ClusterView>,
-    me: u64,
-    drain: Arc<watch::Sender<bool>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let now = view.borrow_and_update().state.draining.contains(&me);
-        drain.send_if_modified(|d| std::mem::replace(d, now) != now);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = view.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
-/// Keep the SMTP side's list of cluster members' addresses in step with
-/// the cluster (mail they hand on gets the member allowance).
-async fn follow_members(
-    mut view: watch::Receiver<crate::cluster::raft::store::ClusterView>,
-    clients: Arc<crate::smtp::clients::Clients>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let addrs = view
-            .borrow_and_update()
-            .state
-            .members
-            .values()
-            .filter_map(|m| m.member.addr.parse::<SocketAddr>().ok())
-            .map(|a| a.ip().to_canonical())
-            .collect();
-        clients.set_members(addrs);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = view.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
-/// The admin token: the file's content without surrounding whitespace.
-fn read_token(path: &std::path::Path) -> Result<String, StartError> {
-    let fail = |why: String| StartError::Token {
-        path: path.display().to_string(),
-        why,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let token = text.trim();
-    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(fail("it must hold one token without spaces".into()));
-    }
-    Ok(token.to_string())
 }

@@ -1,0 +1,448 @@
+//! The stages a node starts in, in this order: bind the listeners, start
+//! the cluster, start the mail side, start the groups and follow the
+//! cluster, serve SMTP, serve the admin API. Each takes what the earlier
+//! ones made and returns what the node keeps.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Health, StartError};
+use crate::admin::{MailReadout, ReloadRequest};
+use crate::cluster::node::ClusterNode;
+use crate::cluster::raft::store::ClusterView;
+use crate::config::{ClusterRole, Config, Live};
+use crate::delivery::Destinations;
+use crate::queue::intake::Intake;
+use crate::queue::{self, QueueHandle, QueueParts};
+use crate::resource::setup::Groups;
+use crate::resource::source::SourceSlot;
+use crate::routing::{Handover, Router};
+use crate::smtp::clients::Clients;
+use crate::smtp::{server, Accept};
+use crate::spool::{IdGen, QueueId, Spool};
+
+/// What every stage shares: the configuration, the table of clients, and
+/// the tokens and tracker that stop and await the tasks the stages spawn.
+pub(super) struct Base {
+    /// The configuration the node started with.
+    pub(super) config: Arc<Config>,
+    /// The configuration a reload changes.
+    pub(super) live: Live,
+    /// One table of client addresses for all the node's listeners, its
+    /// own and its groups'.
+    pub(super) clients: Arc<Clients>,
+    /// Stops the mail side, SMTP and the admin API.
+    pub(super) cancel: CancellationToken,
+    /// Separate from `cancel`: the cluster side outlives SMTP at shutdown
+    /// long enough to say goodbye.
+    pub(super) cluster_cancel: CancellationToken,
+    /// Every task the stages spawn.
+    pub(super) tracker: TaskTracker,
+}
+
+impl Base {
+    /// Nothing started yet.
+    pub(super) fn new(config: Config) -> Base {
+        let live = Live::new(config.clone());
+        Base {
+            config: Arc::new(config),
+            live,
+            clients: Arc::new(Clients::default()),
+            cancel: CancellationToken::new(),
+            cluster_cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+}
+
+/// The node's sockets, bound before anything starts.
+pub(super) struct Listeners {
+    /// The admin API's, when `[admin]` is configured.
+    pub(super) admin: Option<TcpListener>,
+    /// SMTP's: the configured address, the socket, and whether TLS is
+    /// implicit on it.
+    pub(super) smtp: Vec<(SocketAddr, TcpListener, bool)>,
+}
+
+impl Listeners {
+    /// Bind first: a node that cannot listen fails before it starts
+    /// delivering anything. A witness only votes: no SMTP at all.
+    pub(super) async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        let witness = config
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.role == ClusterRole::Witness);
+        let smtp_listen = if witness {
+            &[][..]
+        } else {
+            &config.smtp.listen[..]
+        };
+        let admin =
+            match &config.admin {
+                Some(a) => Some(TcpListener::bind(a.listen).await.map_err(|source| {
+                    StartError::Listen {
+                        addr: a.listen,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let implicit: &[SocketAddr] = match &config.smtp.tls {
+            Some(t) if !witness => &t.implicit_listen,
+            _ => &[],
+        };
+        let mut smtp = Vec::new();
+        for (&addr, implicit) in smtp_listen
+            .iter()
+            .map(|a| (a, false))
+            .chain(implicit.iter().map(|a| (a, true)))
+        {
+            let listener = server::bind(addr, config.smtp.backlog)
+                .map_err(|source| StartError::Listen { addr, source })?;
+            smtp.push((addr, listener, implicit));
+        }
+        Ok(Listeners { admin, smtp })
+    }
+}
+
+/// Whether the STARTTLS certificate and key and the AUTH credentials can
+/// be read.
+pub(super) fn check_files(config: &Config) -> Result<(), StartError> {
+    let problems = crate::smtp::check_files(&config.smtp);
+    if !problems.is_empty() {
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        return Err(StartError::Tls(text.join("; ")));
+    }
+    Ok(())
+}
+
+/// Join or form the cluster, when `[cluster]` is configured.
+pub(super) async fn start_cluster(base: &Base) -> Result<Option<ClusterNode>, StartError> {
+    let config = &base.config;
+    Ok(match &config.cluster {
+        Some(c) => Some(
+            ClusterNode::start(
+                c,
+                &config.node.name,
+                &config.node.data_dir,
+                base.cluster_cancel.clone(),
+                &base.tracker,
+            )
+            .await?,
+        ),
+        None => None,
+    })
+}
+
+/// The mail side, running: the queue, delivery behind its router, and the
+/// intake SMTP hands messages to.
+pub(super) struct Mail {
+    /// The queue, for operators' requests.
+    pub(super) queue: QueueHandle,
+    /// The queue's outcome counts.
+    pub(super) stats: watch::Receiver<queue::Stats>,
+    /// What the watchdog probes.
+    pub(super) health: Health,
+    /// What the admin API shows of it.
+    pub(super) readout: MailReadout,
+    /// Where SMTP listeners hand messages.
+    pub(super) intake: Arc<dyn Accept>,
+    /// The address routes without one of their own leave from; the
+    /// groups point it at their VIPs.
+    pub(super) source: SourceSlot,
+}
+
+impl Mail {
+    /// Start the queue on `spool` (what it recovered is queued at once),
+    /// with delivery routed by the cluster's groups when there is one.
+    pub(super) fn start(base: &Base, spool: Arc<dyn Spool>, cluster: Option<&ClusterNode>) -> Mail {
+        let config = &base.config;
+        // New queue ids stay above every recovered one.
+        let floor = spool
+            .recovered()
+            .iter()
+            .map(|r| r.envelope.id)
+            .max()
+            .unwrap_or(QueueId(0));
+        let ids = Arc::new(IdGen::new(floor));
+        let (results_tx, results) = mpsc::unbounded_channel();
+        let destinations = Destinations::new(
+            base.live.delivery(),
+            config.smtp.hostname.clone(),
+            spool.clone(),
+            results_tx.clone(),
+            base.cancel.child_token(),
+            base.tracker.clone(),
+        );
+        let source = SourceSlot::default();
+        {
+            let destinations = destinations.clone();
+            source.on_withdraw(move |addr| destinations.withdraw(addr));
+        }
+        let handover =
+            cluster.map(|c| Handover::new(c.handle.view.clone(), c.identity.incarnation, config));
+        let readout = destinations.clone();
+        let router = Arc::new(Router::new(
+            source.clone(),
+            handover,
+            spool.clone(),
+            destinations,
+            results_tx,
+            base.tracker.clone(),
+        ));
+        let (stats_tx, stats) = watch::channel(queue::Stats::default());
+        let queue = queue::spawn(QueueParts {
+            stats: stats_tx,
+            config: base.live.config(),
+            spool: spool.clone(),
+            dispatch: router,
+            results,
+            ids: ids.clone(),
+            cancel: base.cancel.child_token(),
+            tracker: base.tracker.clone(),
+            held_file: Some(config.node.data_dir.join("spool").join("held")),
+        });
+        let health = Health {
+            queue: queue.clone(),
+            spool: spool.clone(),
+        };
+        let readout = MailReadout {
+            queue: queue.clone(),
+            spool: spool.clone(),
+            destinations: readout,
+        };
+        let intake = Arc::new(Intake::new(
+            spool,
+            queue.clone(),
+            ids,
+            config.smtp.hostname.clone(),
+        ));
+        Mail {
+            queue,
+            stats,
+            health,
+            readout,
+            intake,
+            source,
+        }
+    }
+}
+
+/// Start the groups this node may hold (their VIPs, SMTP listeners and
+/// outbound source); None without a cluster.
+pub(super) fn start_groups(
+    base: &Base,
+    cluster: Option<&ClusterNode>,
+    intake: Arc<dyn Accept>,
+    source: SourceSlot,
+) -> Option<Groups> {
+    cluster.map(|c| {
+        crate::resource::setup::start(
+            &base.config,
+            (base.live.smtp(), base.clients.clone()),
+            c,
+            intake,
+            source,
+            base.cluster_cancel.clone(),
+        )
+    })
+}
+
+/// The node's drain: while an operator drains the node its own listeners
+/// turn new clients away; in a cluster the drain is in the replicated
+/// state.
+pub(super) struct Drain {
+    /// True while the node's own listeners turn new clients away.
+    pub(super) switch: Arc<watch::Sender<bool>>,
+    /// Stops keeping `switch` in step with the cluster's drain.
+    pub(super) follow: CancellationToken,
+}
+
+/// Keep the node's drain and the SMTP side's list of members in step with
+/// the cluster, when there is one.
+pub(super) fn follow_cluster(base: &Base, cluster: Option<&ClusterNode>) -> Drain {
+    let switch = Arc::new(watch::Sender::new(false));
+    // Stopped first at shutdown: leaving changes the view, and the drain
+    // must not be lifted then.
+    let follow = CancellationToken::new();
+    if let Some(c) = cluster {
+        base.tracker.spawn(follow_drain(
+            c.handle.view.clone(),
+            c.identity.incarnation,
+            switch.clone(),
+            follow.clone(),
+        ));
+        base.tracker.spawn(follow_members(
+            c.handle.view.clone(),
+            base.clients.clone(),
+            base.cluster_cancel.clone(),
+        ));
+    }
+    Drain { switch, follow }
+}
+
+/// The node's own SMTP listeners, serving.
+pub(super) struct Smtp {
+    /// The addresses they are bound to.
+    pub(super) addrs: Vec<SocketAddr>,
+    /// Their sessions, apart from other tasks: a stop waits for them to
+    /// finish.
+    pub(super) sessions: TaskTracker,
+    /// Stops them: first at shutdown, while the queue still delivers what
+    /// the groups' draining sessions accept.
+    pub(super) cancel: CancellationToken,
+}
+
+/// Serve SMTP on `listeners`, handing messages to `intake`; new clients
+/// are turned away while `drain` is true.
+pub(super) fn serve_smtp(
+    base: &Base,
+    listeners: Vec<(SocketAddr, TcpListener, bool)>,
+    intake: &Arc<dyn Accept>,
+    drain: &watch::Sender<bool>,
+) -> Smtp {
+    let smtp = base.live.smtp();
+    let sessions = TaskTracker::new();
+    let cancel = base.cancel.child_token();
+    let mut addrs = Vec::new();
+    for (addr, listener, implicit) in listeners {
+        let local = listener.local_addr().unwrap_or(addr);
+        addrs.push(local);
+        tracing::info!(address = %local, implicit_tls = implicit, "smtp listening");
+        let how = server::Listener {
+            cfg: smtp.clone(),
+            accept: intake.clone(),
+            drain: drain.subscribe(),
+            cancel: cancel.child_token(),
+            tracker: sessions.clone(),
+            implicit_tls: implicit,
+            clients: base.clients.clone(),
+        };
+        base.tracker.spawn(server::serve_listener(listener, how));
+    }
+    Smtp {
+        addrs,
+        sessions,
+        cancel,
+    }
+}
+
+/// The admin API, serving when `[admin]` is configured.
+pub(super) struct Admin {
+    /// Where it listens.
+    pub(super) addr: Option<SocketAddr>,
+    /// Reloads asked for through it (never any without it).
+    pub(super) reloads: mpsc::Receiver<ReloadRequest>,
+}
+
+/// Serve the admin API on `listener`, when there is one: it reads the
+/// queue through `mail` and `stats`, the cluster through `cluster`, and
+/// sets `drain`.
+pub(super) fn serve_admin(
+    base: &Base,
+    listener: Option<TcpListener>,
+    cluster: Option<&ClusterNode>,
+    stats: &watch::Receiver<queue::Stats>,
+    mail: MailReadout,
+    drain: &Arc<watch::Sender<bool>>,
+) -> Result<Admin, StartError> {
+    let config = &base.config;
+    let (reload_requests, reloads) = mpsc::channel(4);
+    let mut addr = None;
+    if let Some(listener) = listener {
+        let token = match config.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        addr = listener.local_addr().ok();
+        let state = crate::admin::AdminState {
+            node: config.node.name.clone(),
+            started: crate::clock::instant(),
+            stats: stats.clone(),
+            cluster: cluster.map(|c| crate::admin::ClusterReadout {
+                secrets: c.secret_fingerprints(),
+                handle: c.handle.clone(),
+                problem: c.problem.clone(),
+                groups: config.groups.iter().map(|g| g.name.clone()).collect(),
+                quorum_within: config
+                    .cluster
+                    .as_ref()
+                    .map_or(Duration::ZERO, |cc| cc.election_timeout * 2),
+            }),
+            mail: Some(mail),
+            reload: Some(reload_requests),
+            token,
+            drain: drain.clone(),
+        };
+        if let Some(address) = addr {
+            tracing::info!(%address, "admin API listening");
+        }
+        base.tracker.spawn(crate::admin::serve(
+            listener,
+            state,
+            base.cancel.child_token(),
+        ));
+    }
+    Ok(Admin { addr, reloads })
+}
+
+/// Keep `drain` equal to whether the cluster drains node `me`.
+async fn follow_drain(
+    mut view: watch::Receiver<ClusterView>,
+    me: u64,
+    drain: Arc<watch::Sender<bool>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let now = view.borrow_and_update().state.draining.contains(&me);
+        drain.send_if_modified(|d| std::mem::replace(d, now) != now);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Keep the SMTP side's list of cluster members' addresses in step with
+/// the cluster (mail they hand on gets the member allowance).
+async fn follow_members(
+    mut view: watch::Receiver<ClusterView>,
+    clients: Arc<Clients>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let addrs = view
+            .borrow_and_update()
+            .state
+            .members
+            .values()
+            .filter_map(|m| m.member.addr.parse::<SocketAddr>().ok())
+            .map(|a| a.ip().to_canonical())
+            .collect();
+        clients.set_members(addrs);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// The admin token: the file's content without surrounding whitespace.
+fn read_token(path: &std::path::Path) -> Result<String, StartError> {
+    let fail = |why: String| StartError::Token {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(fail("it must hold one token without spaces".into()));
+    }
+    Ok(token.to_string())
+}
