@@ -1,6 +1,6 @@
 //! The `mtad` command: run a node, check a configuration file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -16,7 +16,6 @@ const EXIT_FAILURE: u8 = 1;
 /// Exit status of `ctl` when the node answered but is not in its cluster
 /// (its join was refused, or has not succeeded yet).
 const EXIT_NOT_IN_CLUSTER: u8 = 2;
-/// How long in-flight work may take to finish after SIGTERM.
 
 #[derive(Parser)]
 #[command(
@@ -213,222 +212,262 @@ fn confirmed(question: &str) -> Result<bool, String> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
+impl CtlCommand {
+    /// The request to send, and whether its confirmation was given on the
+    /// command line.
+    fn into_command(self) -> (client::Command, bool) {
+        match self {
+            CtlCommand::Status => (client::Command::Status, false),
+            CtlCommand::Nodes => (client::Command::Nodes, false),
+            CtlCommand::Evict { name } => (client::Command::Evict(name), false),
+            CtlCommand::Groups => (client::Command::Groups, false),
+            CtlCommand::Move { group, node } => (client::Command::Move(group, node), false),
+            CtlCommand::Reload => (client::Command::Reload, false),
+            CtlCommand::Drain { node, cancel } => (client::Command::Drain(node, !cancel), false),
+            CtlCommand::Queue { command } => command.into_command(),
+        }
+    }
+}
+
+impl QueueCommand {
+    /// The request to send, and whether its confirmation was given on the
+    /// command line.
+    fn into_command(self) -> (client::Command, bool) {
+        match self {
+            QueueCommand::Summary => (client::Command::QueueSummary, false),
+            QueueCommand::List {
+                dest,
+                state,
+                after,
+                limit,
+            } => {
+                let f = Filter { dest, state };
+                let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+                (client::Command::QueueList(f, after, limit), false)
+            }
+            QueueCommand::Show { id } => (client::Command::QueueShow(id), false),
+            QueueCommand::Flush(s) => s.into_command(Op::Flush),
+            QueueCommand::Hold(s) => s.into_command(Op::Hold),
+            QueueCommand::Release(s) => s.into_command(Op::Release),
+            QueueCommand::Delete(s) => s.into_command(Op::Delete),
+            QueueCommand::Bounce(s) => s.into_command(Op::Bounce),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::CheckConfig { file } => match mtad::config::load_file(&file) {
-            Ok(cfg) => {
-                let mut problems = mtad::smtp::check_files(&cfg.smtp);
-                if let Some(c) = &cfg.cluster {
-                    problems.extend(mtad::cluster::identity::check_secret_files(c));
-                }
-                if !problems.is_empty() {
-                    let text = std::fs::read_to_string(&file).unwrap_or_default();
-                    let name = file.display().to_string();
-                    eprintln!("{}", mtad::config::file_errors(&text, &name, &problems));
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-                let cluster = match &cfg.cluster {
-                    Some(c) => format!("cluster {} with {} seed(s)", c.name, c.seeds.len()),
-                    None => "single node".to_string(),
-                };
-                let witness = cfg
-                    .cluster
-                    .as_ref()
-                    .is_some_and(|c| c.role == mtad::config::ClusterRole::Witness);
-                let mail = if witness {
-                    "a witness (no SMTP)".to_string()
-                } else {
-                    format!(
-                        "{} listener(s), {} route(s)",
-                        cfg.smtp.listen.len(),
-                        cfg.routes.len()
-                    )
-                };
-                println!(
-                    "{}: ok: node {}, {mail}, {cluster}",
-                    file.display(),
-                    cfg.node.name,
-                );
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Run { config } => run(&config),
+        Command::Release { config } => release(&config),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Passwd { user } => passwd(&user),
+        Command::Demo { messages } => demo(messages),
         Command::Ctl {
             admin,
             json,
             token_file,
             command,
-        } => {
-            let token = match token_file.map(std::fs::read_to_string).transpose() {
-                Ok(t) => t.map(|t| t.trim().to_string()),
-                Err(e) => {
-                    eprintln!("mtad ctl: cannot read the token file: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            let (command, yes) = match command {
-                CtlCommand::Status => (client::Command::Status, false),
-                CtlCommand::Nodes => (client::Command::Nodes, false),
-                CtlCommand::Evict { name } => (client::Command::Evict(name), false),
-                CtlCommand::Groups => (client::Command::Groups, false),
-                CtlCommand::Move { group, node } => (client::Command::Move(group, node), false),
-                CtlCommand::Reload => (client::Command::Reload, false),
-                CtlCommand::Drain { node, cancel } => {
-                    (client::Command::Drain(node, !cancel), false)
-                }
-                CtlCommand::Queue { command } => match command {
-                    QueueCommand::Summary => (client::Command::QueueSummary, false),
-                    QueueCommand::List {
-                        dest,
-                        state,
-                        after,
-                        limit,
-                    } => {
-                        let f = Filter { dest, state };
-                        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-                        (client::Command::QueueList(f, after, limit), false)
-                    }
-                    QueueCommand::Show { id } => (client::Command::QueueShow(id), false),
-                    QueueCommand::Flush(s) => s.into_command(Op::Flush),
-                    QueueCommand::Hold(s) => s.into_command(Op::Hold),
-                    QueueCommand::Release(s) => s.into_command(Op::Release),
-                    QueueCommand::Delete(s) => s.into_command(Op::Delete),
-                    QueueCommand::Bounce(s) => s.into_command(Op::Bounce),
-                },
-            };
-            if let Some(question) = command.confirmation().filter(|_| !yes) {
-                match confirmed(&question) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        eprintln!("mtad ctl: not confirmed: nothing done");
-                        return ExitCode::from(EXIT_FAILURE);
-                    }
-                    Err(e) => {
-                        eprintln!("mtad ctl: {e}");
-                        return ExitCode::from(EXIT_FAILURE);
-                    }
-                }
-            }
-            let Some(runtime) = small_runtime() else {
-                return ExitCode::from(EXIT_FAILURE);
-            };
-            let api = client::Api::new(&admin, token);
-            match runtime.block_on(client::run_with(&api, &command, json)) {
-                Ok(out) => {
-                    print!("{}", out.text);
-                    match out.warning {
-                        Some(w) => {
-                            eprintln!("mtad ctl: {w}");
-                            ExitCode::from(EXIT_NOT_IN_CLUSTER)
-                        }
-                        None => ExitCode::SUCCESS,
-                    }
-                }
-                Err(e) => {
-                    eprintln!("mtad ctl: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
+        } => ctl(&admin, json, token_file, command),
+    }
+}
+
+/// `mtad run`: run a node until SIGTERM or SIGINT.
+fn run(config: &Path) -> ExitCode {
+    let cfg = match load(config) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    runtime.block_on(serve(cfg, config))
+}
+
+/// `mtad release`: remove this node's VIPs from their interfaces.
+fn release(config: &Path) -> ExitCode {
+    let cfg = match load(config) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    let Some(runtime) = small_runtime() else {
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    let mut code = ExitCode::SUCCESS;
+    for r in runtime.block_on(mtad::resource::setup::release_vips(&cfg)) {
+        match r {
+            Ok(done) => println!("{done}"),
+            Err(e) => {
+                eprintln!("mtad release: {e}");
+                code = ExitCode::from(EXIT_FAILURE);
             }
         }
-        Command::Passwd { user } => {
-            let mut password = String::new();
-            if let Err(e) = std::io::stdin().read_line(&mut password) {
-                eprintln!("mtad passwd: cannot read the password: {e}");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-            let password = password.trim_end_matches(['\r', '\n']);
-            if password.is_empty() {
-                eprintln!("mtad passwd: an empty password; give it on stdin");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-            match mtad::smtp::auth::entry(&user, password) {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("mtad passwd: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+    }
+    code
+}
+
+/// `mtad check-config`: report every error in `file`, or a summary of it.
+fn check_config(file: &Path) -> ExitCode {
+    let cfg = match mtad::config::load_file(file) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
         }
-        Command::Demo { messages } => {
-            let exe = match std::env::current_exe() {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("mtad demo: cannot find this program: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("mtad: cannot start the runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            match runtime.block_on(mtad::demo::run(&exe, messages)) {
-                Ok(report) => {
-                    println!("{report}");
-                    if report.nothing_lost() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_FAILURE)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("mtad demo: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
+    };
+    let mut problems = mtad::smtp::check_files(&cfg.smtp);
+    if let Some(c) = &cfg.cluster {
+        problems.extend(mtad::cluster::identity::check_secret_files(c));
+    }
+    if !problems.is_empty() {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let name = file.display().to_string();
+        eprintln!("{}", mtad::config::file_errors(&text, &name, &problems));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let cluster = match &cfg.cluster {
+        Some(c) => format!("cluster {} with {} seed(s)", c.name, c.seeds.len()),
+        None => "single node".to_string(),
+    };
+    let witness = cfg
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.role == mtad::config::ClusterRole::Witness);
+    let mail = if witness {
+        "a witness (no SMTP)".to_string()
+    } else {
+        format!(
+            "{} listener(s), {} route(s)",
+            cfg.smtp.listen.len(),
+            cfg.routes.len()
+        )
+    };
+    println!(
+        "{}: ok: node {}, {mail}, {cluster}",
+        file.display(),
+        cfg.node.name,
+    );
+    ExitCode::SUCCESS
+}
+
+/// `mtad passwd`: a credentials line for `user`, the password on stdin.
+fn passwd(user: &str) -> ExitCode {
+    let mut password = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut password) {
+        eprintln!("mtad passwd: cannot read the password: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    let password = password.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("mtad passwd: an empty password; give it on stdin");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    match mtad::smtp::auth::entry(user, password) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
         }
-        Command::Release { config } => {
-            let cfg = match mtad::config::load_file(&config) {
-                Ok(cfg) => cfg,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let Some(runtime) = small_runtime() else {
-                return ExitCode::from(EXIT_FAILURE);
-            };
-            let mut code = ExitCode::SUCCESS;
-            for r in runtime.block_on(mtad::resource::setup::release_vips(&cfg)) {
-                match r {
-                    Ok(done) => println!("{done}"),
-                    Err(e) => {
-                        eprintln!("mtad release: {e}");
-                        code = ExitCode::from(EXIT_FAILURE);
-                    }
-                }
-            }
-            code
-        }
-        Command::Run { config } => {
-            let cfg = match mtad::config::load_file(&config) {
-                Ok(cfg) => cfg,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("mtad: cannot start the runtime: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            };
-            runtime.block_on(run(cfg, &config))
+        Err(e) => {
+            eprintln!("mtad passwd: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
 
-async fn run(cfg: mtad::config::Config, path: &std::path::Path) -> ExitCode {
+/// `mtad demo`: the three-node demo; fails if it lost a message.
+fn demo(messages: u64) -> ExitCode {
+    // The demo's nodes are this program, run again.
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mtad demo: cannot find this program: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    match runtime.block_on(mtad::demo::run(&exe, messages)) {
+        Ok(report) => {
+            println!("{report}");
+            if report.nothing_lost() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("mtad demo: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `mtad ctl`: send `command` to the admin API at `admin` and print the
+/// answer, asking first when the command wants it and `--yes` was not
+/// given.
+fn ctl(admin: &str, json: bool, token_file: Option<PathBuf>, command: CtlCommand) -> ExitCode {
+    let token = match token_file.map(std::fs::read_to_string).transpose() {
+        Ok(t) => t.map(|t| t.trim().to_string()),
+        Err(e) => {
+            eprintln!("mtad ctl: cannot read the token file: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let (command, yes) = command.into_command();
+    if let Some(question) = command.confirmation().filter(|_| !yes) {
+        match confirmed(&question) {
+            Ok(true) => {}
+            Ok(false) => {
+                eprintln!("mtad ctl: not confirmed: nothing done");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            Err(e) => {
+                eprintln!("mtad ctl: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    }
+    let Some(runtime) = small_runtime() else {
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    let api = client::Api::new(admin, token);
+    match runtime.block_on(client::run_with(&api, &command, json)) {
+        Ok(out) => {
+            print!("{}", out.text);
+            match out.warning {
+                Some(w) => {
+                    eprintln!("mtad ctl: {w}");
+                    ExitCode::from(EXIT_NOT_IN_CLUSTER)
+                }
+                None => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("mtad ctl: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The configuration in `path`; its errors are printed, and the exit
+/// status for them returned.
+fn load(path: &Path) -> Result<mtad::config::Config, ExitCode> {
+    mtad::config::load_file(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// A runtime on all cores, for a node and for the demo's driver.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| eprintln!("mtad: cannot start the runtime: {e}"))
+        .ok()
+}
+
+/// Run the node `cfg` (read from `path`, which reloads read again) until
+/// SIGTERM or SIGINT.
+async fn serve(cfg: mtad::config::Config, path: &Path) -> ExitCode {
     let logging = mtad::events::init(cfg.log.format, &cfg.log.level);
     mtad::metrics::install();
     raise_fd_limit();
