@@ -388,7 +388,9 @@ async fn a_data_directory_restored_from_an_older_copy_is_refused_and_stops_raft(
     copy_dir(&state, &backup);
     // It runs on past the backup: the cluster sees a later start.
     nodes[2] = Daemon::start(&configs[2]).await;
-    nodes[2].wait_line(|l| l.contains("joined the cluster")).await;
+    nodes[2]
+        .wait_line(|l| l.contains("joined the cluster"))
+        .await;
     nodes_until(admin[0], voting).await;
     sigterm(&nodes[2]);
     assert!(nodes[2].child.wait().await.unwrap().success());

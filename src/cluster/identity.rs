@@ -356,7 +356,10 @@ mod tests {
         let sub = dir.path().join("cluster");
         assert_eq!(next_generation(&sub).unwrap(), 1);
         assert_eq!(next_generation(&sub).unwrap(), 2);
-        assert_eq!(fs::read_to_string(sub.join(GENERATION_FILE)).unwrap(), "2\n");
+        assert_eq!(
+            fs::read_to_string(sub.join(GENERATION_FILE)).unwrap(),
+            "2\n"
+        );
         assert!(!sub.join("generation.tmp").exists());
         fs::write(sub.join(GENERATION_FILE), "two").unwrap();
         assert!(matches!(
