@@ -29,12 +29,25 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the configuration `mtad run` uses without `--config`.
+    Default,
+}
+
+#[derive(Subcommand)]
 enum Command {
-    /// Run a node.
+    /// Run a node (on the built-in default configuration without
+    /// `--config`: see `mtad config default`).
     Run {
         /// The configuration file.
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Show configuration that is built in.
+    Config {
+        /// What to show.
+        #[command(subcommand)]
+        what: ConfigCommand,
     },
     /// Remove this node's VIPs from their interfaces (systemd runs it
     /// after the daemon exits, however it exits).
@@ -257,7 +270,13 @@ impl QueueCommand {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { config } => run(&config),
+        Command::Run { config } => run(config.as_deref()),
+        Command::Config {
+            what: ConfigCommand::Default,
+        } => {
+            print!("{}", mtad::config::DEFAULT);
+            ExitCode::SUCCESS
+        }
         Command::Release { config } => release(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Passwd { user } => passwd(&user),
@@ -272,8 +291,15 @@ fn main() -> ExitCode {
 }
 
 /// `mtad run`: run a node until SIGTERM or SIGINT.
-fn run(config: &Path) -> ExitCode {
-    let cfg = match load(config) {
+fn run(config: Option<&Path>) -> ExitCode {
+    let loaded = match config {
+        Some(path) => load(path),
+        None => mtad::config::load_default().map_err(|errors| {
+            eprintln!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
+        }),
+    };
+    let cfg = match loaded {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
@@ -465,9 +491,10 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
-/// Run the node `cfg` (read from `path`, which reloads read again) until
-/// SIGTERM or SIGINT.
-async fn serve(cfg: mtad::config::Config, path: &Path) -> ExitCode {
+/// Run the node `cfg` (read from `path`, which reloads read again; none:
+/// the built-in default, which a reload cannot change) until SIGTERM or
+/// SIGINT.
+async fn serve(cfg: mtad::config::Config, path: Option<&Path>) -> ExitCode {
     let logging = mtad::events::init(cfg.log.format, &cfg.log.level);
     mtad::metrics::install();
     raise_fd_limit();
@@ -501,10 +528,10 @@ async fn serve(cfg: mtad::config::Config, path: &Path) -> ExitCode {
             _ = next(&mut term) => break,
             _ = next(&mut int) => break,
             _ = next(&mut hup) => {
-                mtad::reload::reload(&node, path, &logging);
+                reload(&node, path, &logging);
             }
             Some(reply) = asked => {
-                let _ = reply.send(mtad::reload::reload(&node, path, &logging));
+                let _ = reply.send(reload(&node, path, &logging));
             }
         }
     }
@@ -513,6 +540,26 @@ async fn serve(cfg: mtad::config::Config, path: &Path) -> ExitCode {
     let grace = node.config().node.shutdown_grace;
     node.shutdown(grace).await;
     ExitCode::SUCCESS
+}
+
+/// Reload from `path`; without one there is nothing to read again.
+fn reload(
+    node: &mtad::app::Node,
+    path: Option<&Path>,
+    logging: &mtad::events::Logging,
+) -> mtad::admin::ReloadOutcome {
+    match path {
+        Some(path) => mtad::reload::reload(node, path, logging),
+        None => {
+            let why = "running on the built-in default configuration: there is no file \
+                       to read again (start with --config FILE)";
+            tracing::error!("reload refused: {why}");
+            mtad::admin::ReloadOutcome {
+                changed: Vec::new(),
+                errors: vec![why.to_string()],
+            }
+        }
+    }
 }
 
 /// Tell systemd the node is alive twice per watchdog interval — only while

@@ -329,3 +329,40 @@ async fn a_second_daemon_on_the_same_data_directory_is_refused_naming_the_first(
     // Never said ready.
     assert!(!String::from_utf8_lossy(&out.stdout).contains("mtad ready"));
 }
+
+#[tokio::test]
+async fn without_a_configuration_file_mtad_runs_its_built_in_default() {
+    // `mtad config default` prints the shipped example, byte for byte.
+    let shown = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["config", "default"])
+        .output()
+        .unwrap();
+    assert!(shown.status.success());
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/mtad.toml"));
+    assert_eq!(String::from_utf8(shown.stdout).unwrap(), shipped.unwrap());
+    // `mtad run` alone listens on 127.0.0.1:2525 and drops mail into
+    // ./var/outbox of the directory it was started in.
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Daemon::start_default(dir.path()).await;
+    let mut client = Client::connect("127.0.0.1:2525".parse().unwrap())
+        .await
+        .unwrap();
+    let reply = client
+        .send(
+            "a@example.test",
+            &["b@example.test"],
+            "Subject: hi\r\n\r\nbody\r\n",
+        )
+        .await
+        .unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    node.wait_line(|l| l.contains("\"delivered\"")).await;
+    let outbox: Vec<_> = std::fs::read_dir(dir.path().join("var/outbox"))
+        .unwrap()
+        .collect();
+    assert_eq!(outbox.len(), 1, "one .eml file");
+    client.command("QUIT\r\n").await.unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(node.child.id().unwrap() as i32, libc::SIGTERM) };
+    assert!(node.child.wait().await.unwrap().success());
+}

@@ -24,6 +24,20 @@ pub use error::{file_errors, ConfigError, ConfigErrors, FileProblem};
 pub use live::{needs_restart, Live};
 pub use load::{load_file, load_str};
 
+/// The built-in configuration `mtad run` uses without `--config`: the
+/// same text as `config/mtad.toml` (one node on 127.0.0.1:2525 that
+/// delivers everything into `./var/outbox`), printed by
+/// `mtad config default`.
+pub const DEFAULT: &str = include_str!("../../config/mtad.toml");
+
+/// The name the built-in configuration's errors and logs go by.
+pub const DEFAULT_NAME: &str = "(built-in default)";
+
+/// Loads the built-in configuration.
+pub fn load_default() -> Result<Config, ConfigErrors> {
+    load_str(DEFAULT, DEFAULT_NAME)
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

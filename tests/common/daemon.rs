@@ -76,11 +76,23 @@ impl Daemon {
     pub async fn start_with(prefix: &[String], config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut argv: Vec<String> = prefix.to_vec();
         argv.push(env!("CARGO_BIN_EXE_mtad").into());
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .envs(env.iter().copied())
             .args(["run", "--config"])
-            .arg(config)
+            .arg(config);
+        Self::spawn(cmd).await
+    }
+
+    /// Start `mtad run` without a configuration file, in `dir`.
+    pub async fn start_default(dir: &Path) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mtad"));
+        cmd.arg("run").current_dir(dir);
+        Self::spawn(cmd).await
+    }
+
+    async fn spawn(mut cmd: Command) -> Daemon {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
