@@ -79,7 +79,24 @@ impl std::fmt::Display for Report {
                 " — SOME LOST"
             }
         )?;
-        write!(f, "configs and logs: {}", self.dir.display())
+        match self.dir.as_os_str().is_empty() {
+            true => write!(
+                f,
+                "configs and logs: removed (run with --keep to keep them)"
+            ),
+            false => write!(f, "configs and logs: {}", self.dir.display()),
+        }
+    }
+}
+
+impl Report {
+    /// Remove the nodes' configurations and logs.
+    pub fn remove_files(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("mtad demo: cannot remove {}: {e}", self.dir.display());
+            return;
+        }
+        self.dir = PathBuf::new();
     }
 }
 

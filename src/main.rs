@@ -74,6 +74,10 @@ enum Command {
         /// How many messages to send.
         #[arg(long, default_value_t = 200)]
         messages: u64,
+        /// Keep the nodes' configurations and logs (removed otherwise,
+        /// unless the demo failed).
+        #[arg(long)]
+        keep: bool,
     },
     /// Talk to a running node's admin API.
     Ctl {
@@ -280,7 +284,7 @@ fn main() -> ExitCode {
         Command::Release { config } => release(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Passwd { user } => passwd(&user),
-        Command::Demo { messages } => demo(messages),
+        Command::Demo { messages, keep } => demo(messages, keep),
         Command::Ctl {
             admin,
             json,
@@ -400,7 +404,7 @@ fn passwd(user: &str) -> ExitCode {
 }
 
 /// `mtad demo`: the three-node demo; fails if it lost a message.
-fn demo(messages: u64) -> ExitCode {
+fn demo(messages: u64, keep: bool) -> ExitCode {
     // The demo's nodes are this program, run again.
     let exe = match std::env::current_exe() {
         Ok(p) => p,
@@ -413,7 +417,10 @@ fn demo(messages: u64) -> ExitCode {
         return ExitCode::from(EXIT_FAILURE);
     };
     match runtime.block_on(mtad::demo::run(&exe, messages)) {
-        Ok(report) => {
+        Ok(mut report) => {
+            if !keep && report.nothing_lost() {
+                report.remove_files();
+            }
             println!("{report}");
             if report.nothing_lost() {
                 ExitCode::SUCCESS

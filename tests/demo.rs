@@ -5,7 +5,7 @@
 #[test]
 fn the_demo_fails_over_and_loses_nothing() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
-        .args(["demo", "--messages", "40"])
+        .args(["demo", "--messages", "40", "--keep"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -43,4 +43,20 @@ fn the_demo_fails_over_and_loses_nothing() {
     let log = std::fs::read_to_string(std::path::Path::new(dir).join("node-b.log")).unwrap();
     assert!(log.contains("joined the cluster"));
     let _ = std::fs::remove_dir_all(dir);
+    without_keep_the_demo_leaves_nothing_behind();
+}
+
+/// Run after the first demo: two at once would share its addresses.
+fn without_keep_the_demo_leaves_nothing_behind() {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["demo", "--messages", "10"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("mtad-demo-{}", child.id()));
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("configs and logs: removed"), "{text}");
+    assert!(!dir.exists(), "{} is left", dir.display());
 }
