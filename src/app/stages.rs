@@ -319,6 +319,7 @@ pub(super) fn serve_smtp(
             cfg: smtp.clone(),
             accept: intake.clone(),
             drain: drain.subscribe(),
+            away: server::Away::Resting,
             cancel: cancel.child_token(),
             tracker: sessions.clone(),
             implicit_tls: implicit,

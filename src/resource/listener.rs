@@ -98,6 +98,7 @@ impl Resource for SmtpListener {
                 cfg: inner.cfg.clone(),
                 accept: inner.intake.clone(),
                 drain: drain.subscribe(),
+                away: server::Away::Moving,
                 cancel: cancel.clone(),
                 tracker: sessions.clone(),
                 implicit_tls: false,

@@ -83,7 +83,19 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let never = watch::channel(false).1;
-    serve_draining(listener, cfg, accept, never, cancel, tracker).await
+    serve_draining(listener, cfg, accept, never, Away::Resting, cancel, tracker).await
+}
+
+/// What a draining listener tells new clients, so that its 421 says
+/// what is true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Away {
+    /// The service on this address moves to another node (a group's VIP
+    /// is handed over).
+    Moving,
+    /// This node takes no new mail for now (it drains or stops); nothing
+    /// says another node answers here.
+    Resting,
 }
 
 /// Like [`serve`], and while `drain` is true, new clients are told 421 (the
@@ -93,6 +105,7 @@ pub async fn serve_draining(
     cfg: watch::Receiver<Arc<SmtpConfig>>,
     accept: Arc<dyn Accept>,
     drain: watch::Receiver<bool>,
+    away: Away,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -100,6 +113,7 @@ pub async fn serve_draining(
         cfg,
         accept,
         drain,
+        away,
         cancel,
         tracker,
         implicit_tls: false,
@@ -116,6 +130,8 @@ pub struct Listener {
     pub accept: Arc<dyn Accept>,
     /// While true, new clients get 421.
     pub drain: watch::Receiver<bool>,
+    /// What new clients are told while it drains.
+    pub away: Away,
     /// Stops accepting; open sessions get 421.
     pub cancel: CancellationToken,
     /// Where sessions run.
@@ -135,6 +151,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         cfg,
         accept,
         drain,
+        away,
         cancel,
         tracker,
         implicit_tls,
@@ -164,7 +181,8 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         // Each session runs on the configuration current when it began;
         // a reload applies to the next ones.
         let now = cfg.borrow().clone();
-        let slot = admit(&now, &open, &clients, peer, *drain.borrow());
+        let draining = drain.borrow().then_some(away);
+        let slot = admit(&now, &open, &clients, peer, draining);
         let (acceptor, creds) = secrets.get(&now);
         let tls = match (implicit_tls, acceptor) {
             (false, a) => Tls::Offer(a),
@@ -258,8 +276,8 @@ type Slot = Result<(Permit, Option<ClientSlot>), Refusal>;
 /// Why a client is turned away at once.
 #[derive(Debug, Clone, Copy)]
 enum Refusal {
-    /// The listener drains: the service moves.
-    Moving,
+    /// The listener drains.
+    Draining(Away),
     /// The server has `max_connections` sessions.
     Busy,
     /// Its address has too many.
@@ -273,10 +291,10 @@ fn admit(
     open: &Arc<AtomicUsize>,
     clients: &Arc<Clients>,
     peer: SocketAddr,
-    draining: bool,
+    draining: Option<Away>,
 ) -> Slot {
-    if draining {
-        return Err(Refusal::Moving);
+    if let Some(away) = draining {
+        return Err(Refusal::Draining(away));
     }
     let permit = Permit::take(open, cfg.max_connections).ok_or(Refusal::Busy)?;
     let ip = peer.ip().to_canonical();
@@ -457,8 +475,11 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, why: 
     tracing::debug!(%peer, ?why, "connection refused");
     let host = &cfg.hostname;
     let reply = match why {
-        Refusal::Moving => {
+        Refusal::Draining(Away::Moving) => {
             format!("421 4.3.2 {host} Service moving to another node, try again shortly\r\n")
+        }
+        Refusal::Draining(Away::Resting) => {
+            format!("421 4.3.2 {host} This node takes no new mail now, try again later\r\n")
         }
         Refusal::Busy => format!("421 4.3.2 {host} Too many connections, try again later\r\n"),
         Refusal::Client(TooMany::Open) => {

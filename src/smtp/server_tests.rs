@@ -378,6 +378,30 @@ async fn bind_reports_address_in_use() {
 }
 
 #[tokio::test]
+async fn a_resting_node_does_not_claim_the_service_moved() {
+    // A node's own listener (a single node stopping, or one drained):
+    // nothing says another node answers on its address.
+    let listener = bind("127.0.0.1:0".parse().expect("addr"), 64).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+    let task = tokio::spawn(serve_draining(
+        listener,
+        tokio::sync::watch::channel(Arc::new(cfg())).1,
+        Arc::new(Memory::default()),
+        tokio::sync::watch::channel(true).1,
+        Away::Resting,
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    let mut late = Client::connect(addr).await;
+    late.expect("421 4.3.2 mx.example.test This node takes no new mail now")
+        .await;
+    assert!(late.closed().await);
+    cancel.cancel();
+    task.await.expect("server task");
+}
+
+#[tokio::test]
 async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finish() {
     let memory = Arc::new(Memory::default());
     let listener = bind("127.0.0.1:0".parse().expect("addr"), 64).expect("bind");
@@ -392,6 +416,7 @@ async fn a_draining_listener_turns_new_clients_away_and_lets_open_sessions_finis
         tokio::sync::watch::channel(Arc::new(cfg())).1,
         memory.clone(),
         drain.subscribe(),
+        Away::Moving,
         cancel.clone(),
         tracker.clone(),
     ));
