@@ -18,8 +18,12 @@ type ModPath = Vec<String>;
 fn is_test_only(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|a| match &a.meta {
         syn::Meta::List(list) if list.path.is_ident("cfg") => {
+            // Whole words: `netns_tests` is not `test`.
             let text = list.tokens.to_string();
-            text.contains("test") && !text.contains("not")
+            let words: Vec<&str> = text
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .collect();
+            words.contains(&"test") && !words.contains(&"not")
         }
         _ => false,
     })
@@ -442,4 +446,14 @@ fn the_checker_sees_a_circle() {
         !edges[&top("b")].contains_key(&top("c")),
         "test-only paths are left out"
     );
+}
+
+#[test]
+fn only_cfg_test_marks_a_module_test_only() {
+    let only = |item: syn::ItemMod| is_test_only(&item.attrs);
+    assert!(only(syn::parse_quote! { #[cfg(test)] mod a; }));
+    assert!(only(syn::parse_quote! { #[cfg(all(test, unix))] mod a; }));
+    assert!(!only(syn::parse_quote! { #[cfg(netns_tests)] mod a; }));
+    assert!(!only(syn::parse_quote! { #[cfg(not(test))] mod a; }));
+    assert!(!only(syn::parse_quote! { mod a; }));
 }
