@@ -220,8 +220,7 @@ impl ClusterHandle {
             // Stale: already so.
             Ok(GroupReply::Recorded)
             | Ok(GroupReply::Refused(Refusal::NotApplied(Response::Stale))) => Ok(()),
-            Ok(other) => Err(ActionError::Unavailable(format!("{other:?}"))),
-            Err(e) => Err(ActionError::Unavailable(e)),
+            other => Err(not_taken(other)),
         }
     }
 
@@ -242,8 +241,7 @@ impl ClusterHandle {
         };
         match self.to_leader(GroupRequest::Record(cmd), timeout).await {
             Ok(GroupReply::Recorded) => Ok(()),
-            Ok(other) => Err(ActionError::Unavailable(format!("{other:?}"))),
-            Err(e) => Err(ActionError::Unavailable(e)),
+            other => Err(not_taken(other)),
         }
     }
 
@@ -268,5 +266,28 @@ impl ClusterHandle {
             Ok(Err(e)) => Err(ActionError::Failed(e)),
             Err(_) => Err(ActionError::TimedOut),
         }
+    }
+}
+
+/// Why the leader did not take an operator's request, in words for the
+/// operator (a refusal says why; the rest cannot happen in practice).
+fn not_taken(answer: Result<GroupReply, String>) -> ActionError {
+    ActionError::Unavailable(match answer {
+        Ok(GroupReply::Refused(why)) => why.to_string(),
+        Ok(other) => format!("unexpected answer {other:?}"),
+        Err(e) => e,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reaches_the_operator_in_words() {
+        let e = not_taken(Ok(GroupReply::Refused(Refusal::NotLeader)));
+        assert_eq!(e.to_string(), "the leader did not take it: not the leader");
+        let e = not_taken(Err("no leader known".into()));
+        assert_eq!(e.to_string(), "the leader did not take it: no leader known");
     }
 }
