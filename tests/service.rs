@@ -362,7 +362,10 @@ async fn without_a_configuration_file_mtad_runs_its_built_in_default() {
         .collect();
     assert_eq!(outbox.len(), 1, "one .eml file");
     client.command("QUIT\r\n").await.unwrap();
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(node.child.id().unwrap() as i32, libc::SIGTERM) };
+    // A reload has no file to read again, and says so.
+    node.signal(libc::SIGHUP);
+    node.wait_line(|l| l.contains("reload refused") && l.contains("--config FILE"))
+        .await;
+    node.signal(libc::SIGTERM);
     assert!(node.child.wait().await.unwrap().success());
 }
