@@ -158,6 +158,8 @@ impl Joiner {
         for seed in self.seeds.clone() {
             match self.join(seed).await {
                 Ok(()) => return Ok(()),
+                // Refused for good (a restored copy): no other seed to ask.
+                Err(e) if self.leaving.is_cancelled() => return Err(e),
                 Err(e) => problems.push(e),
             }
         }
@@ -180,8 +182,9 @@ impl Joiner {
     }
 
     /// The cluster says this data directory is an older copy of one that
-    /// ran since: stop raft (no vote, no log from it), and say why until
-    /// an operator wipes the cluster state. The loop ends with raft.
+    /// ran since: stop raft (no vote, no log from it) and the loop; the
+    /// reason returned is what `ctl status` shows until an operator wipes
+    /// the cluster state.
     async fn restored(&mut self, generation: u64, seen: u64) -> String {
         let why = format!(
             "this data directory is an older copy (start {generation}; the cluster saw start {seen}): \
@@ -189,7 +192,6 @@ impl Joiner {
              as a new member"
         );
         tracing::error!(node = %self.me.name, generation, seen, "{why}");
-        self.problem.send_replace(Some(why.clone()));
         if let Err(e) = self.raft.shutdown().await {
             tracing::error!(error = %e, "raft did not stop");
         }
