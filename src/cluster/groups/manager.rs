@@ -189,6 +189,13 @@ async fn manage(
             reason,
             at_ms: now_ms(),
         },
+        Decision::Unplace { reason } => GroupCommand::Assign {
+            group: p.name.clone(),
+            epoch: epoch + 1,
+            owner: None,
+            reason,
+            at_ms: now_ms(),
+        },
         Decision::Revoke { reason } => GroupCommand::Revoke {
             group: p.name.clone(),
             epoch,

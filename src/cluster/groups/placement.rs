@@ -11,10 +11,15 @@
 //! handover that has not ended well past the time it may take (its
 //! release lost, say, while the leader changed) is revoked, so a group is
 //! never left waiting on it for ever.
+//!
+//! A member's delivery group goes to that member only, whatever else it
+//! is doing (draining included: a draining node still delivers its
+//! queue). Taken back from it, the group is left unowned — the epoch that
+//! records its shadows taken over — until it is up again.
 
 use std::collections::BTreeMap;
 
-use crate::cluster::state::groups::{GroupState, GroupStatus};
+use crate::cluster::state::groups::{delivery_node, GroupState, GroupStatus};
 use crate::cluster::state::{ClusterState, NodeId, NodeState, Role};
 
 /// What the leader knows of a group from configuration.
@@ -44,6 +49,12 @@ pub enum Decision {
         /// Why, for operators.
         reason: String,
     },
+    /// Start the next epoch with no owner (a fenced member's delivery
+    /// group, whose epoch must end for its shadows to be taken over).
+    Unplace {
+        /// Why.
+        reason: String,
+    },
     /// Take the current epoch back from its owner.
     Revoke {
         /// Why.
@@ -63,6 +74,9 @@ pub enum Decision {
 /// voters' grants for a revoked epoch have certainly run out.
 pub fn decide(p: Policy<'_>, state: &ClusterState, free: bool) -> Decision {
     let g = state.groups.get(p.name).cloned().unwrap_or_default();
+    if let Some(node) = delivery_node(p.name) {
+        return delivery(state, &g, free, node);
+    }
     let Some(owner) = g.owner else {
         return match best(p, state, &g, None) {
             Some(n) => Decision::Assign {
@@ -130,6 +144,52 @@ pub fn decide(p: Policy<'_>, state: &ClusterState, free: bool) -> Decision {
         }
     }
     Decision::Keep
+}
+
+/// Decide for the delivery group `g` of the member called `node`.
+fn delivery(state: &ClusterState, g: &GroupState, free: bool, node: &str) -> Decision {
+    let live = state
+        .members
+        .iter()
+        .find(|(_, m)| m.member.name == node && m.state == NodeState::Up)
+        .filter(|(_, m)| m.member.role == Role::Member)
+        .map(|(id, _)| *id);
+    let assign = |owner: NodeId| Decision::Assign {
+        owner,
+        reason: format!("{node} delivers"),
+    };
+    let Some(owner) = g.owner else {
+        return live.map_or(Decision::Keep, assign);
+    };
+    if g.revoked || g.released {
+        if g.revoked && !g.released && !free {
+            return Decision::AwaitGrants;
+        }
+        return match live {
+            Some(n) => assign(n),
+            // Certainly stopped: end the epoch, and with it take its
+            // shadows over (see `GroupCommand::Assign`).
+            None if g.revoked => Decision::Unplace {
+                reason: format!("{node} is fenced: its shadow copies are taken over"),
+            },
+            None if !state.members.contains_key(&owner) => Decision::Revoke {
+                reason: format!("{node} is no longer a member"),
+            },
+            None => Decision::Keep,
+        };
+    }
+    match state.members.get(&owner).map(|m| m.state) {
+        None => Decision::Revoke {
+            reason: format!("{node} ({owner:x}) is no longer a member"),
+        },
+        Some(NodeState::Down) => Decision::Revoke {
+            reason: format!("{node} is down"),
+        },
+        Some(NodeState::Left) => Decision::Revoke {
+            reason: format!("{node} left"),
+        },
+        Some(NodeState::Up | NodeState::Suspect) => Decision::Keep,
+    }
 }
 
 /// The node to place the group on: a requested destination if it can

@@ -258,3 +258,65 @@ fn a_draining_owner_hands_over_and_gets_nothing_new() {
         Response::Stale
     );
 }
+
+fn delivery_policy(name: &str) -> Policy<'_> {
+    Policy {
+        name,
+        preferred: &[],
+        failback: false,
+        handover_ms: 10_000,
+        now_ms: 1_000_000,
+    }
+}
+
+#[test]
+fn a_delivery_group_goes_to_its_member_only_draining_or_not() {
+    let mut s = state();
+    let p = delivery_policy("delivery@b");
+    assert_eq!(assigned(decide(p, &s, false)), 2);
+    s.draining.insert(2);
+    assert_eq!(
+        assigned(decide(p, &s, false)),
+        2,
+        "a draining node delivers"
+    );
+    set_state(&mut s, 2, NodeState::Down);
+    assert_eq!(decide(p, &s, false), Decision::Keep, "nobody else takes it");
+    // A witness has none to take.
+    assert_eq!(
+        decide(delivery_policy("delivery@w"), &state(), false),
+        Decision::Keep
+    );
+}
+
+#[test]
+fn a_failed_members_delivery_epoch_ends_unowned_once_its_grants_ran_out() {
+    let mut s = state();
+    let p = delivery_policy("delivery@b");
+    owned_by(&mut s, "delivery@b", 2);
+    assert_eq!(decide(p, &s, false), Decision::Keep);
+    set_state(&mut s, 2, NodeState::Down);
+    assert!(matches!(decide(p, &s, false), Decision::Revoke { .. }));
+    s.groups.get_mut("delivery@b").unwrap().revoked = true;
+    assert_eq!(decide(p, &s, false), Decision::AwaitGrants);
+    assert!(matches!(decide(p, &s, true), Decision::Unplace { .. }));
+    // Back before that: it gets the group again, nothing is taken over.
+    set_state(&mut s, 2, NodeState::Up);
+    assert_eq!(assigned(decide(p, &s, true)), 2);
+}
+
+#[test]
+fn a_delivery_group_released_by_its_member_waits_for_it() {
+    let mut s = state();
+    let p = delivery_policy("delivery@b");
+    owned_by(&mut s, "delivery@b", 2).released = true;
+    set_state(&mut s, 2, NodeState::Left);
+    assert_eq!(
+        decide(p, &s, false),
+        Decision::Keep,
+        "a clean stop keeps its queue"
+    );
+    // Evicted: gone for good, so its epoch is taken back and ended.
+    s.members.remove(&2);
+    assert!(matches!(decide(p, &s, false), Decision::Revoke { .. }));
+}

@@ -8,8 +8,15 @@
 //! (voters grant no more for it); the epoch ends when the owner reports
 //! that it stopped (released), or when every grant has certainly run out.
 //! Only then is the next epoch assigned.
+//!
+//! Every full member also has a *delivery group*, `delivery@<name>`, that
+//! only it may own and that holds no resources: a clustered node delivers
+//! mail only while it holds that group's lease. When the cluster takes
+//! the epoch back from a failed member and every grant has run out, the
+//! member has certainly stopped delivering, and the assignment that ends
+//! the epoch records that its shadow copies are taken over (`promoted`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -100,6 +107,24 @@ pub struct GroupState {
     pub since_ms: u64,
     /// Why.
     pub reason: String,
+    /// A delivery group only: members whose shadow copies were taken
+    /// over, each with the last epoch it held (see [`delivery_node`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub promoted: BTreeMap<NodeId, u64>,
+}
+
+/// What the name of a member's delivery group starts with; `@` is not
+/// allowed in configured group names, so the two never meet.
+const DELIVERY: &str = "delivery@";
+
+/// The name of the delivery group of the member called `node`.
+pub fn delivery_group(node: &str) -> String {
+    format!("{DELIVERY}{node}")
+}
+
+/// The member whose delivery group `group` is; None for other groups.
+pub fn delivery_node(group: &str) -> Option<&str> {
+    group.strip_prefix(DELIVERY)
 }
 
 /// A change to one group.
@@ -241,17 +266,24 @@ impl GroupCommand {
     pub fn apply(&self, g: &mut GroupState) -> Response {
         match self {
             GroupCommand::Assign {
+                group,
                 epoch,
                 owner,
                 reason,
                 at_ms,
-                ..
             } => {
                 // Never over a live epoch: only after a revoke or a release
                 // (or onto an unplaced group) — whatever a stale leader saw.
                 let live = g.owner.is_some() && !g.revoked && !g.released;
                 if *epoch != g.epoch + 1 || live {
                     return Response::Stale;
+                }
+                // A member's delivery epoch taken back and not given back
+                // to it: it delivers no more, its shadows are taken over.
+                if let (Some(old), true) = (g.owner, g.revoked) {
+                    if delivery_node(group).is_some() && *owner != Some(old) {
+                        g.promoted.insert(old, g.epoch);
+                    }
                 }
                 if g.owner.is_some() && g.revoked && !g.released {
                     g.failovers += 1;

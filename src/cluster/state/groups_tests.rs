@@ -305,3 +305,32 @@ fn only_an_epoch_taken_back_counts_as_a_failover() {
     assign(3, Some(3)).apply(&mut g);
     assert_eq!(g.failovers, 1);
 }
+
+#[test]
+fn ending_a_revoked_delivery_epoch_elsewhere_records_its_shadows_taken_over() {
+    let assign_to = |group: &str, epoch, owner| GroupCommand::Assign {
+        group: group.into(),
+        epoch,
+        owner,
+        reason: "test".into(),
+        at_ms: 0,
+    };
+    for group in ["delivery@b", "mta"] {
+        let mut g = GroupState::default();
+        assert_eq!(assign_to(group, 1, Some(2)).apply(&mut g), Response::Done);
+        // Revoked and given back to the same incarnation: nothing taken over.
+        revoke(1).apply(&mut g);
+        assert_eq!(assign_to(group, 2, Some(2)).apply(&mut g), Response::Done);
+        assert!(g.promoted.is_empty());
+        revoke(2).apply(&mut g);
+        assert_eq!(assign_to(group, 3, None).apply(&mut g), Response::Done);
+        let want = if group == "mta" { vec![] } else { vec![(2, 2)] };
+        assert_eq!(g.promoted.clone().into_iter().collect::<Vec<_>>(), want);
+    }
+    // Released by its owner (a clean stop), then placed again: no takeover.
+    let mut g = GroupState::default();
+    assign_to("delivery@b", 1, Some(2)).apply(&mut g);
+    report(1, 2, GroupStatus::Offline).apply(&mut g);
+    assign_to("delivery@b", 2, Some(5)).apply(&mut g);
+    assert!(g.promoted.is_empty());
+}
