@@ -440,6 +440,7 @@ mod tests {
             results_tx.clone(),
             CancellationToken::new(),
             tracker.clone(),
+            crate::delivery::gate::Gate::always(),
         );
         let router = Router::new(
             SourceSlot::default(),

@@ -65,6 +65,7 @@ impl Harness {
             tx,
             cancel.clone(),
             tracker.clone(),
+            mtad::delivery::gate::Gate::always(),
         );
         Self {
             dests,

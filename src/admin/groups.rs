@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{problem, AdminState, Answer, ClusterReadout, ACTION_DEADLINE};
 use crate::clock::now_ms;
+use crate::cluster::state::groups::delivery_node;
 use crate::cluster::state::ClusterState;
 
 /// One row of `GET /v1/groups`.
@@ -60,7 +61,10 @@ pub(super) async fn list(State(s): State<Arc<AdminState>>) -> Answer<Vec<GroupRo
     };
     let state = handle.view.borrow().state.clone();
     let mut names: Vec<String> = groups.clone();
-    names.extend(state.groups.keys().filter(|k| !groups.contains(k)).cloned());
+    // Members' delivery groups are not the operator's: `ctl nodes` tells
+    // whether each member may deliver.
+    let other = |k: &&String| !groups.contains(k) && delivery_node(k).is_none();
+    names.extend(state.groups.keys().filter(other).cloned());
     let rows = names
         .into_iter()
         .map(|n| {

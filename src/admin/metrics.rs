@@ -11,6 +11,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::AdminState;
+use crate::cluster::state::groups::delivery_node;
 use crate::cluster::NodeState;
 use crate::metrics::{render, Present};
 
@@ -119,7 +120,8 @@ pub(super) async fn scrape(State(s): State<Arc<AdminState>>) -> impl IntoRespons
                 is,
             );
         }
-        for (name, g) in &state.groups {
+        let groups = state.groups.iter();
+        for (name, g) in groups.filter(|(n, _)| delivery_node(n).is_none()) {
             let owner = g
                 .owner
                 .and_then(|o| state.members.get(&o))

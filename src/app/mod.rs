@@ -159,8 +159,12 @@ impl Node {
         let base = Base::new(config);
         let cluster = stages::start_cluster(&base).await?;
         let mail = Mail::start(&base, spool, cluster.as_ref());
-        let groups =
-            stages::start_groups(&base, cluster.as_ref(), mail.intake.clone(), mail.source);
+        let groups = stages::start_groups(
+            &base,
+            cluster.as_ref(),
+            mail.intake.clone(),
+            (mail.source, mail.gate),
+        );
         let drain = stages::follow_cluster(&base, cluster.as_ref());
         let smtp = stages::serve_smtp(&base, listeners.smtp, &mail.intake, &drain.switch);
         let admin = stages::serve_admin(

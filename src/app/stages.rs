@@ -17,6 +17,7 @@ use crate::admin::{MailReadout, ReloadRequest};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::raft::store::ClusterView;
 use crate::config::{ClusterRole, Config, Live};
+use crate::delivery::gate::Gate;
 use crate::delivery::Destinations;
 use crate::queue::intake::Intake;
 use crate::queue::{self, QueueHandle, QueueParts};
@@ -156,6 +157,9 @@ pub(super) struct Mail {
     /// The address routes without one of their own leave from; the
     /// groups point it at their VIPs.
     pub(super) source: SourceSlot,
+    /// Whether mail may leave: always alone, in a cluster only under the
+    /// member's delivery lease.
+    pub(super) gate: Arc<Gate>,
 }
 
 impl Mail {
@@ -172,6 +176,11 @@ impl Mail {
             .unwrap_or(QueueId(0));
         let ids = Arc::new(IdGen::new(floor));
         let (results_tx, results) = mpsc::unbounded_channel();
+        let member = config
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.role == ClusterRole::Member);
+        let gate = if member { Gate::shut() } else { Gate::always() };
         let destinations = Destinations::new(
             base.live.delivery(),
             config.smtp.hostname.clone(),
@@ -179,6 +188,7 @@ impl Mail {
             results_tx.clone(),
             base.cancel.child_token(),
             base.tracker.clone(),
+            gate.clone(),
         );
         let source = SourceSlot::default();
         {
@@ -207,6 +217,7 @@ impl Mail {
             cancel: base.cancel.child_token(),
             tracker: base.tracker.clone(),
             held_file: Some(config.node.data_dir.join("spool").join("held")),
+            gate: gate.clone(),
         });
         let health = Health {
             queue: queue.clone(),
@@ -230,6 +241,7 @@ impl Mail {
             readout,
             intake,
             source,
+            gate,
         }
     }
 }
@@ -240,7 +252,7 @@ pub(super) fn start_groups(
     base: &Base,
     cluster: Option<&ClusterNode>,
     intake: Arc<dyn Accept>,
-    source: SourceSlot,
+    outbound: (SourceSlot, Arc<Gate>),
 ) -> Option<Groups> {
     cluster.map(|c| {
         crate::resource::setup::start(
@@ -248,7 +260,7 @@ pub(super) fn start_groups(
             (base.live.smtp(), base.clients.clone()),
             c,
             intake,
-            source,
+            outbound,
             base.cluster_cancel.clone(),
         )
     })

@@ -180,3 +180,30 @@ fn vip(ctx: &mut Ctx<'_>, n: &Located<'_>) -> Option<IpNet> {
 #[cfg(test)]
 #[path = "group_tests.rs"]
 mod tests;
+
+impl GroupConfig {
+    /// The delivery group `name` of this node, `node`: no resources but
+    /// the delivery gate, only ever placed here (see the cluster's
+    /// delivery groups), under the default lease.
+    pub fn delivery(name: String, node: String) -> GroupConfig {
+        GroupConfig {
+            name,
+            vip: None,
+            provider: VipProvider::Loopback,
+            interface: None,
+            preferred_nodes: vec![node],
+            smtp_port: 0,
+            failback: false,
+            lease: DEFAULT_LEASE,
+            start_timeout: Duration::from_secs(10),
+            stop_timeout: Duration::from_secs(5),
+            check_interval: Duration::from_secs(2),
+            check_timeout: Duration::from_secs(1),
+            max_restarts: 3,
+            restart_window: Duration::from_secs(300),
+            announce_interval: Duration::from_secs(10),
+            // Nothing to drain: the queue keeps what is not sent.
+            drain_timeout: Duration::ZERO,
+        }
+    }
+}

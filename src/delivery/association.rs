@@ -401,8 +401,9 @@ impl Session<'_> {
     async fn serve(&mut self) -> (Why, String) {
         let policy = self.policy.clone();
         loop {
-            // Not even a QUIT leaves from a withdrawn address.
-            if self.dest.fence.is_cancelled() {
+            // Not even a QUIT leaves from a withdrawn address, nor from a
+            // node whose delivery lease ended (it is about to be cut).
+            if self.dest.fence.is_cancelled() || !self.shared.gate.is_open() {
                 return (Why::Withdrawn, String::new());
             }
             if self.shared.cancel.is_cancelled() {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::association;
+use super::gate::Gate;
 use super::ready::{Destination, Queued, Shared, WITHDRAWN};
 use super::tls::OutboundTls;
 use super::{Job, JobResult, Outcome};
@@ -47,13 +48,23 @@ impl Destinations {
         results: UnboundedSender<JobResult>,
         cancel: CancellationToken,
         tracker: TaskTracker,
+        gate: Arc<Gate>,
     ) -> Self {
-        Self {
+        let d = Self {
             shared: Arc::new(Shared::new(
-                settings, helo_name, spool, results, cancel, tracker,
+                settings, helo_name, spool, results, cancel, tracker, gate,
             )),
             map: Arc::default(),
-        }
+        };
+        // A fenced node sends nothing more, not even what it has begun.
+        let weak = Arc::downgrade(&d.map);
+        let shared = Arc::downgrade(&d.shared);
+        d.shared.gate.on_shut(move || {
+            if let (Some(map), Some(shared)) = (weak.upgrade(), shared.upgrade()) {
+                Destinations { shared, map }.withdraw_where(|_| true, "delivery gate shut");
+            }
+        });
+        d
     }
 
     /// Queue a job for the destination (`next_hops`, `source`, `tls`)
@@ -94,18 +105,19 @@ impl Destinations {
     /// Cut off every destination that leaves from `source`: its
     /// associations stop, and its jobs are reported deferred.
     pub fn withdraw(&self, source: IpAddr) {
+        self.withdraw_where(|k| k.1 == Some(source), "source address withdrawn");
+    }
+
+    /// Cut off every destination whose key passes `which`, saying `why`.
+    fn withdraw_where(&self, which: impl Fn(&Key) -> bool, why: &str) {
         let gone: Vec<Arc<Destination>> = {
             let mut map = self.lock_map();
-            let keys: Vec<Key> = map
-                .keys()
-                .filter(|k| k.1 == Some(source))
-                .cloned()
-                .collect();
+            let keys: Vec<Key> = map.keys().filter(|k| which(k)).cloned().collect();
             keys.iter().filter_map(|k| map.remove(k)).collect()
         };
         for d in gone {
             let jobs = d.withdraw();
-            tracing::info!(destination = %d.name, jobs = jobs.len(), "source address withdrawn: associations cut");
+            tracing::info!(destination = %d.name, jobs = jobs.len(), "{why}: associations cut");
             for q in &jobs {
                 self.shared
                     .report_all(q, &d.name, Outcome::Deferred, WITHDRAWN);

@@ -11,6 +11,7 @@ mod association;
 pub mod client;
 mod destinations;
 pub mod drop_dir;
+pub mod gate;
 pub mod pool;
 mod ready;
 pub mod tls;

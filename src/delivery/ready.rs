@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::gate::Gate;
 use super::pool::{Next, Policy};
 use super::tls::{Connectors, OutboundTls};
 use super::{Job, JobResult, Outcome, RcptResult};
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
     pub results: UnboundedSender<JobResult>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// Whether mail may leave now (a cluster member's delivery lease).
+    pub gate: Arc<Gate>,
     next_id: AtomicU64,
 }
 
@@ -60,6 +63,7 @@ impl Shared {
         results: UnboundedSender<JobResult>,
         cancel: CancellationToken,
         tracker: TaskTracker,
+        gate: Arc<Gate>,
     ) -> Self {
         Self {
             settings,
@@ -69,6 +73,7 @@ impl Shared {
             results,
             cancel,
             tracker,
+            gate,
             next_id: AtomicU64::new(0),
         }
     }

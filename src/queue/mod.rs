@@ -24,10 +24,15 @@ use self::core::{Action, Core};
 use self::ops::{DestinationRow, Filter, MessageDetail, Op, Page, Selector};
 use crate::clock::now_ms;
 use crate::config::{Config, Route};
+use crate::delivery::gate::Gate;
 use crate::delivery::{Job, JobResult};
 use crate::dsn::Failure;
 use crate::events;
 use crate::spool::{Envelope, IdGen, QueueId, RcptState, Recipient, Spool, SpoolError};
+
+/// How often parked jobs look at a gate that is open but whose lease had
+/// lapsed.
+const UNPARK_POLL: Duration = Duration::from_millis(100);
 
 /// Where the queue sends jobs: one call per job, never blocking.
 pub trait Dispatch: Send + Sync + 'static {
@@ -109,6 +114,9 @@ pub struct QueueParts {
     /// Where the ids of held messages are kept across restarts (None:
     /// holds last until the node stops).
     pub held_file: Option<PathBuf>,
+    /// Jobs leave only while it is open; meanwhile they wait here, not
+    /// counted as attempts.
+    pub gate: Arc<Gate>,
 }
 
 /// Start the queue driver; messages recovered from the spool are queued
@@ -134,6 +142,7 @@ pub fn spawn(parts: QueueParts) -> QueueHandle {
         parts,
         handle: handle.clone(),
         held,
+        parked: Vec::new(),
     };
     let tracker = driver.parts.tracker.clone();
     tracker.spawn(driver.run(rx, ops_rx, out));
@@ -235,6 +244,8 @@ struct Driver {
     parts: QueueParts,
     handle: QueueHandle,
     held: HeldFile,
+    /// Jobs decided while the gate was shut: they leave when it opens.
+    parked: Vec<(usize, Arc<Route>, Job)>,
 }
 
 impl Driver {
@@ -244,6 +255,7 @@ impl Driver {
         mut ops: mpsc::UnboundedReceiver<Request>,
         mut out: Vec<Action>,
     ) {
+        let mut gate = self.parts.gate.watch();
         loop {
             self.carry_out(&mut out);
             let due = self.core.next_due();
@@ -262,7 +274,30 @@ impl Driver {
                 _ = sleep_until(due) => {
                     self.core.due(&cfg(), Instant::now(), now_ms(), &mut out);
                 }
+                Ok(()) = gate.changed() => {
+                    gate.borrow_and_update();
+                    self.unpark(&mut out);
+                }
+                // Open, but its lease had lapsed when they parked: a renewal
+                // moves the lease's end without a word, so look again.
+                _ = tokio::time::sleep(UNPARK_POLL), if !self.parked.is_empty() && *gate.borrow() => {
+                    self.unpark(&mut out);
+                }
             }
+        }
+    }
+
+    /// Send the parked jobs on, if the gate is open now.
+    fn unpark(&mut self, out: &mut Vec<Action>) {
+        if self.parked.is_empty() || !self.parts.gate.is_open() {
+            return;
+        }
+        tracing::info!(
+            jobs = self.parked.len(),
+            "delivery gate open: parked jobs leave"
+        );
+        for (route, target, job) in std::mem::take(&mut self.parked) {
+            out.push(Action::Dispatch { route, target, job });
         }
     }
 
@@ -312,8 +347,14 @@ impl Driver {
             .send_if_modified(|s| std::mem::replace(s, stats) != stats);
         for action in out.drain(..) {
             match action {
-                Action::Dispatch { route, target, job } => {
+                Action::Dispatch { route, target, job } if self.parts.gate.is_open() => {
                     self.parts.dispatch.dispatch(route, target, job)
+                }
+                Action::Dispatch { route, target, job } => {
+                    if self.parked.is_empty() {
+                        tracing::info!(id = %job.id, "delivery gate shut: jobs wait for it");
+                    }
+                    self.parked.push((route, target, job));
                 }
                 Action::Settle {
                     envelope,

@@ -9,6 +9,7 @@
 
 pub mod announce;
 pub mod claim;
+pub mod gate;
 pub mod listener;
 pub mod machine;
 pub mod netlink;

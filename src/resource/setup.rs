@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::gate::DeliveryGate;
 use super::listener::SmtpListener;
 use super::netlink::NetlinkVip;
 use super::runner::GroupRunner;
@@ -18,7 +19,9 @@ use super::vip::LoopbackVip;
 use super::Resource;
 use crate::cluster::groups::manager::{self, GroupPolicy};
 use crate::cluster::node::ClusterNode;
+use crate::cluster::state::groups::delivery_group;
 use crate::config::{ClusterRole, Config, GroupConfig, VipProvider};
+use crate::delivery::gate::Gate;
 use crate::smtp::clients::Clients;
 use crate::smtp::Accept;
 use tokio::sync::watch;
@@ -39,7 +42,7 @@ pub fn start(
     ),
     cluster: &ClusterNode,
     intake: Arc<dyn Accept>,
-    source: SourceSlot,
+    (source, gate): (SourceSlot, Arc<Gate>),
     cluster_cancel: CancellationToken,
 ) -> Groups {
     let none = Groups {
@@ -68,10 +71,18 @@ pub fn start(
         cc.heartbeat_interval,
         cluster_cancel,
     ));
-    if cc.role == ClusterRole::Witness || config.groups.is_empty() {
+    if cc.role == ClusterRole::Witness {
         return none;
     }
-    let mut pending = Vec::new();
+    // The member's delivery group: it delivers while it holds the lease.
+    let me = config.node.name.clone();
+    let delivery = GroupConfig::delivery(delivery_group(&me), me);
+    let gate: Arc<dyn Resource> = Arc::new(DeliveryGate::new(gate));
+    let mut pending = vec![GroupRunner::new(
+        delivery,
+        vec![gate],
+        cluster.handle.clone(),
+    )];
     for g in &config.groups {
         let Some(vip) = g.vip else { continue };
         let smtp = (smtp.clone(), clients.clone());

@@ -250,10 +250,12 @@ fn name(state: &ClusterState, id: NodeId) -> String {
         .map_or_else(|| format!("{id:x}"), |m| m.member.name.clone())
 }
 
-/// Groups each node owns now (not released), for `ctl` and tests.
+/// Groups each node owns now (not released), for `ctl` and tests; not
+/// the members' delivery groups.
 pub fn owned(state: &ClusterState) -> BTreeMap<NodeId, Vec<String>> {
     let mut out: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
-    for (name, g) in &state.groups {
+    let groups = state.groups.iter();
+    for (name, g) in groups.filter(|(n, _)| delivery_node(n).is_none()) {
         if let (Some(o), false) = (g.owner, g.released) {
             out.entry(o).or_default().push(name.clone());
         }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::raft::network::{Acks, Signals};
 use crate::cluster::raft::store::ClusterView;
+use crate::cluster::state::groups::delivery_node;
 use crate::cluster::state::{ClusterState, Command, Member, NodeId, NodeState, TypeConfig};
 
 pub mod machine;
@@ -103,13 +104,12 @@ pub fn reconcile(
 /// and a voter that is up holds none. A leader that owns a group makes its
 /// own failure cost an election on top of the failover; a leader that owns
 /// nothing makes it a plain failover (and its own failure costs clients
-/// nothing).
+/// nothing). Delivery groups do not count: every member holds its own.
 pub fn abstains(me: NodeId, state: &ClusterState, voters: &BTreeSet<NodeId>) -> bool {
     let holds = |id: NodeId| {
-        state
-            .groups
-            .values()
-            .any(|g| g.owner == Some(id) && !g.revoked && !g.released)
+        state.groups.iter().any(|(name, g)| {
+            delivery_node(name).is_none() && g.owner == Some(id) && !g.revoked && !g.released
+        })
     };
     let up = |id: &NodeId| {
         state
@@ -516,12 +516,16 @@ mod tests {
         let up = NodeState::Up;
         let mut s = state(&[(1, up), (2, up), (3, up)]);
         let voters: BTreeSet<NodeId> = [1, 2, 3].into();
-        assert!(!abstains(1, &s, &voters), "owns nothing");
         let held = |owner| GroupState {
             owner: Some(owner),
             epoch: 1,
             ..Default::default()
         };
+        // Every member holds its delivery group: that is not owning one.
+        for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
+            s.groups.insert(format!("delivery@{name}"), held(id));
+        }
+        assert!(!abstains(1, &s, &voters), "owns nothing");
         s.groups.insert("mta".into(), held(1));
         assert!(abstains(1, &s, &voters));
         assert!(!abstains(2, &s, &voters));
