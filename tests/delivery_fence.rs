@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use common::daemon::Daemon;
-use common::lab::{arrived, send_to};
-use common::netns::{node_config, NODES, SINK};
+use common::lab::{arrived, send_to, PATIENCE};
+use common::netns::{node_config, Lab, NODES, SINK};
 
 /// Node `name`'s lab config, its route leaving from its own address.
 fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
@@ -24,6 +24,24 @@ fn config(dir: &Path, name: &str, last: u8) -> PathBuf {
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Until `ctl nodes` on host `on` says which of n1, n2, n3 deliver.
+fn until_delivering(lab: &Lab, on: &str, want: &[bool]) {
+    let deadline = mtad::clock::instant() + PATIENCE;
+    loop {
+        let mut rows = lab.nodes(on);
+        rows.sort_by_key(|r| r["name"].as_str().unwrap_or("").to_string());
+        let delivers: Vec<bool> = rows.iter().map(|r| r["delivers"] == true).collect();
+        if delivers == want {
+            return;
+        }
+        assert!(
+            mtad::clock::instant() < deadline,
+            "never delivering as {want:?}: {rows:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,6 +58,7 @@ async fn a_node_cut_off_from_the_majority_holds_its_queue_until_it_is_back() {
         nodes.push(Daemon::start_in(&lab.exec(name), &cfg).await);
     }
     lab.until_voting("n1", 3);
+    until_delivering(&lab, "n1", &[true, true, true]);
     let n3 = SocketAddr::from(([198, 18, 0, 3], 2525));
     // Delivering, it sends at once.
     nodes[2]
@@ -52,6 +71,8 @@ async fn a_node_cut_off_from_the_majority_holds_its_queue_until_it_is_back() {
     nodes[2]
         .wait_line(|l| l.contains("delivery gate shut"))
         .await;
+    // The majority sees it fenced: its delivery epoch was taken back.
+    until_delivering(&lab, "n1", &[true, true, false]);
     send_to(&lab, n3, "while cut off");
     nodes[2].wait_line(|l| l.contains("jobs wait for it")).await;
     // It waits, and cannot stop waiting while cut off: the lease needs
@@ -64,6 +85,7 @@ async fn a_node_cut_off_from_the_majority_holds_its_queue_until_it_is_back() {
     assert!(!sent, "a fenced node delivered");
     lab.heal(("n3", "198.18.0.3"), &cut);
     arrived(&received, "while cut off");
+    until_delivering(&lab, "n1", &[true, true, true]);
     for n in &mut nodes {
         let _ = n.child.start_kill();
         let _ = n.child.wait().await;

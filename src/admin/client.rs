@@ -400,17 +400,18 @@ fn group_table(rows: &[GroupRow]) -> String {
 
 fn table(rows: &[NodeRow]) -> String {
     let mut out = format!(
-        "{:<16} {:<8} {:<9} {:<8} {:<6} {:<22} {}\n",
-        "NAME", "ROLE", "VOTE", "STATE", "LEADS", "ADDRESS", "INCARNATION"
+        "{:<16} {:<8} {:<9} {:<8} {:<6} {:<9} {:<22} {}\n",
+        "NAME", "ROLE", "VOTE", "STATE", "LEADS", "DELIVERS", "ADDRESS", "INCARNATION"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<16} {:<8} {:<9} {:<8} {:<6} {:<22} {}\n",
+            "{:<16} {:<8} {:<9} {:<8} {:<6} {:<9} {:<22} {}\n",
             r.name,
             r.role,
             r.vote,
             r.state,
             if r.leader { "*" } else { "" },
+            if r.delivers { "yes" } else { "no" },
             r.addr,
             r.incarnation
         ));

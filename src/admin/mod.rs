@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::groups::handle::{ActionError, ClusterHandle};
 use crate::cluster::groups::placement;
+use crate::cluster::state::groups::delivery_group;
 use crate::cluster::NodeState;
 use crate::queue::Stats;
 
@@ -170,6 +171,10 @@ pub struct NodeRow {
     pub addr: String,
     /// When the state last changed (ms since the epoch; 0 unknown).
     pub since_ms: u64,
+    /// Whether it may deliver mail: it holds a live epoch of its delivery
+    /// group (a witness never does).
+    #[serde(default)]
+    pub delivers: bool,
 }
 
 /// An error answer.
@@ -298,6 +303,10 @@ async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
                 leader: m.current_leader == Some(*id),
                 addr: member.addr.clone(),
                 since_ms: known.map_or(0, |k| k.since_ms),
+                delivers: state
+                    .groups
+                    .get(&delivery_group(&member.name))
+                    .is_some_and(|g| g.owner == Some(*id) && !g.revoked && !g.released),
             }
         })
         .collect();
