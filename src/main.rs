@@ -82,7 +82,7 @@ enum Command {
     /// Talk to a running node's admin API.
     Ctl {
         /// The node's admin API.
-        #[arg(long, default_value = "http://127.0.0.1:8025")]
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8025")]
         admin: String,
         /// Print the API's JSON instead of a table.
         #[arg(long, global = true)]
@@ -447,6 +447,14 @@ fn ctl(admin: &str, json: bool, token_file: Option<PathBuf>, command: CtlCommand
         }
     };
     let (command, yes) = command.into_command();
+    if let client::Command::QueueAct(_, sel) = &command {
+        if sel.ids.is_empty() && sel.filter == Filter::default() && !sel.all {
+            eprintln!(
+                "mtad ctl: name the messages: queue ids, --dest, --state, or --all for every queued message"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     if let Some(question) = command.confirmation().filter(|_| !yes) {
         match confirmed(&question) {
             Ok(true) => {}

@@ -165,9 +165,43 @@ async fn an_operator_inspects_and_acts_on_the_queue() {
         assert!(dsn.contains("5.0.0"), "{dsn}");
     }
 
-    // Bad input gets a clear answer.
+    // Bad input gets a clear answer, naming the option that was missing.
     let (ok, text) = ctl(admin, &["queue", "hold"]).await;
-    assert!(!ok && text.contains("by id"), "{text}");
+    assert!(!ok && text.contains("--all"), "{text}");
+    let out = ctl_output(admin, &["queue", "delete", "--yes"]).await;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(text.contains("--all for every queued message"), "{text}");
     let (ok, text) = ctl(admin, &["queue", "list", "--state", "stuck"]).await;
     assert!(!ok && text.contains("unknown state"), "{text}");
+}
+
+/// `--admin`, `--token-file` and `--json` go anywhere after `ctl`, as
+/// operators type them: after the subcommand too.
+#[tokio::test]
+async fn ctl_options_go_before_or_after_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let hop = "127.0.0.1:9".parse().unwrap();
+    let cfg = relay_config(dir.path(), "ctl", free_port(), admin, hop);
+    let _node = Daemon::start(&cfg).await;
+    let url = format!("http://{admin}");
+    for args in [
+        vec!["ctl", "queue", "summary", "--admin", &url, "--json"],
+        vec!["ctl", "--json", "queue", "--admin", &url, "summary"],
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Value = serde_json::from_str(&text).unwrap();
+        assert!(rows.is_array(), "{text}");
+    }
 }
