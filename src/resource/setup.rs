@@ -78,11 +78,8 @@ pub fn start(
     let me = config.node.name.clone();
     let delivery = GroupConfig::delivery(delivery_group(&me), me);
     let gate: Arc<dyn Resource> = Arc::new(DeliveryGate::new(gate));
-    let mut pending = vec![GroupRunner::new(
-        delivery,
-        vec![gate],
-        cluster.handle.clone(),
-    )];
+    let delivery = GroupRunner::new(delivery, vec![gate], cluster.handle.clone());
+    let mut pending = Vec::new();
     for g in &config.groups {
         let Some(vip) = g.vip else { continue };
         let smtp = (smtp.clone(), clients.clone());
@@ -102,6 +99,10 @@ pub fn start(
                 tracing::error!(error = %e, "cannot remove a VIP left from before");
             }
         }
+        // Released last at a stop: the queue delivers what the other
+        // groups' draining sessions accept.
+        let last = CancellationToken::new();
+        let delivering = tokio::spawn(delivery.run(last.clone()));
         let running: Vec<_> = pending
             .into_iter()
             .map(|r| tokio::spawn(r.run(stop.child_token())))
@@ -109,6 +110,8 @@ pub fn start(
         for r in running {
             let _ = r.await;
         }
+        last.cancel();
+        let _ = delivering.await;
     });
     Groups {
         cancel: none.cancel,
