@@ -99,7 +99,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     differs("smtp.backlog", old.smtp.backlog == new.smtp.backlog);
     differs("smtp.hostname", old.smtp.hostname == new.smtp.hostname);
     differs("log.format", old.log.format == new.log.format);
-    differs("spool.max_size", old.spool == new.spool);
+    differs("[spool]", old.spool == new.spool);
     differs("[cluster]", old.cluster == new.cluster);
     differs("[admin]", old.admin == new.admin);
     differs("[[group]]", old.groups == new.groups);

@@ -84,7 +84,7 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
     let delivery = optional(ctx, &mut root, "delivery");
     let delivery = read_delivery(ctx, delivery);
     let spool = optional(ctx, &mut root, "spool");
-    let spool = read_spool(ctx, spool);
+    let spool = super::spool::read_spool(ctx, spool, cluster.is_some());
     // A witness only votes: it relays nothing, so it needs no route.
     let witness = cluster
         .as_ref()
@@ -110,29 +110,6 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         admin,
         groups,
     }
-}
-
-fn read_spool(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> super::SpoolConfig {
-    let mut spool = super::SpoolConfig::default();
-    if let Some(n) = f.take("max_size") {
-        let percent = n.item.as_str().and_then(|s| s.trim().strip_suffix('%'));
-        let size = match percent {
-            Some(p) => match p.trim().parse::<u8>() {
-                Ok(p) if (1..=100).contains(&p) => Some(super::SpoolSize::Percent(p)),
-                _ => {
-                    ctx.mismatch(&n, "a share of the filesystem from \"1%\" to \"100%\"");
-                    None
-                }
-            },
-            // A few messages at least.
-            None => ctx.size(&n, 1 << 20).map(super::SpoolSize::Bytes),
-        };
-        if let Some(size) = size {
-            spool.max_size = size;
-        }
-    }
-    f.finish(ctx);
-    spool
 }
 
 fn read_admin(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> super::AdminConfig {

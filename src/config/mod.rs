@@ -17,12 +17,14 @@ mod live;
 mod load;
 mod reader;
 mod smtp;
+mod spool;
 #[cfg(test)]
 mod tests;
 
 pub use error::{file_errors, ConfigError, ConfigErrors, FileProblem};
 pub use live::{needs_restart, Live};
 pub use load::{load_file, load_str};
+pub use spool::MAX_REPLICAS;
 
 /// The built-in configuration `mtad run` uses without `--config`: the
 /// same text as `config/mtad.toml` (one node on 127.0.0.1:2525 that
@@ -68,13 +70,27 @@ pub struct Config {
 pub struct SpoolConfig {
     /// Past this, new messages get `452 4.3.1` (before the disk is full).
     pub max_size: SpoolSize,
+    /// Copies of a message on distinct members (this node's included)
+    /// wanted before "250": 2 by default in a cluster, 1 alone.
+    pub replicas: u8,
+    /// Fewer durable copies than this: `451 4.4.0`, nothing acknowledged.
+    pub min_replicas: u8,
+}
+
+impl SpoolConfig {
+    /// The defaults of a node without a cluster: one copy, its own.
+    pub fn standalone() -> Self {
+        SpoolConfig {
+            max_size: SpoolSize::Percent(80),
+            replicas: 1,
+            min_replicas: 1,
+        }
+    }
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        SpoolConfig {
-            max_size: SpoolSize::Percent(80),
-        }
+        Self::standalone()
     }
 }
 
