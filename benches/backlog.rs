@@ -27,6 +27,7 @@ fn envelope(id: u64) -> Envelope {
             state: RcptState::Pending { attempts: 0 },
         }],
         arrived_ms: 1,
+        holders: Vec::new(),
     }
 }
 

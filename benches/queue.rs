@@ -65,6 +65,7 @@ fn main() {
                 state: RcptState::Pending { attempts: 0 },
             }],
             arrived_ms: 1_000_000 + i,
+            holders: Vec::new(),
         };
         core.admit(&cfg, envelope, false, now, 0, &mut out);
         let result = JobResult {

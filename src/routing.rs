@@ -422,6 +422,7 @@ mod tests {
                 state: RcptState::Pending { attempts: 0 },
             }],
             arrived_ms: 0,
+            holders: Vec::new(),
         };
         spool.insert(envelope, Bytes::from_static(b"Subject: hi\r\n\r\nbody\r\n"));
         let config = crate::config::load_str(

@@ -160,6 +160,7 @@ mod tests {
                 state: RcptState::Done,
             }],
             arrived_ms: 0,
+            holders: Vec::new(),
         }
     }
 

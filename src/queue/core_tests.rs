@@ -85,6 +85,7 @@ pub(crate) fn message(id: u64, rcpts: &[&str]) -> Envelope {
             })
             .collect(),
         arrived_ms: 1_000_000 + id,
+        holders: Vec::new(),
     }
 }
 

@@ -85,6 +85,7 @@ impl Accept for Intake {
                     })
                     .collect(),
                 arrived_ms: crate::clock::now_ms(),
+                holders: Vec::new(),
             };
             self.spool.store(envelope.clone(), body.freeze()).await?;
             let rcpts: Vec<&str> = envelope

@@ -480,6 +480,7 @@ impl Settle {
                 state: RcptState::Pending { attempts: 0 },
             }],
             arrived_ms: now_ms(),
+            holders: Vec::new(),
         };
         Some((envelope, Bytes::from(n.body)))
     }

@@ -277,6 +277,12 @@ impl Session {
             Err(SpoolError::Full) => {
                 format!("{NO_STORAGE}\r\n")
             }
+            // Another member may be back soon: a transient condition of
+            // the mail system (RFC 3463 4.4.0).
+            Err(SpoolError::Replicas { .. }) => {
+                "451 4.4.0 Not enough copies of the message could be made; try again later\r\n"
+                    .to_owned()
+            }
             Err(_) => "451 4.3.0 Error: queue file write error\r\n".to_owned(),
         };
         out.push(Output::Reply(reply));

@@ -636,6 +636,18 @@ fn failed_store_acknowledges_nothing() {
         replies(&out)[0],
         "452 4.3.1 Insufficient system storage, try again later"
     );
+    let mut out = Vec::new();
+    let mut s = Session::new(cfg(), OUTSIDER);
+    s.feed(input.as_bytes(), &mut out);
+    out.clear();
+    s.stored(Err(SpoolError::Replicas { made: 1, needed: 2 }), &mut out);
+    assert_eq!(
+        replies(&out),
+        [
+            "451 4.4.0 Not enough copies of the message could be made; try again later",
+            "503 5.5.1 Error: need MAIL command"
+        ]
+    );
 }
 
 #[test]

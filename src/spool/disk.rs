@@ -121,6 +121,7 @@ enum Op {
     Store(Envelope, Bytes),
     Update(QueueId, Vec<(usize, RcptState)>),
     Remove(QueueId),
+    Holders(QueueId, Vec<u64>),
     /// Writes nothing; answered when the writer reaches it.
     Probe,
 }
@@ -188,6 +189,9 @@ struct Shared {
     disk: AtomicU64,
     /// Bytes ever appended since opening (records and copies).
     written: AtomicU64,
+    /// Whether its size is the node's spool size metric (not for the
+    /// spools that keep other nodes' shadow copies).
+    report: bool,
 }
 
 /// The on-disk spool under `<data_dir>/spool`.
@@ -202,7 +206,9 @@ impl Shared {
     fn measure(&self) {
         let disk = self.index.lock().expect("index").disk();
         self.disk.store(disk, Ordering::Relaxed);
-        crate::metrics::spool_bytes(disk);
+        if self.report {
+            crate::metrics::spool_bytes(disk);
+        }
     }
 
     /// Whether a new message of `len` bytes fits under the limits. The
@@ -265,6 +271,16 @@ impl DiskSpool {
 
     /// `open` with other file size limits (tests use tiny ones).
     pub fn open_with(dir: &Path, limits: Limits) -> Result<Self, SpoolError> {
+        Self::open_as(dir, limits, true)
+    }
+
+    /// A spool of other nodes' shadow copies: its size is not this
+    /// node's spool size metric.
+    pub fn open_shadows(dir: &Path, limits: Limits) -> Result<Self, SpoolError> {
+        Self::open_as(dir, limits, false)
+    }
+
+    fn open_as(dir: &Path, limits: Limits, report: bool) -> Result<Self, SpoolError> {
         fs::create_dir_all(dir)?;
         let mut numbers: Vec<u32> = fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -308,6 +324,7 @@ impl DiskSpool {
             limits,
             disk: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            report,
         });
         delete_unreferenced(&shared, active);
         let file = open_segment(dir, active)?;
@@ -414,6 +431,14 @@ fn replay(n: u32, data: &[u8], live: &mut HashMap<QueueId, Location>) {
                     }
                 }
             }
+            Record::Holders { id, holders } => {
+                if let Some(loc) = live.get_mut(&id) {
+                    loc.envelope.holders = holders;
+                    if !loc.segments.contains(&n) {
+                        loc.segments.push(n);
+                    }
+                }
+            }
             Record::Remove { id } => {
                 live.remove(&id);
             }
@@ -496,6 +521,10 @@ impl Spool for DiskSpool {
     fn remove(&self, id: QueueId) -> SpoolFuture<'_, ()> {
         self.shared.cache_remove(id);
         self.submit(Op::Remove(id))
+    }
+
+    fn set_holders(&self, id: QueueId, holders: Vec<u64>) -> SpoolFuture<'_, ()> {
+        self.submit(Op::Holders(id, holders))
     }
 
     fn body(&self, id: QueueId) -> SpoolFuture<'_, Bytes> {

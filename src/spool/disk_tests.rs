@@ -12,6 +12,7 @@ fn envelope(id: u64, rcpts: usize) -> Envelope {
             })
             .collect(),
         arrived_ms: 1_000 + id,
+        holders: Vec::new(),
     }
 }
 
@@ -355,4 +356,32 @@ fn limits_follow_the_filesystem_and_max_size() {
     // A byte cap smaller than the disk sets the segment size too.
     let l = Limits::for_filesystem(500 * GIB, SpoolSize::Bytes(64 << 20));
     assert_eq!((l.max_bytes, l.segment_bytes), (64 << 20, 8 << 20));
+}
+
+#[tokio::test]
+async fn holders_are_stored_struck_off_and_survive_reopen_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        segment_bytes: 4096,
+        max_segments: 1,
+        ..Limits::default()
+    };
+    {
+        let spool = DiskSpool::open_with(dir.path(), limits).unwrap();
+        let mut e = envelope(1, 2);
+        e.holders = vec![0xA, 0xB];
+        spool.store(e, body(1)).await.unwrap();
+        spool.set_holders(QueueId(1), vec![0xB]).await.unwrap();
+        // Enough stored and removed after it that message 1 is copied
+        // forward: the copy must keep the holders as they now stand.
+        for id in 2..200 {
+            spool.store(envelope(id, 1), body(id)).await.unwrap();
+            spool.remove(QueueId(id)).await.unwrap();
+        }
+        assert!(spool.bytes_on_disk() < 64 << 10, "compacted");
+    }
+    let spool = DiskSpool::open(dir.path()).unwrap();
+    let e = &spool.recovered()[0].envelope;
+    assert_eq!((e.id, e.holders.clone()), (QueueId(1), vec![0xB]));
+    assert_eq!(spool.body(QueueId(1)).await.unwrap(), body(1));
 }

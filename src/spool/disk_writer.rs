@@ -79,6 +79,7 @@ impl Writer {
                 }
                 Op::Update(id, changes) => record::encode_update(&mut self.buf, *id, changes),
                 Op::Remove(id) => record::encode_remove(&mut self.buf, *id),
+                Op::Holders(id, holders) => record::encode_holders(&mut self.buf, *id, holders),
                 Op::Probe => {}
             }
         }
@@ -205,10 +206,14 @@ impl Writer {
                         },
                     );
                 }
-                Op::Update(id, changes) => {
+                Op::Update(id, _) | Op::Holders(id, _) => {
                     let added = match index.messages.get_mut(id) {
                         Some(loc) => {
-                            apply(&mut loc.envelope, changes);
+                            match &r.op {
+                                Op::Update(_, changes) => apply(&mut loc.envelope, changes),
+                                Op::Holders(_, h) => loc.envelope.holders.clone_from(h),
+                                Op::Store(..) | Op::Remove(_) | Op::Probe => {}
+                            }
                             let new = !loc.segments.contains(&seg);
                             if new {
                                 loc.segments.push(seg);
@@ -257,5 +262,9 @@ fn copy_error(e: &SpoolError) -> SpoolError {
         SpoolError::NotFound(id) => SpoolError::NotFound(*id),
         SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
         SpoolError::Closed => SpoolError::Closed,
+        SpoolError::Replicas { made, needed } => SpoolError::Replicas {
+            made: *made,
+            needed: *needed,
+        },
     }
 }

@@ -137,6 +137,19 @@ impl Spool for MemorySpool {
         })
     }
 
+    fn set_holders(&self, id: QueueId, holders: Vec<u64>) -> SpoolFuture<'_, ()> {
+        let r = self.check().and_then(|()| {
+            let mut m = self.messages.lock().expect("spool");
+            let (env, _) = m.get_mut(&id).ok_or(SpoolError::NotFound(id))?;
+            env.holders = holders;
+            Ok(())
+        });
+        Box::pin(async move {
+            self.unhung().await;
+            r
+        })
+    }
+
     fn body(&self, id: QueueId) -> SpoolFuture<'_, Bytes> {
         let r = self
             .messages

@@ -45,6 +45,16 @@ pub enum SpoolError {
     /// The spool's writer has stopped.
     #[error("spool is closed")]
     Closed,
+    /// Fewer durable copies (this node's and shadow copies on other
+    /// members) than `[spool] min_replicas`: not acknowledged; the client
+    /// may try again later.
+    #[error("only {made} of the {needed} copies required could be made")]
+    Replicas {
+        /// Copies made durable.
+        made: u8,
+        /// Copies required.
+        needed: u8,
+    },
 }
 
 /// Delivery state of one recipient.
@@ -79,6 +89,10 @@ pub struct Envelope {
     pub recipients: Vec<Recipient>,
     /// When the message was accepted, in milliseconds since the Unix epoch.
     pub arrived_ms: u64,
+    /// The other nodes holding a shadow copy of it (cluster node ids),
+    /// so that whoever takes over a dead node's messages knows whose
+    /// they were; empty when it is kept here alone.
+    pub holders: Vec<u64>,
 }
 
 impl Envelope {
@@ -109,6 +123,9 @@ pub trait Spool: Send + Sync + 'static {
     fn update(&self, id: QueueId, changes: Vec<(usize, RcptState)>) -> SpoolFuture<'_, ()>;
     /// Durably forget a message whose recipients are all done.
     fn remove(&self, id: QueueId) -> SpoolFuture<'_, ()>;
+    /// Durably record which nodes hold shadow copies of a stored message
+    /// (a holder whose copy failed is struck off before "250").
+    fn set_holders(&self, id: QueueId, holders: Vec<u64>) -> SpoolFuture<'_, ()>;
     /// Read a stored message's content.
     fn body(&self, id: QueueId) -> SpoolFuture<'_, Bytes>;
     /// Messages that were stored and not removed, as of opening.

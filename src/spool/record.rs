@@ -16,6 +16,12 @@ pub const MAX_RECORD: usize = 1 << 31;
 const KIND_STORE: u8 = 1;
 const KIND_UPDATE: u8 = 2;
 const KIND_REMOVE: u8 = 3;
+/// A Store whose envelope names shadow holders. Written only when there
+/// are holders, so a spool without replication stays readable by a
+/// version that knows only `KIND_STORE`.
+const KIND_STORE_HOLDERS: u8 = 4;
+/// The shadow holders of a stored message, replacing those it had.
+const KIND_HOLDERS: u8 = 5;
 /// Stored in place of an attempt count for a finished recipient.
 const DONE: u32 = u32::MAX;
 
@@ -42,6 +48,13 @@ pub enum Record {
     Remove {
         /// The message.
         id: QueueId,
+    },
+    /// The message's shadow holders are now these.
+    Holders {
+        /// The message.
+        id: QueueId,
+        /// Node ids.
+        holders: Vec<u64>,
     },
 }
 
@@ -92,7 +105,11 @@ fn finish(out: &mut [u8], start: usize) {
 
 /// Append a Store record; returns the offset of the content within `out`.
 pub fn encode_store(out: &mut Vec<u8>, envelope: &Envelope, body: &[u8]) -> usize {
-    let start = begin(out, KIND_STORE);
+    let kind = match envelope.holders.is_empty() {
+        true => KIND_STORE,
+        false => KIND_STORE_HOLDERS,
+    };
+    let start = begin(out, kind);
     put_u64(out, envelope.id.0);
     put_u64(out, envelope.arrived_ms);
     put_str(out, &envelope.sender);
@@ -100,6 +117,9 @@ pub fn encode_store(out: &mut Vec<u8>, envelope: &Envelope, body: &[u8]) -> usiz
     for r in &envelope.recipients {
         put_str(out, &r.address);
         put_u32(out, state_word(&r.state));
+    }
+    if kind == KIND_STORE_HOLDERS {
+        put_holders(out, &envelope.holders);
     }
     put_u64(out, body.len() as u64);
     let body_at = out.len();
@@ -118,6 +138,21 @@ pub fn encode_update(out: &mut Vec<u8>, id: QueueId, changes: &[(usize, RcptStat
         put_u32(out, state_word(state));
     }
     finish(out, start);
+}
+
+/// Append a Holders record.
+pub fn encode_holders(out: &mut Vec<u8>, id: QueueId, holders: &[u64]) {
+    let start = begin(out, KIND_HOLDERS);
+    put_u64(out, id.0);
+    put_holders(out, holders);
+    finish(out, start);
+}
+
+fn put_holders(out: &mut Vec<u8>, holders: &[u64]) {
+    put_u32(out, holders.len() as u32);
+    for h in holders {
+        put_u64(out, *h);
+    }
 }
 
 /// Append a Remove record.
@@ -164,6 +199,14 @@ impl<'a> Cursor<'a> {
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
+    fn holders(&mut self) -> Result<Vec<u64>, DecodeError> {
+        let n = self.u32()? as usize;
+        // A cluster has at most 9 nodes; anything near this is corrupt.
+        if n > 255 {
+            return Err(DecodeError::Corrupt("holders"));
+        }
+        (0..n).map(|_| self.u64()).collect()
+    }
     fn string(&mut self) -> Result<String, DecodeError> {
         let n = self.u32()? as usize;
         let b = self.take(n)?;
@@ -191,7 +234,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
     }
     let mut c = Cursor { buf: body, at: 1 };
     let record = match body[0] {
-        KIND_STORE => {
+        kind @ (KIND_STORE | KIND_STORE_HOLDERS) => {
             let id = QueueId(c.u64()?);
             let arrived_ms = c.u64()?;
             let sender = c.string()?;
@@ -202,6 +245,10 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
                 let state = word_state(c.u32()?);
                 recipients.push(Recipient { address, state });
             }
+            let holders = match kind {
+                KIND_STORE_HOLDERS => c.holders()?,
+                _ => Vec::new(),
+            };
             let body_len = c.u64()? as usize;
             let body_offset = HEADER_LEN + c.at;
             c.take(body_len)?;
@@ -211,6 +258,7 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
                     sender,
                     recipients,
                     arrived_ms,
+                    holders,
                 },
                 body_offset,
                 body_len,
@@ -228,6 +276,10 @@ pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
         }
         KIND_REMOVE => Record::Remove {
             id: QueueId(c.u64()?),
+        },
+        KIND_HOLDERS => Record::Holders {
+            id: QueueId(c.u64()?),
+            holders: c.holders()?,
         },
         _ => return Err(DecodeError::Corrupt("kind")),
     };
@@ -256,6 +308,7 @@ mod tests {
                 },
             ],
             arrived_ms: 1_700_000_000_000,
+            holders: Vec::new(),
         }
     }
 
@@ -299,6 +352,38 @@ mod tests {
         let (b, m) = decode(&buf[n..]).unwrap();
         assert_eq!(b, Record::Remove { id: QueueId(7) });
         assert_eq!(n + m, buf.len());
+    }
+
+    #[test]
+    fn holders_round_trip_and_a_store_without_keeps_the_old_kind() {
+        let mut plain = Vec::new();
+        encode_store(&mut plain, &envelope(), b"x");
+        assert_eq!(plain[HEADER_LEN], KIND_STORE, "readable by older versions");
+        let mut e = envelope();
+        e.holders = vec![0xAB, u64::MAX];
+        let mut buf = Vec::new();
+        encode_store(&mut buf, &e, b"body");
+        encode_holders(&mut buf, e.id, &[7]);
+        let (a, n) = decode(&buf).unwrap();
+        match a {
+            Record::Store {
+                envelope,
+                body_offset,
+                body_len,
+            } => {
+                assert_eq!(envelope, e);
+                assert_eq!(&buf[body_offset..body_offset + body_len], b"body");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (b, _) = decode(&buf[n..]).unwrap();
+        assert_eq!(
+            b,
+            Record::Holders {
+                id: e.id,
+                holders: vec![7]
+            }
+        );
     }
 
     #[test]

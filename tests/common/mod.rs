@@ -36,6 +36,7 @@ impl MemSpool {
             sender: String::new(),
             recipients: Vec::new(),
             arrived_ms: 0,
+            holders: Vec::new(),
         };
         self.0.insert(envelope, body.into());
     }

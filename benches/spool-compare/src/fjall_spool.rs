@@ -208,5 +208,6 @@ fn decode_envelope(id: QueueId, mut b: &[u8]) -> Envelope {
         sender,
         recipients,
         arrived_ms,
+        holders: Vec::new(),
     }
 }

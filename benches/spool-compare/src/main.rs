@@ -85,6 +85,7 @@ fn envelope(id: QueueId, i: usize) -> Envelope {
         arrived_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
+        holders: Vec::new(),
     }
 }
 
