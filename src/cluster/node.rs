@@ -24,6 +24,7 @@ use super::raft::network::Network;
 use super::raft::store::{self, ClusterView};
 use super::rpc::peer::PeerClient;
 use super::rpc::server;
+use super::rpc::shadow::ShadowHandler;
 use super::rpc::{Reply, Request};
 use super::service::{JoinSettings, NodeService};
 use super::state::{Member, Role, TypeConfig};
@@ -256,6 +257,21 @@ impl ClusterNode {
             link,
             leaving,
         })
+    }
+
+    /// Answer shadow calls with `handler` from now on (set once; calls
+    /// before are answered "unavailable", and the primary copies the
+    /// message elsewhere or later).
+    pub fn serve_shadows(&self, handler: Arc<dyn ShadowHandler>) {
+        if self.handler.serve_shadows(handler).is_err() {
+            tracing::warn!("a shadow handler was already attached; keeping the first");
+        }
+    }
+
+    /// How this node opens links to its peers (for clients of services
+    /// above the cluster, such as shadow copies).
+    pub fn link(&self) -> LinkConfig {
+        self.link.clone()
     }
 
     /// Leave on purpose (SIGTERM): have the leader record this node as

@@ -1,6 +1,7 @@
 //! What this node answers: every call that arrives over a cluster link —
-//! raft RPCs, status, joins, leaves and the group service's calls — is
-//! routed here ([`NodeService`]) to the part that serves it.
+//! raft RPCs, status, joins, leaves, the group service's and the shadow
+//! service's calls — is routed here ([`NodeService`]) to the part that
+//! serves it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use super::raft::network::Acks;
 use super::raft::store::ClusterView;
 use super::rpc::peer::PeerClient;
 use super::rpc::server::Handler;
+use super::rpc::shadow::ShadowHandler;
 use super::rpc::{JoinReply, JoinRequest, Reply, Request, StatusReply};
 use super::state::{Command, NodeId, NodeState, TypeConfig};
 use futures_util::future::BoxFuture;
@@ -29,6 +31,9 @@ pub struct NodeService {
     raft: Raft<TypeConfig>,
     join: Option<Arc<JoinSettings>>,
     groups: Option<Arc<GroupService>>,
+    /// Answers shadow calls once set (the mail side attaches its holder
+    /// after the cluster has started; until then they are unavailable).
+    shadows: Arc<std::sync::OnceLock<Arc<dyn ShadowHandler>>>,
     /// When each leader last sent entries or a heartbeat here: a follower's
     /// view of its leader's silence (the failure detector reads it).
     heard: Acks,
@@ -122,6 +127,7 @@ impl NodeService {
             raft,
             join: None,
             groups: None,
+            shadows: Arc::default(),
             heard: Acks::default(),
         }
     }
@@ -136,6 +142,15 @@ impl NodeService {
     pub fn with_groups(mut self, groups: Arc<GroupService>) -> NodeService {
         self.groups = Some(groups);
         self
+    }
+
+    /// Answer shadow calls with `handler` from now on (once; a second
+    /// handler is refused and returned).
+    pub fn serve_shadows(
+        &self,
+        handler: Arc<dyn ShadowHandler>,
+    ) -> Result<(), Arc<dyn ShadowHandler>> {
+        self.shadows.set(handler)
     }
 
     /// Also answer joins, with these settings.
@@ -219,6 +234,10 @@ impl Handler for NodeService {
                 Request::Group(g) => match &this.groups {
                     Some(service) => Reply::Group(service.handle(&from, g).await),
                     None => Reply::Unavailable("this node runs no groups".into()),
+                },
+                Request::Shadow(s) => match this.shadows.get() {
+                    Some(handler) => Reply::Shadow(handler.handle(from.incarnation, s).await),
+                    None => Reply::Unavailable("this node keeps no shadow copies".into()),
                 },
                 Request::Join(j) => match &this.join {
                     Some(settings) => Reply::Join(settings.handle(&this.raft, j).await),

@@ -13,6 +13,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::rpc::group::{GroupReply, GroupRequest};
+use crate::cluster::rpc::shadow::{ShadowReply, ShadowRequest};
 use crate::cluster::state::{NodeId, Role, TypeConfig};
 
 /// What travels in a link's `App` body.
@@ -53,6 +54,9 @@ pub enum Request {
     Leave,
     /// resource groups: grants, outstanding grants, owners' reports.
     Group(GroupRequest),
+    /// shadow copies: a primary's copies of its messages and their
+    /// progress.
+    Shadow(ShadowRequest),
 }
 
 /// The answer to a `Request`, variant for variant.
@@ -74,6 +78,8 @@ pub enum Reply {
     Left,
     /// To `Group`.
     Group(GroupReply),
+    /// To `Shadow`.
+    Shadow(ShadowReply),
     /// The callee could not handle the request at all (e.g. raft not
     /// running yet); the text says why.
     Unavailable(String),
