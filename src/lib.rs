@@ -22,5 +22,6 @@ pub mod queue;
 pub mod reload;
 pub mod resource;
 pub mod routing;
+pub mod shadow;
 pub mod smtp;
 pub mod spool;

@@ -110,6 +110,22 @@ pub fn spool_bytes(bytes: u64) {
     gauge!("mtad_spool_bytes").set(bytes as f64);
 }
 
+/// A shadow copy of another node's message was made durable here.
+pub fn shadow_stored() {
+    counter!("mtad_shadow_copies_stored_total").increment(1);
+}
+
+/// A copy of a message accepted here was made (`"stored"`) on another
+/// member, or could not be (`"failed"`).
+pub fn shadow_sent(outcome: &'static str) {
+    counter!("mtad_shadow_copies_sent_total", "outcome" => outcome).increment(1);
+}
+
+/// Messages accepted here with fewer copies than `[spool] replicas`.
+pub fn underreplicated(messages: usize) {
+    gauge!("mtad_queue_underreplicated").set(messages as f64);
+}
+
 /// An SMTP session began (`+1`) or ended (`-1`).
 pub fn smtp_session(delta: i8) {
     if delta > 0 {

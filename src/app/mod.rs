@@ -19,6 +19,7 @@ use crate::config::{Config, Live};
 use crate::lock::DataDirLock;
 use crate::queue;
 use crate::resource::setup::Groups;
+use crate::shadow::{Holder, ReplicatedSpool};
 use crate::spool::disk::{filesystem_space, Limits};
 use crate::spool::{DiskSpool, Spool, SpoolError};
 
@@ -67,6 +68,10 @@ pub struct Node {
     admin_addr: Option<SocketAddr>,
     cluster: Option<ClusterNode>,
     groups: Option<Groups>,
+    /// This node's spool as it copies messages to other members.
+    replicated: Option<Arc<ReplicatedSpool>>,
+    /// Other members' copies kept here.
+    holder: Option<Holder>,
     stats: tokio::sync::watch::Receiver<queue::Stats>,
     queue: queue::QueueHandle,
     /// What the watchdog probes.
@@ -158,7 +163,8 @@ impl Node {
         stages::check_files(&config)?;
         let base = Base::new(config);
         let cluster = stages::start_cluster(&base).await?;
-        let mail = Mail::start(&base, spool, cluster.as_ref());
+        let shadows = stages::start_shadows(&base, spool, cluster.as_ref())?;
+        let mail = Mail::start(&base, shadows.spool, cluster.as_ref());
         let groups = stages::start_groups(
             &base,
             cluster.as_ref(),
@@ -180,6 +186,8 @@ impl Node {
             admin_addr: admin.addr,
             cluster,
             groups,
+            replicated: shadows.replicated,
+            holder: shadows.holder,
             stats: mail.stats,
             queue: mail.queue,
             health: mail.health,
@@ -199,6 +207,16 @@ impl Node {
     /// The cluster side, when `[cluster]` is configured.
     pub fn cluster(&self) -> Option<&ClusterNode> {
         self.cluster.as_ref()
+    }
+
+    /// This node's copies on other members, when it makes any.
+    pub fn replicated(&self) -> Option<&Arc<ReplicatedSpool>> {
+        self.replicated.as_ref()
+    }
+
+    /// Other members' copies kept on this node, in a cluster.
+    pub fn holder(&self) -> Option<&Holder> {
+        self.holder.as_ref()
     }
 
     /// Where the admin API listens, when `[admin]` is configured.

@@ -24,8 +24,12 @@ use crate::queue::{self, QueueHandle, QueueParts};
 use crate::resource::setup::Groups;
 use crate::resource::source::SourceSlot;
 use crate::routing::{Handover, Router};
+use crate::shadow::cluster::ClusterReplicas;
+use crate::shadow::replicate::Settings;
+use crate::shadow::{Holder, ReplicatedSpool};
 use crate::smtp::clients::Clients;
 use crate::smtp::{server, Accept};
+use crate::spool::disk::{filesystem_space, Limits};
 use crate::spool::{IdGen, QueueId, Spool};
 
 /// What every stage shares: the configuration, the table of clients, and
@@ -138,6 +142,84 @@ pub(super) async fn start_cluster(base: &Base) -> Result<Option<ClusterNode>, St
             .await?,
         ),
         None => None,
+    })
+}
+
+/// Shadow copies, in a cluster: this node keeps other members' copies
+/// (unless it is a witness), and its own spool copies each message to
+/// other members when `[spool] replicas` is above 1.
+pub(super) struct Shadows {
+    /// The spool the mail side writes to: the local one, or the local
+    /// one wrapped so that each message is copied before "250".
+    pub(super) spool: Arc<dyn Spool>,
+    /// The wrapper, when copies are made.
+    pub(super) replicated: Option<Arc<ReplicatedSpool>>,
+    /// Other members' copies kept here.
+    pub(super) holder: Option<Holder>,
+}
+
+/// How often messages short of copies are copied again.
+const REPAIR_EVERY: Duration = Duration::from_secs(3);
+/// How often holders are told which shadows they should keep.
+const RECONCILE_EVERY: Duration = Duration::from_secs(60);
+
+/// Keep other members' copies and copy this node's messages to them,
+/// when there is a cluster and this node is not a witness.
+pub(super) fn start_shadows(
+    base: &Base,
+    local: Arc<dyn Spool>,
+    cluster: Option<&ClusterNode>,
+) -> Result<Shadows, StartError> {
+    let config = &base.config;
+    let member = config
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.role == ClusterRole::Member);
+    let Some(c) = cluster.filter(|_| member) else {
+        return Ok(Shadows {
+            spool: local,
+            replicated: None,
+            holder: None,
+        });
+    };
+    let dir = config.node.data_dir.join("shadows");
+    let fail = |source| StartError::Spool {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail(e.into()))?;
+    let (total, _) = filesystem_space(&dir).map_err(|e| fail(e.into()))?;
+    let holder =
+        Holder::open(&dir, Limits::for_filesystem(total, config.spool.max_size)).map_err(fail)?;
+    c.serve_shadows(Arc::new(holder.clone()));
+    for (primary, n) in holder.counts() {
+        tracing::info!(primary = %format_args!("{primary:016x}"), shadows = n, "shadow copies recovered");
+    }
+    if config.spool.replicas <= 1 {
+        return Ok(Shadows {
+            spool: local,
+            replicated: None,
+            holder: Some(holder),
+        });
+    }
+    let replicas = ClusterReplicas::new(c.identity.incarnation, c.handle.view.clone(), c.link());
+    let settings = Settings::new(config.spool.replicas, config.spool.min_replicas);
+    let replicated = Arc::new(ReplicatedSpool::new(
+        local,
+        Arc::new(replicas),
+        settings,
+        base.cancel.child_token(),
+    ));
+    base.tracker.spawn(crate::shadow::replicate::repair::run(
+        replicated.clone(),
+        REPAIR_EVERY,
+        RECONCILE_EVERY,
+        base.cancel.child_token(),
+    ));
+    Ok(Shadows {
+        spool: replicated.clone(),
+        replicated: Some(replicated),
+        holder: Some(holder),
     })
 }
 

@@ -1,0 +1,125 @@
+use super::*;
+use crate::cluster::rpc::shadow::ShadowRecipient;
+
+const P: NodeId = 0xAAAA;
+const Q: NodeId = 0xBBBB;
+
+fn message(id: u64, rcpts: usize) -> ShadowMessage {
+    ShadowMessage {
+        id,
+        sender: format!("s{id}@example.test"),
+        recipients: (0..rcpts)
+            .map(|i| ShadowRecipient {
+                address: format!("r{i}@dest.example"),
+                done: false,
+            })
+            .collect(),
+        arrived_ms: 1_000 + id,
+        body: format!("Subject: {id}\r\n\r\nbody\r\n").into_bytes(),
+    }
+}
+
+fn open(dir: &Path) -> Holder {
+    Holder::open(dir, Limits::default()).unwrap()
+}
+
+fn ids(h: &Holder, primary: NodeId) -> Vec<u64> {
+    h.envelopes(primary).iter().map(|e| e.id.0).collect()
+}
+
+#[tokio::test]
+async fn copies_are_kept_per_primary_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let h = open(dir.path());
+        let r = h.handle(
+            P,
+            ShadowRequest::Store {
+                message: message(1, 2),
+            },
+        );
+        assert_eq!(r.await, ShadowReply::Stored);
+        h.store(P, message(2, 1)).await.unwrap();
+        h.store(Q, message(1, 1)).await.unwrap();
+        assert_eq!(h.counts(), BTreeMap::from([(P, 2), (Q, 1)]));
+    }
+    let h = open(dir.path());
+    assert_eq!(h.primaries(), vec![P, Q]);
+    assert_eq!(ids(&h, P), vec![1, 2]);
+    assert_eq!(ids(&h, Q), vec![1]);
+    let body = h.body(P, QueueId(2)).await.unwrap();
+    assert_eq!(&body[..], b"Subject: 2\r\n\r\nbody\r\n");
+    assert!(dir.path().join(format!("{P:016x}")).is_dir());
+}
+
+#[tokio::test]
+async fn progress_marks_recipients_done_and_removes_finished_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let h = open(dir.path());
+        for id in 1..=4 {
+            h.store(P, message(id, 2)).await.unwrap();
+        }
+        let req = ShadowRequest::Progress {
+            // 1: one of two done; 2: both done (finished); 9: unknown.
+            done: vec![(1, vec![1]), (2, vec![0, 1]), (9, vec![0])],
+            removed: vec![3],
+        };
+        assert_eq!(h.handle(P, req).await, ShadowReply::Applied);
+        assert_eq!(ids(&h, P), vec![1, 4]);
+        // Another primary's progress does not touch P's shadows.
+        h.progress(Q, vec![(1, vec![0])], vec![4]).await.unwrap();
+        assert_eq!(ids(&h, P), vec![1, 4]);
+    }
+    let h = open(dir.path());
+    assert_eq!(ids(&h, P), vec![1, 4]);
+    let one = &h.envelopes(P)[0];
+    assert_eq!(one.recipients[0].state, RcptState::Pending { attempts: 0 });
+    assert_eq!(one.recipients[1].state, RcptState::Done);
+}
+
+#[tokio::test]
+async fn reconcile_discards_what_the_primary_forgot_below_its_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path());
+    for id in [1, 2, 3, 10, 11] {
+        h.store(P, message(id, 1)).await.unwrap();
+    }
+    let req = ShadowRequest::Reconcile {
+        keep: vec![2],
+        below: 10,
+    };
+    assert_eq!(
+        h.handle(P, req).await,
+        ShadowReply::Reconciled { discarded: 2 }
+    );
+    assert_eq!(ids(&h, P), vec![2, 10, 11]);
+    drop(h);
+    assert_eq!(ids(&open(dir.path()), P), vec![2, 10, 11]);
+}
+
+#[tokio::test]
+async fn a_taken_primary_is_refused_and_forget_deletes_its_shadows() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path());
+    h.store(P, message(1, 1)).await.unwrap();
+    h.store(P, message(2, 1)).await.unwrap();
+    h.discard(P, QueueId(2)).await.unwrap();
+    let taken = h.take(P).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        (taken[0].0.id, &taken[0].1[..11]),
+        (QueueId(1), &b"Subject: 1\r"[..])
+    );
+    let r = h.handle(
+        P,
+        ShadowRequest::Store {
+            message: message(3, 1),
+        },
+    );
+    assert!(matches!(r.await, ShadowReply::Failed(_)));
+    h.forget(P).unwrap();
+    assert!(h.primaries().is_empty());
+    assert!(!dir.path().join(format!("{P:016x}")).exists());
+    assert!(open(dir.path()).primaries().is_empty());
+}
