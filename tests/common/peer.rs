@@ -142,7 +142,13 @@ pub struct Peer {
 impl Peer {
     /// Start a peer with `behavior` on an ephemeral loopback port.
     pub async fn start(behavior: Behavior) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1:0".parse().unwrap(), behavior).await
+    }
+
+    /// Start a peer with `behavior` on `addr` (a next hop configured
+    /// before it listens).
+    pub async fn start_at(addr: SocketAddr, behavior: Behavior) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let messages = Arc::new(Mutex::new(Vec::new()));
         let (stats, _) = watch::channel(Stats::default());

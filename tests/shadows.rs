@@ -1,0 +1,270 @@
+//! Shadow copies with real processes: a message acknowledged by one node
+//! is on `replicas − 1` other members' disks before its "250", spread over
+//! them, and gone from them once it is delivered; with `min_replicas = 2`
+//! and no other member up, nothing is acknowledged (451 4.4.0) until one
+//! is back.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::client::Client;
+use common::daemon::{all_voting, free_port, nodes_until, Daemon};
+use common::node::PATIENCE;
+use common::peer::{Behavior, Peer};
+use mtad::spool::{DiskSpool, Spool};
+
+/// One node's addresses.
+#[derive(Clone, Copy)]
+struct Addrs {
+    smtp: SocketAddr,
+    cluster: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Addrs {
+    fn new() -> Addrs {
+        Addrs {
+            smtp: free_port(),
+            cluster: free_port(),
+            admin: free_port(),
+        }
+    }
+}
+
+/// Node `name`'s config: mail for dest.example to `hop`, retried every
+/// second; `spool` is its `[spool]` table's keys.
+fn write_config(
+    dir: &Path,
+    name: &str,
+    at: Addrs,
+    seeds: &[SocketAddr],
+    hop: SocketAddr,
+    spool: &str,
+) -> PathBuf {
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = format!(
+        r#"
+[node]
+name = "{name}"
+data_dir = "{data}"
+
+[smtp]
+listen = ["{smtp}"]
+hostname = "{name}.example.test"
+relay_networks = ["127.0.0.0/8"]
+
+[delivery]
+retry = ["1s"]
+
+[[route]]
+domains = ["dest.example"]
+next_hops = ["{hop}"]
+
+[[route]]
+domains = ["*"]
+drop_dir = "{data}/outbox"
+
+[spool]
+{spool}
+
+[cluster]
+name = "shadows"
+listen = "{cluster}"
+seeds = [{seeds}]
+secret_file = "{key}"
+heartbeat_interval = "50ms"
+election_timeout = "300ms"
+join_backoff_min = "20ms"
+join_backoff_max = "300ms"
+
+[admin]
+listen = "{admin}"
+
+[log]
+format = "json"
+level = "info"
+"#,
+        data = data_dir(dir, name).display(),
+        smtp = at.smtp,
+        cluster = at.cluster,
+        admin = at.admin,
+        seeds = seeds.join(", "),
+        key = dir.join("cluster.key").display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn data_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Send one message to `to` through `smtp`; the final reply.
+async fn send(smtp: SocketAddr, subject: &str) -> String {
+    let mut c = Client::connect(smtp).await.unwrap();
+    let body = format!("Subject: {subject}\r\n\r\nshadowed {subject}");
+    c.send("a@example.test", &["b@dest.example"], &body)
+        .await
+        .unwrap()
+}
+
+/// The queue id in "250 2.0.0 Ok: queued as ID".
+fn queue_id(reply: &str) -> u64 {
+    assert!(reply.starts_with("250"), "{reply}");
+    let hex = reply.trim().rsplit(' ').next().unwrap();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// The ids of the shadows node `name` keeps, for any primary: read from a
+/// copy of its shadow spools (opening them in place would write to them
+/// under the running daemon).
+fn shadows(dir: &Path, name: &str) -> BTreeSet<u64> {
+    let root = data_dir(dir, name).join("shadows");
+    let mut ids = BTreeSet::new();
+    let Ok(primaries) = std::fs::read_dir(&root) else {
+        return ids;
+    };
+    for p in primaries {
+        let p = p.unwrap().path();
+        let copy = tempfile::tempdir().unwrap();
+        for seg in std::fs::read_dir(&p).unwrap() {
+            let seg = seg.unwrap().path();
+            // A segment deleted meanwhile held nothing live.
+            let _ = std::fs::copy(&seg, copy.path().join(seg.file_name().unwrap()));
+        }
+        let spool = DiskSpool::open(copy.path()).unwrap();
+        ids.extend(spool.recovered().iter().map(|r| r.envelope.id.0));
+    }
+    ids
+}
+
+/// Poll until node `name` keeps no shadows.
+async fn until_no_shadows(dir: &Path, name: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let now = shadows(dir, name);
+        if now.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} still keeps {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_are_on_another_member_until_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        "shadow test secret, long enough",
+    )
+    .unwrap();
+    let hop = free_port();
+    let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
+    let names = ["node-a", "node-b", "node-c"];
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let seeds = [addrs[0].cluster];
+        let seeds = if i == 0 { &[][..] } else { &seeds[..] };
+        // The default: replicas = 2 with a [cluster].
+        let cfg = write_config(dir.path(), name, addrs[i], seeds, hop, "");
+        nodes.push(Daemon::start(&cfg).await);
+    }
+    nodes_until(addrs[0].admin, |rows| all_voting(rows, 3)).await;
+
+    // The next hop does not listen yet: everything stays queued.
+    let mut acked = BTreeSet::new();
+    for i in 0..20 {
+        acked.insert(queue_id(&send(addrs[0].smtp, &format!("m{i}")).await));
+    }
+    // Copies are durable before "250": no waiting here.
+    let b = shadows(dir.path(), "node-b");
+    let c = shadows(dir.path(), "node-c");
+    assert!(b.is_disjoint(&c), "one copy each: {b:?} {c:?}");
+    let all: BTreeSet<u64> = b.union(&c).copied().collect();
+    assert_eq!(all, acked, "every acknowledged message has its shadow");
+    assert!(!b.is_empty() && !c.is_empty(), "spread: b {b:?}, c {c:?}");
+    assert!(shadows(dir.path(), "node-a").is_empty());
+
+    // The hop comes up: delivered, and the shadows are discarded.
+    let sink = Peer::start_at(hop, Behavior::default()).await;
+    tokio::time::timeout(PATIENCE, sink.wait_messages(20))
+        .await
+        .expect("all delivered");
+    until_no_shadows(dir.path(), "node-b").await;
+    until_no_shadows(dir.path(), "node-c").await;
+
+    for mut n in nodes {
+        let _ = n.child.start_kill();
+        n.child.wait().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_enough_members_up_nothing_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        "shadow test secret, long enough",
+    )
+    .unwrap();
+    let hop = free_port();
+    let a = Addrs::new();
+    let b = Addrs::new();
+    let spool = "replicas = 2\nmin_replicas = 2";
+    let cfg_a = write_config(dir.path(), "node-a", a, &[], hop, spool);
+    let cfg_b = write_config(dir.path(), "node-b", b, &[a.cluster], hop, spool);
+    let mut node_a = Daemon::start(&cfg_a).await;
+    node_a
+        .wait_line(|l| l.contains("bootstrapped a new cluster"))
+        .await;
+
+    // node-a alone: no second copy can be made.
+    let reply = send(a.smtp, "refused").await;
+    assert!(reply.starts_with("451 4.4.0"), "{reply}");
+    node_a.wait_line(|l| l.contains("not_enough_copies")).await;
+
+    // node-b joins: 250, with the copy on node-b.
+    let mut node_b = Daemon::start(&cfg_b).await;
+    nodes_until(a.admin, |rows| all_voting(rows, 2)).await;
+    let id = queue_id(&send(a.smtp, "kept").await);
+    assert_eq!(shadows(dir.path(), "node-b"), BTreeSet::from([id]));
+
+    // node-b is killed: refused again, and nothing of it is queued.
+    node_b.child.start_kill().unwrap();
+    node_b.child.wait().await.unwrap();
+    let reply = send(a.smtp, "refused again").await;
+    assert!(reply.starts_with("451 4.4.0"), "{reply}");
+
+    // Back with its data: 250 again.
+    let mut node_b = Daemon::start(&cfg_b).await;
+    nodes_until(a.admin, |rows| {
+        rows.len() == 2 && rows.iter().all(|r| r["state"] == "up")
+    })
+    .await;
+    let again = queue_id(&send(a.smtp, "kept again").await);
+    assert!(shadows(dir.path(), "node-b").contains(&again));
+
+    // Only the two acknowledged messages are queued on node-a.
+    let page: serde_json::Value = common::daemon::ctl_json(a.admin, &["queue", "list"]).await;
+    let queued: BTreeSet<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| u64::from_str_radix(m["id"].as_str().unwrap(), 16).unwrap())
+        .collect();
+    assert_eq!(queued, BTreeSet::from([id, again]));
+
+    for n in [&mut node_a, &mut node_b] {
+        let _ = n.child.start_kill();
+        n.child.wait().await.unwrap();
+    }
+}
