@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::client::Client;
-use common::daemon::{all_voting, free_port, nodes_until, Daemon};
+use common::daemon::{all_voting, free_port, nodes_until, sample, scrape, Daemon};
 use common::node::PATIENCE;
 use common::peer::{Behavior, Peer};
 use mtad::spool::{DiskSpool, Spool};
@@ -264,6 +264,122 @@ async fn without_enough_members_up_nothing_is_acknowledged() {
     assert_eq!(queued, BTreeSet::from([id, again]));
 
     for n in [&mut node_a, &mut node_b] {
+        let _ = n.child.start_kill();
+        n.child.wait().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_share_is_copied_to_another_member() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        "shadow test secret, long enough",
+    )
+    .unwrap();
+    let hop = free_port();
+    let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
+    let names = ["node-a", "node-b", "node-c"];
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let seeds = [addrs[0].cluster];
+        let seeds = if i == 0 { &[][..] } else { &seeds[..] };
+        let cfg = write_config(dir.path(), name, addrs[i], seeds, hop, "");
+        nodes.push(Daemon::start(&cfg).await);
+    }
+    nodes_until(addrs[0].admin, |rows| all_voting(rows, 3)).await;
+    let mut acked = BTreeSet::new();
+    for i in 0..20 {
+        acked.insert(queue_id(&send(addrs[0].smtp, &format!("m{i}")).await));
+    }
+    let on_c = shadows(dir.path(), "node-c");
+    assert!(!on_c.is_empty(), "spread");
+
+    // node-c dies for good: its share is copied to node-b, the only
+    // member left to hold copies, and node-a's count of messages short of
+    // a copy goes back to 0.
+    nodes[2].child.start_kill().unwrap();
+    nodes[2].child.wait().await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let b = shadows(dir.path(), "node-b");
+        let short = sample(
+            &scrape(addrs[0].admin).await,
+            "mtad_queue_underreplicated",
+            &[],
+        );
+        if b == acked && short == Some(0.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-b holds {} of {}; under-replicated {short:?}",
+            b.len(),
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for mut n in nodes {
+        let _ = n.child.start_kill();
+        n.child.wait().await.unwrap();
+    }
+}
+
+/// node-a's `mtad_queue_underreplicated`, once it is `want`.
+async fn until_underreplicated(admin: SocketAddr, want: f64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let now = sample(&scrape(admin).await, "mtad_queue_underreplicated", &[]);
+        if now == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "under-replicated {now:?}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_short_of_a_copy_are_counted_until_the_holder_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        "shadow test secret, long enough",
+    )
+    .unwrap();
+    let hop = free_port();
+    let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
+    let names = ["node-a", "node-b", "node-c"];
+    let mut cfgs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let seeds = [addrs[0].cluster];
+        let seeds = if i == 0 { &[][..] } else { &seeds[..] };
+        // A copy on every member: none is left to replace one.
+        let cfg = write_config(dir.path(), name, addrs[i], seeds, hop, "replicas = 3");
+        nodes.push(Daemon::start(&cfg).await);
+        cfgs.push(cfg);
+    }
+    nodes_until(addrs[0].admin, |rows| all_voting(rows, 3)).await;
+    let mut acked = BTreeSet::new();
+    for i in 0..10 {
+        acked.insert(queue_id(&send(addrs[0].smtp, &format!("m{i}")).await));
+    }
+    assert_eq!(shadows(dir.path(), "node-b"), acked);
+    assert_eq!(shadows(dir.path(), "node-c"), acked);
+    until_underreplicated(addrs[0].admin, 0.0).await;
+
+    nodes[2].child.start_kill().unwrap();
+    nodes[2].child.wait().await.unwrap();
+    until_underreplicated(addrs[0].admin, 10.0).await;
+
+    // Back with its copies: whole again, nothing copied twice.
+    nodes[2] = Daemon::start(&cfgs[2]).await;
+    until_underreplicated(addrs[0].admin, 0.0).await;
+    assert_eq!(shadows(dir.path(), "node-c"), acked);
+    for mut n in nodes {
         let _ = n.child.start_kill();
         n.child.wait().await.unwrap();
     }

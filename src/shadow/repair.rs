@@ -28,11 +28,14 @@ impl ReplicatedSpool {
             return 0;
         }
         let candidates = self.replicas.candidates();
-        // (id, live holders) of every message short of copies.
+        // (id, live holders) of the messages short of copies, which are
+        // counted as under-replicated from now on (a holder that went
+        // down or left takes its copies with it).
         let short: Vec<(QueueId, Vec<NodeId>)> = {
             let mut book = self.book();
             let book = &mut *book;
             let mut short = Vec::new();
+            let mut under = std::collections::BTreeSet::new();
             for (id, e) in &book.messages {
                 let live: Vec<NodeId> = e
                     .holders
@@ -40,13 +43,16 @@ impl ReplicatedSpool {
                     .copied()
                     .filter(|h| candidates.contains(h))
                     .collect();
-                if live.len() < wanted && !book.in_flight.contains(id) {
+                if live.len() >= wanted {
+                    continue;
+                }
+                under.insert(*id);
+                if short.len() < REPAIR_BATCH && !book.in_flight.contains(id) {
                     short.push((*id, live));
                 }
-                if short.len() >= REPAIR_BATCH {
-                    break;
-                }
             }
+            book.under = under;
+            crate::metrics::underreplicated(book.under.len());
             for (id, _) in &short {
                 book.in_flight.insert(*id);
             }
@@ -90,8 +96,11 @@ impl ReplicatedSpool {
         if holders == envelope.holders {
             return false;
         }
-        if self.set_holders(id, holders.clone()).await.is_err() {
-            // Not recorded: the new copies are not this message's.
+        let recorded = self.set_holders(id, holders.clone()).await.is_ok();
+        // Finished while the copy travelled (its removal went to the old
+        // holders only), or the holders not recorded: the new copies
+        // belong to no message.
+        if !recorded || !self.book().messages.contains_key(&id) {
             for h in acked {
                 self.forward(h, Item::Removed(id));
             }

@@ -410,6 +410,25 @@ async fn a_holder_that_left_is_replaced() {
 }
 
 #[tokio::test]
+async fn a_message_whose_holder_left_counts_as_underreplicated_while_it_is_gone() {
+    let fake = Fake::new(1);
+    let local = MemorySpool::new();
+    let s = spool(&local, &fake, 2, 1);
+    s.store(envelope(1, 1), body()).await.unwrap();
+    assert!(s.underreplicated().is_empty());
+    let holder = fake.holder(1);
+    fake.modes.lock().unwrap().remove(&1);
+    assert_eq!(s.repair().await, 0);
+    assert_eq!(s.underreplicated(), vec![QueueId(1)]);
+    // Nobody to copy it to: the record keeps the holder, whose copy is
+    // still there should it come back.
+    assert_eq!(holders_here(&local, 1), vec![1]);
+    fake.set(1, Mode::Holds(holder));
+    assert_eq!(s.repair().await, 0, "nothing to copy");
+    assert!(s.underreplicated().is_empty());
+}
+
+#[tokio::test]
 async fn reconcile_makes_holders_forget_what_the_primary_no_longer_has() {
     let fake = Fake::new(1);
     let local = MemorySpool::new();
