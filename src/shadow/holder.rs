@@ -39,6 +39,59 @@ struct Inner {
     /// Primaries whose shadows were taken over: their copies and progress
     /// are refused from then on (the primary is fenced, or gone).
     taken: Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Parts of large messages received ahead of their `Store`.
+    staging: Mutex<Staging>,
+}
+
+/// Most content held for messages whose parts are arriving: a bound on
+/// what primaries can make a holder keep in memory.
+const STAGING_LIMIT: usize = 256 << 20;
+/// A message whose parts stopped coming this long ago is given up.
+const STAGING_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Content received in parts, per (primary, queue id).
+#[derive(Default)]
+struct Staging {
+    parts: std::collections::HashMap<(NodeId, u64), (bytes::BytesMut, tokio::time::Instant)>,
+    bytes: usize,
+}
+
+impl Staging {
+    /// Add a part; the primary starts over at offset 0.
+    fn add(&mut self, key: (NodeId, u64), offset: u64, part: &[u8]) -> Result<(), String> {
+        let now = tokio::time::Instant::now();
+        let mut freed = 0;
+        self.parts.retain(|k, (b, at)| {
+            let keep = *k != key || offset != 0;
+            let fresh = now.duration_since(*at) < STAGING_TTL;
+            if !(keep && fresh) {
+                freed += b.len();
+            }
+            keep && fresh
+        });
+        self.bytes -= freed;
+        if self.bytes + part.len() > STAGING_LIMIT {
+            return Err("too much content in parts held already".into());
+        }
+        let (buf, at) = self
+            .parts
+            .entry(key)
+            .or_insert_with(|| (bytes::BytesMut::new(), now));
+        if buf.len() as u64 != offset {
+            return Err(format!("part at {offset}, {} bytes held", buf.len()));
+        }
+        buf.extend_from_slice(part);
+        *at = now;
+        self.bytes += part.len();
+        Ok(())
+    }
+
+    /// The content held for `key`, if it is `len` bytes.
+    fn take(&mut self, key: (NodeId, u64), len: u64) -> Option<bytes::BytesMut> {
+        let (buf, _) = self.parts.remove(&key)?;
+        self.bytes -= buf.len();
+        (buf.len() as u64 == len).then_some(buf)
+    }
 }
 
 /// Every primary's shadows on this node; cheap to clone.
@@ -76,6 +129,7 @@ impl Holder {
                 limits,
                 shelves: Mutex::new(shelves),
                 taken: Mutex::default(),
+                staging: Mutex::default(),
             }),
         })
     }
@@ -173,8 +227,23 @@ impl Holder {
         discard(&shelf, vec![id]).await
     }
 
-    /// Keep a copy of `primary`'s message.
+    fn staging(&self) -> MutexGuard<'_, Staging> {
+        self.inner.staging.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keep a copy of `primary`'s message (its head from the parts
+    /// received before, if it came in parts).
     pub async fn store(&self, primary: NodeId, m: ShadowMessage) -> Result<(), SpoolError> {
+        let body = match m.staged {
+            0 => m.body,
+            n => {
+                let mut head = self.staging().take((primary, m.id), n).ok_or_else(|| {
+                    SpoolError::Corrupt(format!("the first {n} bytes did not all arrive"))
+                })?;
+                head.extend_from_slice(&m.body);
+                head.freeze()
+            }
+        };
         let shelf = self.shelf_or_open(primary)?;
         let envelope = Envelope {
             id: QueueId(m.id),
@@ -193,10 +262,7 @@ impl Holder {
             arrived_ms: m.arrived_ms,
             holders: Vec::new(),
         };
-        shelf
-            .spool
-            .store(envelope.clone(), Bytes::from(m.body))
-            .await?;
+        shelf.spool.store(envelope.clone(), body).await?;
         shelf.held().insert(envelope.id, envelope);
         crate::metrics::shadow_stored();
         Ok(())
@@ -278,6 +344,12 @@ impl Holder {
                         tracing::warn!(primary = %format_args!("{from:016x}"), queue_id = %QueueId(id), error = %e, "shadow copy not stored");
                         failed(e)
                     }
+                }
+            }
+            ShadowRequest::Part { id, offset, bytes } => {
+                match self.staging().add((from, id), offset, &bytes) {
+                    Ok(()) => ShadowReply::Staged,
+                    Err(why) => ShadowReply::Failed(why),
                 }
             }
             ShadowRequest::Progress { done, removed } => {

@@ -15,7 +15,8 @@ fn message(id: u64, rcpts: usize) -> ShadowMessage {
             })
             .collect(),
         arrived_ms: 1_000 + id,
-        body: format!("Subject: {id}\r\n\r\nbody\r\n").into_bytes(),
+        staged: 0,
+        body: format!("Subject: {id}\r\n\r\nbody\r\n").into(),
     }
 }
 
@@ -122,4 +123,54 @@ async fn a_taken_primary_is_refused_and_forget_deletes_its_shadows() {
     assert!(h.primaries().is_empty());
     assert!(!dir.path().join(format!("{P:016x}")).exists());
     assert!(open(dir.path()).primaries().is_empty());
+}
+
+#[tokio::test]
+async fn a_message_in_parts_is_stored_whole_and_a_gap_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path());
+    let part = |offset: u64, bytes: &'static [u8]| ShadowRequest::Part {
+        id: 7,
+        offset,
+        bytes: Bytes::from_static(bytes),
+    };
+    assert_eq!(
+        h.handle(P, part(0, b"Subject: ")).await,
+        ShadowReply::Staged
+    );
+    assert_eq!(
+        h.handle(P, part(9, b"parts\r\n")).await,
+        ShadowReply::Staged
+    );
+    // A part out of order is refused; the primary starts over.
+    assert!(matches!(
+        h.handle(P, part(3, b"x")).await,
+        ShadowReply::Failed(_)
+    ));
+    let mut m = message(7, 1);
+    m.staged = 16;
+    m.body = Bytes::from_static(b"\r\nbody\r\n");
+    assert_eq!(
+        h.handle(P, ShadowRequest::Store { message: m.clone() })
+            .await,
+        ShadowReply::Stored
+    );
+    let body = h.body(P, QueueId(7)).await.unwrap();
+    assert_eq!(&body[..], b"Subject: parts\r\n\r\nbody\r\n");
+    // The parts were used up: the same store again lacks its head.
+    assert!(matches!(
+        h.handle(P, ShadowRequest::Store { message: m }).await,
+        ShadowReply::Failed(_)
+    ));
+    // Another primary's parts are its own.
+    assert_eq!(
+        h.handle(Q, part(0, b"Subject: ")).await,
+        ShadowReply::Staged
+    );
+    let mut m = message(7, 1);
+    m.staged = 9;
+    assert!(matches!(
+        h.handle(P, ShadowRequest::Store { message: m }).await,
+        ShadowReply::Failed(_)
+    ));
 }

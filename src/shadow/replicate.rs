@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::rpc::shadow::{
-    ShadowMessage, ShadowRecipient, ShadowReply, ShadowRequest, MAX_SHADOW_BODY,
+    ShadowMessage, ShadowRecipient, ShadowReply, ShadowRequest, MAX_SHADOW_PART,
 };
 use crate::cluster::NodeId;
 use crate::spool::{Envelope, QueueId, RcptState, Recovered, Spool, SpoolError, SpoolFuture};
@@ -140,7 +140,8 @@ pub fn shadow_of(envelope: &Envelope, body: &Bytes) -> ShadowMessage {
             })
             .collect(),
         arrived_ms: envelope.arrived_ms,
-        body: body.to_vec(),
+        staged: 0,
+        body: body.clone(),
     }
 }
 
@@ -202,28 +203,57 @@ impl ReplicatedSpool {
     /// Ask each holder for a copy; the holders that made it durable.
     async fn copy_to(&self, holders: &[NodeId], message: ShadowMessage) -> Vec<NodeId> {
         let calls = holders.iter().map(|&h| {
-            let req = ShadowRequest::Store {
-                message: message.clone(),
-            };
-            let timeout = self.settings.store_timeout;
-            // Bounded here too: a stuck holder must not hang the client,
-            // whatever the transport does with the deadline.
-            let call = tokio::time::timeout(timeout, self.replicas.call(h, req, timeout));
+            let copy = self.copy_one(h, message.clone());
             async move {
-                match call.await.unwrap_or_else(|_| Err("no answer in time".into())) {
-                    Ok(ShadowReply::Stored) => {
+                match copy.await {
+                    Ok(()) => {
                         crate::metrics::shadow_sent("stored");
                         Some(h)
                     }
-                    other => {
+                    Err(why) => {
                         crate::metrics::shadow_sent("failed");
-                        tracing::warn!(holder = %format_args!("{h:016x}"), queue_id = %QueueId(message.id), answer = ?other, "shadow copy failed");
+                        tracing::warn!(holder = %format_args!("{h:016x}"), queue_id = %QueueId(message.id), error = %why, "shadow copy failed");
                         None
                     }
                 }
             }
         });
         join_all(calls).await.into_iter().flatten().collect()
+    }
+
+    /// One copy on holder `h`: a large message's content in parts first,
+    /// then the message with the rest.
+    async fn copy_one(&self, h: NodeId, mut message: ShadowMessage) -> Result<(), String> {
+        let body = std::mem::take(&mut message.body);
+        let mut offset = 0;
+        while body.len() - offset > MAX_SHADOW_PART {
+            let part = ShadowRequest::Part {
+                id: message.id,
+                offset: offset as u64,
+                bytes: body.slice(offset..offset + MAX_SHADOW_PART),
+            };
+            match self.call(h, part).await? {
+                ShadowReply::Staged => offset += MAX_SHADOW_PART,
+                other => return Err(format!("part refused: {other:?}")),
+            }
+        }
+        message.staged = offset as u64;
+        message.body = body.slice(offset..);
+        match self.call(h, ShadowRequest::Store { message }).await? {
+            ShadowReply::Stored => Ok(()),
+            other => Err(format!("copy refused: {other:?}")),
+        }
+    }
+
+    /// One call on holder `h` within the store timeout: bounded here too,
+    /// so a stuck holder cannot hang the client whatever the transport
+    /// does with the deadline.
+    async fn call(&self, h: NodeId, req: ShadowRequest) -> Result<ShadowReply, String> {
+        let timeout = self.settings.store_timeout;
+        let call = self.replicas.call(h, req, timeout);
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".into()))
     }
 
     /// Store locally and on the chosen holders at once; see the module.
@@ -234,11 +264,7 @@ impl ReplicatedSpool {
     ) -> Result<(), SpoolError> {
         let id = envelope.id;
         let wanted = usize::from(self.settings.replicas) - 1;
-        let chosen = match body.len() <= MAX_SHADOW_BODY {
-            true => choose(id, &self.replicas.candidates(), wanted),
-            // Too large for one link frame: kept here alone, and said so.
-            false => Vec::new(),
-        };
+        let chosen = choose(id, &self.replicas.candidates(), wanted);
         envelope.holders = chosen.clone();
         self.book().in_flight.insert(id);
         let shadow = (!chosen.is_empty()).then(|| shadow_of(&envelope, &body));

@@ -105,6 +105,7 @@ impl Replicas for Fake {
                 }
                 Some(Mode::Accepts) => Ok(match req {
                     ShadowRequest::Store { .. } => ShadowReply::Stored,
+                    ShadowRequest::Part { .. } => ShadowReply::Staged,
                     ShadowRequest::Progress { .. } => ShadowReply::Applied,
                     ShadowRequest::Reconcile { .. } => ShadowReply::Reconciled { discarded: 0 },
                 }),
@@ -232,6 +233,28 @@ async fn below_min_replicas_nothing_is_kept_or_acknowledged() {
     let r = s.store(envelope(2, 1), body()).await;
     assert!(matches!(r, Err(SpoolError::Replicas { .. })), "{r:?}");
     assert!(local.envelopes().is_empty());
+}
+
+#[tokio::test]
+async fn a_message_larger_than_one_call_goes_in_parts() {
+    use crate::cluster::rpc::shadow::MAX_SHADOW_PART;
+    let fake = Fake::new(1);
+    let local = MemorySpool::new();
+    let s = spool(&local, &fake, 2, 2);
+    let large: Bytes = (0..2 * MAX_SHADOW_PART + 5).map(|i| i as u8).collect();
+    s.store(envelope(1, 1), large.clone()).await.unwrap();
+    assert_eq!(fake.holder(1).body(100, QueueId(1)).await.unwrap(), large);
+    let parts: Vec<u64> = fake
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, r, _)| match r {
+            ShadowRequest::Part { offset, .. } => Some(*offset),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(parts, vec![0, MAX_SHADOW_PART as u64]);
 }
 
 #[tokio::test]

@@ -6,14 +6,15 @@
 //! The primary is always the authenticated caller, never a field: a node
 //! can store and change only its own shadows.
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::state::NodeId;
 
-/// Largest message content a shadow copy carries: its base64 form and
-/// the envelope must fit one link frame (16 MiB).
-pub const MAX_SHADOW_BODY: usize = 11 << 20;
+/// Most content one call carries: its base64 form and the envelope must
+/// fit one link frame (16 MiB). Larger messages go in parts first.
+pub const MAX_SHADOW_PART: usize = 8 << 20;
 
 /// A shadow call, from a primary to one of its holders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +23,17 @@ pub enum ShadowRequest {
     Store {
         /// The message.
         message: ShadowMessage,
+    },
+    /// The next part of a large message's content, ahead of its `Store`
+    /// (which carries the rest): held in memory until then.
+    Part {
+        /// The message's queue id.
+        id: u64,
+        /// Where the part starts in the content: 0 starts over.
+        offset: u64,
+        /// The part (base64 on the wire).
+        #[serde(with = "base64_bytes")]
+        bytes: Bytes,
     },
     /// Recipients delivered, bounced or expired, and messages finished
     /// (or deleted), batched.
@@ -53,9 +65,13 @@ pub struct ShadowMessage {
     pub recipients: Vec<ShadowRecipient>,
     /// When the primary accepted it, in ms since the Unix epoch.
     pub arrived_ms: u64,
-    /// The content (base64 on the wire; the link encrypts it).
+    /// Bytes of the content sent before in `Part`s; `body` is the rest.
+    #[serde(default)]
+    pub staged: u64,
+    /// The content, or its tail after `staged` bytes (base64 on the wire;
+    /// the link encrypts it).
     #[serde(with = "base64_bytes")]
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
 impl std::fmt::Debug for ShadowMessage {
@@ -64,6 +80,7 @@ impl std::fmt::Debug for ShadowMessage {
         f.debug_struct("ShadowMessage")
             .field("id", &format_args!("{:016X}", self.id))
             .field("recipients", &self.recipients.len())
+            .field("staged", &self.staged)
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -83,6 +100,8 @@ pub struct ShadowRecipient {
 pub enum ShadowReply {
     /// The copy is durable.
     Stored,
+    /// The part is held until the message's `Store`.
+    Staged,
     /// The progress is recorded.
     Applied,
     /// Reconciled: this many shadows were forgotten.
@@ -105,15 +124,18 @@ pub trait ShadowHandler: Send + Sync + 'static {
 
 mod base64_bytes {
     use base64ct::{Base64, Encoding};
+    use bytes::Bytes;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&Base64::encode_string(b))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Base64::decode_vec(&text).map_err(serde::de::Error::custom)
+        Base64::decode_vec(&text)
+            .map(Bytes::from)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -132,6 +154,7 @@ mod tests {
                 done: false,
             }],
             arrived_ms: 1,
+            staged: 0,
             body: (0..=255u8).collect(),
         };
         let call = Envelope::Call {
@@ -151,5 +174,20 @@ mod tests {
         // The log shows sizes, not mail.
         let debug = format!("{message:?}");
         assert!(debug.contains("body_len: 256"), "{debug}");
+        // The largest part fits a frame, envelope and all.
+        let part = Envelope::Call {
+            id: u64::MAX,
+            request: Request::Shadow(ShadowRequest::Part {
+                id: u64::MAX,
+                offset: u64::MAX,
+                bytes: Bytes::from(vec![0xFF; MAX_SHADOW_PART]),
+            }),
+        };
+        let frame = crate::cluster::link::frame::encode(&part).unwrap();
+        assert!(
+            frame.len() < crate::cluster::link::frame::MAX_FRAME,
+            "{}",
+            frame.len()
+        );
     }
 }
