@@ -69,6 +69,50 @@ pub fn message(
     );
 }
 
+/// How many copies of a message exist on distinct members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopiesEvent {
+    /// Accepted, or left by a holder that went down, with fewer copies
+    /// than `[spool] replicas`.
+    Underreplicated,
+    /// Every copy wanted exists again.
+    Replicated,
+    /// Refused (`451 4.4.0`): fewer copies than `[spool] min_replicas`.
+    NotEnoughCopies,
+}
+
+impl CopiesEvent {
+    /// The name written in the `event` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Underreplicated => "underreplicated",
+            Self::Replicated => "replicated",
+            Self::NotEnoughCopies => "not_enough_copies",
+        }
+    }
+}
+
+/// Log that message `id` has `copies` durable copies (its own included)
+/// where `wanted` are asked for.
+pub fn copies(kind: CopiesEvent, id: QueueId, copies: usize, wanted: usize) {
+    match kind {
+        CopiesEvent::Replicated => tracing::info!(
+            target: TARGET,
+            event = kind.as_str(),
+            queue_id = %id,
+            copies,
+            wanted,
+        ),
+        _ => tracing::warn!(
+            target: TARGET,
+            event = kind.as_str(),
+            queue_id = %id,
+            copies,
+            wanted,
+        ),
+    }
+}
+
 /// Log a message accepted from `client` (an address, or "local" for
 /// messages mtad makes itself, such as DSNs).
 pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, user: &str, reply: &str) {

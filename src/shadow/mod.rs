@@ -10,7 +10,7 @@
 //!   chosen by rendezvous hashing, then forwards its progress;
 //! - [`cluster`]: the [`replicate::Replicas`] the cluster gives.
 //!
-//! May import: `spool`, `cluster`, `config`, `metrics`, `clock`. Nothing
+//! May import: `spool`, `cluster`, `config`, `metrics`, `events`, `clock`. Nothing
 //! under `cluster` or `spool` imports it.
 
 pub mod cluster;

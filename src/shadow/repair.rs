@@ -51,6 +51,13 @@ impl ReplicatedSpool {
                     short.push((*id, live));
                 }
             }
+            for id in under.difference(&book.under) {
+                let copies = book.messages.get(id).map_or(0, |e| {
+                    e.holders.iter().filter(|h| candidates.contains(h)).count()
+                });
+                let kind = crate::events::CopiesEvent::Underreplicated;
+                crate::events::copies(kind, *id, copies + 1, wanted + 1);
+            }
             book.under = under;
             crate::metrics::underreplicated(book.under.len());
             for (id, _) in &short {
@@ -127,7 +134,8 @@ impl ReplicatedSpool {
         // a reconcile tells it to forget it.
         let restored = holders.len() >= wanted;
         if restored {
-            tracing::info!(event = "replicated", queue_id = %id, copies = holders.len() + 1, "message has all its copies again");
+            let kind = crate::events::CopiesEvent::Replicated;
+            crate::events::copies(kind, id, holders.len() + 1, wanted + 1);
         }
         restored
     }

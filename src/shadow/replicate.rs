@@ -27,6 +27,7 @@ use crate::cluster::rpc::shadow::{
     ShadowMessage, ShadowRecipient, ShadowReply, ShadowRequest, MAX_SHADOW_PART,
 };
 use crate::cluster::NodeId;
+use crate::events::{self, CopiesEvent};
 use crate::spool::{Envelope, QueueId, RcptState, Recovered, Spool, SpoolError, SpoolFuture};
 
 #[path = "forward.rs"]
@@ -283,7 +284,8 @@ impl ReplicatedSpool {
                 if acked.len() < wanted {
                     book.under.insert(id);
                     crate::metrics::underreplicated(book.under.len());
-                    tracing::warn!(event = "underreplicated", queue_id = %id, copies = acked.len() + 1, wanted = wanted + 1, "message accepted with fewer copies than wanted");
+                    let kind = CopiesEvent::Underreplicated;
+                    events::copies(kind, id, acked.len() + 1, wanted + 1);
                 }
                 book.messages.insert(id, envelope);
                 Ok(())
@@ -311,7 +313,8 @@ impl ReplicatedSpool {
         let id = envelope.id;
         let made = (acked.len() + 1) as u8;
         if made < self.settings.min_replicas {
-            tracing::warn!(event = "not_enough_copies", queue_id = %id, copies = made, required = self.settings.min_replicas, "message refused: not enough copies");
+            let needed = usize::from(self.settings.min_replicas);
+            events::copies(CopiesEvent::NotEnoughCopies, id, made.into(), needed);
             let _ = self.local.remove(id).await;
             return Err(SpoolError::Replicas {
                 made,
