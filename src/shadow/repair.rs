@@ -144,38 +144,40 @@ impl ReplicatedSpool {
     /// messages it keeps; it forgets the others below the mark. Returns
     /// how many shadows the holders forgot.
     pub async fn reconcile(&self) -> u64 {
-        let members = self.replicas.candidates();
         let mut discarded = 0;
-        for h in members {
-            let (keep, below) = {
-                let book = self.book();
-                let mut keep: Vec<u64> = book
-                    .messages
-                    .values()
-                    .filter(|e| e.holders.contains(&h))
-                    .map(|e| e.id.0)
-                    .collect();
-                keep.sort_unstable();
-                // Copies under way may reach the holder before the book
-                // knows them: nothing from the oldest of them on is
-                // touched (nor anything newer than every message known).
-                let newest = book.messages.keys().map(|id| id.0 + 1).max().unwrap_or(0);
-                let below = book.in_flight.first().map_or(newest, |id| id.0.min(newest));
-                (keep, below)
-            };
-            let req = ShadowRequest::Reconcile { keep, below };
-            match self
-                .replicas
-                .call(h, req, self.settings.store_timeout)
-                .await
-            {
-                Ok(ShadowReply::Reconciled { discarded: n }) => discarded += n,
-                other => {
-                    tracing::debug!(holder = %format_args!("{h:016x}"), answer = ?other, "reconcile not taken")
-                }
-            }
+        for h in self.replicas.candidates() {
+            discarded += self.reconcile_with(h).await;
         }
         discarded
+    }
+
+    /// Tell holder `h` which of this node's shadows it should keep;
+    /// returns how many it forgot.
+    pub async fn reconcile_with(&self, h: NodeId) -> u64 {
+        let (keep, below) = {
+            let book = self.book();
+            let mut keep: Vec<u64> = book
+                .messages
+                .values()
+                .filter(|e| e.holders.contains(&h))
+                .map(|e| e.id.0)
+                .collect();
+            keep.sort_unstable();
+            // Copies under way may reach the holder before the book
+            // knows them: nothing from the oldest of them on is touched
+            // (nor anything newer than every message known).
+            let newest = book.messages.keys().map(|id| id.0 + 1).max().unwrap_or(0);
+            let below = book.in_flight.first().map_or(newest, |id| id.0.min(newest));
+            (keep, below)
+        };
+        let req = ShadowRequest::Reconcile { keep, below };
+        match self.call(h, req).await {
+            Ok(ShadowReply::Reconciled { discarded }) => discarded,
+            other => {
+                tracing::debug!(holder = %format_args!("{h:016x}"), answer = ?other, "reconcile not taken");
+                0
+            }
+        }
     }
 }
 
@@ -189,14 +191,24 @@ pub async fn run(
 ) {
     let mut repair = tokio::time::interval(every);
     repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reconcile = tokio::time::interval(reconcile_every);
+    // Every member up at the start is reconciled with by the first
+    // repair tick.
+    let first = tokio::time::Instant::now() + reconcile_every;
+    let mut reconcile = tokio::time::interval_at(first, reconcile_every);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first ticks are at once: nothing to repair before members are
-    // known anyway, and a restarted primary's holders learn its state.
+    // A member that comes (back) up is reconciled with at once — at the
+    // start, every one: it may keep shadows whose progress it missed
+    // while it or this node was away.
+    let mut up: Vec<NodeId> = Vec::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = repair.tick() => {
+                let now = spool.replicas.candidates();
+                for h in now.iter().filter(|h| !up.contains(h)) {
+                    spool.reconcile_with(*h).await;
+                }
+                up = now;
                 spool.repair().await;
             }
             _ = reconcile.tick() => {

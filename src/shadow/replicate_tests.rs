@@ -468,3 +468,35 @@ async fn reconcile_makes_holders_forget_what_the_primary_no_longer_has() {
     assert_eq!(s.reconcile().await, 1);
     assert_eq!(fake.shadows(1), vec![1, 2, 3]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_member_that_comes_up_is_reconciled_with_at_once() {
+    let fake = Fake::new(1);
+    fake.set(1, Mode::Accepts);
+    let s = Arc::new(spool(&MemorySpool::new(), &fake, 2, 1));
+    let cancel = CancellationToken::new();
+    let every = Duration::from_secs(3);
+    let task = tokio::spawn(repair::run(
+        s.clone(),
+        every,
+        Duration::from_secs(3600),
+        cancel.clone(),
+    ));
+    let reconciled = || -> Vec<NodeId> {
+        let calls = fake.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|(_, r, _)| matches!(r, ShadowRequest::Reconcile { .. }))
+            .map(|(to, _, _)| *to)
+            .collect()
+    };
+    tokio::time::sleep(every / 2).await;
+    assert_eq!(reconciled(), vec![1], "at the start");
+    fake.set(2, Mode::Accepts);
+    tokio::time::sleep(every).await;
+    assert_eq!(reconciled(), vec![1, 2], "2 came up");
+    tokio::time::sleep(every * 3).await;
+    assert_eq!(reconciled(), vec![1, 2], "once each");
+    cancel.cancel();
+    task.await.unwrap();
+}
