@@ -384,3 +384,39 @@ async fn messages_short_of_a_copy_are_counted_until_the_holder_is_back() {
         n.child.wait().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_stops_on_purpose_leaves_no_shadow_of_what_it_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        "shadow test secret, long enough",
+    )
+    .unwrap();
+    let sink = Peer::start(Behavior::default()).await;
+    let addrs: Vec<Addrs> = (0..2).map(|_| Addrs::new()).collect();
+    let cfg_a = write_config(dir.path(), "node-a", addrs[0], &[], sink.addr, "");
+    let cfg_b = write_config(
+        dir.path(),
+        "node-b",
+        addrs[1],
+        &[addrs[0].cluster],
+        sink.addr,
+        "",
+    );
+    let mut a = Daemon::start(&cfg_a).await;
+    let mut b = Daemon::start(&cfg_b).await;
+    nodes_until(addrs[0].admin, |rows| all_voting(rows, 2)).await;
+    for i in 0..20 {
+        queue_id(&send(addrs[0].smtp, &format!("m{i}")).await);
+    }
+    tokio::time::timeout(PATIENCE, sink.wait_messages(20))
+        .await
+        .expect("all delivered");
+    // At once, before a batch of progress would be due: the stop sends it.
+    a.signal(libc::SIGTERM);
+    a.child.wait().await.unwrap();
+    assert_eq!(shadows(dir.path(), "node-b"), BTreeSet::new());
+    let _ = b.child.start_kill();
+    b.child.wait().await.unwrap();
+}

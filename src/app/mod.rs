@@ -294,6 +294,11 @@ impl Node {
         tokio::join!(sessions, groups);
         self.smtp_cancel.cancel();
         self.cancel.cancel();
+        // The queue has stopped: what it recorded last goes to the holders
+        // before the links do.
+        if let Some(r) = &self.replicated {
+            r.flush(grace.min(LEAVE_WITHIN)).await;
+        }
         if let Some(c) = &self.cluster {
             c.leave(grace.min(LEAVE_WITHIN)).await;
         }

@@ -204,11 +204,13 @@ pub(super) fn start_shadows(
     }
     let replicas = ClusterReplicas::new(c.identity.incarnation, c.handle.view.clone(), c.link());
     let settings = Settings::new(config.spool.replicas, config.spool.min_replicas);
+    // Progress is forwarded until the cluster side stops: after the mail
+    // side, so the last results reach the holders (see Node::shutdown).
     let replicated = Arc::new(ReplicatedSpool::new(
         local,
         Arc::new(replicas),
         settings,
-        base.cancel.child_token(),
+        base.cluster_cancel.child_token(),
     ));
     base.tracker.spawn(crate::shadow::replicate::repair::run(
         replicated.clone(),

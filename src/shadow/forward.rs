@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -18,12 +18,15 @@ use crate::cluster::NodeId;
 use crate::spool::QueueId;
 
 /// One piece of progress for a holder.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Item {
     /// These recipients of the message are done.
     Done(QueueId, Vec<u32>),
     /// The message is finished (or was never acknowledged).
     Removed(QueueId),
+    /// Send what is waiting now (one attempt), then answer: the node is
+    /// stopping.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Progress not yet sent, merged per message.
@@ -32,10 +35,15 @@ struct Batch {
     done: BTreeMap<u64, Vec<u32>>,
     removed: Vec<u64>,
     items: usize,
+    flushes: Vec<oneshot::Sender<()>>,
 }
 
 impl Batch {
     fn add(&mut self, item: Item) {
+        if let Item::Flush(answer) = item {
+            self.flushes.push(answer);
+            return;
+        }
         self.items += 1;
         match item {
             Item::Done(id, mut idx) => {
@@ -49,6 +57,18 @@ impl Batch {
                 self.done.remove(&id.0);
                 self.removed.push(id.0);
             }
+            Item::Flush(_) => {}
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.items == 0 && self.flushes.is_empty()
+    }
+
+    /// Answer the flushes waiting: what was there has had its attempt.
+    fn flushed(&mut self) {
+        for f in self.flushes.drain(..) {
+            let _ = f.send(());
         }
     }
 
@@ -82,8 +102,12 @@ async fn run(
 ) {
     let mut backoff = Backoff::new(settings.batch_delay, settings.batch_delay * 25);
     let mut batch = Batch::default();
+    let mut open = true;
     loop {
-        if batch.items == 0 {
+        if batch.idle() {
+            if !open {
+                return;
+            }
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
                 item = rx.recv() => item,
@@ -93,16 +117,13 @@ async fn run(
                 None => return,
             }
         }
-        // Gather what comes within the delay, up to the batch size.
+        // Gather what comes within the delay, up to the batch size; a
+        // flush sends at once.
         let until = Instant::now() + settings.batch_delay;
-        let mut open = true;
-        while batch.items < settings.batch_max {
+        while open && batch.items < settings.batch_max && batch.flushes.is_empty() {
             match timeout_at(until, rx.recv()).await {
                 Ok(Some(item)) => batch.add(item),
-                Ok(None) => {
-                    open = false;
-                    break;
-                }
+                Ok(None) => open = false,
                 Err(_) => break,
             }
         }
@@ -112,31 +133,40 @@ async fn run(
                 Err(_) => break,
             }
         }
+        if batch.items == 0 {
+            batch.flushed();
+            continue;
+        }
         if !replicas.is_member(to) {
             // Gone from the cluster: nobody will ever need it there.
+            let flushes = std::mem::take(&mut batch.flushes);
             batch = Batch::default();
-        } else {
-            let reply = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = replicas.call(to, batch.request(), settings.store_timeout) => r,
-            };
-            match reply {
-                Ok(ShadowReply::Applied) => {
-                    batch = Batch::default();
-                    backoff.reset();
-                }
-                other => {
-                    tracing::debug!(holder = %format_args!("{to:016x}"), answer = ?other, "shadow progress not taken; retrying");
-                    let pause = backoff.next(crate::backoff::jitter());
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => {}
-                    }
+            batch.flushes = flushes;
+            batch.flushed();
+            continue;
+        }
+        let reply = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = replicas.call(to, batch.request(), settings.store_timeout) => r,
+        };
+        match reply {
+            Ok(ShadowReply::Applied) => {
+                let flushes = std::mem::take(&mut batch.flushes);
+                batch = Batch::default();
+                batch.flushes = flushes;
+                batch.flushed();
+                backoff.reset();
+            }
+            other => {
+                tracing::debug!(holder = %format_args!("{to:016x}"), answer = ?other, "shadow progress not taken; retrying");
+                // A stopping node does not wait for a holder that fails.
+                batch.flushed();
+                let pause = backoff.next(crate::backoff::jitter());
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
-        }
-        if !open && batch.items == 0 {
-            return;
         }
     }
 }

@@ -331,6 +331,25 @@ impl ReplicatedSpool {
         Ok(())
     }
 
+    /// Send the progress waiting for every holder now, one attempt each,
+    /// and return once all were made or `within` is over: a node that
+    /// stops on purpose leaves its holders nothing to deliver again.
+    pub async fn flush(&self, within: Duration) {
+        let waits: Vec<_> = {
+            let forwarders = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
+            forwarders
+                .values()
+                .filter_map(|tx| {
+                    let (answer, wait) = tokio::sync::oneshot::channel();
+                    tx.send(Item::Flush(answer)).ok().map(|()| wait)
+                })
+                .collect()
+        };
+        if tokio::time::timeout(within, join_all(waits)).await.is_err() {
+            tracing::warn!("shadow progress not all sent before stopping");
+        }
+    }
+
     /// Queue `item` for holder `h`'s forwarder, starting it if need be.
     fn forward(&self, h: NodeId, item: Item) {
         let mut forwarders = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());

@@ -500,3 +500,41 @@ async fn a_member_that_comes_up_is_reconciled_with_at_once() {
     cancel.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_flush_sends_waiting_progress_without_the_batch_delay() {
+    let fake = Fake::new(2);
+    fake.set(1, Mode::Accepts);
+    fake.set(2, Mode::Fails);
+    let local = MemorySpool::new();
+    let s = spool(&local, &fake, 2, 1);
+    let mut ids = Vec::new();
+    // 2's copies fail: only 1 holds any, and only 1 hears of progress.
+    for id in 1..=4 {
+        s.store(envelope(id, 1), body()).await.unwrap();
+        ids.push(id);
+    }
+    for id in &ids {
+        s.update(QueueId(*id), vec![(0, RcptState::Done)])
+            .await
+            .unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    s.flush(Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Settings::new(2, 1).batch_delay);
+    let calls = fake.progress_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let ShadowRequest::Progress { done, .. } = &calls[0].1 else {
+        unreachable!()
+    };
+    let sent: Vec<u64> = done.iter().map(|(id, _)| *id).collect();
+    let on_one: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| holders_here(&local, *id) == vec![1])
+        .collect();
+    assert_eq!(sent, on_one);
+    // Nothing waits: a second flush returns at once, sending nothing.
+    s.flush(Duration::from_secs(5)).await;
+    assert_eq!(fake.progress_calls().len(), 1);
+}
