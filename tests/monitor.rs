@@ -205,6 +205,7 @@ async fn cluster(a_check: Check, check_timeout: Duration) -> Cluster {
             groups: vec!["mta".into()],
             quorum_within: std::time::Duration::from_secs(1),
             secrets: nodes[0].secret_fingerprints(),
+            holder: None,
         }),
         mail: None,
         reload: None,

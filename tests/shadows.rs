@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::client::Client;
-use common::daemon::{all_voting, free_port, nodes_until, sample, scrape, Daemon};
+use common::daemon::{
+    all_voting, ctl_json, free_port, nodes_json, nodes_until, sample, scrape, Daemon,
+};
 use common::node::PATIENCE;
 use common::peer::{Behavior, Peer};
 use mtad::spool::{DiskSpool, Spool};
@@ -193,6 +195,25 @@ async fn acknowledged_messages_are_on_another_member_until_delivered() {
     assert_eq!(all, acked, "every acknowledged message has its shadow");
     assert!(!b.is_empty() && !c.is_empty(), "spread: b {b:?}, c {c:?}");
     assert!(shadows(dir.path(), "node-a").is_empty());
+
+    // ctl says the same: per member, the copies of node-a's messages it
+    // keeps (as node-a recorded them, and as node-b counts its own), and
+    // for a message, where its copy is.
+    let rows = nodes_json(addrs[0].admin).await;
+    let count = |rows: &[serde_json::Value], name: &str, field: &str| {
+        let row = rows.iter().find(|r| r["name"] == name).unwrap();
+        row[field].as_u64().unwrap() as usize
+    };
+    assert_eq!(count(&rows, "node-b", "copies_there"), b.len());
+    assert_eq!(count(&rows, "node-c", "copies_there"), c.len());
+    let rows = nodes_json(addrs[1].admin).await;
+    assert_eq!(count(&rows, "node-a", "shadows_here"), b.len());
+    let first = *b.iter().next().unwrap();
+    let detail: serde_json::Value =
+        ctl_json(addrs[0].admin, &["queue", "show", &format!("{first:016X}")]).await;
+    assert_eq!(detail["copies"], serde_json::json!(["node-b"]), "{detail}");
+    let status: serde_json::Value = ctl_json(addrs[0].admin, &["status"]).await;
+    assert_eq!(status["underreplicated"], 0, "{status}");
 
     // The hop comes up: delivered, and the shadows are discarded.
     let sink = Peer::start_at(hop, Behavior::default()).await;

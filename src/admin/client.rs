@@ -151,7 +151,7 @@ pub async fn run_with(api: &Api, cmd: &Command, json: bool) -> Result<Output, St
     let text = match (cmd, status) {
         (_, Some(s)) => {
             format!(
-                "node {}  mtad {}  up {}s\ncluster: {}{}{}{}{}\ngroups owned: {}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
+                "node {}  mtad {}  up {}s\ncluster: {}{}{}{}{}{}\ngroups owned: {}\nqueue: {} queued, {} delivered, {} deferred, {} bounced, {} expired\n",
                 s.node,
                 s.version,
                 s.uptime_s,
@@ -160,6 +160,7 @@ pub async fn run_with(api: &Api, cmd: &Command, json: bool) -> Result<Output, St
                 s.cluster_problem.map(|p| format!(" — not joined: {p}")).unwrap_or_default(),
                 secrets_line(&s.secrets),
                 s.drain.map(|d| format!("\nmail: {d} (ctl drain --cancel ends it)")).unwrap_or_default(),
+                s.underreplicated.map(|n| format!("\ncopies: {n} message(s) short of a copy on other members")).unwrap_or_default(),
                 if s.groups.is_empty() { "none".to_string() } else { s.groups.join(", ") },
                 s.queued,
                 s.delivered,
@@ -358,6 +359,9 @@ fn detail(d: &MessageDetail) -> String {
         let hop = d.last_hop.as_deref().unwrap_or("-");
         out.push_str(&format!("last reply: {reply} (from {hop})\n"));
     }
+    if !d.copies.is_empty() {
+        out.push_str(&format!("copies on: {}\n", d.copies.join(", ")));
+    }
     out.push_str("recipients:\n");
     for r in &d.recipients {
         out.push_str(&format!(
@@ -400,12 +404,21 @@ fn group_table(rows: &[GroupRow]) -> String {
 
 fn table(rows: &[NodeRow]) -> String {
     let mut out = format!(
-        "{:<16} {:<8} {:<9} {:<8} {:<6} {:<9} {:<22} {}\n",
-        "NAME", "ROLE", "VOTE", "STATE", "LEADS", "DELIVERS", "ADDRESS", "INCARNATION"
+        "{:<16} {:<8} {:<9} {:<8} {:<6} {:<9} {:<22} {:<20} {:>8} {:>8}\n",
+        "NAME",
+        "ROLE",
+        "VOTE",
+        "STATE",
+        "LEADS",
+        "DELIVERS",
+        "ADDRESS",
+        "INCARNATION",
+        "SHADOWS",
+        "COPIES"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<16} {:<8} {:<9} {:<8} {:<6} {:<9} {:<22} {}\n",
+            "{:<16} {:<8} {:<9} {:<8} {:<6} {:<9} {:<22} {:<20} {:>8} {:>8}\n",
             r.name,
             r.role,
             r.vote,
@@ -413,7 +426,9 @@ fn table(rows: &[NodeRow]) -> String {
             if r.leader { "*" } else { "" },
             if r.delivers { "yes" } else { "no" },
             r.addr,
-            r.incarnation
+            r.incarnation,
+            r.shadows_here,
+            r.copies_there
         ));
     }
     out

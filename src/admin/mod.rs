@@ -4,7 +4,7 @@
 //! a deadline and answers 504 when it passes.
 //!
 //! May import: `cluster` (through `ClusterHandle` and the replicated
-//! state's types), `queue`, `delivery`, `spool` and the utilities
+//! state's types), `queue`, `delivery`, `spool`, `shadow` and the utilities
 //! (`clock`, `metrics`); only the wiring (`app`, `reload`, `main`)
 //! imports it.
 
@@ -33,6 +33,7 @@ use crate::cluster::groups::placement;
 use crate::cluster::state::groups::delivery_group;
 use crate::cluster::NodeState;
 use crate::queue::Stats;
+use crate::shadow::Holder;
 
 /// Longest an admin action may take before it answers 504.
 const ACTION_DEADLINE: Duration = Duration::from_secs(5);
@@ -86,6 +87,8 @@ pub struct ClusterReadout {
     /// Fingerprints of the secret this node proves with, then of those it
     /// also accepts.
     pub secrets: Vec<String>,
+    /// Other members' shadow copies kept here (none on a witness).
+    pub holder: Option<Holder>,
 }
 
 impl ClusterReadout {
@@ -149,6 +152,10 @@ pub struct Status {
     /// they can talk, and a change of secret shows here node by node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Messages queued here with fewer copies on other members than
+    /// `[spool] replicas` (absent when this node makes no copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underreplicated: Option<usize>,
 }
 
 /// One row of `GET /v1/nodes`.
@@ -175,6 +182,12 @@ pub struct NodeRow {
     /// group (a witness never does).
     #[serde(default)]
     pub delivers: bool,
+    /// Shadow copies of its messages this node keeps.
+    #[serde(default)]
+    pub shadows_here: usize,
+    /// Copies of this node's messages it keeps, as this node recorded.
+    #[serde(default)]
+    pub copies_there: usize,
 }
 
 /// An error answer.
@@ -269,6 +282,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
             true if owned.is_empty() && q.queued == 0 => Some("drained".into()),
             true => Some("draining".into()),
         },
+        underreplicated: replicated(&s).map(|r| r.underreplicated().len()),
     })
 }
 
@@ -283,6 +297,15 @@ async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
     let in_all = |id: &u64| configs.iter().all(|c| c.contains(id));
     let in_any = |id: &u64| configs.iter().any(|c| c.contains(id));
     let state = view.borrow().state.clone();
+    let here = s
+        .cluster
+        .as_ref()
+        .and_then(|c| c.holder.as_ref())
+        .map(|h| h.counts())
+        .unwrap_or_default();
+    let there = replicated(&s)
+        .map(|r| r.shadows_per_holder())
+        .unwrap_or_default();
     let rows = membership
         .nodes()
         .map(|(id, member)| {
@@ -307,10 +330,26 @@ async fn nodes(State(s): State<Arc<AdminState>>) -> Answer<Vec<NodeRow>> {
                     .groups
                     .get(&delivery_group(&member.name))
                     .is_some_and(|g| g.owner == Some(*id) && !g.revoked && !g.released),
+                shadows_here: here.get(id).copied().unwrap_or(0),
+                copies_there: there.get(id).copied().unwrap_or(0),
             }
         })
         .collect();
     Ok(Json(rows))
+}
+
+/// This node's copies on other members, when it makes any.
+fn replicated(s: &AdminState) -> Option<&Arc<crate::shadow::ReplicatedSpool>> {
+    s.mail.as_ref().and_then(|m| m.replicated.as_ref())
+}
+
+/// Member `id`'s name, or its id in hex when the state does not know it.
+fn node_name(s: &AdminState, id: u64) -> String {
+    let name = s.cluster.as_ref().and_then(|c| {
+        let v = c.handle.view.borrow();
+        v.state.members.get(&id).map(|m| m.member.name.clone())
+    });
+    name.unwrap_or_else(|| format!("{id:016x}"))
 }
 
 async fn evict(

@@ -13,6 +13,7 @@ use super::{problem, AdminState, Answer, ACTION_DEADLINE};
 use crate::delivery::Destinations;
 use crate::queue::ops::{self, DestinationRow, Filter, MessageDetail, Op, Page, Selector};
 use crate::queue::QueueHandle;
+use crate::shadow::ReplicatedSpool;
 use crate::spool::Spool;
 
 /// Longest header section `queue show` returns.
@@ -27,6 +28,8 @@ pub struct MailReadout {
     pub spool: Arc<dyn Spool>,
     /// The delivery side, for associations per destination.
     pub destinations: Destinations,
+    /// This node's copies on other members, when it makes any.
+    pub replicated: Option<Arc<ReplicatedSpool>>,
 }
 
 /// Query of `GET /v1/queue`.
@@ -133,6 +136,9 @@ pub(super) async fn show(
         Ok(Err(e)) => format!("(cannot read the content: {e})"),
         Err(_) => "(the spool did not answer in time)".into(),
     };
+    if let Some(holders) = m.replicated.as_ref().and_then(|r| r.holders(qid)) {
+        detail.copies = holders.iter().map(|h| super::node_name(&s, *h)).collect();
+    }
     Ok(Json(detail))
 }
 

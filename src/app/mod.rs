@@ -164,7 +164,8 @@ impl Node {
         let base = Base::new(config);
         let cluster = stages::start_cluster(&base).await?;
         let shadows = stages::start_shadows(&base, spool, cluster.as_ref())?;
-        let mail = Mail::start(&base, shadows.spool, cluster.as_ref());
+        let mut mail = Mail::start(&base, shadows.spool, cluster.as_ref());
+        mail.readout.replicated = shadows.replicated.clone();
         let groups = stages::start_groups(
             &base,
             cluster.as_ref(),
@@ -177,6 +178,7 @@ impl Node {
             &base,
             listeners.admin,
             cluster.as_ref(),
+            shadows.holder.as_ref(),
             &mail.stats,
             mail.readout,
             &drain.switch,

@@ -311,6 +311,7 @@ impl Mail {
             queue: queue.clone(),
             spool: spool.clone(),
             destinations: readout,
+            replicated: None,
         };
         let intake = Arc::new(Intake::new(
             spool,
@@ -445,6 +446,7 @@ pub(super) fn serve_admin(
     base: &Base,
     listener: Option<TcpListener>,
     cluster: Option<&ClusterNode>,
+    holder: Option<&Holder>,
     stats: &watch::Receiver<queue::Stats>,
     mail: MailReadout,
     drain: &Arc<watch::Sender<bool>>,
@@ -471,6 +473,7 @@ pub(super) fn serve_admin(
                     .cluster
                     .as_ref()
                     .map_or(Duration::ZERO, |cc| cc.election_timeout * 2),
+                holder: holder.cloned(),
             }),
             mail: Some(mail),
             reload: Some(reload_requests),

@@ -91,6 +91,10 @@ pub struct MessageDetail {
     /// The message's header section.
     #[serde(default)]
     pub headers: String,
+    /// The other members holding a copy of it (names; filled in by the
+    /// admin API in a cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<String>,
 }
 
 /// One destination in `queue summary`.
@@ -243,6 +247,7 @@ impl Core {
             last_hop: e.last.as_ref().map(|(hop, _, _)| hop.clone()),
             last_reply_ms: e.last.as_ref().map(|(_, _, at)| *at),
             headers: String::new(),
+            copies: Vec::new(),
         })
     }
 
