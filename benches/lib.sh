@@ -19,6 +19,12 @@ PORT=${BENCH_PORT:-2525}
 SINK_PORT=${BENCH_SINK_PORT:-2526}
 # mtad's admin API (queue.sh lists the queue through it).
 ADMIN_PORT=${BENCH_ADMIN_PORT:-8025}
+# REPLICAS=N above 1: mtad runs in a cluster with N-1 more nodes, each
+# message copied to N-1 of them before "250" (issue 14). Their cluster
+# links and SMTP listeners use ports from CLUSTER_PORT on.
+REPLICAS=${REPLICAS:-1}
+CLUSTER_PORT=${BENCH_CLUSTER_PORT:-2600}
+HOLDER_PIDS=()
 SENDER=bench@example.test
 # A domain that no MTA here considers local, so every message is relayed.
 RCPT=sink@dest.example
@@ -68,6 +74,7 @@ cleanup() {
         for _ in $(seq 100); do kill -0 "$MTA_PID" 2>/dev/null || break; sleep 0.1; done
         kill -0 "$MTA_PID" 2>/dev/null && postfix -c "$PF_CONF" abort >/dev/null 2>&1
     elif [[ -n $MTA_PID ]]; then
+        for pid in "${HOLDER_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
         kill "$MTA_PID" 2>/dev/null
         for _ in $(seq 100); do kill -0 "$MTA_PID" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$MTA_PID" 2>/dev/null
@@ -137,9 +144,39 @@ listen = "$HOST:$ADMIN_PORT"
 format = "json"
 level = "warn"
 EOF
+    if ((REPLICAS > 1)); then
+        cluster_config "$CLUSTER_PORT" '' >>"$T/mtad.toml"
+    fi
     "$MTAD_BIN" run --config "$T/mtad.toml" >"$T/mtad.log" 2>&1 &
     MTA_PID=$!
     wait_listen $PORT 30 $MTA_PID || die "mtad did not listen on $PORT: $(tail -5 "$T/mtad.log")"
+    local i up=0
+    for ((i = 1; i < REPLICAS; i++)); do
+        local dir=$T/holder$i cfg=$T/holder$i.toml
+        mkdir -p "$dir"
+        printf '[node]\nname = "holder%s"\ndata_dir = "%s"\n\n[smtp]\nlisten = ["%s:%s"]\n\n[[route]]\ndomains = ["*"]\nnext_hops = ["%s:%s"]\ntls = "none"\n\n[log]\nformat = "json"\nlevel = "warn"\n' \
+            "$i" "$dir" "$HOST" $((CLUSTER_PORT + 50 + i)) "$HOST" "$SINK_PORT" >"$cfg"
+        cluster_config $((CLUSTER_PORT + i)) "\"$HOST:$CLUSTER_PORT\"" >>"$cfg"
+        "$MTAD_BIN" run --config "$cfg" >"$T/holder$i.log" 2>&1 &
+        HOLDER_PIDS+=($!)
+    done
+    if ((REPLICAS > 1)); then
+        # Every member up as the accepting node sees it, or copies fail.
+        for ((i = 0; i < 600; i++)); do
+            up=$("$MTAD_BIN" ctl --admin "http://$HOST:$ADMIN_PORT" nodes 2>/dev/null | grep -c ' up ' || true)
+            ((up == REPLICAS)) && break
+            sleep 0.05
+        done
+        ((up == REPLICAS)) || die "the cluster did not form: $(tail -5 "$T/mtad.log")"
+        log "cluster of $REPLICAS up: replicas = $REPLICAS"
+    fi
+}
+
+# The [spool] and [cluster] tables of a benchmark cluster node.
+cluster_config() { # cluster-port seeds
+    [[ -s $T/cluster.key ]] || { echo "benchmark cluster secret, long enough" >"$T/cluster.key"; chmod 600 "$T/cluster.key"; }
+    printf '\n[spool]\nreplicas = %s\n\n[cluster]\nname = "bench"\nlisten = "%s:%s"\nseeds = [%s]\nsecret_file = "%s"\n' \
+        "$REPLICAS" "$HOST" "$1" "$2" "$T/cluster.key"
 }
 
 start_postfix() {
