@@ -113,6 +113,31 @@ pub fn copies(kind: CopiesEvent, id: QueueId, copies: usize, wanted: usize) {
     }
 }
 
+/// Log that this node took over message `original` of the fenced node
+/// `primary` (incarnation, hex) from its shadow copy, as `id`.
+pub fn taken_over(id: QueueId, primary: u64, original: QueueId, sender: &str, rcpts: usize) {
+    tracing::info!(
+        target: TARGET,
+        event = "taken_over",
+        queue_id = %id,
+        primary = %format_args!("{primary:016x}"),
+        original_id = %original,
+        sender = sender,
+        rcpts = rcpts,
+    );
+}
+
+/// Log that this node dropped its message `id`: a node that took over
+/// its shadow copies while it was fenced delivers it.
+pub fn given_up(id: QueueId, taker: u64) {
+    tracing::info!(
+        target: TARGET,
+        event = "given_up",
+        queue_id = %id,
+        taker = %format_args!("{taker:016x}"),
+    );
+}
+
 /// Log a message accepted from `client` (an address, or "local" for
 /// messages mtad makes itself, such as DSNs).
 pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, user: &str, reply: &str) {

@@ -164,13 +164,14 @@ impl Node {
         let base = Base::new(config);
         let cluster = stages::start_cluster(&base).await?;
         let shadows = stages::start_shadows(&base, spool, cluster.as_ref())?;
-        let mut mail = Mail::start(&base, shadows.spool, cluster.as_ref());
+        let mut mail = Mail::start(&base, shadows.spool.clone(), cluster.as_ref());
         mail.readout.replicated = shadows.replicated.clone();
+        let ready = stages::start_promoter(&base, cluster.as_ref(), &shadows, &mail);
         let groups = stages::start_groups(
             &base,
             cluster.as_ref(),
             mail.intake.clone(),
-            (mail.source, mail.gate),
+            (mail.source, mail.gate, ready),
         );
         let drain = stages::follow_cluster(&base, cluster.as_ref());
         let smtp = stages::serve_smtp(&base, listeners.smtp, &mail.intake, &drain.switch);

@@ -4,6 +4,8 @@
 //! ones made and returns what the node keeps.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +23,12 @@ use crate::delivery::gate::Gate;
 use crate::delivery::Destinations;
 use crate::queue::intake::Intake;
 use crate::queue::{self, QueueHandle, QueueParts};
+use crate::resource::gate::Ready;
 use crate::resource::setup::Groups;
 use crate::resource::source::SourceSlot;
 use crate::routing::{Handover, Router};
 use crate::shadow::cluster::ClusterReplicas;
+use crate::shadow::promote::{self, Mailroom, Promoter};
 use crate::shadow::replicate::Settings;
 use crate::shadow::{Holder, ReplicatedSpool};
 use crate::smtp::clients::Clients;
@@ -156,6 +160,9 @@ pub(super) struct Shadows {
     pub(super) replicated: Option<Arc<ReplicatedSpool>>,
     /// Other members' copies kept here.
     pub(super) holder: Option<Holder>,
+    /// The last takeover of this node's own copies it settled, and the
+    /// file that keeps it (a member only).
+    pub(super) settled: Option<(Arc<AtomicU64>, PathBuf)>,
 }
 
 /// How often messages short of copies are copied again.
@@ -180,6 +187,7 @@ pub(super) fn start_shadows(
             spool: local,
             replicated: None,
             holder: None,
+            settled: None,
         });
     };
     let dir = config.node.data_dir.join("shadows");
@@ -191,7 +199,11 @@ pub(super) fn start_shadows(
     let (total, _) = filesystem_space(&dir).map_err(|e| fail(e.into()))?;
     let holder =
         Holder::open(&dir, Limits::for_filesystem(total, config.spool.max_size)).map_err(fail)?;
+    holder.admit_with(promote::admit(c.handle.view.clone(), holder.clone()));
     c.serve_shadows(Arc::new(holder.clone()));
+    let settled_file = dir.join("self.settled");
+    let settled = Arc::new(AtomicU64::new(promote::load_settled(&settled_file)));
+    let settled = Some((settled, settled_file));
     for (primary, n) in holder.counts() {
         tracing::info!(primary = %format_args!("{primary:016x}"), shadows = n, "shadow copies recovered");
     }
@@ -200,9 +212,15 @@ pub(super) fn start_shadows(
             spool: local,
             replicated: None,
             holder: Some(holder),
+            settled,
         });
     }
-    let replicas = ClusterReplicas::new(c.identity.incarnation, c.handle.view.clone(), c.link());
+    let replicas = ClusterReplicas::new(
+        c.identity.incarnation,
+        c.handle.view.clone(),
+        c.link(),
+        settled.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+    );
     let settings = Settings::new(config.spool.replicas, config.spool.min_replicas);
     // Progress is forwarded until the cluster side stops: after the mail
     // side, so the last results reach the holders (see Node::shutdown).
@@ -222,7 +240,36 @@ pub(super) fn start_shadows(
         spool: replicated.clone(),
         replicated: Some(replicated),
         holder: Some(holder),
+        settled,
     })
+}
+
+/// Act on takeovers of shadow copies (a member only): take over fenced
+/// nodes' copies held here, and settle takeovers of this node's own before
+/// it delivers — what the answer waits for.
+pub(super) fn start_promoter(
+    base: &Base,
+    cluster: Option<&ClusterNode>,
+    shadows: &Shadows,
+    mail: &Mail,
+) -> Option<Ready> {
+    let (c, holder, settled) = (cluster?, shadows.holder.clone()?, shadows.settled.clone()?);
+    let mailroom = Mailroom {
+        spool: shadows.spool.clone(),
+        queue: mail.queue.clone(),
+        ids: mail.ids.clone(),
+    };
+    let promoter = Arc::new(Promoter::new(
+        c.identity.incarnation,
+        c.handle.view.clone(),
+        holder,
+        mailroom,
+        shadows.replicated.clone(),
+        settled,
+    ));
+    base.tracker
+        .spawn(promoter.clone().run(base.cancel.child_token()));
+    Some(Arc::new(move || promoter.ready()))
 }
 
 /// The mail side, running: the queue, delivery behind its router, and the
@@ -244,6 +291,8 @@ pub(super) struct Mail {
     /// Whether mail may leave: always alone, in a cluster only under the
     /// member's delivery lease.
     pub(super) gate: Arc<Gate>,
+    /// Queue ids.
+    pub(super) ids: Arc<IdGen>,
 }
 
 impl Mail {
@@ -316,7 +365,7 @@ impl Mail {
         let intake = Arc::new(Intake::new(
             spool,
             queue.clone(),
-            ids,
+            ids.clone(),
             config.smtp.hostname.clone(),
         ));
         Mail {
@@ -327,6 +376,7 @@ impl Mail {
             intake,
             source,
             gate,
+            ids,
         }
     }
 }
@@ -337,7 +387,7 @@ pub(super) fn start_groups(
     base: &Base,
     cluster: Option<&ClusterNode>,
     intake: Arc<dyn Accept>,
-    outbound: (SourceSlot, Arc<Gate>),
+    outbound: (SourceSlot, Arc<Gate>, Option<Ready>),
 ) -> Option<Groups> {
     cluster.map(|c| {
         crate::resource::setup::start(

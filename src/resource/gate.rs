@@ -13,15 +13,22 @@ use crate::delivery::gate::Gate;
 pub struct DeliveryGate {
     gate: Arc<Gate>,
     /// The end of the last lease the runner told of.
-    lease: Mutex<Option<Instant>>,
+    lease: Arc<Mutex<Option<Instant>>>,
+    /// What must be done before the gate opens.
+    ready: Option<Ready>,
 }
 
+/// Answers once the node may deliver as far as anything but the lease
+/// goes (a takeover of its shadow copies settled first).
+pub type Ready = Arc<dyn Fn() -> OpFuture + Send + Sync>;
+
 impl DeliveryGate {
-    /// The resource that drives `gate`.
-    pub fn new(gate: Arc<Gate>) -> DeliveryGate {
+    /// The resource that drives `gate`, opening it once `ready` answers.
+    pub fn new(gate: Arc<Gate>, ready: Option<Ready>) -> DeliveryGate {
         DeliveryGate {
             gate,
-            lease: Mutex::new(None),
+            lease: Arc::default(),
+            ready,
         }
     }
 }
@@ -32,12 +39,18 @@ impl Resource for DeliveryGate {
     }
 
     fn start(&self) -> OpFuture {
-        let lease = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let ready = self.ready.as_ref().map(|r| r());
         let gate = self.gate.clone();
+        let lease = self.lease.clone();
         Box::pin(async move {
+            if let Some(ready) = ready {
+                ready.await?;
+            }
             // Started only under a lease; without one it would be open
             // for no time at all, which is what an error says better.
-            let until = lease.ok_or_else(|| "no lease to deliver under".to_string())?;
+            // The lease as renewed while it waited.
+            let until = *lease.lock().unwrap_or_else(|e| e.into_inner());
+            let until = until.ok_or_else(|| "no lease to deliver under".to_string())?;
             gate.open_until(until);
             tracing::info!("delivery gate open: this node holds its delivery lease");
             Ok(())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::gate::DeliveryGate;
+use super::gate::{DeliveryGate, Ready};
 use super::listener::SmtpListener;
 use super::netlink::NetlinkVip;
 use super::runner::GroupRunner;
@@ -42,7 +42,7 @@ pub fn start(
     ),
     cluster: &ClusterNode,
     intake: Arc<dyn Accept>,
-    (source, gate): (SourceSlot, Arc<Gate>),
+    (source, gate, ready): (SourceSlot, Arc<Gate>, Option<Ready>),
     cluster_cancel: CancellationToken,
 ) -> Groups {
     let none = Groups {
@@ -77,7 +77,7 @@ pub fn start(
     // The member's delivery group: it delivers while it holds the lease.
     let me = config.node.name.clone();
     let delivery = GroupConfig::delivery(delivery_group(&me), me);
-    let gate: Arc<dyn Resource> = Arc::new(DeliveryGate::new(gate));
+    let gate: Arc<dyn Resource> = Arc::new(DeliveryGate::new(gate, ready));
     let delivery = GroupRunner::new(delivery, vec![gate], cluster.handle.clone());
     let mut pending = Vec::new();
     for g in &config.groups {
@@ -110,6 +110,8 @@ pub fn start(
         for r in running {
             let _ = r.await;
         }
+        // With no other group, nothing above waited for the stop.
+        stop.cancelled().await;
         last.cancel();
         let _ = delivering.await;
     });

@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -15,6 +16,7 @@ use crate::cluster::raft::store::ClusterView;
 use crate::cluster::rpc::peer::PeerClient;
 use crate::cluster::rpc::shadow::{ShadowReply, ShadowRequest};
 use crate::cluster::rpc::{Reply, Request};
+use crate::cluster::state::groups::delivery_group;
 use crate::cluster::{NodeId, NodeState, Role};
 
 /// Shadow calls over the cluster's links.
@@ -22,20 +24,45 @@ pub struct ClusterReplicas {
     me: NodeId,
     view: watch::Receiver<ClusterView>,
     link: LinkConfig,
+    /// The last takeover of this node's copies it has settled (see
+    /// `promote`): until it settles a newer one it makes no copies.
+    settled: Arc<AtomicU64>,
     /// Shadow copies get links of their own: a large copy never holds up
     /// raft or group calls behind it.
     clients: Mutex<HashMap<NodeId, (SocketAddr, PeerClient)>>,
 }
 
 impl ClusterReplicas {
-    /// For node `me`, members as `view` says, links made with `link`.
-    pub fn new(me: NodeId, view: watch::Receiver<ClusterView>, link: LinkConfig) -> Self {
+    /// For node `me`, members as `view` says, links made with `link`;
+    /// copies only once `settled` has reached its last takeover.
+    pub fn new(
+        me: NodeId,
+        view: watch::Receiver<ClusterView>,
+        link: LinkConfig,
+        settled: Arc<AtomicU64>,
+    ) -> Self {
         ClusterReplicas {
             me,
             view,
             link,
+            settled,
             clients: Mutex::default(),
         }
+    }
+
+    /// This node's delivery epoch as applied here, and whether a takeover
+    /// of its copies is still to be settled.
+    fn epoch(&self) -> (u64, bool) {
+        let v = self.view.borrow();
+        let Some(m) = v.state.members.get(&self.me) else {
+            return (0, false);
+        };
+        let g = v.state.groups.get(&delivery_group(&m.member.name));
+        let epoch = g.map_or(0, |g| g.epoch);
+        let taken = g
+            .and_then(|g| g.promoted.get(&self.me))
+            .map_or(0, |p| p.epoch);
+        (epoch, taken > self.settled.load(Ordering::SeqCst))
     }
 
     /// One reusable client per member; a new one when its address changes.
@@ -70,6 +97,11 @@ impl Replicas for ClusterReplicas {
     }
 
     fn candidates(&self) -> Vec<NodeId> {
+        // Its messages that others took over are dropped first: a copy
+        // made meanwhile would be dropped with them.
+        if self.epoch().1 {
+            return Vec::new();
+        }
         let v = self.view.borrow();
         v.state
             .members
@@ -91,6 +123,10 @@ impl Replicas for ClusterReplicas {
         req: ShadowRequest,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<ShadowReply, String>> {
+        let mut req = req;
+        if let ShadowRequest::Store { message } = &mut req {
+            message.epoch = self.epoch().0;
+        }
         let client = self.client(to);
         Box::pin(async move {
             match client?.call(Request::Shadow(req), timeout).await {

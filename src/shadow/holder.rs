@@ -6,8 +6,15 @@
 //! the shadows survive a restart of the holder. A primary's spool is
 //! opened when its first copy arrives, or at start when its directory
 //! exists.
+//!
+//! A takeover *detaches* a primary's shelf: its directory is renamed to
+//! `<primary>.taken-<epoch>` while no copy is being stored, so what was
+//! there before the takeover and what the primary sends after it (back
+//! under a new delivery epoch) never mix; `<primary>.done` then records
+//! the epoch, and a restart resumes any detached shelf it finds.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,9 +43,15 @@ struct Inner {
     dir: PathBuf,
     limits: Limits,
     shelves: Mutex<BTreeMap<NodeId, Arc<Shelf>>>,
-    /// Primaries whose shadows were taken over: their copies and progress
-    /// are refused from then on (the primary is fenced, or gone).
-    taken: Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Copies are stored under its read side; a detach takes the write
+    /// side, so no copy lands half before and half after it.
+    fence: tokio::sync::RwLock<()>,
+    /// Whether a primary's copies are taken now; None: all are.
+    admit: std::sync::RwLock<Option<Admit>>,
+    /// Per primary: the last takeover epoch dealt with.
+    done: Mutex<BTreeMap<NodeId, u64>>,
+    /// Shelves detached before a restart, still to be taken over.
+    detached: Mutex<Vec<Detached>>,
     /// Parts of large messages received ahead of their `Store`.
     staging: Mutex<Staging>,
 }
@@ -94,6 +107,45 @@ impl Staging {
     }
 }
 
+/// Says whether a primary's copy, sent under the delivery epoch it
+/// names, may be stored now (Err: why not).
+pub type Admit = Arc<dyn Fn(NodeId, u64) -> Result<(), String> + Send + Sync>;
+
+/// A primary's shadows as they stood at a takeover, no longer receiving
+/// anything: the taker stores each in its own queue, then finishes it.
+pub struct Detached {
+    /// The primary.
+    pub primary: NodeId,
+    /// The takeover's epoch.
+    pub epoch: u64,
+    shelf: Arc<Shelf>,
+    dir: PathBuf,
+}
+
+impl Detached {
+    /// The shadows left, in id order, as they now stand.
+    pub fn envelopes(&self) -> Vec<Envelope> {
+        self.shelf.held().values().cloned().collect()
+    }
+
+    /// The content of shadow `id`.
+    pub async fn body(&self, id: QueueId) -> Result<Bytes, SpoolError> {
+        self.shelf.spool.body(id).await
+    }
+
+    /// Durably drop shadow `id`: it is in the taker's queue now.
+    pub async fn discard(&self, id: QueueId) -> Result<(), SpoolError> {
+        discard(&self.shelf, vec![id]).await
+    }
+
+    /// Every shadow was taken: delete the shelf.
+    pub fn finish(self) -> Result<(), SpoolError> {
+        drop(self.shelf);
+        std::fs::remove_dir_all(&self.dir)?;
+        Ok(())
+    }
+}
+
 /// Every primary's shadows on this node; cheap to clone.
 #[derive(Clone)]
 pub struct Holder {
@@ -111,27 +163,109 @@ impl Holder {
     pub fn open(dir: &Path, limits: Limits) -> Result<Holder, SpoolError> {
         std::fs::create_dir_all(dir)?;
         let mut shelves = BTreeMap::new();
+        let mut done: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut detached = Vec::new();
+        let hex = |n: &str| {
+            (n.len() == 16)
+                .then(|| u64::from_str_radix(n, 16).ok())
+                .flatten()
+        };
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name();
-            let Some(primary) = name
-                .to_str()
-                .filter(|n| n.len() == 16)
-                .and_then(|n| u64::from_str_radix(n, 16).ok())
-            else {
+            let name = name.to_str().unwrap_or_default();
+            let (primary, rest) = name.split_at(name.len().min(16));
+            let Some(primary) = hex(primary) else {
                 continue;
             };
-            shelves.insert(primary, Arc::new(open_shelf(&entry.path(), limits)?));
+            if rest.is_empty() {
+                shelves.insert(primary, Arc::new(open_shelf(&entry.path(), limits)?));
+            } else if rest == ".done" {
+                let text = std::fs::read_to_string(entry.path())?;
+                let epoch = text.trim().parse().unwrap_or(0);
+                let d = done.entry(primary).or_default();
+                *d = (*d).max(epoch);
+            } else if let Some(epoch) = rest.strip_prefix(".taken-").and_then(|e| e.parse().ok()) {
+                let d = done.entry(primary).or_default();
+                *d = (*d).max(epoch);
+                detached.push(Detached {
+                    primary,
+                    epoch,
+                    shelf: Arc::new(open_shelf(&entry.path(), limits)?),
+                    dir: entry.path(),
+                });
+            }
         }
         Ok(Holder {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 limits,
                 shelves: Mutex::new(shelves),
-                taken: Mutex::default(),
+                fence: tokio::sync::RwLock::new(()),
+                admit: std::sync::RwLock::new(None),
+                done: Mutex::new(done),
+                detached: Mutex::new(detached),
                 staging: Mutex::default(),
             }),
         })
+    }
+
+    /// From now on, store a primary's copies only when `admit` says so.
+    pub fn admit_with(&self, admit: Admit) {
+        *self.inner.admit.write().unwrap_or_else(|e| e.into_inner()) = Some(admit);
+    }
+
+    /// The last takeover epoch of `primary` dealt with here (0: none).
+    pub fn done(&self, primary: NodeId) -> u64 {
+        let done = self.inner.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.get(&primary).copied().unwrap_or(0)
+    }
+
+    /// Shelves a takeover detached before a restart, to finish now.
+    pub fn resume(&self) -> Vec<Detached> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .detached
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Deal with `primary`'s takeover under `epoch`: when `take`, detach
+    /// its shelf (None if it had none here) — copies stored until now are
+    /// in it, later ones are not; either way record the epoch as done.
+    pub async fn detach(
+        &self,
+        primary: NodeId,
+        epoch: u64,
+        take: bool,
+    ) -> Result<Option<Detached>, SpoolError> {
+        let _fence = self.inner.fence.write().await;
+        let shelf = match take {
+            true => self.shelves().remove(&primary),
+            false => None,
+        };
+        let detached = match shelf {
+            Some(shelf) => {
+                let dir = self.inner.dir.join(format!("{primary:016x}.taken-{epoch}"));
+                std::fs::rename(primary_dir(&self.inner.dir, primary), &dir)?;
+                Some(Detached {
+                    primary,
+                    epoch,
+                    shelf,
+                    dir,
+                })
+            }
+            None => None,
+        };
+        let marker = self.inner.dir.join(format!("{primary:016x}.done"));
+        std::fs::write(&marker, epoch.to_string())?;
+        File::open(&marker)?.sync_all()?;
+        File::open(&self.inner.dir)?.sync_all()?;
+        let mut done = self.inner.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.insert(primary, epoch);
+        Ok(detached)
     }
 
     fn shelves(&self) -> MutexGuard<'_, BTreeMap<NodeId, Arc<Shelf>>> {
@@ -142,9 +276,9 @@ impl Holder {
         self.shelves().get(&primary).cloned()
     }
 
-    fn is_taken(&self, primary: NodeId) -> bool {
-        let taken = self.inner.taken.lock().unwrap_or_else(|e| e.into_inner());
-        taken.contains(&primary)
+    fn admitted(&self, primary: NodeId, epoch: u64) -> Result<(), String> {
+        let admit = self.inner.admit.read().unwrap_or_else(|e| e.into_inner());
+        admit.as_ref().map_or(Ok(()), |a| a(primary, epoch))
     }
 
     /// The primary's shelf, opened (and its directory made) if need be.
@@ -187,35 +321,6 @@ impl Holder {
     pub async fn body(&self, primary: NodeId, id: QueueId) -> Result<Bytes, SpoolError> {
         let shelf = self.shelf(primary).ok_or(SpoolError::NotFound(id))?;
         shelf.spool.body(id).await
-    }
-
-    /// Take `primary`'s shadows over: from now on its copies and progress
-    /// are refused here; returns every shadow it had with its content.
-    /// They stay on disk until [`Holder::forget`], so the caller stores
-    /// them in its own queue first.
-    pub async fn take(&self, primary: NodeId) -> Result<Vec<(Envelope, Bytes)>, SpoolError> {
-        {
-            let mut taken = self.inner.taken.lock().unwrap_or_else(|e| e.into_inner());
-            taken.insert(primary);
-        }
-        let mut out = Vec::new();
-        for envelope in self.envelopes(primary) {
-            let body = self.body(primary, envelope.id).await?;
-            out.push((envelope, body));
-        }
-        Ok(out)
-    }
-
-    /// Delete every shadow of `primary` (after a takeover, once they are
-    /// in this node's own queue).
-    pub fn forget(&self, primary: NodeId) -> Result<(), SpoolError> {
-        let shelf = self.shelves().remove(&primary);
-        if let Some(shelf) = shelf {
-            shelf.held().clear();
-            drop(shelf);
-            std::fs::remove_dir_all(primary_dir(&self.inner.dir, primary))?;
-        }
-        Ok(())
     }
 
     /// Durably forget `primary`'s shadow `id` (finished, or never to be
@@ -331,12 +436,13 @@ impl Holder {
     }
 
     async fn answer(self, from: NodeId, req: ShadowRequest) -> ShadowReply {
-        if self.is_taken(from) {
-            return ShadowReply::Failed("this node has taken the primary's shadows over".into());
-        }
         let failed = |e: SpoolError| ShadowReply::Failed(e.to_string());
         match req {
             ShadowRequest::Store { message } => {
+                let _fence = self.inner.fence.read().await;
+                if let Err(why) = self.admitted(from, message.epoch) {
+                    return ShadowReply::Failed(why);
+                }
                 let id = message.id;
                 match self.store(from, message).await {
                     Ok(()) => ShadowReply::Stored,

@@ -16,6 +16,7 @@ fn message(id: u64, rcpts: usize) -> ShadowMessage {
             .collect(),
         arrived_ms: 1_000 + id,
         staged: 0,
+        epoch: 0,
         body: format!("Subject: {id}\r\n\r\nbody\r\n").into(),
     }
 }
@@ -99,30 +100,53 @@ async fn reconcile_discards_what_the_primary_forgot_below_its_mark() {
     assert_eq!(ids(&open(dir.path()), P), vec![2, 10, 11]);
 }
 
+fn store(n: u64) -> ShadowRequest {
+    ShadowRequest::Store {
+        message: message(n, 1),
+    }
+}
+
 #[tokio::test]
-async fn a_taken_primary_is_refused_and_forget_deletes_its_shadows() {
+async fn a_takeover_detaches_what_was_held_and_later_copies_stay_apart() {
     let dir = tempfile::tempdir().unwrap();
     let h = open(dir.path());
     h.store(P, message(1, 1)).await.unwrap();
     h.store(P, message(2, 1)).await.unwrap();
+    h.store(Q, message(7, 1)).await.unwrap();
     h.discard(P, QueueId(2)).await.unwrap();
-    let taken = h.take(P).await.unwrap();
-    assert_eq!(taken.len(), 1);
-    assert_eq!(
-        (taken[0].0.id, &taken[0].1[..11]),
-        (QueueId(1), &b"Subject: 1\r"[..])
-    );
-    let r = h.handle(
-        P,
-        ShadowRequest::Store {
-            message: message(3, 1),
-        },
-    );
-    assert!(matches!(r.await, ShadowReply::Failed(_)));
-    h.forget(P).unwrap();
-    assert!(h.primaries().is_empty());
-    assert!(!dir.path().join(format!("{P:016x}")).exists());
-    assert!(open(dir.path()).primaries().is_empty());
+    // Fenced: its copies are refused.
+    h.admit_with(Arc::new(|p, _| match p {
+        P => Err("fenced".into()),
+        _ => Ok(()),
+    }));
+    assert!(matches!(h.handle(P, store(3)).await, ShadowReply::Failed(w) if w == "fenced"));
+    assert_eq!(h.handle(Q, store(8)).await, ShadowReply::Stored);
+    let d = h.detach(P, 4, true).await.unwrap().expect("P had a shelf");
+    assert_eq!((d.primary, d.epoch, h.done(P)), (P, 4, 4));
+    let held: Vec<u64> = d.envelopes().iter().map(|e| e.id.0).collect();
+    assert_eq!(held, vec![1]);
+    assert_eq!(&d.body(QueueId(1)).await.unwrap()[..11], b"Subject: 1\r");
+    // Back under a new epoch: its copies go to a new shelf.
+    h.admit_with(Arc::new(|_, _| Ok(())));
+    assert_eq!(h.handle(P, store(5)).await, ShadowReply::Stored);
+    assert_eq!(ids(&h, P), vec![5]);
+    // A restart resumes the detached shelf and remembers the epoch.
+    drop(h);
+    let h = open(dir.path());
+    let resumed = h.resume();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!((resumed[0].primary, resumed[0].epoch, h.done(P)), (P, 4, 4));
+    assert_eq!(ids(&h, P), vec![5]);
+    assert_eq!(ids(&h, Q), vec![7, 8]);
+    let d = resumed.into_iter().next().unwrap();
+    d.discard(QueueId(1)).await.unwrap();
+    d.finish().unwrap();
+    let h2 = open(dir.path());
+    assert!(h2.resume().is_empty());
+    assert_eq!(h2.done(P), 4);
+    // Not a taker: nothing is detached, the epoch is done all the same.
+    assert!(h2.detach(Q, 2, false).await.unwrap().is_none());
+    assert_eq!((h2.done(Q), ids(&h2, Q)), (2, vec![7, 8]));
 }
 
 #[tokio::test]

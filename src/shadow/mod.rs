@@ -8,13 +8,16 @@
 //! - [`replicate`]: the sending side; a [`Spool`](crate::spool::Spool)
 //!   around the local one that copies each stored message to holders
 //!   chosen by rendezvous hashing, then forwards its progress;
-//! - [`cluster`]: the [`replicate::Replicas`] the cluster gives.
+//! - [`cluster`]: the [`replicate::Replicas`] the cluster gives;
+//! - [`promote`]: taking a fenced primary's copies over, and on the
+//!   primary, dropping what the takers deliver.
 //!
-//! May import: `spool`, `cluster`, `config`, `metrics`, `events`, `clock`. Nothing
-//! under `cluster` or `spool` imports it.
+//! May import: `spool`, `queue`, `cluster`, `config`, `metrics`, `events`,
+//! `clock`. Nothing under `cluster`, `spool` or `queue` imports it.
 
 pub mod cluster;
 pub mod holder;
+pub mod promote;
 pub mod replicate;
 
 pub use holder::Holder;

@@ -142,6 +142,7 @@ pub fn shadow_of(envelope: &Envelope, body: &Bytes) -> ShadowMessage {
             .collect(),
         arrived_ms: envelope.arrived_ms,
         staged: 0,
+        epoch: 0,
         body: body.clone(),
     }
 }
@@ -188,6 +189,19 @@ impl ReplicatedSpool {
     /// The members holding copies of message `id` (for `ctl queue show`).
     pub fn holders(&self, id: QueueId) -> Option<Vec<NodeId>> {
         self.book().messages.get(&id).map(|e| e.holders.clone())
+    }
+
+    /// This node's messages that one of `nodes` holds a copy of, each
+    /// with the first such holder.
+    pub fn held_by_any(&self, nodes: &BTreeSet<NodeId>) -> Vec<(QueueId, NodeId)> {
+        let book = self.book();
+        book.messages
+            .values()
+            .filter_map(|e| {
+                let h = e.holders.iter().find(|h| nodes.contains(h))?;
+                Some((e.id, *h))
+            })
+            .collect()
     }
 
     /// How many of this node's messages each member holds copies of.
@@ -266,6 +280,17 @@ impl ReplicatedSpool {
         let id = envelope.id;
         let wanted = usize::from(self.settings.replicas) - 1;
         let chosen = choose(id, &self.replicas.candidates(), wanted);
+        let possible = chosen.len() + 1;
+        if possible < usize::from(self.settings.min_replicas) {
+            // Too few members up to make enough copies: refused before
+            // anything is written.
+            let needed = usize::from(self.settings.min_replicas);
+            events::copies(CopiesEvent::NotEnoughCopies, id, possible, needed);
+            return Err(SpoolError::Replicas {
+                made: 0,
+                needed: self.settings.min_replicas,
+            });
+        }
         envelope.holders = chosen.clone();
         self.book().in_flight.insert(id);
         let shadow = (!chosen.is_empty()).then(|| shadow_of(&envelope, &body));

@@ -210,6 +210,13 @@ pub fn all_voting(rows: &[serde_json::Value], n: usize) -> bool {
             .all(|r| r["state"] == "up" && r["vote"] == "voter")
 }
 
+/// `all_voting`, and each member holds its delivery lease: it may
+/// deliver, and its copies are taken (a holder keeps a copy only from a
+/// primary that holds its lease).
+pub fn all_delivering(rows: &[serde_json::Value], n: usize) -> bool {
+    all_voting(rows, n) && rows.iter().all(|r| r["delivers"] == true)
+}
+
 /// `GET /metrics` from the admin API at `admin`, parsed as the Prometheus
 /// text format.
 pub async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {

@@ -17,8 +17,8 @@ use super::lease;
 use super::placement::{decide, Decision, Policy};
 use crate::clock::now_ms;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest};
-use crate::cluster::state::groups::GroupCommand;
-use crate::cluster::state::{Command, NodeId, Response};
+use crate::cluster::state::groups::{delivery_node, GroupCommand};
+use crate::cluster::state::{ClusterState, Command, NodeId, NodeState, Response, Role};
 
 /// A group as the leader needs to know it.
 #[derive(Debug, Clone)]
@@ -188,6 +188,7 @@ async fn manage(
             owner: Some(owner),
             reason,
             at_ms: now_ms(),
+            takers: takers(&state, &p.name, Some(owner)),
         },
         Decision::Unplace { reason } => GroupCommand::Assign {
             group: p.name.clone(),
@@ -195,6 +196,7 @@ async fn manage(
             owner: None,
             reason,
             at_ms: now_ms(),
+            takers: takers(&state, &p.name, None),
         },
         Decision::Revoke { reason } => GroupCommand::Revoke {
             group: p.name.clone(),
@@ -230,6 +232,31 @@ async fn manage(
         Err(e) => tracing::debug!(group = %p.name, error = %e, "group change not written"),
     }
     None
+}
+
+/// Who takes over the shadow copies of the member whose delivery group
+/// `group` goes to `next` (if its epoch is taken from it: see
+/// `GroupCommand::Assign`): every full member up (or only suspected of
+/// being down) now but that one.
+fn takers(state: &ClusterState, group: &str, next: Option<NodeId>) -> BTreeSet<NodeId> {
+    let Some(g) = state
+        .groups
+        .get(group)
+        .filter(|_| delivery_node(group).is_some())
+    else {
+        return BTreeSet::new();
+    };
+    state
+        .members
+        .iter()
+        .filter(|(id, m)| {
+            Some(**id) != g.owner
+                && Some(**id) != next
+                && matches!(m.state, NodeState::Up | NodeState::Suspect)
+                && m.member.role == Role::Member
+        })
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 /// Ask every voter, in the background, how long its grants for the

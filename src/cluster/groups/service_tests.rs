@@ -31,6 +31,7 @@ fn assign(epoch: u64, owner: NodeId) -> GroupCommand {
         owner: Some(owner),
         reason: "t".into(),
         at_ms: 1,
+        takers: Default::default(),
     }
 }
 

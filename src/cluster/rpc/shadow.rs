@@ -68,6 +68,11 @@ pub struct ShadowMessage {
     /// Bytes of the content sent before in `Part`s; `body` is the rest.
     #[serde(default)]
     pub staged: u64,
+    /// The primary's delivery epoch as it knows it: a holder keeps the
+    /// copy only if that epoch is live and the primary's there (so a copy
+    /// from before a takeover never lands after it).
+    #[serde(default)]
+    pub epoch: u64,
     /// The content, or its tail after `staged` bytes (base64 on the wire;
     /// the link encrypts it).
     #[serde(with = "base64_bytes")]
@@ -155,6 +160,7 @@ mod tests {
             }],
             arrived_ms: 1,
             staged: 0,
+            epoch: 0,
             body: (0..=255u8).collect(),
         };
         let call = Envelope::Call {

@@ -108,9 +108,20 @@ pub struct GroupState {
     /// Why.
     pub reason: String,
     /// A delivery group only: members whose shadow copies were taken
-    /// over, each with the last epoch it held (see [`delivery_node`]).
+    /// over (see [`delivery_node`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub promoted: BTreeMap<NodeId, u64>,
+    pub promoted: BTreeMap<NodeId, Promotion>,
+}
+
+/// The takeover of a fenced member's shadow copies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The last delivery epoch it held.
+    pub epoch: u64,
+    /// The members that take over the copies they hold: those up when it
+    /// was fenced. Its own messages that one of them holds copies of are
+    /// theirs now; the rest stay its own.
+    pub takers: BTreeSet<NodeId>,
 }
 
 /// What the name of a member's delivery group starts with; `@` is not
@@ -145,6 +156,10 @@ pub enum GroupCommand {
         reason: String,
         /// When (leader's clock).
         at_ms: u64,
+        /// A delivery group taken from a fenced member: who takes over
+        /// its shadow copies (see [`Promotion`]).
+        #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+        takers: BTreeSet<NodeId>,
     },
     /// Take epoch `epoch` back from its owner.
     Revoke {
@@ -271,6 +286,7 @@ impl GroupCommand {
                 owner,
                 reason,
                 at_ms,
+                takers,
             } => {
                 // Never over a live epoch: only after a revoke or a release
                 // (or onto an unplaced group) — whatever a stale leader saw.
@@ -282,7 +298,9 @@ impl GroupCommand {
                 // to it: it delivers no more, its shadows are taken over.
                 if let (Some(old), true) = (g.owner, g.revoked) {
                     if delivery_node(group).is_some() && *owner != Some(old) {
-                        g.promoted.insert(old, g.epoch);
+                        let takers = takers.clone();
+                        let epoch = g.epoch;
+                        g.promoted.insert(old, Promotion { epoch, takers });
                     }
                 }
                 if g.owner.is_some() && g.revoked && !g.released {

@@ -8,6 +8,7 @@ fn assign(epoch: u64, owner: Option<NodeId>) -> GroupCommand {
         owner,
         reason: "placed".into(),
         at_ms: epoch * 10,
+        takers: Default::default(),
     }
 }
 
@@ -314,6 +315,7 @@ fn ending_a_revoked_delivery_epoch_elsewhere_records_its_shadows_taken_over() {
         owner,
         reason: "test".into(),
         at_ms: 0,
+        takers: [7, 8].into(),
     };
     for group in ["delivery@b", "mta"] {
         let mut g = GroupState::default();
@@ -324,8 +326,17 @@ fn ending_a_revoked_delivery_epoch_elsewhere_records_its_shadows_taken_over() {
         assert!(g.promoted.is_empty());
         revoke(2).apply(&mut g);
         assert_eq!(assign_to(group, 3, None).apply(&mut g), Response::Done);
-        let want = if group == "mta" { vec![] } else { vec![(2, 2)] };
-        assert_eq!(g.promoted.clone().into_iter().collect::<Vec<_>>(), want);
+        let promoted: Vec<(NodeId, u64, Vec<NodeId>)> = g
+            .promoted
+            .iter()
+            .map(|(n, p)| (*n, p.epoch, p.takers.iter().copied().collect()))
+            .collect();
+        let want = if group == "mta" {
+            vec![]
+        } else {
+            vec![(2, 2, vec![7, 8])]
+        };
+        assert_eq!(promoted, want);
     }
     // Released by its owner (a clean stop), then placed again: no takeover.
     let mut g = GroupState::default();
