@@ -12,6 +12,7 @@ pub mod netns;
 pub mod node;
 pub mod peer;
 pub mod proxy;
+pub mod shadows;
 pub mod wire;
 
 use std::cell::RefCell;
