@@ -23,7 +23,8 @@
 //!
 //! The one duplicate left: a recipient the primary delivered in its last
 //! moments whose progress had not yet reached the taker (progress goes out
-//! in batches every 200 ms) is delivered again.
+//! in batches within 25 ms; a primary cut off from the holders delivers
+//! until its lease ends) is delivered again.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

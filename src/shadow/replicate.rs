@@ -66,7 +66,9 @@ pub struct Settings {
     /// Longest wait for a holder's copy: a stuck holder must not hang a
     /// client.
     pub store_timeout: Duration,
-    /// Progress waits this long for more to send with it.
+    /// Progress waits this long for more to send with it. What was
+    /// delivered within it before the node died is delivered again by
+    /// the takers: short, while still batching under load.
     pub batch_delay: Duration,
     /// Progress is sent at once when this much piled up.
     pub batch_max: usize,
@@ -79,7 +81,7 @@ impl Settings {
             replicas: replicas.max(1),
             min_replicas: min_replicas.clamp(1, replicas.max(1)),
             store_timeout: Duration::from_secs(2),
-            batch_delay: Duration::from_millis(200),
+            batch_delay: Duration::from_millis(25),
             batch_max: 256,
         }
     }
