@@ -55,6 +55,18 @@ impl LoopFs {
         &self.mount
     }
 
+    /// Delete everything on it: a disk that died and was replaced.
+    pub fn wipe(&self) {
+        for entry in std::fs::read_dir(&self.mount).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+
     /// Fill it with a file until at most `leave` bytes stay free; the
     /// file's path (remove it to free the space again).
     pub fn fill(&self, leave: u64) -> PathBuf {

@@ -11,7 +11,9 @@
 //!   are up and voting and the group is online.
 //!
 //! Faults, one at a time so that a majority always remains: `kill -9`
-//! (with or without the `mtad release` systemd would run) and a restart;
+//! (with or without the `mtad release` systemd would run) and a restart,
+//! sometimes on a wiped data directory (a node whose disk died: its
+//! acknowledged mail lives on only in its shadow copies);
 //! SIGSTOP for 1-15 s; a partition of one node from the others, both ways
 //! or one way, with the client on either side; random packet loss on one
 //! node; a full disk under one node's data directory (each is a small
@@ -69,10 +71,12 @@ impl Rng {
 /// One fault, on node `NODES[node]`.
 #[derive(Debug, Clone)]
 pub enum Fault {
-    /// SIGKILL, `mtad release` if `release`, restart after `down`.
+    /// SIGKILL, `mtad release` if `release`, everything on its disk
+    /// deleted if `wipe`, restart after `down`.
     Kill {
         node: usize,
         release: bool,
+        wipe: bool,
         down: Duration,
     },
     /// SIGSTOP, SIGCONT after `for_`.
@@ -99,6 +103,7 @@ impl Fault {
     /// Its kind, for counts.
     pub fn kind(&self) -> &'static str {
         match self {
+            Fault::Kill { wipe: true, .. } => "kill -9, disk wiped",
             Fault::Kill { release: true, .. } => "kill -9 (released)",
             Fault::Kill { .. } => "kill -9",
             Fault::Pause { .. } => "SIGSTOP",
@@ -116,6 +121,7 @@ impl Fault {
             0 => Fault::Kill {
                 node,
                 release: rng.below(2) == 0,
+                wipe: rng.below(3) == 0,
                 down: rng.millis(500, 5_000),
             },
             1 => Fault::Pause {
@@ -154,6 +160,8 @@ pub struct Report {
     pub lost: Vec<u64>,
     /// Messages that reached the sink more than once.
     pub duplicates: usize,
+    /// Those messages, each with the nodes that delivered it.
+    pub duplicated: BTreeMap<u64, Vec<std::net::IpAddr>>,
     /// Times two MACs answered for the VIP at once.
     pub doubles: Vec<Double>,
     /// From the end of the last fault to a healed cluster.
@@ -203,6 +211,7 @@ impl Nodes {
             Fault::Kill {
                 node,
                 release,
+                wipe,
                 down,
             } => {
                 if let Some(mut d) = self.running[node].take() {
@@ -211,6 +220,9 @@ impl Nodes {
                 }
                 if release {
                     self.release(node);
+                }
+                if wipe {
+                    self.disks[node].wipe();
                 }
                 tokio::time::sleep(down).await;
                 self.start(node).await;
@@ -383,18 +395,19 @@ fn send_one(seed: u64, n: u64) -> Option<()> {
     Some(())
 }
 
-/// How many times each message number reached the sink.
-fn arrivals(received: &Received, seed: u64) -> BTreeMap<u64, usize> {
+/// Which nodes delivered each message number to the sink, once per
+/// arrival.
+fn arrivals(received: &Received, seed: u64) -> BTreeMap<u64, Vec<std::net::IpAddr>> {
     let prefix = format!("Subject: nemesis {seed} ");
-    let mut out = BTreeMap::new();
-    for (_, text) in received.lock().unwrap().iter() {
+    let mut out: BTreeMap<u64, Vec<_>> = BTreeMap::new();
+    for (peer, text) in received.lock().unwrap().iter() {
         let Some(at) = text.find(&prefix) else {
             continue;
         };
         let rest = &text[at + prefix.len()..];
         let n: String = rest.chars().take_while(char::is_ascii_digit).collect();
         if let Ok(n) = n.parse() {
-            *out.entry(n).or_default() += 1;
+            out.entry(n).or_default().push(peer.ip());
         }
     }
     out
@@ -458,7 +471,8 @@ pub async fn run(seed: u64, faulting: Duration, dir: &Path) -> Report {
             .copied()
             .filter(|n| !got.contains_key(n))
             .collect();
-        report.duplicates = got.values().map(|c| c - 1).sum();
+        report.duplicates = got.values().map(|c| c.len() - 1).sum();
+        report.duplicated = got.into_iter().filter(|(_, from)| from.len() > 1).collect();
         if report.lost.is_empty() || mtad::clock::instant() >= deadline {
             break;
         }
