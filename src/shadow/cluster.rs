@@ -50,19 +50,15 @@ impl ClusterReplicas {
         }
     }
 
-    /// This node's delivery epoch as applied here, and whether a takeover
-    /// of its copies is still to be settled.
-    fn epoch(&self) -> (u64, bool) {
+    /// Whether a takeover of this node's copies is still to be settled.
+    fn unsettled(&self) -> bool {
         let v = self.view.borrow();
-        let Some(m) = v.state.members.get(&self.me) else {
-            return (0, false);
-        };
-        let g = v.state.groups.get(&delivery_group(&m.member.name));
-        let epoch = g.map_or(0, |g| g.epoch);
+        let me = v.state.members.get(&self.me);
+        let g = me.and_then(|m| v.state.groups.get(&delivery_group(&m.member.name)));
         let taken = g
             .and_then(|g| g.promoted.get(&self.me))
             .map_or(0, |p| p.epoch);
-        (epoch, taken > self.settled.load(Ordering::SeqCst))
+        taken > self.settled.load(Ordering::SeqCst)
     }
 
     /// One reusable client per member; a new one when its address changes.
@@ -91,6 +87,13 @@ impl ClusterReplicas {
     }
 }
 
+/// The delivery epoch node `me` holds, live, in `view`.
+fn live_epoch(view: &ClusterView, me: NodeId) -> Option<u64> {
+    let m = view.state.members.get(&me)?;
+    let g = view.state.groups.get(&delivery_group(&m.member.name))?;
+    (g.owner == Some(me) && !g.revoked && !g.released).then_some(g.epoch)
+}
+
 impl Replicas for ClusterReplicas {
     fn me(&self) -> NodeId {
         self.me
@@ -99,7 +102,7 @@ impl Replicas for ClusterReplicas {
     fn candidates(&self) -> Vec<NodeId> {
         // Its messages that others took over are dropped first: a copy
         // made meanwhile would be dropped with them.
-        if self.epoch().1 {
+        if self.unsettled() {
             return Vec::new();
         }
         let v = self.view.borrow();
@@ -124,12 +127,23 @@ impl Replicas for ClusterReplicas {
         timeout: Duration,
     ) -> BoxFuture<'static, Result<ShadowReply, String>> {
         let mut req = req;
-        if let ShadowRequest::Store { message } = &mut req {
-            message.epoch = self.epoch().0;
-        }
         let client = self.client(to);
+        let (mut view, me) = (self.view.clone(), self.me);
         Box::pin(async move {
-            match client?.call(Request::Shadow(req), timeout).await {
+            let deadline = tokio::time::Instant::now() + timeout;
+            if let ShadowRequest::Store { message } = &mut req {
+                // Holders take copies only under a live delivery epoch:
+                // one is placed within a second of joining, so mail
+                // accepted before waits for it rather than go uncopied.
+                let live = view.wait_for(|v| live_epoch(v, me).is_some());
+                let live = tokio::time::timeout_at(deadline, live).await;
+                let Ok(Ok(v)) = live else {
+                    return Err("this node holds no delivery lease to copy under".into());
+                };
+                message.epoch = live_epoch(&v, me).unwrap_or(0);
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match client?.call(Request::Shadow(req), left).await {
                 Ok(Reply::Shadow(r)) => Ok(r),
                 Ok(Reply::Unavailable(why)) => Err(why),
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
