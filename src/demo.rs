@@ -3,11 +3,17 @@
 //! VIP; midway the VIP's owner is killed with SIGKILL and restarted; the
 //! report says who owned the VIP, how long the failover took as a client
 //! saw it, and whether every acknowledged message was delivered.
+//!
+//! With `wipe`, the sink defers all mail until the kill, so the owner
+//! holds everything it acknowledged; its data directory is deleted before
+//! it restarts (a new incarnation), and what it held reaches the sink
+//! only through the shadow copies on the other two.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +47,13 @@ pub struct Report {
     pub acknowledged: u64,
     /// Acknowledged and delivered.
     pub delivered: u64,
+    /// Deliveries beyond the first of a message.
+    pub duplicates: u64,
+    /// With `wipe`: from SIGKILL to the first message the killed owner
+    /// held reaching the sink through another node.
+    pub promoted_after: Option<Duration>,
+    /// The owner's data directory was deleted before its restart.
+    pub wiped: bool,
 }
 
 impl Report {
@@ -59,20 +72,39 @@ impl std::fmt::Display for Report {
             SocketAddr::from(SINK)
         )?;
         writeln!(f, "the VIP was on {} at the start", self.first_owner)?;
+        let (killed, restarted) = match self.wiped {
+            true => (
+                " with all it acknowledged still queued, its data directory deleted",
+                " on an empty data directory",
+            ),
+            false => ("", ""),
+        };
         writeln!(
             f,
-            "{} was killed (SIGKILL); {} greeted on the VIP {} ms later",
+            "{} was killed (SIGKILL){killed}; {} greeted on the VIP {} ms later",
             self.first_owner,
             self.next_owner,
             self.failover.as_millis()
         )?;
-        writeln!(f, "{} was restarted and rejoined", self.first_owner)?;
+        if let Some(after) = self.promoted_after {
+            writeln!(
+                f,
+                "the first message it held reached the sink from a shadow copy {} ms after the kill",
+                after.as_millis()
+            )?;
+        }
         writeln!(
             f,
-            "messages: {} sent, {} acknowledged, {} of those delivered{}",
+            "{} was restarted{restarted} and rejoined",
+            self.first_owner
+        )?;
+        writeln!(
+            f,
+            "messages: {} sent, {} acknowledged, {} of those delivered, {} twice{}",
             self.sent,
             self.acknowledged,
             self.delivered,
+            self.duplicates,
             if self.nothing_lost() {
                 " — none lost"
             } else {
@@ -100,17 +132,21 @@ impl Report {
     }
 }
 
-/// Run the demo with `messages` messages, starting nodes with `exe`.
-pub async fn run(exe: &Path, messages: u64) -> Result<Report, String> {
+/// Run the demo with `messages` messages, starting nodes with `exe`;
+/// `wipe`: see the module's doc.
+pub async fn run(exe: &Path, messages: u64, wipe: bool) -> Result<Report, String> {
     let dir = std::env::temp_dir().join(format!("mtad-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let key = dir.join("cluster.key");
     std::fs::write(&key, "the demo cluster's secret, long enough").map_err(|e| e.to_string())?;
-    let delivered: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
-    let sink = TcpListener::bind(SocketAddr::from(SINK))
+    let sink = Sink {
+        delivered: Arc::default(),
+        open: Arc::new(AtomicBool::new(!wipe)),
+    };
+    let listener = TcpListener::bind(SocketAddr::from(SINK))
         .await
         .map_err(|e| format!("sink on {}: {e}", SocketAddr::from(SINK)))?;
-    tokio::spawn(serve_sink(sink, delivered.clone()));
+    tokio::spawn(serve_sink(listener, sink.clone()));
     let configs: Vec<PathBuf> = NODES
         .iter()
         .map(|(name, last)| write_config(&dir, name, *last, &key))
@@ -119,7 +155,7 @@ pub async fn run(exe: &Path, messages: u64) -> Result<Report, String> {
     for ((name, _), cfg) in NODES.iter().zip(&configs) {
         nodes.push(start(exe, &dir, name, cfg)?);
     }
-    let result = drive(exe, &dir, &configs, &mut nodes, messages, &delivered).await;
+    let result = drive(exe, (&dir, &configs), &mut nodes, (messages, wipe), &sink).await;
     for n in &mut nodes {
         let _ = n.start_kill();
         let _ = n.wait().await;
@@ -131,17 +167,22 @@ pub async fn run(exe: &Path, messages: u64) -> Result<Report, String> {
 
 async fn drive(
     exe: &Path,
-    dir: &Path,
-    configs: &[PathBuf],
+    (dir, configs): (&Path, &[PathBuf]),
     nodes: &mut [Child],
-    messages: u64,
-    delivered: &Arc<Mutex<BTreeSet<u64>>>,
+    (messages, wipe): (u64, bool),
+    sink: &Sink,
 ) -> Result<Report, String> {
     let vip = SocketAddr::from((VIP, SMTP_PORT));
     let first_owner = greeted_by_other(vip, None).await?;
+    if wipe {
+        // Mail taken while the owner is alone has no copy elsewhere (it
+        // is under-replicated until the others join): start with three.
+        settled(&first_owner).await?;
+    }
     let mut acked = BTreeSet::new();
     let mut sent = 0;
     let (mut failover, mut next_owner) = (Duration::ZERO, String::new());
+    let mut killed = None;
     let mut rejoined = Vec::new();
     while sent < messages {
         if sent == messages / 2 {
@@ -157,8 +198,14 @@ async fn drive(
                 .position(|(n, _)| *n == name)
                 .ok_or_else(|| format!("unknown owner {first_owner}"))?;
             let t0 = Instant::now();
+            killed = Some((t0, sent));
             nodes[i].start_kill().map_err(|e| e.to_string())?;
             let _ = nodes[i].wait().await;
+            if wipe {
+                let data = dir.join(name);
+                std::fs::remove_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+                sink.open.store(true, Ordering::SeqCst);
+            }
             next_owner = greeted_by_other(vip, Some(name)).await?;
             failover = t0.elapsed();
             nodes[i] = start(exe, dir, name, &configs[i])?;
@@ -172,8 +219,12 @@ async fn drive(
     // Every acknowledged message should arrive; wait for them, bounded.
     let deadline = Instant::now() + PATIENCE;
     let arrived = loop {
-        let arrived = delivered.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if acked.is_subset(&arrived) || Instant::now() > deadline {
+        let arrived = sink
+            .delivered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if acked.iter().all(|n| arrived.contains_key(n)) || Instant::now() > deadline {
             break arrived;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -199,7 +250,14 @@ async fn drive(
         failover,
         sent,
         acknowledged: acked.len() as u64,
-        delivered: acked.intersection(&arrived).count() as u64,
+        delivered: acked.iter().filter(|n| arrived.contains_key(n)).count() as u64,
+        duplicates: arrived.values().map(|(c, _)| c - 1).sum(),
+        // Before the kill the sink took nothing: every one was held.
+        promoted_after: killed.filter(|_| wipe).and_then(|(t0, held)| {
+            let first = arrived.range(..held).map(|(_, (_, at))| *at).min()?;
+            Some(first.saturating_duration_since(t0))
+        }),
+        wiped: wipe,
     })
 }
 
@@ -382,10 +440,20 @@ async fn send(addr: SocketAddr, n: u64) -> bool {
     true
 }
 
-/// A minimal SMTP sink: accepts everything, remembers each "demo-N".
-async fn serve_sink(listener: TcpListener, got: Arc<Mutex<BTreeSet<u64>>>) {
+/// The built-in sink's state.
+#[derive(Clone)]
+struct Sink {
+    /// How often each "demo-N" arrived, and when first.
+    delivered: Arc<Mutex<BTreeMap<u64, (u64, Instant)>>>,
+    /// Whether it takes mail (else every MAIL gets 451).
+    open: Arc<AtomicBool>,
+}
+
+/// A minimal SMTP sink: accepts everything while open, counts each
+/// "demo-N".
+async fn serve_sink(listener: TcpListener, sink: Sink) {
     while let Ok((stream, _)) = listener.accept().await {
-        let got = got.clone();
+        let sink = sink.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut r = BufReader::new(r);
@@ -401,7 +469,8 @@ async fn serve_sink(listener: TcpListener, got: Arc<Mutex<BTreeSet<u64>>>) {
                 let reply: &[u8] = if data {
                     if let Some(n) = line.strip_prefix("Subject: demo-") {
                         if let Ok(n) = n.trim().parse() {
-                            got.lock().unwrap_or_else(|e| e.into_inner()).insert(n);
+                            let mut got = sink.delivered.lock().unwrap_or_else(|e| e.into_inner());
+                            got.entry(n).or_insert((0, Instant::now())).0 += 1;
                         }
                     }
                     if line != ".\r\n" {
@@ -409,6 +478,10 @@ async fn serve_sink(listener: TcpListener, got: Arc<Mutex<BTreeSet<u64>>>) {
                     }
                     data = false;
                     b"250 ok\r\n"
+                } else if line.to_ascii_uppercase().starts_with("MAIL")
+                    && !sink.open.load(Ordering::SeqCst)
+                {
+                    b"451 4.3.0 the demo sink defers until the kill\r\n"
                 } else if line.to_ascii_uppercase().starts_with("DATA") {
                     data = true;
                     b"354 go\r\n"

@@ -78,6 +78,11 @@ enum Command {
         /// unless the demo failed).
         #[arg(long)]
         keep: bool,
+        /// Hold all mail until the kill and delete the killed owner's
+        /// data directory: what it acknowledged is delivered from the
+        /// shadow copies on the other nodes.
+        #[arg(long)]
+        wipe: bool,
     },
     /// Talk to a running node's admin API.
     Ctl {
@@ -284,7 +289,11 @@ fn main() -> ExitCode {
         Command::Release { config } => release(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Passwd { user } => passwd(&user),
-        Command::Demo { messages, keep } => demo(messages, keep),
+        Command::Demo {
+            messages,
+            keep,
+            wipe,
+        } => demo(messages, keep, wipe),
         Command::Ctl {
             admin,
             json,
@@ -404,7 +413,7 @@ fn passwd(user: &str) -> ExitCode {
 }
 
 /// `mtad demo`: the three-node demo; fails if it lost a message.
-fn demo(messages: u64, keep: bool) -> ExitCode {
+fn demo(messages: u64, keep: bool, wipe: bool) -> ExitCode {
     // The demo's nodes are this program, run again.
     let exe = match std::env::current_exe() {
         Ok(p) => p,
@@ -416,7 +425,7 @@ fn demo(messages: u64, keep: bool) -> ExitCode {
     let Some(runtime) = runtime() else {
         return ExitCode::from(EXIT_FAILURE);
     };
-    match runtime.block_on(mtad::demo::run(&exe, messages)) {
+    match runtime.block_on(mtad::demo::run(&exe, messages, wipe)) {
         Ok(mut report) => {
             if !keep && report.nothing_lost() {
                 report.remove_files();

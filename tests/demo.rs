@@ -44,6 +44,7 @@ fn the_demo_fails_over_and_loses_nothing() {
     assert!(log.contains("joined the cluster"));
     let _ = std::fs::remove_dir_all(dir);
     without_keep_the_demo_leaves_nothing_behind();
+    with_wipe_what_the_dead_owner_held_comes_from_its_shadows();
 }
 
 /// Run after the first demo: two at once would share its addresses.
@@ -59,4 +60,32 @@ fn without_keep_the_demo_leaves_nothing_behind() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("configs and logs: removed"), "{text}");
     assert!(!dir.exists(), "{} is left", dir.display());
+}
+
+/// Run after the others, for the same reason: the owner holds all it
+/// acknowledged (the sink defers) and dies with its disk; the survivors
+/// deliver all of it.
+fn with_wipe_what_the_dead_owner_held_comes_from_its_shadows() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtad"))
+        .args(["demo", "--messages", "20", "--wipe"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}{err}");
+    assert!(text.contains("its data directory deleted"), "{text}");
+    assert!(
+        text.contains("the first message it held reached the sink from a shadow copy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("node-a was restarted on an empty data directory and rejoined"),
+        "{text}"
+    );
+    let counts = text.lines().find(|l| l.starts_with("messages:")).unwrap();
+    assert!(
+        counts.starts_with("messages: 20 sent, 20 acknowledged, 20 of those delivered"),
+        "{counts}"
+    );
+    assert!(counts.ends_with("none lost"), "{counts}");
 }
