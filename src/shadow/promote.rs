@@ -301,3 +301,7 @@ impl Promoter {
         self.settled_tx.send_replace(p.epoch);
     }
 }
+
+#[cfg(test)]
+#[path = "promote_tests.rs"]
+mod tests;
