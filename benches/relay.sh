@@ -118,8 +118,20 @@ if [[ $MTA == mtad ]]; then
     ((hwm > peak_rss)) && peak_rss=$hwm
 fi
 
-printf 'RESULT mta=%s messages=%d received=%d size=%d sessions=%d seconds=%.3f msgs_per_sec=%.1f accept_seconds=%.3f peak_rss_kib=%d peak_pss_kib=%d peak_procs=%d\n' \
+# mtad's CPU time (user + system, every mtad process of the run: with
+# REPLICAS > 1 the holders too) per message relayed, over both phases.
+cpu_us=0
+if [[ $MTA == mtad ]]; then
+    ticks=0
+    for pid in "$MTA_PID" "${HOLDER_PIDS[@]}"; do
+        t=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+        ticks=$((ticks + t))
+    done
+    cpu_us=$(calc "$ticks * 1000000 / $(getconf CLK_TCK) / ($MESSAGES + ${LATENCY_MESSAGES:-0})")
+fi
+
+printf 'RESULT mta=%s messages=%d received=%d size=%d sessions=%d seconds=%.3f msgs_per_sec=%.1f accept_seconds=%.3f peak_rss_kib=%d peak_pss_kib=%d peak_procs=%d cpu_us_per_msg=%.0f\n' \
     "$MTA" "$MESSAGES" "$received" "$SIZE" "$SESSIONS" "$seconds" "$rate" \
-    "$(calc "$t_source - $t_start")" "$peak_rss" "$peak_pss" "$procs"
+    "$(calc "$t_source - $t_start")" "$peak_rss" "$peak_pss" "$procs" "$cpu_us"
 [[ -n $latency_line ]] && echo "${latency_line/LATENCY /LATENCY mta=$MTA }"
 exit 0
