@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::{
-    all_delivering, all_voting, ctl_json, free_port, nodes_json, nodes_until, sample, scrape,
+    all_delivering, all_voting, ctl, ctl_json, free_port, nodes_json, nodes_until, sample, scrape,
     Daemon,
 };
 use common::node::PATIENCE;
@@ -272,6 +272,12 @@ async fn messages_short_of_a_copy_are_counted_until_the_holder_is_back() {
     nodes[2].child.start_kill().unwrap();
     nodes[2].child.wait().await.unwrap();
     until_underreplicated(addrs[0].admin, 10.0).await;
+    let (ok, summary) = ctl(addrs[0].admin, &["queue", "summary"]).await;
+    assert!(ok, "{summary}");
+    assert!(
+        summary.contains("copies: 10 message(s) short of a copy on other members"),
+        "{summary}"
+    );
 
     // Back with its copies: whole again, nothing copied twice.
     nodes[2] = Daemon::start(&cfgs[2]).await;

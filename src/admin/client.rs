@@ -195,7 +195,14 @@ pub async fn run_with(api: &Api, cmd: &Command, json: bool) -> Result<Output, St
         }
         (Command::QueueSummary, _) => {
             let rows: Vec<DestinationRow> = serde_json::from_str(&body).map_err(parse_err)?;
-            summary_table(&rows)
+            // In a cluster, the copies' health under the table, as status
+            // says it.
+            let (status, _) = call(api, "GET", "/v1/status", None).await?;
+            let status: Status = serde_json::from_str(&status).map_err(parse_err)?;
+            let copies = status
+                .underreplicated
+                .map(|n| format!("copies: {n} message(s) short of a copy on other members\n"));
+            summary_table(&rows) + &copies.unwrap_or_default()
         }
         (Command::QueueShow(_), _) => {
             let d: MessageDetail = serde_json::from_str(&body).map_err(parse_err)?;
