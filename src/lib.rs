@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod dns;
 pub mod dsn;
 pub mod events;
 #[doc(hidden)]

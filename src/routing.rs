@@ -1,8 +1,9 @@
 //! Routing: how a queued job leaves. The queue picks a job's route by
 //! its recipients' domain; the router sends the job to that route's kind
-//! of delivery (SMTP next hops or a drop directory) and decides the
-//! address SMTP mail leaves from: the route's own, a group's VIP held
-//! here, or, in a cluster, handed over through another node's VIP.
+//! of delivery (SMTP next hops, the recipient domain's MX hosts, or a drop
+//! directory) and decides the address SMTP mail leaves from: the route's
+//! own, a group's VIP held here, or, in a cluster, handed over through
+//! another node's VIP.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -14,7 +15,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, RouteTarget};
 use crate::delivery::tls::OutboundTls;
-use crate::delivery::{drop_dir, Destinations, Job, JobResult};
+use crate::delivery::{drop_dir, Destinations, Job, JobResult, Outcome, RcptResult};
+use crate::dns::{MxError, MxResolver};
 use crate::queue::Dispatch;
 use crate::resource::source::SourceSlot;
 use crate::spool::Spool;
@@ -35,6 +37,9 @@ pub struct Router {
     results: mpsc::UnboundedSender<JobResult>,
     drops: Arc<Semaphore>,
     tracker: TaskTracker,
+    /// How MX routes find their next hops (None: the resolver could not be
+    /// made; such mail is deferred with the reason).
+    mx: Result<Arc<MxResolver>, String>,
 }
 
 /// Where mail goes that SMTP routes would relay from the node's own
@@ -130,7 +135,90 @@ impl Router {
             results,
             drops: Arc::new(Semaphore::new(DROP_PARALLELISM)),
             tracker,
+            mx: Err("no [dns] resolver was set up".into()),
         }
+    }
+
+    /// MX routes resolve through `mx`.
+    pub fn with_mx(mut self, mx: Result<Arc<MxResolver>, String>) -> Router {
+        self.mx = mx;
+        self
+    }
+
+    /// Send `job` to the MX hosts of its recipients' domains: one job per
+    /// domain, each once its lookup is done (never holding up the others).
+    fn dispatch_mx(&self, route: usize, r: &Route, port: u16, job: Job) {
+        let leg = leg(r, &[], &self.source, self.handover.as_ref());
+        if !leg.hops.is_empty() {
+            // Handed over through another node's VIP: it resolves.
+            self.destinations
+                .submit(route, &leg.hops, leg.source, &leg.tls, job);
+            return;
+        }
+        let (source, tls) = (leg.source, leg.tls);
+        for job in by_domain(job) {
+            let domain = domain_of(&job.recipients[0].address).to_string();
+            let (mx, destinations) = (self.mx.clone(), self.destinations.clone());
+            let (results, tls) = (self.results.clone(), tls.clone());
+            self.tracker.spawn(async move {
+                let hops = match &mx {
+                    Ok(mx) => mx.next_hops(&domain, port).await,
+                    Err(e) => Err(MxError::Temporary(format!("451 4.4.3 no resolver: {e}"))),
+                };
+                match hops {
+                    Ok(hops) => destinations.submit(route, &hops, source, &tls, job),
+                    Err(e) => {
+                        let _ = results.send(unresolved(route, &domain, &job, &e));
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The domain of `address` (after its last `@`), lower-cased by the queue.
+fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// `job` split by recipient domain.
+fn by_domain(job: Job) -> Vec<Job> {
+    let mut jobs: Vec<Job> = Vec::new();
+    for rcpt in job.recipients.iter().cloned() {
+        let domain = domain_of(&rcpt.address).to_ascii_lowercase();
+        match jobs
+            .iter_mut()
+            .find(|j| domain_of(&j.recipients[0].address).eq_ignore_ascii_case(&domain))
+        {
+            Some(j) => j.recipients.push(rcpt),
+            None => jobs.push(Job {
+                recipients: vec![rcpt],
+                ..job.clone()
+            }),
+        }
+    }
+    jobs
+}
+
+/// Every recipient of `job` deferred or bounced as `e` says.
+fn unresolved(route: usize, domain: &str, job: &Job, e: &MxError) -> JobResult {
+    let outcome = match e {
+        MxError::Permanent(_) => Outcome::Failed,
+        MxError::Temporary(_) => Outcome::Deferred,
+    };
+    JobResult {
+        id: job.id,
+        route,
+        next_hop: format!("MX of {domain}"),
+        results: job
+            .recipients
+            .iter()
+            .map(|r| RcptResult {
+                index: r.index,
+                outcome,
+                reply: e.reply().to_string(),
+            })
+            .collect(),
     }
 }
 
@@ -198,6 +286,7 @@ impl Dispatch for Router {
                     let _ = results.send(drop_dir::result(route, &dir, &job, written));
                 });
             }
+            RouteTarget::Mx { port } => self.dispatch_mx(route, &r, *port, job),
         }
     }
 }
@@ -259,7 +348,7 @@ mod tests {
     fn hops(r: &Route) -> &[SocketAddr] {
         match &r.target {
             RouteTarget::Smtp(h) => h,
-            RouteTarget::DropDir(_) => unreachable!(),
+            RouteTarget::DropDir(_) | RouteTarget::Mx { .. } => unreachable!(),
         }
     }
 

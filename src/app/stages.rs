@@ -331,14 +331,15 @@ impl Mail {
         let handover =
             cluster.map(|c| Handover::new(c.handle.view.clone(), c.identity.incarnation, config));
         let readout = destinations.clone();
-        let router = Arc::new(Router::new(
+        let router = Router::new(
             source.clone(),
             handover,
             spool.clone(),
             destinations,
             results_tx,
             base.tracker.clone(),
-        ));
+        );
+        let router = Arc::new(router.with_mx(mx_resolver(config)));
         let (stats_tx, stats) = watch::channel(queue::Stats::default());
         let queue = queue::spawn(QueueParts {
             stats: stats_tx,
@@ -595,4 +596,23 @@ fn read_token(path: &std::path::Path) -> Result<String, StartError> {
         return Err(fail("it must hold one token without spaces".into()));
     }
     Ok(token.to_string())
+}
+
+/// The resolver of MX routes, made only when a route needs it (reading
+/// /etc/resolv.conf can fail where nothing needs it). Mail that would
+/// loop back here: to any address this node listens on or holds.
+fn mx_resolver(config: &Config) -> Result<Arc<crate::dns::MxResolver>, String> {
+    let mx =
+        |r: &Arc<crate::config::Route>| matches!(r.target, crate::config::RouteTarget::Mx { .. });
+    if !config.routes.iter().any(mx) {
+        return Err("no route has mx = true".into());
+    }
+    let mut own: Vec<std::net::IpAddr> = config.smtp.listen.iter().map(|a| a.ip()).collect();
+    own.extend(config.groups.iter().filter_map(|g| Some(g.vip?.addr())));
+    own.retain(|ip| !ip.is_unspecified());
+    let made = crate::dns::MxResolver::new(&config.dns, own).map(Arc::new);
+    if let Err(e) = &made {
+        tracing::error!(error = %e, "no DNS resolver: mail on MX routes waits");
+    }
+    made
 }

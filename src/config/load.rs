@@ -97,6 +97,8 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         .take("admin")
         .and_then(|n| ctx.table(&n))
         .map(|f| read_admin(ctx, f));
+    let dns = optional(ctx, &mut root, "dns");
+    let dns = read_dns(ctx, dns);
     root.finish(ctx);
 
     Config {
@@ -109,7 +111,30 @@ fn read_config(ctx: &mut Ctx<'_>, mut root: Fields<'_>) -> Config {
         cluster,
         admin,
         groups,
+        dns,
     }
+}
+
+fn read_dns(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> super::DnsConfig {
+    let mut dns = super::DnsConfig::default();
+    if let Some(n) = f.take("servers") {
+        let what = "a list of name servers like [\"127.0.0.1:53\"]";
+        let servers = ctx.list(&n, what, false, |ctx, e| ctx.socket_addr(e, false));
+        dns.servers = servers.unwrap_or_default();
+    }
+    if let Some(n) = f.take("prefer") {
+        let options = [
+            ("ipv6", super::IpPreference::Ipv6),
+            ("ipv4", super::IpPreference::Ipv4),
+        ];
+        if let Some(p) = ctx.choice(&n, &options) {
+            dns.prefer = p;
+        }
+    }
+    dns.max_mx_hosts = int_or(ctx, &mut f, "max_mx_hosts", 1, 20, 5) as usize;
+    dns.timeout = duration_or(ctx, &mut f, "timeout", 5);
+    f.finish(ctx);
+    dns
 }
 
 fn read_admin(ctx: &mut Ctx<'_>, mut f: Fields<'_>) -> super::AdminConfig {
@@ -276,27 +301,50 @@ fn read_route(ctx: &mut Ctx<'_>, mut f: Fields<'_>, index: usize, served: &mut S
 
     let next_hops = f.take("next_hops");
     let drop_dir = f.take("drop_dir");
-    let target = match (next_hops, drop_dir) {
-        (Some(hops), drop) => {
-            if let Some(drop) = drop {
-                let msg = "a route has either next_hops or drop_dir, not both";
-                ctx.error(&drop.span, &f.path, msg);
-            }
-            let what = "a non-empty list of socket addresses like [\"127.0.0.1:2526\"]";
-            let hops = ctx.list(&hops, what, true, |ctx, e| ctx.socket_addr(e, false));
-            RouteTarget::Smtp(hops.unwrap_or_default())
+    let mx = f.take("mx");
+    let mx_port = f.take("mx_port");
+    let given: Vec<(&str, _)> = [
+        ("next_hops", &next_hops),
+        ("drop_dir", &drop_dir),
+        ("mx", &mx),
+    ]
+    .into_iter()
+    .filter_map(|(k, n)| Some((k, n.as_ref()?.span.clone())))
+    .collect();
+    if let [(a, _), (b, span), ..] = given.as_slice() {
+        let msg = format!("a route has one of next_hops, drop_dir or mx, not {a} and {b}");
+        ctx.error(span, &f.path, msg);
+    }
+    let target = if let Some(hops) = next_hops {
+        let what = "a non-empty list of socket addresses like [\"127.0.0.1:2526\"]";
+        let hops = ctx.list(&hops, what, true, |ctx, e| ctx.socket_addr(e, false));
+        RouteTarget::Smtp(hops.unwrap_or_default())
+    } else if let Some(drop) = drop_dir {
+        let dir = ctx.string(&drop, "a directory path like \"./var/outbox\"");
+        RouteTarget::DropDir(dir.unwrap_or_default().into())
+    } else if let Some(n) = mx {
+        if ctx.boolean(&n) == Some(false) {
+            ctx.error(&n.span, &n.path, "mx = false means nothing: leave it out");
         }
-        (None, Some(drop)) => {
-            let dir = ctx.string(&drop, "a directory path like \"./var/outbox\"");
-            RouteTarget::DropDir(dir.unwrap_or_default().into())
-        }
-        (None, None) => {
-            let msg = "a route needs next_hops (SMTP next hops) or drop_dir (a local directory)";
-            ctx.error(&f.span, &f.path, msg);
-            RouteTarget::DropDir(PathBuf::new())
-        }
+        RouteTarget::Mx { port: 25 }
+    } else {
+        let msg = "a route needs next_hops (SMTP next hops) or drop_dir (a local directory), \
+                   or mx = true (the recipient domain's MX hosts)";
+        ctx.error(&f.span, &f.path, msg);
+        RouteTarget::DropDir(PathBuf::new())
     };
-    let is_smtp = matches!(target, RouteTarget::Smtp(_));
+    let target = match (target, mx_port) {
+        (RouteTarget::Mx { .. }, Some(n)) => RouteTarget::Mx {
+            port: ctx.int(&n, 1, 65535).map_or(25, |p| p as u16),
+        },
+        (t, Some(n)) => {
+            ctx.error(&n.span, &n.path, "mx_port only applies to mx = true");
+            t
+        }
+        (t, None) => t,
+    };
+    let is_smtp = matches!(target, RouteTarget::Smtp(_) | RouteTarget::Mx { .. });
+    let is_mx = matches!(target, RouteTarget::Mx { .. });
 
     // source_address and tls only mean something for SMTP next hops; set on
     // a drop_dir route they would be silently ignored, so say so instead.
@@ -318,6 +366,12 @@ fn read_route(ctx: &mut Ctx<'_>, mut f: Fields<'_>, index: usize, served: &mut S
             let tls = ctx.choice(&n, &options)?;
             if !is_smtp {
                 ctx.error(&n.span, &n.path, "tls only applies to next_hops");
+            }
+            // Which name an MX host's certificate must carry is the
+            // receiving domain's policy (MTA-STS, DANE): not built yet.
+            if is_mx && tls == TlsPolicy::Required {
+                let msg = "tls = \"required\" is not supported with mx = true yet";
+                ctx.error(&n.span, &n.path, msg);
             }
             Some(tls)
         })

@@ -63,6 +63,41 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[[group]]`s, in file order.
     pub groups: Vec<GroupConfig>,
+    /// `[dns]`: how MX routes resolve.
+    pub dns: DnsConfig,
+}
+
+/// `[dns]`: the resolver MX routes use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers to ask (empty: those of /etc/resolv.conf).
+    pub servers: Vec<SocketAddr>,
+    /// Which address family of an MX host is tried first.
+    pub prefer: IpPreference,
+    /// Most MX hosts tried for one domain.
+    pub max_mx_hosts: usize,
+    /// Longest wait for one lookup.
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            prefer: IpPreference::Ipv6,
+            max_mx_hosts: 5,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An MX host's IPv6 or IPv4 addresses first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpPreference {
+    /// IPv6, then IPv4.
+    Ipv6,
+    /// IPv4, then IPv6.
+    Ipv4,
 }
 
 /// `[spool]`: the durable store of accepted messages.
@@ -351,6 +386,11 @@ pub enum RouteTarget {
     Smtp(Vec<SocketAddr>),
     /// A local directory: one `.eml` file per message.
     DropDir(PathBuf),
+    /// The recipient domain's MX hosts (RFC 5321 section 5.1), on `port`.
+    Mx {
+        /// The port MX hosts listen on: 25, except in tests.
+        port: u16,
+    },
 }
 
 /// Outbound TLS policy of a route.

@@ -553,7 +553,7 @@ fn route_needs_exactly_one_target() {
         &both,
         "route[0]",
         8,
-        "either next_hops or drop_dir, not both",
+        "one of next_hops, drop_dir or mx, not next_hops and drop_dir",
     );
     let neither = MIN.replace("drop_dir = \"./out\"\n", "");
     let e = one(
@@ -805,4 +805,51 @@ fn spool_size_is_a_share_of_the_filesystem_or_bytes() {
         );
         assert!(e.to_string().contains("t.toml:9"), "{e}");
     }
+}
+
+#[test]
+fn mx_routes_and_the_dns_table_are_read() {
+    let c = ok("[node]\nname = \"n\"\ndata_dir = \"d\"\n\
+        [[route]]\ndomains = [\"*\"]\nmx = true\nmx_port = 2525\n\
+        [dns]\nservers = [\"127.0.0.1:5353\"]\nprefer = \"ipv4\"\nmax_mx_hosts = 3\ntimeout = \"2s\"\n");
+    assert_eq!(c.routes[0].target, RouteTarget::Mx { port: 2525 });
+    assert_eq!(c.dns.servers, ["127.0.0.1:5353".parse().unwrap()]);
+    assert_eq!(c.dns.prefer, crate::config::IpPreference::Ipv4);
+    assert_eq!(
+        (c.dns.max_mx_hosts, c.dns.timeout),
+        (3, Duration::from_secs(2))
+    );
+    // Defaults: the system's resolver, port 25, IPv6 first.
+    let c = ok("[node]\nname = \"n\"\ndata_dir = \"d\"\n[[route]]\ndomains = [\"*\"]\nmx = true\n");
+    assert_eq!(c.routes[0].target, RouteTarget::Mx { port: 25 });
+    assert_eq!(c.dns, crate::config::DnsConfig::default());
+}
+
+#[test]
+fn mx_route_mistakes_are_named() {
+    let base = "[node]\nname = \"n\"\ndata_dir = \"d\"\n[[route]]\ndomains = [\"*\"]\n";
+    one(
+        &format!("{base}mx = true\nnext_hops = [\"127.0.0.1:25\"]\n"),
+        "route[0]",
+        6,
+        "not next_hops and mx",
+    );
+    one(
+        &format!("{base}drop_dir = \"o\"\nmx_port = 2525\n"),
+        "route[0].mx_port",
+        7,
+        "mx_port only applies to mx = true",
+    );
+    one(
+        &format!("{base}mx = true\ntls = \"required\"\n"),
+        "route[0].tls",
+        7,
+        "not supported with mx = true yet",
+    );
+    one(
+        &format!("{base}mx = true\n[dns]\nprefer = \"ipv5\"\n"),
+        "dns.prefer",
+        8,
+        "",
+    );
 }

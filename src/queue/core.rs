@@ -461,6 +461,7 @@ pub fn route_name(cfg: &Config, route: usize) -> String {
     match cfg.routes.get(route).map(|r| &r.target) {
         Some(RouteTarget::Smtp(hops)) => hops.first().map(|h| h.to_string()).unwrap_or_default(),
         Some(RouteTarget::DropDir(dir)) => dir.display().to_string(),
+        Some(RouteTarget::Mx { .. }) => "MX".to_string(),
         None => String::new(),
     }
 }

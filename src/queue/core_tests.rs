@@ -65,6 +65,7 @@ pub(crate) fn config() -> Config {
         cluster: None,
         admin: None,
         groups: vec![],
+        dns: Default::default(),
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod knot;
 pub mod lab;
 pub mod loopfs;
 pub mod nemesis;
