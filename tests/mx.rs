@@ -1,6 +1,7 @@
 //! MX routing against a real DNS server (Knot, on a loopback port) and
 //! real SMTP peers on loopback addresses: preference order, failover to
-//! the next MX, the implicit MX, a CNAME'd MX host, IPv6, null MX and
+//! the next MX (refused, or a 4xx), two domains of one site sharing an
+//! association, the implicit MX, a CNAME'd MX host, IPv6, null MX and
 //! NXDOMAIN bounces, a SERVFAIL that defers until DNS recovers, and an MX
 //! that points back at the sending node.
 
@@ -21,13 +22,15 @@ fn zone(me: &str) -> String {
         "$ORIGIN mx.test.\n$TTL 60\n\
          @ SOA ns hostmaster 1 3600 600 86400 60\n@ NS ns\nns A 127.0.0.1\n\
          pref MX 10 mx1\npref MX 20 mx2\n\
+         twin MX 20 mx2\ntwin MX 10 mx1\n\
+         busy MX 10 mx3\nbusy MX 20 mx2\n\
          down MX 10 nowhere\ndown MX 20 mx2\n\
          implicit A 127.0.0.43\n\
          alias MX 10 named\nnamed CNAME mx1\n\
          six MX 10 v6\nv6 AAAA ::1\n\
          null MX 0 .\n\
          loop MX 10 self\nself A {me}\n\
-         mx1 A 127.0.0.41\nmx2 A 127.0.0.42\nnowhere A 127.0.0.44\n"
+         mx1 A 127.0.0.41\nmx2 A 127.0.0.42\nnowhere A 127.0.0.44\nmx3 A 127.0.0.45\n"
     )
 }
 
@@ -121,6 +124,11 @@ async fn mail_finds_its_way_by_mx_records() {
     let mx1 = Peer::start_at(at([127, 0, 0, 41]), Behavior::default()).await;
     let mx2 = Peer::start_at(at([127, 0, 0, 42]), Behavior::default()).await;
     let implicit = Peer::start_at(at([127, 0, 0, 43]), Behavior::default()).await;
+    let busy = Behavior {
+        mail_reply: Some("451 4.3.2 too busy, try another MX".into()),
+        ..Behavior::default()
+    };
+    let mx3 = Peer::start_at(at([127, 0, 0, 45]), busy).await;
     let six = Peer::start_at(
         SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], port)),
         Behavior::default(),
@@ -133,9 +141,25 @@ async fn mail_finds_its_way_by_mx_records() {
     send(smtp, "a@pref.mx.test", "preferred").await;
     until_received(&mx1, "preferred").await;
     assert!(subjects(&mx2).is_empty());
-    // The best MX refuses connections: the next one takes it.
+    // Another domain with the same MX hosts is the same site: its mail
+    // goes over the association already open.
+    send(smtp, "a@twin.mx.test", "same site").await;
+    until_received(&mx1, "same site").await;
+    let conn = |s: &str| {
+        let m = mx1.messages();
+        let m = m
+            .iter()
+            .find(|m| String::from_utf8_lossy(&m.body).contains(s));
+        m.unwrap().conn
+    };
+    assert_eq!(conn("Subject: same site"), conn("Subject: preferred"));
+    // The best MX refuses connections, or answers 4xx: the next one
+    // takes it.
     send(smtp, "a@down.mx.test", "next mx").await;
     until_received(&mx2, "next mx").await;
+    send(smtp, "a@busy.mx.test", "after 4xx").await;
+    until_received(&mx2, "after 4xx").await;
+    assert!(subjects(&mx3).is_empty());
     // No MX: the domain's own address.
     send(smtp, "a@implicit.mx.test", "implicit").await;
     until_received(&implicit, "implicit").await;

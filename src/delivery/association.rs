@@ -238,7 +238,7 @@ async fn establish(shared: &Shared, dest: &Destination) -> Result<(Conn, Client)
         hop: String::new(),
         reply: Reply::local(451, "4.4.0 the route has no next hop"),
     };
-    for &hop in &dest.hops {
+    for hop in dest.hops_now() {
         let mut want = dest.tls.want();
         loop {
             match session(shared, dest, hop, want).await {
@@ -518,6 +518,21 @@ impl Session<'_> {
                     }
                     Action::Done(d) => {
                         done = Some(d.progress);
+                        // A hop that put the whole transaction off while
+                        // a later one remains: the job goes there, now.
+                        let deferred = d.results.iter().all(|r| r.outcome == Outcome::Deferred);
+                        if deferred && !q.requeued && self.dest.avoid(self.conn.hop) {
+                            let why = d.results.first().map(|r| r.reply.clone());
+                            self.requeue(Queued {
+                                requeued: true,
+                                ..q
+                            });
+                            let why = why.unwrap_or_default();
+                            return TxEnd::End(
+                                Why::Error,
+                                format!("{hop} deferred it: {why}; next hop"),
+                            );
+                        }
                         self.shared.report(&q, &hop, d.results);
                     }
                     Action::Closed(e) => end = Some(e),

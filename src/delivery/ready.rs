@@ -146,7 +146,15 @@ pub(crate) struct Destination {
     pub work: Notify,
     /// Cancelled when the source address is withdrawn.
     pub fence: CancellationToken,
+    /// Next hops that answered a whole transaction with 4xx, and until
+    /// when new associations skip them for the next ones.
+    avoided: Mutex<Vec<(SocketAddr, tokio::time::Instant)>>,
 }
+
+/// How long a next hop that deferred a whole transaction is passed over
+/// for the next ones (RFC 5321 5.1: try the next MX on a temporary
+/// failure).
+pub(crate) const AVOID: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Default)]
 struct QueueState {
@@ -173,7 +181,33 @@ impl Destination {
             state: Mutex::default(),
             work: Notify::new(),
             fence: CancellationToken::new(),
+            avoided: Mutex::default(),
         }
+    }
+
+    /// Pass over `hop` for `AVOID` if a later next hop remains to try;
+    /// whether it will be.
+    pub fn avoid(&self, hop: SocketAddr) -> bool {
+        if self.hops.last() == Some(&hop) {
+            return false;
+        }
+        let until = tokio::time::Instant::now() + AVOID;
+        let mut avoided = self.avoided.lock().unwrap_or_else(|e| e.into_inner());
+        avoided.retain(|(h, _)| *h != hop);
+        avoided.push((hop, until));
+        true
+    }
+
+    /// The next hops to try now, in order: those passed over go last.
+    pub fn hops_now(&self) -> Vec<SocketAddr> {
+        let now = tokio::time::Instant::now();
+        let mut avoided = self.avoided.lock().unwrap_or_else(|e| e.into_inner());
+        avoided.retain(|(_, until)| *until > now);
+        let (later, first): (Vec<SocketAddr>, Vec<SocketAddr>) = self
+            .hops
+            .iter()
+            .partition(|h| avoided.iter().any(|(a, _)| a == *h));
+        first.into_iter().chain(later).collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -288,5 +322,27 @@ impl Destination {
             associations: st.associations,
             established: st.established,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hop_that_deferred_goes_last_for_a_while_but_never_the_last_one() {
+        let hops: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.2:1", "127.0.0.3:1"]
+            .iter()
+            .map(|h| h.parse().unwrap())
+            .collect();
+        let d = Destination::new("d".into(), hops.clone(), None, OutboundTls::NONE);
+        assert_eq!(d.hops_now(), hops);
+        assert!(d.avoid(hops[0]));
+        assert_eq!(d.hops_now(), vec![hops[1], hops[2], hops[0]]);
+        // The last hop has no later one to go to.
+        assert!(!d.avoid(hops[2]));
+        assert_eq!(d.hops_now(), vec![hops[1], hops[2], hops[0]]);
+        tokio::time::advance(AVOID).await;
+        assert_eq!(d.hops_now(), hops);
     }
 }
