@@ -25,6 +25,15 @@ ADMIN_PORT=${BENCH_ADMIN_PORT:-8025}
 REPLICAS=${REPLICAS:-1}
 CLUSTER_PORT=${BENCH_CLUSTER_PORT:-2600}
 HOLDER_PIDS=()
+# ROUTE=mx: mtad finds the sink by the MX record of dest.example, asked
+# of a Knot DNS server on 127.0.0.1:DNS_PORT (issue 15), instead of a
+# static next hop; the sink then listens on 127.0.0.2, as an MX at one of
+# mtad's own addresses would be a mail loop.
+ROUTE=${ROUTE:-static}
+DNS_PORT=${BENCH_DNS_PORT:-2653}
+KNOT_PID=''
+SINK_HOST=$HOST
+[[ $ROUTE == mx ]] && SINK_HOST=127.0.0.2
 SENDER=bench@example.test
 # A domain that no MTA here considers local, so every message is relayed.
 RCPT=sink@dest.example
@@ -80,6 +89,7 @@ cleanup() {
         kill -9 "$MTA_PID" 2>/dev/null
     fi
     [[ -n $SINK_PID ]] && kill "$SINK_PID" 2>/dev/null
+    [[ -n $KNOT_PID ]] && kill "$KNOT_PID" 2>/dev/null
     wait 2>/dev/null
     if [[ $KEEP == 1 ]]; then
         log "kept $T for inspection (remove it by hand)"
@@ -101,7 +111,7 @@ fstype=$(df --output=fstype "$T" | tail -1)
 # but leave room. As root, smtp-sink insists on dropping privileges.
 sink_user=()
 [[ $(id -u) == 0 ]] && sink_user=(-u nobody)
-"$SMTP_SINK" "${sink_user[@]}" -c -m 1000 "$HOST:$SINK_PORT" 4096 >"$T/sink.count" 2>"$T/sink.err" &
+"$SMTP_SINK" "${sink_user[@]}" -c -m 1000 "$SINK_HOST:$SINK_PORT" 4096 >"$T/sink.count" 2>"$T/sink.err" &
 SINK_PID=$!
 wait_listen $SINK_PORT 10 $SINK_PID || die "smtp-sink did not start: $(cat "$T/sink.err")"
 
@@ -118,6 +128,7 @@ start_mtad() {
         (cd "$ROOT" && cargo build --release) >&2 || die "cargo build --release failed"
     fi
     mkdir -p "$T/data"
+    [[ $ROUTE == mx ]] && start_knot
     cat >"$T/mtad.toml" <<EOF
 [node]
 name = "bench"
@@ -132,10 +143,7 @@ max_connections = 20000
 association_threshold = 50
 max_associations = 20
 
-[[route]]
-domains = ["*"]
-next_hops = ["$HOST:$SINK_PORT"]
-tls = "none"
+$(route_config)
 
 [admin]
 listen = "$HOST:$ADMIN_PORT"
@@ -155,7 +163,7 @@ EOF
         local dir=$T/holder$i cfg=$T/holder$i.toml
         mkdir -p "$dir"
         printf '[node]\nname = "holder%s"\ndata_dir = "%s"\n\n[smtp]\nlisten = ["%s:%s"]\n\n[[route]]\ndomains = ["*"]\nnext_hops = ["%s:%s"]\ntls = "none"\n\n[log]\nformat = "json"\nlevel = "warn"\n' \
-            "$i" "$dir" "$HOST" $((CLUSTER_PORT + 50 + i)) "$HOST" "$SINK_PORT" >"$cfg"
+            "$i" "$dir" "$HOST" $((CLUSTER_PORT + 50 + i)) "$SINK_HOST" "$SINK_PORT" >"$cfg"
         cluster_config $((CLUSTER_PORT + i)) "\"$HOST:$CLUSTER_PORT\"" >>"$cfg"
         "$MTAD_BIN" run --config "$cfg" >"$T/holder$i.log" 2>&1 &
         HOLDER_PIDS+=($!)
@@ -170,6 +178,51 @@ EOF
         ((up == REPLICAS)) || die "the cluster did not form: $(tail -5 "$T/mtad.log")"
         log "cluster of $REPLICAS up: replicas = $REPLICAS"
     fi
+}
+
+# The benchmark's [[route]] (and [dns]) as ROUTE says.
+route_config() {
+    if [[ $ROUTE != mx ]]; then
+        printf '[[route]]\ndomains = ["*"]\nnext_hops = ["%s:%s"]\ntls = "none"\n' "$SINK_HOST" "$SINK_PORT"
+        return
+    fi
+    printf '[[route]]\ndomains = ["*"]\nmx = true\nmx_port = %s\ntls = "none"\n\n[dns]\nservers = ["%s:%s"]\n' \
+        "$SINK_PORT" "$HOST" "$DNS_PORT"
+}
+
+# Knot serving dest.example: MX 10 sink.dest.example, at SINK_HOST; its
+# query counters (mod-stats) say how many lookups the run cost.
+start_knot() {
+    mkdir -p "$T/knot"
+    cat >"$T/knot/knot.conf" <<KNOT
+server:
+    listen: $HOST@$DNS_PORT
+    rundir: $T/knot
+database:
+    storage: $T/knot/db
+mod-stats:
+  - id: default
+template:
+  - id: default
+    storage: $T/knot
+    file: "%s.zone"
+    module: mod-stats/default
+zone:
+  - domain: dest.example
+KNOT
+    printf '$ORIGIN dest.example.\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 60\n@ NS ns\nns A %s\n@ MX 10 sink\nsink A %s\n' \
+        "$HOST" "$SINK_HOST" >"$T/knot/dest.example.zone"
+    knotd -c "$T/knot/knot.conf" 2>"$T/knot/knotd.log" >&2 &
+    KNOT_PID=$!
+    for _ in $(seq 100); do knotc -c "$T/knot/knot.conf" status >/dev/null 2>&1 && return 0; sleep 0.05; done
+    die "knotd did not start: $(cat "$T/knot/knotd.log")"
+}
+
+# DNS queries Knot answered so far (0 without ROUTE=mx).
+dns_queries() {
+    [[ -n $KNOT_PID ]] || { echo 0; return; }
+    knotc -c "$T/knot/knot.conf" zone-stats dest.example mod-stats 2>/dev/null |
+        awk -F'= ' '/request-protocol/ {n += $2} END {print n + 0}'
 }
 
 # The [spool] and [cluster] tables of a benchmark cluster node.

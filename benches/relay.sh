@@ -130,8 +130,8 @@ if [[ $MTA == mtad ]]; then
     cpu_us=$(calc "$ticks * 1000000 / $(getconf CLK_TCK) / ($MESSAGES + ${LATENCY_MESSAGES:-0})")
 fi
 
-printf 'RESULT mta=%s messages=%d received=%d size=%d sessions=%d seconds=%.3f msgs_per_sec=%.1f accept_seconds=%.3f peak_rss_kib=%d peak_pss_kib=%d peak_procs=%d cpu_us_per_msg=%.0f\n' \
-    "$MTA" "$MESSAGES" "$received" "$SIZE" "$SESSIONS" "$seconds" "$rate" \
-    "$(calc "$t_source - $t_start")" "$peak_rss" "$peak_pss" "$procs" "$cpu_us"
+printf 'RESULT mta=%s route=%s messages=%d received=%d size=%d sessions=%d seconds=%.3f msgs_per_sec=%.1f accept_seconds=%.3f peak_rss_kib=%d peak_pss_kib=%d peak_procs=%d cpu_us_per_msg=%.0f dns_queries=%d\n' \
+    "$MTA" "$ROUTE" "$MESSAGES" "$received" "$SIZE" "$SESSIONS" "$seconds" "$rate" \
+    "$(calc "$t_source - $t_start")" "$peak_rss" "$peak_pss" "$procs" "$cpu_us" "$(dns_queries)"
 [[ -n $latency_line ]] && echo "${latency_line/LATENCY /LATENCY mta=$MTA }"
 exit 0
