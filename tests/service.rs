@@ -369,3 +369,51 @@ async fn without_a_configuration_file_mtad_runs_its_built_in_default() {
     node.signal(libc::SIGTERM);
     assert!(node.child.wait().await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_sigterm_idle_sessions_get_421_at_once_and_a_transaction_under_way_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    // A grace far beyond the test's patience: nothing here may wait for it.
+    let text = config_text(dir.path(), smtp, admin, "")
+        .replace("[node]\n", "[node]\nshutdown_grace = \"600s\"\n");
+    let mut daemon = Daemon::start(&write(dir.path(), &text)).await;
+    let mut idle = Client::connect(smtp).await.unwrap();
+    let mut busy = Client::connect(smtp).await.unwrap();
+    let r = busy
+        .command("MAIL FROM:<a@example.test>\r\n")
+        .await
+        .unwrap();
+    assert!(r.starts_with("250"), "{r}");
+    let r = busy.command("RCPT TO:<b@dest.example>\r\n").await.unwrap();
+    assert!(r.starts_with("250"), "{r}");
+
+    daemon.signal(libc::SIGTERM);
+    // The idle session is told at once, unasked.
+    let r = tokio::time::timeout(common::node::PATIENCE, idle.reply())
+        .await
+        .expect("421 before the grace")
+        .unwrap();
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    // The transaction under way finishes and is acknowledged...
+    let r = busy.command("DATA\r\n").await.unwrap();
+    assert!(r.starts_with("354"), "{r}");
+    let r = busy
+        .command("Subject: last\r\n\r\ntaken during the stop\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(r.starts_with("250"), "{r}");
+    // ...and no new one starts: the 421 comes with the end of it.
+    let r = tokio::time::timeout(common::node::PATIENCE, busy.reply())
+        .await
+        .expect("421 after the transaction")
+        .unwrap();
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    let status = tokio::time::timeout(common::node::PATIENCE, daemon.child.wait())
+        .await
+        .expect("stopped without waiting out the grace")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let outbox = std::fs::read_dir(dir.path().join("data/outbox")).unwrap();
+    assert_eq!(outbox.count(), 1, "the last message was kept and delivered");
+}

@@ -90,6 +90,8 @@ pub struct Node {
     /// The node's own SMTP listeners: stopped first at shutdown, while the
     /// queue still delivers what the groups' draining sessions accept.
     smtp_cancel: CancellationToken,
+    /// Tells SMTP sessions the node stops.
+    smtp_stopping: CancellationToken,
     cancel: CancellationToken,
     /// Separate from `cancel`: the cluster side outlives SMTP at shutdown
     /// long enough to say goodbye.
@@ -200,6 +202,7 @@ impl Node {
             sessions: smtp.sessions,
             reloads: std::sync::Mutex::new(Some(admin.reloads)),
             smtp_cancel: smtp.cancel,
+            smtp_stopping: smtp.stopping,
             cancel: base.cancel,
             cluster_cancel: base.cluster_cancel,
             tracker: base.tracker,
@@ -280,6 +283,8 @@ impl Node {
         // queue still delivering what their sessions accept.
         self.drain_follow.cancel();
         self.drain.send_replace(true);
+        // Only transactions under way get the grace.
+        self.smtp_stopping.cancel();
         self.sessions.close();
         let sessions = async {
             if tokio::time::timeout(grace, self.sessions.wait())

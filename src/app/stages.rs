@@ -445,6 +445,9 @@ pub(super) struct Smtp {
     /// Stops them: first at shutdown, while the queue still delivers what
     /// the groups' draining sessions accept.
     pub(super) cancel: CancellationToken,
+    /// Cancelled as the stop begins: sessions between transactions get
+    /// 421 at once.
+    pub(super) stopping: CancellationToken,
 }
 
 /// Serve SMTP on `listeners`, handing messages to `intake`; new clients
@@ -458,6 +461,7 @@ pub(super) fn serve_smtp(
     let smtp = base.live.smtp();
     let sessions = TaskTracker::new();
     let cancel = base.cancel.child_token();
+    let stopping = CancellationToken::new();
     let mut addrs = Vec::new();
     for (addr, listener, implicit) in listeners {
         let local = listener.local_addr().unwrap_or(addr);
@@ -469,6 +473,7 @@ pub(super) fn serve_smtp(
             drain: drain.subscribe(),
             away: server::Away::Resting,
             cancel: cancel.child_token(),
+            stopping: stopping.clone(),
             tracker: sessions.clone(),
             implicit_tls: implicit,
             clients: base.clients.clone(),
@@ -479,6 +484,7 @@ pub(super) fn serve_smtp(
         addrs,
         sessions,
         cancel,
+        stopping,
     }
 }
 

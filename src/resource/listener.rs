@@ -100,6 +100,9 @@ impl Resource for SmtpListener {
                 drain: drain.subscribe(),
                 away: server::Away::Moving,
                 cancel: cancel.clone(),
+                // Its sessions end with the group's drain, not the node's
+                // stop.
+                stopping: CancellationToken::new(),
                 tracker: sessions.clone(),
                 implicit_tls: false,
                 clients: inner.clients.clone(),

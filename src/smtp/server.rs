@@ -115,6 +115,8 @@ pub async fn serve_draining(
         drain,
         away,
         cancel,
+        // Only a node's own listeners hear of its stop (serve_listener).
+        stopping: CancellationToken::new(),
         tracker,
         implicit_tls: false,
         clients: Arc::default(),
@@ -134,6 +136,8 @@ pub struct Listener {
     pub away: Away,
     /// Stops accepting; open sessions get 421.
     pub cancel: CancellationToken,
+    /// The node stops: sessions between transactions get 421 at once.
+    pub stopping: CancellationToken,
     /// Where sessions run.
     pub tracker: TaskTracker,
     /// TLS from the first byte (RFC 8314, port 465 style): the handshake
@@ -153,6 +157,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
         drain,
         away,
         cancel,
+        stopping,
         tracker,
         implicit_tls,
         clients,
@@ -200,7 +205,7 @@ pub async fn serve_listener(listener: TcpListener, l: Listener) {
             creds,
             accept.clone(),
             clients.memory.clone(),
-            cancel.clone(),
+            (cancel.clone(), stopping.clone()),
         ));
     }
     drop(listener);
@@ -327,7 +332,7 @@ async fn connection(
     creds: Option<Arc<Credentials>>,
     accept: Arc<dyn Accept>,
     memory: Arc<BodyMemory>,
-    cancel: CancellationToken,
+    (cancel, stopping): (CancellationToken, CancellationToken),
 ) {
     // Replies are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
@@ -360,6 +365,7 @@ async fn connection(
         accept: accept.as_ref(),
         creds: &creds,
         cancel: &cancel,
+        stopping: &stopping,
         t,
     };
     let tls = match tls {
@@ -429,7 +435,22 @@ struct Serving<'a> {
     accept: &'a dyn Accept,
     creds: &'a Option<Arc<Credentials>>,
     cancel: &'a CancellationToken,
+    /// Cancelled when the node stops: a session between transactions
+    /// gets 421 at once; one under way finishes its transaction first.
+    stopping: &'a CancellationToken,
     t: Times,
+}
+
+/// The 421 for a new client while the listener drains.
+fn away_reply(host: &str, away: Away) -> String {
+    match away {
+        Away::Moving => {
+            format!("421 4.3.2 {host} Service moving to another node, try again shortly\r\n")
+        }
+        Away::Resting => {
+            format!("421 4.3.2 {host} This node takes no new mail now, try again later\r\n")
+        }
+    }
 }
 
 /// Check credentials off the runtime's threads (argon2 is slow and
@@ -475,12 +496,7 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, why: 
     tracing::debug!(%peer, ?why, "connection refused");
     let host = &cfg.hostname;
     let reply = match why {
-        Refusal::Draining(Away::Moving) => {
-            format!("421 4.3.2 {host} Service moving to another node, try again shortly\r\n")
-        }
-        Refusal::Draining(Away::Resting) => {
-            format!("421 4.3.2 {host} This node takes no new mail now, try again later\r\n")
-        }
+        Refusal::Draining(away) => away_reply(host, away),
         Refusal::Busy => format!("421 4.3.2 {host} Too many connections, try again later\r\n"),
         Refusal::Client(TooMany::Open) => {
             format!("421 4.7.0 {host} Too many connections from your address\r\n")
@@ -516,6 +532,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         accept,
         creds,
         cancel,
+        stopping,
         t,
     } = *with;
     let idle = t.idle;
@@ -528,6 +545,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             // interrupted because it is awaited outside this select.
             biased;
             _ = cancel.cancelled() => session.shutdown(&mut out),
+            _ = stopping.cancelled(), if session.is_idle() => session.shutdown(&mut out),
             _ = tokio::time::sleep_until(t.end) => session.timeout(&mut out),
             read = tokio::time::timeout(idle, stream.read(&mut rbuf)) => match read {
                 Err(_elapsed) => session.timeout(&mut out),

@@ -229,6 +229,20 @@ impl Session {
         matches!(self.mode, Mode::Closed)
     }
 
+    /// Whether the session is between transactions (no MAIL accepted, no
+    /// message in flight): a stopping node turns it away at once.
+    pub fn is_idle(&self) -> bool {
+        self.tx.is_none()
+            && matches!(
+                self.mode,
+                Mode::Command
+                    | Mode::Discard
+                    | Mode::AuthPlain
+                    | Mode::AuthUser
+                    | Mode::AuthPassword(_)
+            )
+    }
+
     /// Whether a message is out for storage and `stored` is awaited.
     pub fn is_storing(&self) -> bool {
         matches!(self.mode, Mode::Storing)
