@@ -581,6 +581,7 @@ fn reload(
             mtad::admin::ReloadOutcome {
                 changed: Vec::new(),
                 errors: vec![why.to_string()],
+                warnings: Vec::new(),
             }
         }
     }

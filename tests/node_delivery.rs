@@ -155,8 +155,8 @@ async fn mail_arriving_after_a_reload_that_removed_its_route_is_still_delivered(
     let reply = send(&node, "s@example.test", &["r@a.example"]).await;
     assert!(reply.starts_with("250"), "{reply}");
     wait_for(&node, "the first delivery", |s| s.delivered == 1).await;
-    node.reload(config(dir.path(), relay, &routes(false)))
-        .expect("routes change live");
+    let applied = node.reload(config(dir.path(), relay, &routes(false)));
+    assert_eq!(applied.changed, ["route"], "routes change live");
     let reply = send(&node, "s@example.test", &["r@other.example"]).await;
     assert!(reply.starts_with("250"), "{reply}");
     wait_for(&node, "the second delivery", |s| s.delivered == 2).await;

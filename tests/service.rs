@@ -194,14 +194,29 @@ async fn reloads_apply_to_new_sessions_and_bad_files_change_nothing() {
         "the good reload still holds"
     );
 
-    // What needs a restart is refused with that reason.
-    let renamed =
-        config_text(dir.path(), smtp, admin, "").replace("name = \"svc\"", "name = \"other\"");
+    // What needs a restart keeps its running value, said with file, line
+    // and field; the rest of the file applies.
+    let renamed = config_text(dir.path(), smtp, admin, "max_recipients = 4")
+        .replace("name = \"svc\"", "name = \"other\"");
     write(dir.path(), &renamed);
     let (ok, text) = ctl(admin, &["reload"]).await;
+    assert!(ok, "{text}");
+    assert!(text.starts_with("reloaded: smtp"), "{text}");
+    let line = renamed
+        .lines()
+        .position(|l| l.contains("\"other\""))
+        .unwrap()
+        + 1;
     assert!(
-        !ok && text.contains("node.name changed: that needs a restart"),
+        text.contains(&format!(
+            "svc.toml:{line}:8: node.name: changed, but only a restart"
+        )),
         "{text}"
+    );
+    let mut after = Client::connect(smtp).await.unwrap();
+    assert!(
+        rcpts(&mut after, 5).await[4].starts_with("452"),
+        "max_recipients = 4 applies"
     );
 
     // Nothing dropped, nothing lost.

@@ -188,10 +188,14 @@ pub async fn run_with(api: &Api, cmd: &Command, json: bool) -> Result<Output, St
         (Command::Drain(name, false), _) => format!("{name} no longer drained\n"),
         (Command::Reload, _) => {
             let o: crate::admin::ReloadOutcome = serde_json::from_str(&body).map_err(parse_err)?;
-            match o.changed.is_empty() {
+            let mut text = match o.changed.is_empty() {
                 true => "reloaded: nothing changed\n".to_string(),
                 false => format!("reloaded: {} changed\n", o.changed.join(", ")),
+            };
+            for w in &o.warnings {
+                text.push_str(&format!("warning: {w}\n"));
             }
+            text
         }
         (Command::QueueSummary, _) => {
             let rows: Vec<DestinationRow> = serde_json::from_str(&body).map_err(parse_err)?;

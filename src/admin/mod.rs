@@ -70,6 +70,10 @@ pub struct ReloadOutcome {
     pub changed: Vec<String>,
     /// Why it was refused; empty when it was applied.
     pub errors: Vec<String>,
+    /// Changes the file makes that only a restart applies, each as
+    /// `FILE:LINE:COL: FIELD: ...`: they keep their running values.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// What the API reads of the cluster side.

@@ -237,9 +237,9 @@ impl Node {
 
     /// Switch to `new` (already validated) without dropping a connection
     /// or a message: sessions, associations and routing decisions begun
-    /// before go on as they were. Returns the sections that changed, or
-    /// why nothing did (a change only a restart applies).
-    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, Vec<String>> {
+    /// before go on as they were. What only a restart applies keeps its
+    /// running value. Returns what changed and what was kept.
+    pub fn reload(&self, new: Config) -> crate::config::Applied {
         self.live.apply(new)
     }
 

@@ -47,14 +47,12 @@ impl Live {
         self.whole.borrow().clone()
     }
 
-    /// Switch to `new`, if nothing in it needs a restart; returns the
-    /// sections that changed, or every reason it was refused.
-    pub fn apply(&self, new: Config) -> Result<Vec<&'static str>, Vec<String>> {
+    /// Switch to `new`, except for what only a restart applies: those
+    /// settings keep their running values. Returns what changed and what
+    /// was kept.
+    pub fn apply(&self, mut new: Config) -> Applied {
         let old = self.current();
-        let refused = needs_restart(&old, &new);
-        if !refused.is_empty() {
-            return Err(refused);
-        }
+        let kept = keep_running(&old, &mut new);
         let mut changed = Vec::new();
         if old.smtp != new.smtp {
             changed.push("smtp");
@@ -75,35 +73,91 @@ impl Live {
         if old.log != new.log {
             changed.push("log");
         }
+        if old.node != new.node {
+            changed.push("node");
+        }
         self.whole.send_replace(Arc::new(new));
-        Ok(changed)
+        Applied { changed, kept }
     }
 }
 
-/// What differs between `old` and `new` that only a restart can apply.
-pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
-    let mut why = Vec::new();
-    let mut differs = |field: &str, same: bool| {
-        if !same {
-            why.push(format!("{field} changed: that needs a restart"));
+/// What a reload did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The sections that changed.
+    pub changed: Vec<&'static str>,
+    /// Settings the file changed that only a restart applies (dotted
+    /// paths as in the file): they keep their running values.
+    pub kept: Vec<&'static str>,
+}
+
+/// Put back in `new` the running value (from `old`) of every setting that
+/// only a restart applies; the fields that differed.
+pub fn keep_running(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    fn keep<T: PartialEq + Clone>(
+        kept: &mut Vec<&'static str>,
+        field: &'static str,
+        old: &T,
+        new: &mut T,
+    ) {
+        if old != new {
+            kept.push(field);
+            *new = old.clone();
         }
-    };
-    differs("node.name", old.node.name == new.node.name);
-    differs("node.data_dir", old.node.data_dir == new.node.data_dir);
-    differs("smtp.listen", old.smtp.listen == new.smtp.listen);
-    let implicit = |c: &Config| c.smtp.tls.as_ref().map(|t| t.implicit_listen.clone());
-    differs(
-        "smtp.tls.implicit_listen",
-        implicit(old).unwrap_or_default() == implicit(new).unwrap_or_default(),
+    }
+    keep(&mut kept, "node.name", &old.node.name, &mut new.node.name);
+    keep(
+        &mut kept,
+        "node.data_dir",
+        &old.node.data_dir,
+        &mut new.node.data_dir,
     );
-    differs("smtp.backlog", old.smtp.backlog == new.smtp.backlog);
-    differs("smtp.hostname", old.smtp.hostname == new.smtp.hostname);
-    differs("log.format", old.log.format == new.log.format);
-    differs("[spool]", old.spool == new.spool);
-    differs("[cluster]", old.cluster == new.cluster);
-    differs("[admin]", old.admin == new.admin);
-    differs("[[group]]", old.groups == new.groups);
-    why
+    keep(
+        &mut kept,
+        "smtp.listen",
+        &old.smtp.listen,
+        &mut new.smtp.listen,
+    );
+    let implicit = |c: &Config| {
+        c.smtp
+            .tls
+            .as_ref()
+            .map(|t| t.implicit_listen.clone())
+            .unwrap_or_default()
+    };
+    if implicit(old) != implicit(new) {
+        kept.push("smtp.tls.implicit_listen");
+        // The listeners stay as they are; without a certificate now they
+        // close what connects.
+        if let Some(t) = new.smtp.tls.as_mut() {
+            t.implicit_listen = implicit(old);
+        }
+    }
+    keep(
+        &mut kept,
+        "smtp.backlog",
+        &old.smtp.backlog,
+        &mut new.smtp.backlog,
+    );
+    keep(
+        &mut kept,
+        "smtp.hostname",
+        &old.smtp.hostname,
+        &mut new.smtp.hostname,
+    );
+    keep(
+        &mut kept,
+        "log.format",
+        &old.log.format,
+        &mut new.log.format,
+    );
+    keep(&mut kept, "spool", &old.spool, &mut new.spool);
+    keep(&mut kept, "cluster", &old.cluster, &mut new.cluster);
+    keep(&mut kept, "admin", &old.admin, &mut new.admin);
+    keep(&mut kept, "group", &old.groups, &mut new.groups);
+    keep(&mut kept, "dns", &old.dns, &mut new.dns);
+    kept
 }
 
 #[cfg(test)]
@@ -123,10 +177,9 @@ mod tests {
         let live = Live::new(cfg(""));
         let mut smtp = live.smtp();
         let delivery = live.delivery();
-        let changed = live
-            .apply(cfg("[smtp]\nmax_recipients = 7\n[log]\nlevel = \"debug\""))
-            .unwrap();
-        assert_eq!(changed, ["smtp", "log"]);
+        let applied = live.apply(cfg("[smtp]\nmax_recipients = 7\n[log]\nlevel = \"debug\""));
+        assert_eq!(applied.changed, ["smtp", "log"]);
+        assert!(applied.kept.is_empty());
         assert!(smtp.has_changed().unwrap());
         assert_eq!(smtp.borrow_and_update().max_recipients, 7);
         assert!(
@@ -134,26 +187,26 @@ mod tests {
             "untouched sections stay quiet"
         );
         assert_eq!(live.current().log.level, "debug");
-        assert_eq!(
-            live.apply(cfg("[smtp]\nmax_recipients = 7\n[log]\nlevel = \"debug\"")),
-            Ok(vec![])
-        );
+        let again = live.apply(cfg("[smtp]\nmax_recipients = 7\n[log]\nlevel = \"debug\""));
+        assert_eq!(again, Applied::default());
     }
 
     #[test]
-    fn restart_only_changes_refuse_the_whole_reload() {
+    fn restart_only_changes_keep_their_running_values_and_the_rest_applies() {
         let live = Live::new(cfg(""));
-        let err = live
-            .apply(cfg(
-                "[smtp]\nmax_recipients = 7\nlisten = [\"127.0.0.1:2600\"]",
-            ))
-            .unwrap_err();
-        assert_eq!(err.len(), 1, "{err:?}");
-        assert!(err[0].starts_with("smtp.listen"), "{err:?}");
-        assert_ne!(live.current().smtp.max_recipients, 7, "nothing applied");
+        let applied = live.apply(cfg(
+            "[smtp]\nmax_recipients = 7\nlisten = [\"127.0.0.1:2600\"]\nhostname = \"new.example\"",
+        ));
+        assert_eq!(applied.kept, ["smtp.listen", "smtp.hostname"]);
+        assert_eq!(applied.changed, ["smtp"]);
+        let now = live.current();
+        assert_eq!(now.smtp.max_recipients, 7, "the live change applies");
+        assert_eq!(now.smtp.listen, cfg("").smtp.listen, "the listeners stay");
+        assert_eq!(now.smtp.hostname, cfg("").smtp.hostname);
         let mut renamed = cfg("");
         renamed.node.name = "m".into();
         renamed.node.data_dir = "e".into();
-        assert_eq!(live.apply(renamed).unwrap_err().len(), 2);
+        assert_eq!(live.apply(renamed).kept, ["node.name", "node.data_dir"]);
+        assert_eq!(live.current().node.name, "n");
     }
 }

@@ -22,7 +22,7 @@ mod spool;
 mod tests;
 
 pub use error::{file_errors, ConfigError, ConfigErrors, FileProblem};
-pub use live::{needs_restart, Live};
+pub use live::{Applied, Live};
 pub use load::{load_file, load_str};
 pub use spool::MAX_REPLICAS;
 
