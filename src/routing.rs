@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, RouteTarget};
 use crate::delivery::tls::OutboundTls;
-use crate::delivery::{drop_dir, Destinations, Job, JobResult, Outcome, RcptResult};
+use crate::delivery::{drop_dir, Destinations, Job, JobResult, Outcome};
 use crate::dns::{MxError, MxResolver};
 use crate::queue::Dispatch;
 use crate::resource::source::SourceSlot;
@@ -206,20 +206,7 @@ fn unresolved(route: usize, domain: &str, job: &Job, e: &MxError) -> JobResult {
         MxError::Permanent(_) => Outcome::Failed,
         MxError::Temporary(_) => Outcome::Deferred,
     };
-    JobResult {
-        id: job.id,
-        route,
-        next_hop: format!("MX of {domain}"),
-        results: job
-            .recipients
-            .iter()
-            .map(|r| RcptResult {
-                index: r.index,
-                outcome,
-                reply: e.reply().to_string(),
-            })
-            .collect(),
-    }
+    JobResult::all(job, route, format!("MX of {domain}"), outcome, e.reply())
 }
 
 /// Where a job on an SMTP route goes, and how.

@@ -47,6 +47,19 @@ fn until_delivering(lab: &Lab, on: &str, want: &[bool]) {
     }
 }
 
+/// The lab with its sink, and n1, n2, n3 voting and delivering.
+async fn start(dir: &Path) -> (Lab, Received, Vec<Daemon>) {
+    let (lab, received) = common::lab::with_sink(dir);
+    let mut nodes = Vec::new();
+    for (name, last) in NODES {
+        let cfg = config(dir, name, last);
+        nodes.push(Daemon::start_in(&lab.exec(name), &cfg).await);
+    }
+    lab.until_voting("n1", 3);
+    until_delivering(&lab, "n1", &[true, true, true]);
+    (lab, received, nodes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(netns_tests),
@@ -54,14 +67,7 @@ fn until_delivering(lab: &Lab, on: &str, want: &[bool]) {
 )]
 async fn a_node_cut_off_from_the_majority_holds_its_queue_until_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (lab, received) = common::lab::with_sink(dir.path());
-    let mut nodes = Vec::new();
-    for (name, last) in NODES {
-        let cfg = config(dir.path(), name, last);
-        nodes.push(Daemon::start_in(&lab.exec(name), &cfg).await);
-    }
-    lab.until_voting("n1", 3);
-    until_delivering(&lab, "n1", &[true, true, true]);
+    let (lab, received, mut nodes) = start(dir.path()).await;
     let n3 = SocketAddr::from(([198, 18, 0, 3], 2525));
     // Delivering, it sends at once.
     nodes[2]
@@ -134,14 +140,7 @@ fn until_queue_empty(lab: &Lab, on: &str) {
 )]
 async fn mail_taken_over_from_a_node_cut_off_reaches_the_sink_once_and_never_from_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (lab, received) = common::lab::with_sink(dir.path());
-    let mut nodes = Vec::new();
-    for (name, last) in NODES {
-        let cfg = config(dir.path(), name, last);
-        nodes.push(Daemon::start_in(&lab.exec(name), &cfg).await);
-    }
-    lab.until_voting("n1", 3);
-    until_delivering(&lab, "n1", &[true, true, true]);
+    let (lab, received, mut nodes) = start(dir.path()).await;
     let n3 = SocketAddr::from(([198, 18, 0, 3], 2525));
     let sink = [("sink", "198.18.0.20")];
     // n3 cannot reach the sink: what it acknowledges stays queued there,

@@ -10,7 +10,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Job, JobResult, Outcome, RcptResult};
+use super::{Job, JobResult, Outcome};
 
 /// Write `job`'s message into `dir`; returns the final path.
 pub fn write(dir: &Path, job: &Job, body: &[u8]) -> io::Result<PathBuf> {
@@ -48,20 +48,7 @@ pub fn result(route: usize, dir: &Path, job: &Job, written: io::Result<PathBuf>)
             format!("451 4.3.0 Cannot write to {}: {e}", dir.display()),
         ),
     };
-    JobResult {
-        id: job.id,
-        route,
-        next_hop: dir.display().to_string(),
-        results: job
-            .recipients
-            .iter()
-            .map(|r| RcptResult {
-                index: r.index,
-                outcome,
-                reply: reply.clone(),
-            })
-            .collect(),
-    }
+    JobResult::all(job, route, dir.display().to_string(), outcome, &reply)
 }
 
 #[cfg(test)]

@@ -84,3 +84,23 @@ pub struct JobResult {
     /// One entry per job recipient.
     pub results: Vec<RcptResult>,
 }
+
+impl JobResult {
+    /// `outcome` with `reply` for every recipient of `job`.
+    pub fn all(job: &Job, route: usize, next_hop: String, outcome: Outcome, reply: &str) -> Self {
+        JobResult {
+            id: job.id,
+            route,
+            next_hop,
+            results: job
+                .recipients
+                .iter()
+                .map(|r| RcptResult {
+                    index: r.index,
+                    outcome,
+                    reply: reply.to_string(),
+                })
+                .collect(),
+        }
+    }
+}
