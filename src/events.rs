@@ -155,6 +155,57 @@ pub fn received(id: QueueId, sender: &str, rcpts: &str, client: &str, user: &str
     );
 }
 
+/// Log a client's SMTP session opening on `listener`.
+pub fn connected(client: std::net::SocketAddr, listener: &str) {
+    tracing::info!(
+        target: TARGET,
+        event = "connected",
+        client = %client,
+        listener = listener,
+    );
+}
+
+/// What a session did, for its `disconnected` event.
+#[derive(Debug, Default)]
+pub struct SessionTally {
+    /// Messages acknowledged with 250.
+    pub messages: std::sync::atomic::AtomicU32,
+    /// Replies with a 4xx or 5xx code.
+    pub rejected: std::sync::atomic::AtomicU32,
+}
+
+/// Log a client's SMTP session ending after `duration_ms`, with what it
+/// did and why it ended (`quit or closed`, or the connection error).
+pub fn disconnected(
+    client: std::net::SocketAddr,
+    tally: &SessionTally,
+    duration_ms: u64,
+    why: &str,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tracing::info!(
+        target: TARGET,
+        event = "disconnected",
+        client = %client,
+        messages = tally.messages.load(Relaxed),
+        rejected = tally.rejected.load(Relaxed),
+        duration_ms = duration_ms,
+        reason = why,
+    );
+}
+
+/// Log a client turned away before its session began: `reason` is
+/// `draining`, `busy`, `too_many_from_address` or `too_fast_from_address`.
+pub fn refused(client: std::net::SocketAddr, reason: &str, reply: &str) {
+    tracing::info!(
+        target: TARGET,
+        event = "refused",
+        client = %client,
+        reason = reason,
+        reply = reply.trim_end(),
+    );
+}
+
 /// What happened to an association.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AssociationEvent {

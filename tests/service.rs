@@ -432,3 +432,52 @@ async fn at_sigterm_idle_sessions_get_421_at_once_and_a_transaction_under_way_fi
     let outbox = std::fs::read_dir(dir.path().join("data/outbox")).unwrap();
     assert_eq!(outbox.count(), 1, "the last message was kept and delivered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_logged_as_they_open_end_and_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let config = write(dir.path(), &config_text(dir.path(), smtp, admin, ""));
+    let mut daemon = Daemon::start(&config).await;
+    let mut c = Client::connect(smtp).await.unwrap();
+    let r = c
+        .send("a@b.example", &["u@a.example"], "Subject: s\r\n\r\nx\r\n")
+        .await
+        .unwrap();
+    assert!(r.starts_with("250"), "{r}");
+    assert!(c.command("BOGUS\r\n").await.unwrap().starts_with("500"));
+    assert!(c.command("QUIT\r\n").await.unwrap().starts_with("221"));
+    let json = |line: String| serde_json::from_str::<serde_json::Value>(&line).unwrap();
+    let opened = json(
+        daemon
+            .wait_line(|l| l.contains("\"event\":\"connected\""))
+            .await,
+    );
+    assert_eq!(opened["listener"], smtp.to_string(), "{opened}");
+    let ended = json(
+        daemon
+            .wait_line(|l| l.contains("\"event\":\"disconnected\""))
+            .await,
+    );
+    assert_eq!(
+        (ended["messages"].as_u64(), ended["rejected"].as_u64()),
+        (Some(1), Some(1)),
+        "{ended}"
+    );
+    assert_eq!(ended["client"], opened["client"], "{ended}");
+    assert!(ended["duration_ms"].is_u64(), "{ended}");
+
+    let (ok, text) = ctl(admin, &["drain", "svc"]).await;
+    assert!(ok, "{text}");
+    assert!(Client::connect(smtp).await.is_err(), "turned away");
+    let refused = json(
+        daemon
+            .wait_line(|l| l.contains("\"event\":\"refused\""))
+            .await,
+    );
+    assert_eq!(refused["reason"], "draining", "{refused}");
+    assert!(
+        refused["reply"].as_str().unwrap().starts_with("421 4.3.2"),
+        "{refused}"
+    );
+}

@@ -342,7 +342,13 @@ async fn connection(
         (Err(_), Tls::Implicit(_)) => return,
         (Err(why), _) => return refuse(stream, peer, &cfg, why).await,
     };
-    tracing::debug!(%peer, "smtp connect");
+    let listener = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    crate::events::connected(peer, &listener);
+    let started = tokio::time::Instant::now();
+    let tally = crate::events::SessionTally::default();
     crate::metrics::smtp_session(1);
     let t = Times {
         idle: cfg.idle_timeout,
@@ -366,16 +372,23 @@ async fn connection(
         creds: &creds,
         cancel: &cancel,
         stopping: &stopping,
+        tally: &tally,
         t,
+    };
+    let ended = |result: &io::Result<()>| {
+        let why = match result {
+            Ok(()) => "quit or closed".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        crate::events::disconnected(peer, &tally, ms, &why);
     };
     let tls = match tls {
         Tls::Offer(a) => a,
         Tls::Implicit(acceptor) => {
             let result = implicit(stream, peer, &mut session, acceptor, &with).await;
             crate::metrics::smtp_session(-1);
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "smtp disconnect");
-            }
+            ended(&result);
             return;
         }
     };
@@ -403,10 +416,7 @@ async fn connection(
     }
     .await;
     crate::metrics::smtp_session(-1);
-    match result {
-        Ok(()) => tracing::debug!(%peer, "smtp disconnect"),
-        Err(e) => tracing::debug!(%peer, error = %e, "smtp disconnect"),
-    }
+    ended(&result);
 }
 
 /// A session on an implicit-TLS port: handshake, then SMTP inside.
@@ -438,6 +448,8 @@ struct Serving<'a> {
     /// Cancelled when the node stops: a session between transactions
     /// gets 421 at once; one under way finishes its transaction first.
     stopping: &'a CancellationToken,
+    /// What the session did, for its `disconnected` event.
+    tally: &'a crate::events::SessionTally,
     t: Times,
 }
 
@@ -493,8 +505,13 @@ struct Times {
 
 /// Turn a client away with 421: too many connections, or moving.
 async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, why: Refusal) {
-    tracing::debug!(%peer, ?why, "connection refused");
     let host = &cfg.hostname;
+    let reason = match why {
+        Refusal::Draining(_) => "draining",
+        Refusal::Busy => "busy",
+        Refusal::Client(TooMany::Open) => "too_many_from_address",
+        Refusal::Client(TooMany::Rate) => "too_fast_from_address",
+    };
     let reply = match why {
         Refusal::Draining(away) => away_reply(host, away),
         Refusal::Busy => format!("421 4.3.2 {host} Too many connections, try again later\r\n"),
@@ -505,6 +522,7 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, cfg: &SmtpConfig, why: 
             format!("421 4.7.0 {host} Too many connections from your address this minute\r\n")
         }
     };
+    crate::events::refused(peer, reason, &reply);
     if write(&mut stream, reply.as_bytes(), cfg.idle_timeout)
         .await
         .is_ok()
@@ -533,6 +551,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         creds,
         cancel,
         stopping,
+        tally,
         t,
     } = *with;
     let idle = t.idle;
@@ -563,6 +582,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 match output {
                     Output::Reply(r) => {
                         crate::metrics::smtp_reply(&r);
+                        if r.starts_with('4') || r.starts_with('5') {
+                            tally.rejected.fetch_add(1, Ordering::Relaxed);
+                        }
                         replies.extend_from_slice(r.as_bytes())
                     }
                     Output::Deliver(m) => message = Some(m),
@@ -573,6 +595,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             }
             if let Some(message) = message {
                 let result = accept.accept(message).await;
+                if result.is_ok() {
+                    tally.messages.fetch_add(1, Ordering::Relaxed);
+                }
                 session.stored(result, &mut out);
             }
             if let Some((user, password)) = verify {
