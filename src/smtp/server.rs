@@ -347,6 +347,8 @@ async fn connection(
         .map(|a| a.to_string())
         .unwrap_or_default();
     crate::events::connected(peer, &listener);
+    // The debug trace of sessions (tests see a reload change the level by it).
+    tracing::debug!(%peer, "smtp connect");
     let started = tokio::time::Instant::now();
     let tally = crate::events::SessionTally::default();
     crate::metrics::smtp_session(1);
