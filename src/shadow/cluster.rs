@@ -1,10 +1,9 @@
 //! The [`Replicas`] a running cluster gives: its members as applied
 //! here, and one reusable link to each for shadow calls.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -13,7 +12,7 @@ use tokio::sync::watch;
 use super::Replicas;
 use crate::cluster::link::LinkConfig;
 use crate::cluster::raft::store::ClusterView;
-use crate::cluster::rpc::peer::PeerClient;
+use crate::cluster::rpc::peer::{PeerClient, PeerClients};
 use crate::cluster::rpc::shadow::{ShadowReply, ShadowRequest};
 use crate::cluster::rpc::{Reply, Request};
 use crate::cluster::state::groups::delivery_group;
@@ -23,13 +22,12 @@ use crate::cluster::{NodeId, NodeState, Role};
 pub struct ClusterReplicas {
     me: NodeId,
     view: watch::Receiver<ClusterView>,
-    link: LinkConfig,
     /// The last takeover of this node's copies it has settled (see
     /// `promote`): until it settles a newer one it makes no copies.
     settled: Arc<AtomicU64>,
     /// Shadow copies get links of their own: a large copy never holds up
     /// raft or group calls behind it.
-    clients: Mutex<HashMap<NodeId, (SocketAddr, PeerClient)>>,
+    clients: PeerClients,
 }
 
 impl ClusterReplicas {
@@ -44,9 +42,8 @@ impl ClusterReplicas {
         ClusterReplicas {
             me,
             view,
-            link,
+            clients: PeerClients::new(link),
             settled,
-            clients: Mutex::default(),
         }
     }
 
@@ -75,15 +72,7 @@ impl ClusterReplicas {
                 .parse()
                 .map_err(|e| format!("address of {id:016x}: {e}"))?
         };
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        match clients.get(&id) {
-            Some((a, c)) if *a == addr => Ok(c.clone()),
-            _ => {
-                let c = PeerClient::new(addr, self.link.clone(), Some(id));
-                clients.insert(id, (addr, c.clone()));
-                Ok(c)
-            }
-        }
+        Ok(self.clients.get(id, addr))
     }
 }
 

@@ -3,9 +3,9 @@
 //! when the member is this node), each with a deadline, and the operator's
 //! actions (drain, move, evict) with typed refusals.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::Raft;
@@ -17,7 +17,7 @@ use crate::cluster::link::LinkConfig;
 use crate::cluster::membership::admit;
 use crate::cluster::raft::store::ClusterView;
 use crate::cluster::rpc::group::{GroupReply, GroupRequest, Refusal};
-use crate::cluster::rpc::peer::PeerClient;
+use crate::cluster::rpc::peer::{PeerClient, PeerClients};
 use crate::cluster::rpc::{Reply, Request};
 use crate::cluster::state::groups::GroupCommand;
 use crate::cluster::state::{NodeId, Response, TypeConfig};
@@ -54,9 +54,8 @@ pub struct ClusterHandle {
     pub raft: Raft<TypeConfig>,
     /// The replicated state as applied here.
     pub view: watch::Receiver<ClusterView>,
-    link: LinkConfig,
     local: Arc<GroupService>,
-    clients: Arc<Mutex<HashMap<NodeId, (SocketAddr, PeerClient)>>>,
+    clients: PeerClients,
 }
 
 impl ClusterHandle {
@@ -72,9 +71,8 @@ impl ClusterHandle {
             me,
             raft,
             view,
-            link,
             local,
-            clients: Arc::default(),
+            clients: PeerClients::new(link),
         }
     }
 
@@ -187,15 +185,7 @@ impl ClusterHandle {
             .addr
             .parse()
             .map_err(|e| format!("address of {id:x}: {e}"))?;
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        match clients.get(&id) {
-            Some((a, c)) if *a == addr => Ok(c.clone()),
-            _ => {
-                let c = PeerClient::new(addr, self.link.clone(), Some(id));
-                clients.insert(id, (addr, c.clone()));
-                Ok(c)
-            }
-        }
+        Ok(self.clients.get(id, addr))
     }
 
     /// The member called `name`, by the replicated state.

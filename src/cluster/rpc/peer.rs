@@ -94,6 +94,37 @@ impl CallError {
     }
 }
 
+/// One reusable client per member (by incarnation), made anew when the
+/// member's address changes.
+#[derive(Clone)]
+pub struct PeerClients {
+    link: LinkConfig,
+    map: Arc<Mutex<HashMap<u64, (SocketAddr, PeerClient)>>>,
+}
+
+impl PeerClients {
+    /// Clients whose links are made with `link`.
+    pub fn new(link: LinkConfig) -> PeerClients {
+        PeerClients {
+            link,
+            map: Arc::default(),
+        }
+    }
+
+    /// The client for member `id` at `addr`.
+    pub fn get(&self, id: u64, addr: SocketAddr) -> PeerClient {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&id) {
+            Some((a, c)) if *a == addr => c.clone(),
+            _ => {
+                let c = PeerClient::new(addr, self.link.clone(), Some(id));
+                map.insert(id, (addr, c.clone()));
+                c
+            }
+        }
+    }
+}
+
 /// A cheap-to-clone client for one peer address; clones share the link.
 #[derive(Clone)]
 pub struct PeerClient {
