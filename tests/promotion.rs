@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::daemon::{all_delivering, ctl_json, free_port, nodes_until, Daemon};
 use common::node::PATIENCE;
 use common::peer::{Behavior, Peer};
-use common::shadows::{data_dir, queue_id, send, shadows, write_config, Addrs};
+use common::shadows::{data_dir, queue_id, send, shadows, three, Addrs, Three};
 
 /// How many messages node-a acknowledges before it dies.
 const MESSAGES: usize = 20;
@@ -34,28 +34,17 @@ struct Trio {
 impl Trio {
     async fn start() -> Trio {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("cluster.key"),
-            "promotion test secret, long enough",
-        )
-        .unwrap();
         let hop = free_port();
-        let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
-        let mut configs = Vec::new();
-        let mut nodes = Vec::new();
-        for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
-            let seeds = [addrs[0].cluster];
-            let seeds = if i == 0 { &[][..] } else { &seeds[..] };
-            let cfg = write_config(dir.path(), name, addrs[i], seeds, hop, "");
-            nodes.push(Some(Daemon::start(&cfg).await));
-            configs.push(cfg);
-        }
-        nodes_until(addrs[0].admin, |rows| all_delivering(rows, 3)).await;
+        let Three {
+            addrs,
+            configs,
+            nodes,
+        } = three(dir.path(), hop, "").await;
         Trio {
             dir,
             addrs,
             configs,
-            nodes,
+            nodes: nodes.into_iter().map(Some).collect(),
             hop,
         }
     }

@@ -17,7 +17,7 @@ use common::daemon::{
 };
 use common::node::PATIENCE;
 use common::peer::{Behavior, Peer};
-use common::shadows::{queue_id, send, shadows, write_config, Addrs};
+use common::shadows::{queue_id, send, shadows, three, write_config, Addrs, Three};
 
 /// Poll until node `name` keeps no shadows.
 async fn until_no_shadows(dir: &Path, name: &str) {
@@ -38,23 +38,9 @@ async fn until_no_shadows(dir: &Path, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_are_on_another_member_until_delivered() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cluster.key"),
-        "shadow test secret, long enough",
-    )
-    .unwrap();
     let hop = free_port();
-    let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
-    let names = ["node-a", "node-b", "node-c"];
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let seeds = [addrs[0].cluster];
-        let seeds = if i == 0 { &[][..] } else { &seeds[..] };
-        // The default: replicas = 2 with a [cluster].
-        let cfg = write_config(dir.path(), name, addrs[i], seeds, hop, "");
-        nodes.push(Daemon::start(&cfg).await);
-    }
-    nodes_until(addrs[0].admin, |rows| all_delivering(rows, 3)).await;
+    // The default: replicas = 2 with a [cluster].
+    let Three { addrs, nodes, .. } = three(dir.path(), hop, "").await;
 
     // The next hop does not listen yet: everything stays queued.
     let mut acked = BTreeSet::new();
@@ -170,22 +156,10 @@ async fn without_enough_members_up_nothing_is_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holders_share_is_copied_to_another_member() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cluster.key"),
-        "shadow test secret, long enough",
-    )
-    .unwrap();
     let hop = free_port();
-    let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
-    let names = ["node-a", "node-b", "node-c"];
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let seeds = [addrs[0].cluster];
-        let seeds = if i == 0 { &[][..] } else { &seeds[..] };
-        let cfg = write_config(dir.path(), name, addrs[i], seeds, hop, "");
-        nodes.push(Daemon::start(&cfg).await);
-    }
-    nodes_until(addrs[0].admin, |rows| all_delivering(rows, 3)).await;
+    let Three {
+        addrs, mut nodes, ..
+    } = three(dir.path(), hop, "").await;
     let mut acked = BTreeSet::new();
     for i in 0..20 {
         acked.insert(queue_id(&send(addrs[0].smtp, &format!("m{i}")).await));
@@ -242,25 +216,13 @@ async fn until_underreplicated(admin: SocketAddr, want: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_short_of_a_copy_are_counted_until_the_holder_is_back() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cluster.key"),
-        "shadow test secret, long enough",
-    )
-    .unwrap();
     let hop = free_port();
-    let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
-    let names = ["node-a", "node-b", "node-c"];
-    let mut cfgs = Vec::new();
-    let mut nodes = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let seeds = [addrs[0].cluster];
-        let seeds = if i == 0 { &[][..] } else { &seeds[..] };
-        // A copy on every member: none is left to replace one.
-        let cfg = write_config(dir.path(), name, addrs[i], seeds, hop, "replicas = 3");
-        nodes.push(Daemon::start(&cfg).await);
-        cfgs.push(cfg);
-    }
-    nodes_until(addrs[0].admin, |rows| all_delivering(rows, 3)).await;
+    // A copy on every member: none is left to replace one.
+    let Three {
+        addrs,
+        configs: cfgs,
+        mut nodes,
+    } = three(dir.path(), hop, "replicas = 3").await;
     let mut acked = BTreeSet::new();
     for i in 0..10 {
         acked.insert(queue_id(&send(addrs[0].smtp, &format!("m{i}")).await));

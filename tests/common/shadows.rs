@@ -8,7 +8,40 @@ use std::path::{Path, PathBuf};
 use mtad::spool::{DiskSpool, Spool};
 
 use super::client::Client;
-use super::daemon::free_port;
+use super::daemon::{all_delivering, free_port, nodes_until, Daemon};
+
+/// Three members node-a (which bootstraps), node-b and node-c.
+pub struct Three {
+    /// Their addresses, in that order.
+    pub addrs: Vec<Addrs>,
+    /// Their config files.
+    pub configs: Vec<PathBuf>,
+    /// The running daemons.
+    pub nodes: Vec<Daemon>,
+}
+
+/// Start three members under `dir` (the cluster key written there), mail
+/// for dest.example to `hop`, `spool` their `[spool]` keys; returns once
+/// all three deliver (copies are refused before).
+pub async fn three(dir: &Path, hop: SocketAddr, spool: &str) -> Three {
+    std::fs::write(dir.join("cluster.key"), "shadow test secret, long enough").unwrap();
+    let addrs: Vec<Addrs> = (0..3).map(|_| Addrs::new()).collect();
+    let mut configs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
+        let seeds = [addrs[0].cluster];
+        let seeds = if i == 0 { &[][..] } else { &seeds[..] };
+        let cfg = write_config(dir, name, addrs[i], seeds, hop, spool);
+        nodes.push(Daemon::start(&cfg).await);
+        configs.push(cfg);
+    }
+    nodes_until(addrs[0].admin, |rows| all_delivering(rows, 3)).await;
+    Three {
+        addrs,
+        configs,
+        nodes,
+    }
+}
 /// One node's addresses.
 #[derive(Clone, Copy)]
 pub struct Addrs {
